@@ -1,0 +1,787 @@
+//! The conformance suite of callq's broker contract.
+//!
+//! The contract (`callq-broker`) lists seven guarantees in its rustdoc. This
+//! crate pins each of them with tests that run unchanged against every
+//! adapter: embedded, RabbitMQ, Kafka. A test is an `async fn` taking an
+//! `Arc<dyn Broker>`; it panics with a message naming the broken guarantee
+//! when the broker breaks it. The [`conformance_suite!`] macro turns them all
+//! into `#[tokio::test]`s of the calling crate.
+//!
+//! | test | guarantee |
+//! |---|---|
+//! | [`confirmed_publish_is_never_lost`] | 1. a confirmed publish is never lost |
+//! | [`no_delivery_beyond_prefetch`] | 2. no delivery beyond prefetch |
+//! | [`consumer_drop_redelivers_with_flag_and_count`] | 3. redelivery when a lease is lost |
+//! | [`requeue_redelivers_with_flag_and_count`] | 3. redelivery on [`Disposition::Requeue`] |
+//! | [`delivery_limit_dead_letters`] | 4. delivery limit |
+//! | [`dead_letter_and_ack_are_final`] | 7. settling is final |
+//! | [`single_consumer_gets_publish_order`] | 5. per-queue FIFO for a single consumer |
+//! | [`bounded_memory_under_a_slow_consumer`] | 6. bounded memory |
+//! | [`settle_after_consumer_drop_is_lease_lost`] | 7. a lost lease changes nothing |
+//! | [`publish_to_undeclared_queue_fails`] | [`Broker::publish`]'s `NoSuchQueue` (adapter-dependent, see its docs) |
+//!
+//! Every test declares fresh queues named `callq.conformance.<test>.<uuid>`,
+//! so tests may run in parallel against one real broker and leave no state a
+//! later run could trip over (the queues are left behind: point the suite at
+//! a throwaway virtual host or cluster). Every wait is bounded by [`WAIT`]; a
+//! check that nothing arrives waits [`QUIET`].
+//!
+//! # Running the suite against an adapter
+//!
+//! 1. In the adapter crate's `Cargo.toml`:
+//!
+//!    ```toml
+//!    [dev-dependencies]
+//!    callq-conformance.workspace = true
+//!    # `#[tokio::test]` expands in your crate; `test-util` only for `start_paused`.
+//!    tokio = { workspace = true, features = ["macros", "rt", "test-util"] }
+//!    ```
+//!
+//! 2. Add `tests/conformance.rs`, with an expression that builds the broker.
+//!    It is evaluated once per test inside an `async fn`, so it may `.await`;
+//!    it gives the adapter's broker type (any `B: Broker`). Any further
+//!    `key = value` pairs are passed on to `#[tokio::test(...)]`.
+//!
+//!    ```ignore
+//!    // In-process adapter: the paused clock makes every "nothing arrives
+//!    // within QUIET" check instant.
+//!    callq_conformance::conformance_suite!(
+//!        broker = callq_broker_embedded::EmbeddedBroker::new(),
+//!        start_paused = true,
+//!    );
+//!    ```
+//!
+//!    ```ignore
+//!    // A real broker: run on the real clock (the paused clock would fire
+//!    // timeouts while the runtime waits on the network), and gate the file
+//!    // so that a plain `cargo test` needs no broker.
+//!    #![cfg(feature = "broker-tests")]
+//!    callq_conformance::conformance_suite!(
+//!        broker = callq_broker_amqp::AmqpBroker::connect(
+//!            &std::env::var("CALLQ_AMQP_URL").expect("CALLQ_AMQP_URL"),
+//!        )
+//!        .await
+//!        .expect("connect to RabbitMQ"),
+//!        flavor = "multi_thread",
+//!    );
+//!    ```
+//!
+//! 3. `cargo nextest run -p <adapter> --test conformance` (with
+//!    `--features broker-tests` and a broker running, for real brokers).
+//!    The tests are named after the functions of this crate, so
+//!    `-E 'test(delivery_limit)'` runs one.
+//!
+//! An adapter that cannot give a guarantee does not skip its test: it
+//! documents the deviation in its rustdoc and in `docs/ARCHITECTURE.md`,
+//! and the contract is changed first.
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use callq_broker::{
+    ATTEMPT_HEADER, Broker, Consumer, DEAD_REASON_HEADER, Delivery, Disposition, Error, Message,
+    QueueDepth, QueueSpec,
+};
+
+/// How long any single wait on the broker may take before the test fails as
+/// hung.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// How long a test waits to be confident that nothing arrives.
+pub const QUIET: Duration = Duration::from_millis(500);
+
+/// How often a test polls a queue's depth while waiting for a value.
+const POLL: Duration = Duration::from_millis(10);
+
+/// Shares a broker as the tests take it; [`conformance_suite!`] calls it on
+/// the broker its expression builds.
+pub fn shared<B: Broker>(broker: B) -> Arc<dyn Broker> {
+    Arc::new(broker)
+}
+
+/// Expands into one `#[tokio::test]` per test of this crate, each running
+/// against a broker built by the given expression.
+///
+/// ```ignore
+/// callq_conformance::conformance_suite!(
+///     broker = callq_broker_embedded::EmbeddedBroker::new(),
+///     start_paused = true,
+/// );
+/// ```
+///
+/// `broker = <expr>` is evaluated once per test inside an `async fn` (it may
+/// `.await`) and must give a [`Broker`] (by value; see [`shared`]). Any further
+/// `key = value` pairs (`start_paused = true`, `flavor = "multi_thread"`)
+/// go to `#[tokio::test(...)]`. The calling crate needs `tokio` with the
+/// `macros` and `rt` features (and `test-util` for `start_paused`). Invoke it
+/// once per module: the tests take the names of this crate's functions.
+#[macro_export]
+macro_rules! conformance_suite {
+    (broker = $make:expr $(, $key:ident = $value:tt)* $(,)?) => {
+        $crate::conformance_suite!(
+            @tests ($($key = $value),*) $make;
+            confirmed_publish_is_never_lost,
+            no_delivery_beyond_prefetch,
+            consumer_drop_redelivers_with_flag_and_count,
+            requeue_redelivers_with_flag_and_count,
+            delivery_limit_dead_letters,
+            dead_letter_and_ack_are_final,
+            single_consumer_gets_publish_order,
+            bounded_memory_under_a_slow_consumer,
+            settle_after_consumer_drop_is_lease_lost,
+            publish_to_undeclared_queue_fails,
+        );
+    };
+    (@tests $args:tt $make:expr; $($test:ident),* $(,)?) => {
+        $(
+            #[::tokio::test $args]
+            async fn $test() {
+                let broker = $crate::shared($make);
+                $crate::$test(broker).await;
+            }
+        )*
+    };
+}
+
+// ---------------------------------------------------------------------------
+// Helpers: every wait bounded, every failure says what was expected.
+
+/// A fresh queue name for one test.
+fn unique(test: &str) -> String {
+    format!("callq.conformance.{test}.{}", uuid::Uuid::now_v7())
+}
+
+/// Awaits `future` for at most [`WAIT`]; a hang fails the test.
+async fn within<F: Future>(what: &str, future: F) -> F::Output {
+    match tokio::time::timeout(WAIT, future).await {
+        Ok(output) => output,
+        Err(_) => panic!("nothing within {WAIT:?} while waiting for {what}: lost or hung"),
+    }
+}
+
+async fn declare(broker: &dyn Broker, spec: &QueueSpec) {
+    if let Err(e) = within("declare", broker.declare(spec)).await {
+        panic!("declaring {spec:?} failed: {e}");
+    }
+}
+
+async fn publish(broker: &dyn Broker, queue: &str, message: Message) {
+    if let Err(e) = within("a publish confirm", broker.publish(queue, message)).await {
+        panic!("publish to `{queue}` failed: {e}");
+    }
+}
+
+async fn consume(broker: &dyn Broker, queue: &str, prefetch: u16) -> Box<dyn Consumer> {
+    match within("consume", broker.consume(queue, prefetch)).await {
+        Ok(consumer) => consumer,
+        Err(e) => panic!("consuming `{queue}` failed: {e}"),
+    }
+}
+
+async fn depth(broker: &dyn Broker, queue: &str) -> QueueDepth {
+    match within("depth", broker.depth(queue)).await {
+        Ok(depth) => depth,
+        Err(e) => panic!("depth of `{queue}` failed: {e}"),
+    }
+}
+
+/// The next delivery, within [`WAIT`].
+async fn next(consumer: &mut Box<dyn Consumer>, what: &str) -> Delivery {
+    match within(what, consumer.next()).await {
+        Some(Ok(delivery)) => delivery,
+        Some(Err(e)) => panic!("waiting for {what}: the consumer failed: {e}"),
+        None => panic!("waiting for {what}: the consumer ended"),
+    }
+}
+
+/// Fails if a delivery arrives within [`QUIET`].
+async fn quiet(consumer: &mut Box<dyn Consumer>, why: &str) {
+    if let Ok(got) = tokio::time::timeout(QUIET, consumer.next()).await {
+        panic!("expected no delivery within {QUIET:?} ({why}), got {got:?}");
+    }
+}
+
+async fn settle(delivery: Delivery, disposition: Disposition) {
+    let what = format!("settling with {disposition:?}");
+    if let Err(e) = within(&what, delivery.settle(disposition)).await {
+        panic!("{what} failed: {e}");
+    }
+}
+
+/// Waits until the queue's depth is `expected`, polling.
+async fn wait_depth(broker: &dyn Broker, queue: &str, expected: QueueDepth, why: &str) {
+    let mut last = depth(broker, queue).await;
+    let polls = WAIT.as_millis() / POLL.as_millis();
+    for _ in 0..polls {
+        if last == expected {
+            return;
+        }
+        tokio::time::sleep(POLL).await;
+        last = depth(broker, queue).await;
+    }
+    panic!("depth of `{queue}` is {last:?}, expected {expected:?} ({why})");
+}
+
+fn empty() -> QueueDepth {
+    QueueDepth {
+        ready: 0,
+        unsettled: 0,
+    }
+}
+
+fn body(delivery: &Delivery) -> String {
+    String::from_utf8_lossy(&delivery.body).into_owned()
+}
+
+/// Every header of `sent` arrives unchanged (a broker may add its own).
+fn assert_headers_kept(sent: &Message, got: &Delivery, why: &str) {
+    for (key, value) in &sent.headers {
+        assert_eq!(
+            got.headers.get(key),
+            Some(value),
+            "header `{key}` changed on {why}: sent {:?}, got {:?}",
+            sent.headers,
+            got.headers
+        );
+    }
+}
+
+fn assert_first(delivery: &Delivery, why: &str) {
+    assert!(
+        !delivery.redelivered && delivery.delivery_count == 0,
+        "a first delivery must have redelivered = false and delivery_count = 0 ({why}), got {delivery:?}"
+    );
+}
+
+fn assert_redelivery(delivery: &Delivery, count: u32, why: &str) {
+    assert!(
+        delivery.redelivered,
+        "a redelivery must carry redelivered = true ({why}), got {delivery:?}"
+    );
+    assert_eq!(
+        delivery.delivery_count, count,
+        "wrong delivery_count ({why}): {delivery:?}"
+    );
+}
+
+fn assert_exactly_once(received: &[String], expected: &BTreeSet<String>, why: &str) {
+    let mut seen = BTreeSet::new();
+    let duplicates: Vec<_> = received
+        .iter()
+        .filter(|b| !seen.insert(b.as_str()))
+        .collect();
+    assert!(
+        duplicates.is_empty(),
+        "{why}: delivered more than once: {duplicates:?}"
+    );
+    let missing: Vec<_> = expected
+        .iter()
+        .filter(|b| !seen.contains(b.as_str()))
+        .collect();
+    assert!(missing.is_empty(), "{why}: never delivered: {missing:?}");
+    let extra: Vec<_> = seen.iter().filter(|b| !expected.contains(**b)).collect();
+    assert!(
+        extra.is_empty(),
+        "{why}: delivered but never confirmed: {extra:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// The tests.
+
+/// Guarantee 1: 200 publishes from concurrent tasks, all confirmed, are all
+/// delivered, each exactly once.
+pub async fn confirmed_publish_is_never_lost(broker: Arc<dyn Broker>) {
+    const N: usize = 200;
+    let queue = unique("confirmed");
+    declare(&*broker, &QueueSpec::plain(&queue)).await;
+    let tasks: Vec<_> = (0..N)
+        .map(|i| {
+            let broker = Arc::clone(&broker);
+            let queue = queue.clone();
+            tokio::spawn(async move {
+                let body = format!("confirmed-{i}");
+                broker
+                    .publish(&queue, Message::new(body.clone()))
+                    .await
+                    .map(|()| body)
+            })
+        })
+        .collect();
+    let mut confirmed = BTreeSet::new();
+    for result in within("200 publish confirms", futures::future::join_all(tasks)).await {
+        match result {
+            Ok(Ok(body)) => {
+                confirmed.insert(body);
+            }
+            Ok(Err(e)) => panic!("a publish to a healthy, unbounded queue failed: {e}"),
+            Err(e) => panic!("a publish task failed: {e}"),
+        }
+    }
+    assert_eq!(confirmed.len(), N);
+
+    let mut consumer = consume(&*broker, &queue, 50).await;
+    let mut received = Vec::with_capacity(N);
+    // Stop at the first wait of WAIT, to name the missing messages below.
+    while received.len() < N {
+        match tokio::time::timeout(WAIT, consumer.next()).await {
+            Ok(Some(Ok(delivery))) => {
+                received.push(body(&delivery));
+                settle(delivery, Disposition::Ack).await;
+            }
+            Ok(Some(Err(e))) => panic!("the consumer failed: {e}"),
+            Ok(None) => panic!("the consumer ended"),
+            Err(_) => break,
+        }
+    }
+    assert_exactly_once(&received, &confirmed, "confirmed publishes");
+    quiet(
+        &mut consumer,
+        "every confirmed message was delivered and acked",
+    )
+    .await;
+    wait_depth(&*broker, &queue, empty(), "all acked").await;
+}
+
+/// Guarantee 2: a consumer with prefetch 3 holds 3 of 10 ready messages and
+/// gets a 4th only once it settles one.
+pub async fn no_delivery_beyond_prefetch(broker: Arc<dyn Broker>) {
+    const N: usize = 10;
+    let queue = unique("prefetch");
+    declare(&*broker, &QueueSpec::plain(&queue)).await;
+    for i in 0..N {
+        publish(&*broker, &queue, Message::new(format!("prefetch-{i}"))).await;
+    }
+    let mut consumer = consume(&*broker, &queue, 3).await;
+    let mut held = Vec::new();
+    for i in 0..3 {
+        held.push(
+            next(
+                &mut consumer,
+                &format!("delivery {} of the prefetch of 3", i + 1),
+            )
+            .await,
+        );
+    }
+    quiet(&mut consumer, "the consumer holds its prefetch of 3").await;
+    let mut received: Vec<String> = Vec::new();
+    let first = held.remove(0);
+    received.push(body(&first));
+    settle(first, Disposition::Ack).await;
+    held.push(next(&mut consumer, "a 4th delivery after one ack").await);
+    quiet(&mut consumer, "the consumer again holds its prefetch of 3").await;
+    // Drain: every message exactly once, never more than 3 held.
+    while received.len() < N {
+        let oldest = held.remove(0);
+        received.push(body(&oldest));
+        settle(oldest, Disposition::Ack).await;
+        if received.len() + held.len() < N {
+            held.push(next(&mut consumer, "the next delivery while draining").await);
+        }
+        assert!(held.len() <= 3, "more than the prefetch held");
+    }
+    let all = (0..N).map(|i| format!("prefetch-{i}")).collect();
+    assert_exactly_once(&received, &all, "prefetch drain");
+}
+
+/// Guarantee 3: dropping a consumer with an unsettled delivery redelivers it
+/// with `redelivered` set and the count one higher, body and headers intact.
+pub async fn consumer_drop_redelivers_with_flag_and_count(broker: Arc<dyn Broker>) {
+    let queue = unique("drop");
+    declare(&*broker, &QueueSpec::plain(&queue)).await;
+    let sent = Message::new("lease-lost")
+        .header(ATTEMPT_HEADER, "1")
+        .header("x-conformance", "kept");
+    publish(&*broker, &queue, sent.clone()).await;
+
+    let mut consumer = consume(&*broker, &queue, 1).await;
+    let first = next(&mut consumer, "the first delivery").await;
+    assert_first(&first, "published once");
+    drop(consumer); // `first` stays unsettled: its lease is lost
+
+    for count in 1..=2 {
+        let mut consumer = consume(&*broker, &queue, 1).await;
+        let again = next(
+            &mut consumer,
+            &format!("redelivery {count} after the consumer was dropped"),
+        )
+        .await;
+        assert_redelivery(
+            &again,
+            count,
+            "consumer dropped with the delivery unsettled",
+        );
+        assert_eq!(again.body, sent.body, "the redelivered body changed");
+        assert_headers_kept(&sent, &again, "redelivery");
+        if count == 2 {
+            settle(again, Disposition::Ack).await;
+            quiet(&mut consumer, "the redelivered message was acked").await;
+        }
+        // Otherwise drop the consumer with `again` unsettled.
+    }
+    drop(first);
+    wait_depth(&*broker, &queue, empty(), "the message was acked").await;
+}
+
+/// Guarantee 3: [`Disposition::Requeue`] redelivers with `redelivered` set and
+/// the count one higher, body and headers intact.
+pub async fn requeue_redelivers_with_flag_and_count(broker: Arc<dyn Broker>) {
+    let queue = unique("requeue");
+    declare(&*broker, &QueueSpec::plain(&queue)).await;
+    let sent = Message::new("requeue-me").header("x-conformance", "kept");
+    publish(&*broker, &queue, sent.clone()).await;
+    let mut consumer = consume(&*broker, &queue, 1).await;
+    let first = next(&mut consumer, "the first delivery").await;
+    assert_first(&first, "published once");
+    settle(first, Disposition::Requeue).await;
+    for count in 1..=2 {
+        let again = next(&mut consumer, &format!("redelivery {count} after Requeue")).await;
+        assert_redelivery(&again, count, "settled with Requeue");
+        assert_eq!(again.body, sent.body, "the requeued body changed");
+        assert_headers_kept(&sent, &again, "requeue");
+        let disposition = if count == 2 {
+            Disposition::Ack
+        } else {
+            Disposition::Requeue
+        };
+        settle(again, disposition).await;
+    }
+    quiet(&mut consumer, "the requeued message was acked").await;
+    wait_depth(&*broker, &queue, empty(), "the message was acked").await;
+}
+
+/// Guarantee 4: with a delivery limit of 2 a message is delivered three
+/// times (counts 0, 1, 2), then moves to the dead-letter queue with reason
+/// `delivery_limit`, whether its lease ends by `Requeue` or by a dropped
+/// consumer.
+pub async fn delivery_limit_dead_letters(broker: Arc<dyn Broker>) {
+    let queue = unique("limit");
+    let dead = unique("limit.dead");
+    declare(
+        &*broker,
+        &QueueSpec::plain(&queue)
+            .delivery_limit(2)
+            .dead_letter(&dead),
+    )
+    .await;
+    let mut dead_consumer = consume(&*broker, &dead, 1).await;
+
+    for (name, by_drop) in [("poison-requeued", false), ("poison-dropped", true)] {
+        let sent = Message::new(name).header("x-conformance", "kept");
+        publish(&*broker, &queue, sent.clone()).await;
+        let mut consumer = consume(&*broker, &queue, 1).await;
+        for count in 0..=2 {
+            let delivery = next(&mut consumer, &format!("delivery {count} of {name}")).await;
+            assert_eq!(delivery.body, sent.body);
+            assert_eq!(
+                delivery.delivery_count, count,
+                "wrong delivery_count under a delivery limit of 2: {delivery:?}"
+            );
+            if by_drop {
+                drop(consumer);
+                drop(delivery);
+                consumer = consume(&*broker, &queue, 1).await;
+            } else {
+                settle(delivery, Disposition::Requeue).await;
+            }
+        }
+        quiet(
+            &mut consumer,
+            &format!("{name} was delivered 3 times under a delivery limit of 2"),
+        )
+        .await;
+        wait_depth(
+            &*broker,
+            &queue,
+            empty(),
+            "the message went to the dead-letter queue",
+        )
+        .await;
+
+        let dead_letter = next(
+            &mut dead_consumer,
+            &format!("{name} in the dead-letter queue"),
+        )
+        .await;
+        assert_eq!(dead_letter.body, sent.body);
+        assert_eq!(
+            dead_letter
+                .headers
+                .get(DEAD_REASON_HEADER)
+                .map(String::as_str),
+            Some("delivery_limit"),
+            "the dead letter must say why: {dead_letter:?}"
+        );
+        assert_headers_kept(&sent, &dead_letter, "dead-lettering");
+        assert_eq!(dead_letter.queue, dead);
+        settle(dead_letter, Disposition::Ack).await;
+    }
+    quiet(&mut dead_consumer, "each message was dead-lettered once").await;
+}
+
+/// Guarantee 7: [`Disposition::DeadLetter`] moves the message to the
+/// dead-letter queue with the reason; [`Disposition::Ack`] removes it.
+pub async fn dead_letter_and_ack_are_final(broker: Arc<dyn Broker>) {
+    let queue = unique("final");
+    let dead = unique("final.dead");
+    declare(&*broker, &QueueSpec::plain(&queue).dead_letter(&dead)).await;
+    let poison = Message::new("to-dead-letter").header("x-conformance", "kept");
+    publish(&*broker, &queue, poison.clone()).await;
+    publish(&*broker, &queue, Message::new("to-ack")).await;
+
+    let mut consumer = consume(&*broker, &queue, 2).await;
+    for _ in 0..2 {
+        let delivery = next(&mut consumer, "a delivery to settle").await;
+        let disposition = if delivery.body == poison.body {
+            Disposition::DeadLetter {
+                reason: "conformance: poison".into(),
+            }
+        } else {
+            Disposition::Ack
+        };
+        settle(delivery, disposition).await;
+    }
+    quiet(&mut consumer, "both messages were settled for good").await;
+    wait_depth(&*broker, &queue, empty(), "acked and dead-lettered").await;
+
+    let mut dead_consumer = consume(&*broker, &dead, 2).await;
+    let dead_letter = next(&mut dead_consumer, "the dead letter").await;
+    assert_eq!(
+        dead_letter.body, poison.body,
+        "the acked message was dead-lettered"
+    );
+    assert_eq!(
+        dead_letter
+            .headers
+            .get(DEAD_REASON_HEADER)
+            .map(String::as_str),
+        Some("conformance: poison"),
+        "the dead letter must carry the reason: {dead_letter:?}"
+    );
+    assert_headers_kept(&poison, &dead_letter, "dead-lettering");
+    settle(dead_letter, Disposition::Ack).await;
+    quiet(&mut dead_consumer, "only the one message was dead-lettered").await;
+    wait_depth(&*broker, &dead, empty(), "the dead letter was acked").await;
+}
+
+/// Guarantee 5: 500 messages published one after another reach a single
+/// consumer that acks each in publish order.
+pub async fn single_consumer_gets_publish_order(broker: Arc<dyn Broker>) {
+    const N: usize = 500;
+    let queue = unique("fifo");
+    declare(&*broker, &QueueSpec::plain(&queue)).await;
+    let mut consumer = consume(&*broker, &queue, 10).await;
+    let publisher = {
+        let broker = Arc::clone(&broker);
+        let queue = queue.clone();
+        tokio::spawn(async move {
+            for i in 0..N {
+                publish(&*broker, &queue, Message::new(format!("{i:04}"))).await;
+            }
+        })
+    };
+    for i in 0..N {
+        let delivery = next(&mut consumer, &format!("message {i} of {N}")).await;
+        let expected = format!("{i:04}");
+        assert_eq!(
+            body(&delivery),
+            expected,
+            "out of publish order: expected message {expected}, got {delivery:?}"
+        );
+        settle(delivery, Disposition::Ack).await;
+    }
+    if let Err(e) = within("the publisher", publisher).await {
+        panic!("the publisher failed: {e}");
+    }
+    quiet(&mut consumer, "all 500 were delivered").await;
+}
+
+/// Guarantee 6: a queue of max length 50 refuses publishes beyond it with
+/// `QueueFull` and never holds more; a slow consumer with prefetch 5 never
+/// holds more than 5; every confirmed message is consumed exactly once and
+/// no refused one ever is.
+pub async fn bounded_memory_under_a_slow_consumer(broker: Arc<dyn Broker>) {
+    const MAX: usize = 50;
+    const PREFETCH: u16 = 5;
+    const REFUSED: usize = 10;
+    const MORE: usize = 150;
+    let queue = unique("bounded");
+    declare(&*broker, &QueueSpec::plain(&queue).max_length(MAX)).await;
+
+    let mut confirmed = BTreeSet::new();
+    for i in 0..MAX {
+        let body = format!("fill-{i}");
+        publish(&*broker, &queue, Message::new(body.clone())).await;
+        confirmed.insert(body);
+    }
+    let mut refused = BTreeSet::new();
+    for i in 0..REFUSED {
+        let body = format!("refused-{i}");
+        match within(
+            "a publish beyond max_length",
+            broker.publish(&queue, Message::new(body.clone())),
+        )
+        .await
+        {
+            Err(Error::QueueFull { max, .. }) => {
+                assert_eq!(max, MAX, "QueueFull names the wrong max")
+            }
+            other => panic!(
+                "publish {} beyond max_length {MAX}: expected QueueFull, got {other:?}",
+                i + 1
+            ),
+        }
+        refused.insert(body);
+    }
+    let full = depth(&*broker, &queue).await;
+    assert!(
+        full.ready + full.unsettled <= MAX as u64,
+        "the queue holds more than max_length {MAX}: {full:?}"
+    );
+
+    // A publisher keeps pushing, retrying on QueueFull, while a slow consumer drains.
+    let publisher = {
+        let broker = Arc::clone(&broker);
+        let queue = queue.clone();
+        tokio::spawn(async move {
+            let (mut confirmed, mut refusals) = (Vec::with_capacity(MORE), 0usize);
+            for i in 0..MORE {
+                let body = format!("more-{i}");
+                loop {
+                    match broker.publish(&queue, Message::new(body.clone())).await {
+                        Ok(()) => break,
+                        Err(Error::QueueFull { .. }) => {
+                            refusals += 1;
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
+                        Err(e) => panic!("publish failed with {e}, expected Ok or QueueFull"),
+                    }
+                }
+                confirmed.push(body);
+                let now = depth(&*broker, &queue).await;
+                assert!(
+                    now.ready + now.unsettled <= MAX as u64,
+                    "the queue holds more than max_length {MAX}: {now:?}"
+                );
+                assert!(
+                    now.unsettled <= u64::from(PREFETCH),
+                    "the only consumer (prefetch {PREFETCH}) holds more: {now:?}"
+                );
+            }
+            (confirmed, refusals)
+        })
+    };
+
+    let total = MAX + MORE;
+    let mut consumer = consume(&*broker, &queue, PREFETCH).await;
+    let mut held = std::collections::VecDeque::new();
+    for _ in 0..PREFETCH {
+        held.push_back(next(&mut consumer, "filling the prefetch").await);
+    }
+    quiet(&mut consumer, "a slow consumer holds its prefetch of 5").await;
+    let mut received = Vec::with_capacity(total);
+    while received.len() < total {
+        let Some(oldest) = held.pop_front() else {
+            panic!("nothing held with {} of {total} received", received.len());
+        };
+        received.push(body(&oldest));
+        settle(oldest, Disposition::Ack).await;
+        tokio::time::sleep(Duration::from_millis(2)).await; // slow
+        if received.len() + held.len() < total {
+            held.push_back(
+                next(
+                    &mut consumer,
+                    &format!("message {} of {total}", received.len() + held.len() + 1),
+                )
+                .await,
+            );
+        }
+        let now = depth(&*broker, &queue).await;
+        assert!(
+            now.ready + now.unsettled <= MAX as u64 && now.unsettled <= u64::from(PREFETCH),
+            "max_length {MAX} or prefetch {PREFETCH} exceeded: {now:?}"
+        );
+    }
+    let (more, refusals) = match within("the publisher", publisher).await {
+        Ok(done) => done,
+        Err(e) => panic!("the publisher failed: {e}"),
+    };
+    assert!(
+        refusals > 0,
+        "the publisher never met a full queue: the test proves nothing"
+    );
+    confirmed.extend(more);
+    assert_exactly_once(&received, &confirmed, "bounded queue");
+    assert!(
+        received.iter().all(|b| !refused.contains(b)),
+        "a publish refused with QueueFull was stored"
+    );
+    quiet(&mut consumer, "every confirmed message was consumed").await;
+    wait_depth(&*broker, &queue, empty(), "all acked").await;
+}
+
+/// Guarantee 7: settling a delivery whose consumer was dropped fails with
+/// `LeaseLost`, and changes nothing: the message is delivered again and is
+/// neither acked nor dead-lettered.
+pub async fn settle_after_consumer_drop_is_lease_lost(broker: Arc<dyn Broker>) {
+    let queue = unique("leaselost");
+    let dead = unique("leaselost.dead");
+    declare(&*broker, &QueueSpec::plain(&queue).dead_letter(&dead)).await;
+    publish(&*broker, &queue, Message::new("ack-too-late")).await;
+    publish(&*broker, &queue, Message::new("dead-letter-too-late")).await;
+
+    let mut consumer = consume(&*broker, &queue, 2).await;
+    let a = next(&mut consumer, "the first delivery").await;
+    let b = next(&mut consumer, "the second delivery").await;
+    drop(consumer);
+    for (delivery, disposition) in [
+        (a, Disposition::Ack),
+        (
+            b,
+            Disposition::DeadLetter {
+                reason: "too late".into(),
+            },
+        ),
+    ] {
+        let what = format!("settling with {disposition:?} after the consumer was dropped");
+        let result = within(&what, delivery.settle(disposition)).await;
+        assert_eq!(result, Err(Error::LeaseLost), "{what}");
+    }
+
+    let mut consumer = consume(&*broker, &queue, 2).await;
+    let mut received = Vec::new();
+    for _ in 0..2 {
+        let again = next(&mut consumer, "a redelivery after the lease was lost").await;
+        assert_redelivery(&again, 1, "the consumer was dropped");
+        received.push(body(&again));
+        settle(again, Disposition::Ack).await;
+    }
+    let both = ["ack-too-late", "dead-letter-too-late"]
+        .map(String::from)
+        .into();
+    assert_exactly_once(&received, &both, "settled after the lease was lost");
+    let mut dead_consumer = consume(&*broker, &dead, 1).await;
+    quiet(&mut dead_consumer, "a late DeadLetter must change nothing").await;
+}
+
+/// [`Broker::publish`] to a queue never declared fails with `NoSuchQueue`.
+///
+/// Adapter-dependent: the contract requires it only "when the broker can
+/// tell" (a Kafka cluster that auto-creates topics cannot). Such an adapter
+/// must still refuse: it checks the queues it has declared itself.
+pub async fn publish_to_undeclared_queue_fails(broker: Arc<dyn Broker>) {
+    let queue = unique("undeclared");
+    let result = within(
+        "a publish to an undeclared queue",
+        broker.publish(&queue, Message::new("nowhere")),
+    )
+    .await;
+    assert_eq!(
+        result,
+        Err(Error::NoSuchQueue(queue.clone())),
+        "publish to an undeclared queue"
+    );
+}

@@ -1,0 +1,411 @@
+//! The broker contract of callq.
+//!
+//! Node (workers, clients) and coordinator speak to a message bus through
+//! this crate only; the `callq` binary picks the adapter (embedded, RabbitMQ,
+//! Kafka). The contract is deliberately small: declare a queue, publish with
+//! confirm, consume with a bounded prefetch, settle each delivery with one
+//! explicit [`Disposition`].
+//!
+//! # Guarantees every adapter gives
+//!
+//! Each guarantee below is pinned by a test of the conformance suite
+//! (`callq-conformance`), which runs unchanged against every adapter.
+//!
+//! 1. **A confirmed publish is never lost.** When [`Broker::publish`] returns
+//!    `Ok`, the message is stored by the broker and will be delivered to a
+//!    consumer of its queue (or moved to the queue's dead-letter queue).
+//!    When it returns `Err`, the message may or may not be stored: the caller
+//!    retries with the same body (callq deduplicates by `call_id`).
+//! 2. **No delivery beyond prefetch.** A consumer never holds more unsettled
+//!    deliveries than the prefetch it was opened with.
+//! 3. **Redelivery when a lease is lost.** A delivery that is not settled
+//!    when its consumer is dropped (or its connection closes), or that is
+//!    settled with [`Disposition::Requeue`], returns to its queue and is
+//!    delivered again with [`Delivery::redelivered`] set and
+//!    [`Delivery::delivery_count`] one higher.
+//! 4. **Delivery limit.** A message of a queue declared with a
+//!    [`QueueSpec::delivery_limit`] of `n` is delivered at most `n + 1`
+//!    times; when it would be redelivered once more it moves to the queue's
+//!    dead-letter queue instead.
+//! 5. **Per-queue FIFO for a single consumer.** One consumer of a queue that
+//!    settles every delivery with `Ack` receives the messages in publish
+//!    order.
+//! 6. **Bounded memory.** A queue declared with a [`QueueSpec::max_length`]
+//!    holds at most that many messages (ready and unsettled); a publish beyond
+//!    it fails with [`Error::QueueFull`] and is not stored. A consumer buffers
+//!    at most its prefetch, however slow it is.
+//! 7. **Settling is final.** [`Disposition::Ack`] removes the message;
+//!    [`Disposition::DeadLetter`] moves it to the dead-letter queue with the
+//!    reason in the [`DEAD_REASON_HEADER`] header. Settling a delivery whose
+//!    lease is gone fails with [`Error::LeaseLost`] and changes nothing: the
+//!    message is (or will be) redelivered.
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+pub use bytes::Bytes;
+
+/// Message headers: string keys and string values, as every broker can carry
+/// them (AMQP table entries, Kafka record headers).
+pub type Headers = BTreeMap<String, String>;
+
+/// The header that carries the attempt number of a call (absent means 1).
+pub const ATTEMPT_HEADER: &str = "callq-attempt";
+
+/// The header a dead-lettered message carries: why it was dead-lettered.
+pub const DEAD_REASON_HEADER: &str = "callq-dead-reason";
+
+/// Redeliveries a call queue allows before a message is dead-lettered.
+pub const DEFAULT_DELIVERY_LIMIT: u32 = 5;
+
+/// Messages a call queue holds at most, ready and unsettled together.
+pub const DEFAULT_CALL_QUEUE_LENGTH: usize = 1_000_000;
+
+/// Messages a reply queue holds at most.
+pub const DEFAULT_REPLY_QUEUE_LENGTH: usize = 1_000_000;
+
+/// The name of the call queue (or topic) of a service.
+pub fn call_queue(service: &str) -> String {
+    format!("callq.call.{service}")
+}
+
+/// The name of the dead-letter queue (or topic) of a service.
+pub fn dead_queue(service: &str) -> String {
+    format!("callq.dead.{service}")
+}
+
+/// The name of the reply queue of one of our clients.
+pub fn reply_queue(client_id: &str) -> String {
+    format!("callq.reply.{client_id}")
+}
+
+/// A message to publish.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Message {
+    /// The body: UTF-8 JSON for every callq message.
+    pub body: Bytes,
+    /// Headers, such as [`ATTEMPT_HEADER`].
+    pub headers: Headers,
+    /// Partition key where the broker partitions (Kafka): the session id or
+    /// the call id. Brokers without partitions ignore it.
+    pub key: Option<String>,
+}
+
+impl Message {
+    /// A message with a body and no headers.
+    pub fn new(body: impl Into<Bytes>) -> Self {
+        Self {
+            body: body.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Adds a header.
+    #[must_use]
+    pub fn header(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(key.into(), value.into());
+        self
+    }
+
+    /// Sets the partition key.
+    #[must_use]
+    pub fn key(mut self, key: impl Into<String>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+}
+
+/// How a queue is declared. Declaring is idempotent: declaring an existing
+/// queue with the same spec is a no-op.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueSpec {
+    /// The queue's name.
+    pub name: String,
+    /// Messages the queue holds at most (ready and unsettled); a publish
+    /// beyond it fails with [`Error::QueueFull`]. `None`: the broker's limit.
+    pub max_length: Option<usize>,
+    /// Redeliveries allowed before the message is dead-lettered instead.
+    /// `None`: redelivered without limit.
+    pub delivery_limit: Option<u32>,
+    /// Where dead letters go; declared along with this queue. `None`: a dead
+    /// letter is dropped.
+    pub dead_letter: Option<String>,
+}
+
+impl QueueSpec {
+    /// A queue with no limits and no dead-letter queue.
+    pub fn plain(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            max_length: None,
+            delivery_limit: None,
+            dead_letter: None,
+        }
+    }
+
+    /// The call queue of a service: bounded, with the default delivery limit
+    /// and its dead-letter queue.
+    pub fn calls(service: &str) -> Self {
+        Self {
+            name: call_queue(service),
+            max_length: Some(DEFAULT_CALL_QUEUE_LENGTH),
+            delivery_limit: Some(DEFAULT_DELIVERY_LIMIT),
+            dead_letter: Some(dead_queue(service)),
+        }
+    }
+
+    /// The reply queue of a client.
+    pub fn replies(client_id: &str) -> Self {
+        Self {
+            name: reply_queue(client_id),
+            max_length: Some(DEFAULT_REPLY_QUEUE_LENGTH),
+            delivery_limit: None,
+            dead_letter: None,
+        }
+    }
+
+    /// Sets the maximum length.
+    #[must_use]
+    pub fn max_length(mut self, n: usize) -> Self {
+        self.max_length = Some(n);
+        self
+    }
+
+    /// Sets the delivery limit.
+    #[must_use]
+    pub fn delivery_limit(mut self, n: u32) -> Self {
+        self.delivery_limit = Some(n);
+        self
+    }
+
+    /// Sets the dead-letter queue.
+    #[must_use]
+    pub fn dead_letter(mut self, queue: impl Into<String>) -> Self {
+        self.dead_letter = Some(queue.into());
+        self
+    }
+}
+
+/// The fate of a delivery: exactly one per delivery, applied by
+/// [`Delivery::settle`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Disposition {
+    /// Done: remove the message from the queue.
+    Ack,
+    /// Not done here: return it to the queue, to be redelivered (counts
+    /// towards the delivery limit).
+    Requeue,
+    /// Never deliverable: move it to the dead-letter queue with this reason.
+    DeadLetter {
+        /// Why, for the operator reading the dead-letter queue.
+        reason: String,
+    },
+}
+
+/// Depth of a queue, for status and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueDepth {
+    /// Messages waiting for a consumer.
+    pub ready: u64,
+    /// Messages delivered and not yet settled.
+    pub unsettled: u64,
+}
+
+/// A broker: the only way node and coordinator reach the bus.
+///
+/// Implementations are cheap to share (`Arc<dyn Broker>`) and safe to use
+/// from many tasks at once; publishes from concurrent tasks are pipelined.
+#[async_trait]
+pub trait Broker: Send + Sync + 'static {
+    /// The adapter's name: `embedded`, `amqp` or `kafka`.
+    fn kind(&self) -> &'static str;
+
+    /// Declares a queue (and its dead-letter queue). Idempotent.
+    async fn declare(&self, spec: &QueueSpec) -> Result<(), Error>;
+
+    /// Publishes a message and returns once the broker has confirmed it
+    /// (guarantee 1). Fails with [`Error::NoSuchQueue`] when the queue was
+    /// never declared and the broker can tell, and with [`Error::QueueFull`]
+    /// when the queue is at its maximum length.
+    async fn publish(&self, queue: &str, message: Message) -> Result<(), Error>;
+
+    /// Opens a consumer on a declared queue that holds at most `prefetch`
+    /// unsettled deliveries (guarantee 2). Dropping the consumer returns its
+    /// unsettled deliveries to the queue (guarantee 3).
+    async fn consume(&self, queue: &str, prefetch: u16) -> Result<Box<dyn Consumer>, Error>;
+
+    /// The queue's current depth.
+    async fn depth(&self, queue: &str) -> Result<QueueDepth, Error>;
+}
+
+/// A consumer of one queue.
+#[async_trait]
+pub trait Consumer: Send {
+    /// The next delivery. Waits while the consumer holds `prefetch`
+    /// unsettled deliveries or the queue is empty. `None` means the consumer
+    /// has ended (cancelled, or its connection closed) and will yield nothing
+    /// more; its unsettled deliveries have returned to the queue.
+    async fn next(&mut self) -> Option<Result<Delivery, Error>>;
+}
+
+/// The adapter's half of a delivery: applies its [`Disposition`].
+#[async_trait]
+pub trait Settle: Send + Sync {
+    /// Applies the disposition. This is the one place where an adapter maps
+    /// a disposition onto its broker.
+    async fn settle(self: Box<Self>, disposition: Disposition) -> Result<(), Error>;
+}
+
+/// One delivery of a message to a consumer. Holding it holds the lease on
+/// the message; [`Delivery::settle`] ends the lease.
+pub struct Delivery {
+    /// The message body.
+    pub body: Bytes,
+    /// The message headers.
+    pub headers: Headers,
+    /// Whether the message was delivered before (to any consumer).
+    pub redelivered: bool,
+    /// How many times the message was delivered before this delivery:
+    /// 0 on the first delivery.
+    pub delivery_count: u32,
+    /// The queue it came from.
+    pub queue: String,
+    settle: Box<dyn Settle>,
+}
+
+impl Delivery {
+    /// Builds a delivery; for adapters.
+    pub fn new(
+        body: Bytes,
+        headers: Headers,
+        redelivered: bool,
+        delivery_count: u32,
+        queue: String,
+        settle: Box<dyn Settle>,
+    ) -> Self {
+        Self {
+            body,
+            headers,
+            redelivered,
+            delivery_count,
+            queue,
+            settle,
+        }
+    }
+
+    /// Settles the delivery (guarantee 7).
+    pub async fn settle(self, disposition: Disposition) -> Result<(), Error> {
+        self.settle.settle(disposition).await
+    }
+
+    /// The attempt number the message carries in [`ATTEMPT_HEADER`]; 1 when
+    /// absent or unreadable.
+    pub fn attempt(&self) -> u32 {
+        self.headers
+            .get(ATTEMPT_HEADER)
+            .and_then(|v| v.trim().parse().ok())
+            .filter(|a| *a >= 1)
+            .unwrap_or(1)
+    }
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("queue", &self.queue)
+            .field("len", &self.body.len())
+            .field("headers", &self.headers)
+            .field("redelivered", &self.redelivered)
+            .field("delivery_count", &self.delivery_count)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What can go wrong talking to a broker.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// The queue was never declared.
+    #[error(
+        "queue `{0}` does not exist: declare it first (workers declare the queues of their services)"
+    )]
+    NoSuchQueue(String),
+    /// The queue is at its maximum length; nothing was stored.
+    #[error("queue `{queue}` is full ({max} messages): the message was not stored; retry later")]
+    QueueFull {
+        /// The queue.
+        queue: String,
+        /// Its maximum length.
+        max: usize,
+    },
+    /// The delivery's lease is gone (its consumer or connection closed); the
+    /// broker redelivers the message.
+    #[error(
+        "the delivery's lease is gone (its consumer or connection closed); the message will be redelivered"
+    )]
+    LeaseLost,
+    /// The broker did not confirm a publish; it may or may not be stored.
+    #[error(
+        "the broker did not confirm the publish ({0}); it may or may not be stored: retry with the same body"
+    )]
+    NotConfirmed(String),
+    /// The connection to the broker failed.
+    #[error("broker connection failed: {0}")]
+    Connection(String),
+    /// A wait on the broker timed out.
+    #[error("the broker did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The broker is shut down.
+    #[error("the broker is shut down")]
+    Closed,
+}
+
+impl Error {
+    /// Whether the same operation may succeed if retried later.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Error::QueueFull { .. }
+                | Error::NotConfirmed(_)
+                | Error::Connection(_)
+                | Error::Timeout(_)
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Nop;
+    #[async_trait]
+    impl Settle for Nop {
+        async fn settle(self: Box<Self>, _: Disposition) -> Result<(), Error> {
+            Ok(())
+        }
+    }
+
+    fn delivery(headers: Headers) -> Delivery {
+        Delivery::new(Bytes::new(), headers, false, 0, "q".into(), Box::new(Nop))
+    }
+
+    #[test]
+    fn attempt_header_defaults_to_one() {
+        assert_eq!(delivery(Headers::new()).attempt(), 1);
+        let h = |v: &str| Headers::from([(ATTEMPT_HEADER.to_string(), v.to_string())]);
+        assert_eq!(delivery(h("3")).attempt(), 3);
+        assert_eq!(delivery(h("0")).attempt(), 1);
+        assert_eq!(delivery(h("x")).attempt(), 1);
+    }
+
+    #[test]
+    fn names_follow_the_wire_contract() {
+        assert_eq!(call_queue("bank"), "callq.call.bank");
+        assert_eq!(dead_queue("bank"), "callq.dead.bank");
+        assert_eq!(reply_queue("shop-1"), "callq.reply.shop-1");
+        let spec = QueueSpec::calls("bank");
+        assert_eq!(spec.dead_letter.as_deref(), Some("callq.dead.bank"));
+        assert_eq!(spec.delivery_limit, Some(DEFAULT_DELIVERY_LIMIT));
+    }
+}

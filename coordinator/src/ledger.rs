@@ -1,0 +1,477 @@
+//! The call ledger: who may run, trace and complete each call.
+
+use std::collections::{HashMap, HashSet};
+
+use callq_schemas::protocol::{CompleteDecision, Lease, ResumeDecision, TraceDecision};
+use callq_schemas::{Reply, Uuid};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::{Error, Store};
+
+/// Who holds the current attempt of a call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holder {
+    /// The worker.
+    pub worker: String,
+    /// The delivery it holds the attempt through.
+    pub lease: Lease,
+}
+
+/// Where a call stands.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum CallState {
+    /// Not decided yet.
+    Open,
+    /// Completed; the reply, where the completion carried one.
+    Done {
+        /// The recorded reply.
+        reply: Option<Reply>,
+    },
+    /// An attempt that left traces was lost; the client was answered with
+    /// this `fatal` reply.
+    Failed {
+        /// The `fatal` reply.
+        reply: Reply,
+    },
+}
+
+/// What the ledger knows of one call. A call gets a record only when it
+/// leaves the fast path: a trace, a resume, or its worker's death.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallRecord {
+    /// The service, for re-issues and logs.
+    pub service: String,
+    /// Where the client waits, for a `fatal` answer.
+    pub reply_to: Option<String>,
+    /// The current attempt; every lower attempt is revoked.
+    pub attempt: u32,
+    /// Who holds the current attempt; `None` until a copy claims it.
+    pub holder: Option<Holder>,
+    /// Traces granted to the current attempt. An attempt with traces is
+    /// never followed by another: losing it fails the call.
+    pub traces: Vec<String>,
+    /// The decision.
+    pub state: CallState,
+}
+
+/// A call in flight on a worker, as its heartbeats report it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InFlight {
+    /// The delivery.
+    pub lease: Lease,
+    /// The service.
+    pub service: String,
+    /// Where the client waits.
+    pub reply_to: Option<String>,
+    /// The call's body, so that it can be re-issued without waiting for the
+    /// broker to redeliver it.
+    pub body: Option<Vec<u8>>,
+}
+
+/// What the coordinator must do once a batch is durable.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// Publish the call again as a new copy with this attempt header.
+    Reissue {
+        /// The call.
+        call_id: Uuid,
+        /// The service whose queue gets it.
+        service: String,
+        /// The attempt header of the new copy.
+        attempt: u32,
+        /// The call's body.
+        body: Vec<u8>,
+    },
+    /// Answer the client: the call failed after leaving traces.
+    AnswerFatal {
+        /// The client's reply queue.
+        reply_to: String,
+        /// The `fatal` reply.
+        reply: Reply,
+    },
+}
+
+/// The call ledger over a durable [`Store`].
+///
+/// Operations decide at once in memory; nothing they decide may be
+/// announced before [`Ledger::commit`] returns `Ok`. A failed commit rolls
+/// the memory back to what is durable.
+pub struct Ledger<S: Store> {
+    store: S,
+    /// Records of undecided calls, plus every record changed since the last
+    /// commit.
+    open: HashMap<Uuid, CallRecord>,
+    dirty: HashSet<Uuid>,
+    effects: Vec<Effect>,
+}
+
+impl<S: Store> Ledger<S> {
+    /// Opens the ledger, reading the undecided calls back from the store.
+    pub fn open(store: S) -> Result<Self, Error> {
+        let open = store.open_calls()?.into_iter().collect::<HashMap<_, _>>();
+        info!(open_calls = open.len(), "call ledger opened");
+        Ok(Self {
+            store,
+            open,
+            dirty: HashSet::new(),
+            effects: Vec::new(),
+        })
+    }
+
+    /// The store, for tests and status.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// The record of a call, if it has one.
+    pub fn record(&self, call_id: Uuid) -> Result<Option<CallRecord>, Error> {
+        match self.open.get(&call_id) {
+            Some(r) => Ok(Some(r.clone())),
+            None => self.store.get(call_id),
+        }
+    }
+
+    /// The record, loaded into memory for a change.
+    fn load(&mut self, call_id: Uuid) -> Result<Option<&mut CallRecord>, Error> {
+        if !self.open.contains_key(&call_id)
+            && let Some(r) = self.store.get(call_id)?
+        {
+            self.open.insert(call_id, r);
+        }
+        Ok(self.open.get_mut(&call_id))
+    }
+
+    fn put(&mut self, call_id: Uuid, record: CallRecord) {
+        self.open.insert(call_id, record);
+        self.dirty.insert(call_id);
+    }
+
+    /// A worker received a redelivery, or a copy with an attempt above 1,
+    /// and asks whether to run it.
+    pub fn resume(
+        &mut self,
+        lease: Lease,
+        worker: &str,
+        service: &str,
+        reply_to: Option<&str>,
+    ) -> Result<ResumeDecision, Error> {
+        let call_id = lease.call_id;
+        let holder = Holder {
+            worker: worker.to_owned(),
+            lease,
+        };
+        let Some(rec) = self.load(call_id)? else {
+            // No record: no earlier attempt left a trace (a trace creates
+            // the record). Revoke the delivered copy's attempt, run the next.
+            let attempt = lease.copy + 1;
+            self.put(
+                call_id,
+                CallRecord {
+                    service: service.to_owned(),
+                    reply_to: reply_to.map(str::to_owned),
+                    attempt,
+                    holder: Some(holder),
+                    traces: Vec::new(),
+                    state: CallState::Open,
+                },
+            );
+            return Ok(ResumeDecision::Run { attempt });
+        };
+        let decision = match (&rec.state, &rec.holder) {
+            (CallState::Done { reply }, _) => {
+                return Ok(ResumeDecision::Done {
+                    reply: reply.clone(),
+                });
+            }
+            (CallState::Failed { reply }, _) => {
+                return Ok(ResumeDecision::Fatal {
+                    reply: reply.clone(),
+                });
+            }
+            (CallState::Open, None) => {
+                rec.holder = Some(holder);
+                ResumeDecision::Run {
+                    attempt: rec.attempt,
+                }
+            }
+            (CallState::Open, Some(h)) if h.lease.token == lease.token => {
+                // The same delivery asking again (its first answer was lost).
+                return Ok(ResumeDecision::Run {
+                    attempt: rec.attempt,
+                });
+            }
+            (CallState::Open, Some(h)) if h.lease.copy == lease.copy => {
+                // A new delivery of the copy the holder held: the broker says
+                // the holder's lease is gone.
+                let lost = h.worker.clone();
+                if rec.traces.is_empty() {
+                    rec.attempt += 1;
+                    rec.holder = Some(holder);
+                    ResumeDecision::Run {
+                        attempt: rec.attempt,
+                    }
+                } else {
+                    let reply = fail(call_id, rec, &lost);
+                    ResumeDecision::Fatal { reply }
+                }
+            }
+            (CallState::Open, Some(_)) => {
+                // Another copy holds the current attempt.
+                return Ok(ResumeDecision::Superseded {
+                    attempt: rec.attempt,
+                });
+            }
+        };
+        self.dirty.insert(call_id);
+        self.queue_fatal_answer(call_id);
+        Ok(decision)
+    }
+
+    /// A worker asks to leave a trace of `kind` from `attempt`.
+    pub fn trace(
+        &mut self,
+        lease: Lease,
+        attempt: u32,
+        worker: &str,
+        kind: &str,
+        service: &str,
+        reply_to: Option<&str>,
+    ) -> Result<TraceDecision, Error> {
+        let call_id = lease.call_id;
+        let Some(rec) = self.load(call_id)? else {
+            if attempt == 1 && lease.copy == 1 {
+                // The fast path's first trace: the call gets its record now.
+                self.put(
+                    call_id,
+                    CallRecord {
+                        service: service.to_owned(),
+                        reply_to: reply_to.map(str::to_owned),
+                        attempt,
+                        holder: Some(Holder {
+                            worker: worker.to_owned(),
+                            lease,
+                        }),
+                        traces: vec![kind.to_owned()],
+                        state: CallState::Open,
+                    },
+                );
+                return Ok(TraceDecision::Granted);
+            }
+            return Ok(refused(format!(
+                "attempt {attempt} of call {call_id} was never issued: resume first"
+            )));
+        };
+        let holds = rec.attempt == attempt
+            && rec
+                .holder
+                .as_ref()
+                .is_some_and(|h| h.lease.token == lease.token);
+        match rec.state {
+            CallState::Open if holds => {
+                rec.traces.push(kind.to_owned());
+                self.dirty.insert(call_id);
+                Ok(TraceDecision::Granted)
+            }
+            CallState::Open => Ok(refused(format!(
+                "attempt {attempt} was revoked; the current attempt is {}",
+                rec.attempt
+            ))),
+            _ => Ok(refused("the call is already decided".into())),
+        }
+    }
+
+    /// A worker reports that `attempt` completed with `reply` (synchronously
+    /// when it has traces, batched otherwise).
+    pub fn complete(
+        &mut self,
+        lease: Lease,
+        attempt: u32,
+        reply: Option<Reply>,
+    ) -> Result<CompleteDecision, Error> {
+        let call_id = lease.call_id;
+        let Some(rec) = self.load(call_id)? else {
+            // A fast-path call that never left the fast path: nothing to record.
+            return Ok(CompleteDecision::Accepted);
+        };
+        let holds = rec.attempt == attempt
+            && rec
+                .holder
+                .as_ref()
+                .is_some_and(|h| h.lease.token == lease.token);
+        match &rec.state {
+            CallState::Open if holds => {
+                rec.state = CallState::Done { reply };
+                self.dirty.insert(call_id);
+                Ok(CompleteDecision::Accepted)
+            }
+            CallState::Done { .. } if holds => Ok(CompleteDecision::Accepted),
+            CallState::Failed { reply } => Ok(CompleteDecision::Fatal {
+                reply: reply.clone(),
+            }),
+            CallState::Done { .. } => Ok(CompleteDecision::Refused {
+                reason: "another attempt completed the call".into(),
+            }),
+            CallState::Open => Ok(CompleteDecision::Refused {
+                reason: format!(
+                    "attempt {attempt} was revoked; the current attempt is {}",
+                    rec.attempt
+                ),
+            }),
+        }
+    }
+
+    /// A worker is dead. Each call it held is revoked: a traceless one is
+    /// re-issued as the next attempt (where its body is known; otherwise the
+    /// broker's redelivery claims the next attempt), a traced one fails and
+    /// its client is answered `fatal`.
+    pub fn worker_lost(&mut self, worker: &str, in_flight: &[InFlight]) -> Result<(), Error> {
+        let mut bodies: HashMap<Uuid, &InFlight> = HashMap::new();
+        for f in in_flight {
+            let call_id = f.lease.call_id;
+            bodies.insert(call_id, f);
+            if self.load(call_id)?.is_none() {
+                // A fast-path call with no trace: give it a record held by the
+                // dead worker, so the loop below revokes it like the others.
+                self.put(
+                    call_id,
+                    CallRecord {
+                        service: f.service.clone(),
+                        reply_to: f.reply_to.clone(),
+                        attempt: f.lease.copy,
+                        holder: Some(Holder {
+                            worker: worker.to_owned(),
+                            lease: f.lease,
+                        }),
+                        traces: Vec::new(),
+                        state: CallState::Open,
+                    },
+                );
+            }
+        }
+        let held: Vec<Uuid> = self
+            .open
+            .iter()
+            .filter(|(_, r)| {
+                matches!(r.state, CallState::Open)
+                    && r.holder.as_ref().is_some_and(|h| h.worker == worker)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for call_id in held {
+            let Some(rec) = self.open.get_mut(&call_id) else {
+                continue;
+            };
+            if rec.traces.is_empty() {
+                rec.attempt += 1;
+                rec.holder = None;
+                match bodies.get(&call_id).and_then(|f| f.body.clone()) {
+                    Some(body) => self.effects.push(Effect::Reissue {
+                        call_id,
+                        service: rec.service.clone(),
+                        attempt: rec.attempt,
+                        body,
+                    }),
+                    None => {
+                        warn!(%call_id, worker, "no body known: the broker's redelivery will run the next attempt")
+                    }
+                }
+            } else {
+                fail(call_id, rec, worker);
+            }
+            self.dirty.insert(call_id);
+            self.queue_fatal_answer(call_id);
+        }
+        Ok(())
+    }
+
+    fn queue_fatal_answer(&mut self, call_id: Uuid) {
+        if let Some(CallRecord {
+            state: CallState::Failed { reply },
+            reply_to: Some(to),
+            ..
+        }) = self.open.get(&call_id)
+            && !self
+                .effects
+                .iter()
+                .any(|e| matches!(e, Effect::AnswerFatal { reply: r, .. } if r.call_id == call_id))
+        {
+            self.effects.push(Effect::AnswerFatal {
+                reply_to: to.clone(),
+                reply: reply.clone(),
+            });
+        }
+    }
+
+    /// Makes every change since the last commit durable in one transaction,
+    /// then returns the effects to carry out. On error nothing is durable,
+    /// the memory is rolled back, and no decision may be announced.
+    pub fn commit(&mut self) -> Result<Vec<Effect>, Error> {
+        if self.dirty.is_empty() {
+            return Ok(std::mem::take(&mut self.effects));
+        }
+        let ids: Vec<Uuid> = self.dirty.drain().collect();
+        let batch: Vec<(Uuid, &CallRecord)> = ids
+            .iter()
+            .filter_map(|id| self.open.get(id).map(|r| (*id, r)))
+            .collect();
+        if let Err(e) = self.store.put_all(&batch) {
+            self.effects.clear();
+            for id in &ids {
+                self.open.remove(id);
+            }
+            for (id, r) in self.store.open_calls()? {
+                if ids.contains(&id) {
+                    self.open.insert(id, r);
+                }
+            }
+            return Err(e);
+        }
+        // Decided calls leave memory; the store answers for them.
+        for id in &ids {
+            if self
+                .open
+                .get(id)
+                .is_some_and(|r| !matches!(r.state, CallState::Open))
+            {
+                self.open.remove(id);
+            }
+        }
+        Ok(std::mem::take(&mut self.effects))
+    }
+
+    /// Calls not yet decided.
+    pub fn open_calls(&self) -> usize {
+        self.open
+            .values()
+            .filter(|r| matches!(r.state, CallState::Open))
+            .count()
+    }
+}
+
+fn refused(reason: String) -> TraceDecision {
+    TraceDecision::Refused { reason }
+}
+
+/// Fails a call whose traced attempt was lost; returns the `fatal` reply.
+fn fail(call_id: Uuid, rec: &mut CallRecord, lost: &str) -> Reply {
+    let reply = Reply::fatal(
+        call_id,
+        rec.attempt,
+        format!(
+            "worker `{lost}` was lost after attempt {} left traces ({}); the call's outcome is unknown and it will not be retried",
+            rec.attempt,
+            rec.traces.join(", ")
+        ),
+        rec.traces.clone(),
+    );
+    rec.state = CallState::Failed {
+        reply: reply.clone(),
+    };
+    rec.holder = None;
+    reply
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,348 @@
+#![allow(clippy::unwrap_used)]
+
+use super::*;
+use crate::{MemoryStore, RedbStore};
+use callq_schemas::Outcome;
+use serde_json::json;
+
+fn lease(call_id: Uuid, copy: u32) -> Lease {
+    Lease {
+        call_id,
+        copy,
+        token: Uuid::now_v7(),
+    }
+}
+
+fn ledger() -> Ledger<MemoryStore> {
+    Ledger::open(MemoryStore::default()).unwrap()
+}
+
+fn in_flight(l: Lease) -> InFlight {
+    InFlight {
+        lease: l,
+        service: "mail".into(),
+        reply_to: Some("callq.reply.c".into()),
+        body: Some(b"{\"the\": \"call\"}".to_vec()),
+    }
+}
+
+const SVC: &str = "mail";
+const TO: Option<&str> = Some("callq.reply.c");
+
+#[test]
+fn a_dead_worker_s_traceless_call_is_reissued_and_runs_once() {
+    let mut l = ledger();
+    let id = Uuid::now_v7();
+    let a = lease(id, 1); // fast path on worker A: the ledger knows it from A's heartbeat only
+    l.worker_lost("A", &[in_flight(a)]).unwrap();
+    let effects = l.commit().unwrap();
+    assert_eq!(
+        effects,
+        vec![Effect::Reissue {
+            call_id: id,
+            service: SVC.into(),
+            attempt: 2,
+            body: b"{\"the\": \"call\"}".to_vec()
+        }]
+    );
+    // The re-issued copy claims attempt 2; the broker's redelivery of the
+    // original is superseded; A's late trace is refused.
+    let b = lease(id, 2);
+    assert_eq!(
+        l.resume(b, "B", SVC, TO).unwrap(),
+        ResumeDecision::Run { attempt: 2 }
+    );
+    assert_eq!(
+        l.resume(lease(id, 1), "C", SVC, TO).unwrap(),
+        ResumeDecision::Superseded { attempt: 2 }
+    );
+    assert!(matches!(
+        l.trace(a, 1, "A", "mail.sent", SVC, TO).unwrap(),
+        TraceDecision::Refused { .. }
+    ));
+    assert_eq!(
+        l.trace(b, 2, "B", "mail.sent", SVC, TO).unwrap(),
+        TraceDecision::Granted
+    );
+    let reply = Reply::ok(id, 2, json!("sent"));
+    assert_eq!(
+        l.complete(b, 2, Some(reply.clone())).unwrap(),
+        CompleteDecision::Accepted
+    );
+    l.commit().unwrap();
+    // Any later copy learns it is done and gets the reply to publish again.
+    assert_eq!(
+        l.resume(lease(id, 1), "D", SVC, TO).unwrap(),
+        ResumeDecision::Done { reply: Some(reply) }
+    );
+    assert_eq!(l.open_calls(), 0);
+}
+
+#[test]
+fn the_broker_s_redelivery_racing_the_reissue_runs_the_call_once() {
+    let mut l = ledger();
+    let id = Uuid::now_v7();
+    let a = lease(id, 1);
+    l.worker_lost("A", &[in_flight(a)]).unwrap();
+    l.commit().unwrap();
+    // This time the original's redelivery arrives first and claims attempt 2.
+    let c = lease(id, 1);
+    assert_eq!(
+        l.resume(c, "C", SVC, TO).unwrap(),
+        ResumeDecision::Run { attempt: 2 }
+    );
+    assert_eq!(
+        l.resume(lease(id, 2), "B", SVC, TO).unwrap(),
+        ResumeDecision::Superseded { attempt: 2 }
+    );
+    // The same delivery asking again gets the same answer.
+    assert_eq!(
+        l.resume(c, "C", SVC, TO).unwrap(),
+        ResumeDecision::Run { attempt: 2 }
+    );
+}
+
+#[test]
+fn a_redelivery_before_the_death_is_noticed_runs_the_next_attempt() {
+    let mut l = ledger();
+    let id = Uuid::now_v7();
+    let a = lease(id, 1);
+    // A's connection closed; the broker redelivered to B before A's
+    // heartbeats stopped counting.
+    let b = lease(id, 1);
+    assert_eq!(
+        l.resume(b, "B", SVC, TO).unwrap(),
+        ResumeDecision::Run { attempt: 2 }
+    );
+    l.commit().unwrap();
+    // Then A is declared dead with the call still in its last heartbeat:
+    // B holds it now, so nothing is re-issued and nothing fails.
+    l.worker_lost("A", &[in_flight(a)]).unwrap();
+    assert_eq!(l.commit().unwrap(), vec![]);
+    assert!(matches!(
+        l.trace(a, 1, "A", "mail.sent", SVC, TO).unwrap(),
+        TraceDecision::Refused { .. }
+    ));
+    assert_eq!(
+        l.trace(b, 2, "B", "mail.sent", SVC, TO).unwrap(),
+        TraceDecision::Granted
+    );
+}
+
+#[test]
+fn a_dead_worker_s_traced_call_fails_once_and_stays_failed() {
+    let mut l = ledger();
+    let id = Uuid::now_v7();
+    let a = lease(id, 1);
+    assert_eq!(
+        l.trace(a, 1, "A", "mail.sent", SVC, TO).unwrap(),
+        TraceDecision::Granted
+    );
+    l.commit().unwrap();
+    l.worker_lost("A", &[in_flight(a)]).unwrap();
+    let effects = l.commit().unwrap();
+    let [Effect::AnswerFatal { reply_to, reply }] = effects.as_slice() else {
+        panic!("{effects:?}")
+    };
+    assert_eq!(reply_to, "callq.reply.c");
+    assert_eq!((reply.call_id, reply.outcome), (id, Outcome::Fatal));
+    assert_eq!(
+        reply.error.as_ref().unwrap().traces,
+        vec!["mail.sent".to_string()]
+    );
+    // Every later copy is told fatal; the hung holder's completion too.
+    assert_eq!(
+        l.resume(lease(id, 1), "B", SVC, TO).unwrap(),
+        ResumeDecision::Fatal {
+            reply: reply.clone()
+        }
+    );
+    assert_eq!(
+        l.complete(a, 1, None).unwrap(),
+        CompleteDecision::Fatal {
+            reply: reply.clone()
+        }
+    );
+    assert!(matches!(
+        l.trace(a, 1, "A", "mail.sent", SVC, TO).unwrap(),
+        TraceDecision::Refused { .. }
+    ));
+    // Announced once: resuming the failed call queues no second answer.
+    assert_eq!(l.commit().unwrap(), vec![]);
+}
+
+#[test]
+fn a_redelivery_of_a_traced_copy_fails_the_call() {
+    let mut l = ledger();
+    let id = Uuid::now_v7();
+    let a = lease(id, 1);
+    assert_eq!(
+        l.trace(a, 1, "A", "mail.sent", SVC, TO).unwrap(),
+        TraceDecision::Granted
+    );
+    l.commit().unwrap();
+    // The broker redelivers A's copy: A's lease is gone, after a trace.
+    let ResumeDecision::Fatal { reply } = l.resume(lease(id, 1), "B", SVC, TO).unwrap() else {
+        panic!()
+    };
+    assert_eq!(reply.outcome, Outcome::Fatal);
+    assert_eq!(
+        l.commit().unwrap(),
+        vec![Effect::AnswerFatal {
+            reply_to: "callq.reply.c".into(),
+            reply
+        }]
+    );
+}
+
+#[test]
+fn a_hung_worker_s_late_trace_and_completion_are_refused() {
+    let mut l = ledger();
+    let id = Uuid::now_v7();
+    let a = lease(id, 1);
+    // A hangs mid-call (no trace yet) and is declared dead.
+    l.worker_lost("A", &[in_flight(a)]).unwrap();
+    l.commit().unwrap();
+    let b = lease(id, 2);
+    assert_eq!(
+        l.resume(b, "B", SVC, TO).unwrap(),
+        ResumeDecision::Run { attempt: 2 }
+    );
+    // A wakes up.
+    assert!(matches!(
+        l.trace(a, 1, "A", "mail.sent", SVC, TO).unwrap(),
+        TraceDecision::Refused { .. }
+    ));
+    assert!(matches!(
+        l.complete(a, 1, None).unwrap(),
+        CompleteDecision::Refused { .. }
+    ));
+    // A stale lease on the current attempt number is refused too.
+    let forged = Lease {
+        token: Uuid::now_v7(),
+        ..b
+    };
+    assert!(matches!(
+        l.trace(forged, 2, "A", "x", SVC, TO).unwrap(),
+        TraceDecision::Refused { .. }
+    ));
+    assert_eq!(l.complete(b, 2, None).unwrap(), CompleteDecision::Accepted);
+}
+
+#[test]
+fn a_call_whose_body_is_unknown_waits_for_the_broker_s_redelivery() {
+    let mut l = ledger();
+    let id = Uuid::now_v7();
+    let b = lease(id, 1);
+    assert_eq!(
+        l.resume(b, "B", SVC, TO).unwrap(),
+        ResumeDecision::Run { attempt: 2 }
+    );
+    l.commit().unwrap();
+    // B dies before any heartbeat carried the call: no body to re-issue.
+    l.worker_lost("B", &[]).unwrap();
+    assert_eq!(l.commit().unwrap(), vec![]);
+    // The broker redelivers the original; it claims the next attempt.
+    assert_eq!(
+        l.resume(lease(id, 1), "C", SVC, TO).unwrap(),
+        ResumeDecision::Run { attempt: 3 }
+    );
+}
+
+#[test]
+fn first_traces_need_the_original_copy() {
+    let mut l = ledger();
+    let id = Uuid::now_v7();
+    assert!(matches!(
+        l.trace(lease(id, 3), 3, "A", "x", SVC, TO).unwrap(),
+        TraceDecision::Refused { .. }
+    ));
+    assert_eq!(
+        l.complete(lease(id, 1), 1, None).unwrap(),
+        CompleteDecision::Accepted,
+        "fast path: nothing to record"
+    );
+    assert_eq!(l.record(id).unwrap(), None);
+}
+
+#[test]
+fn a_batch_of_decisions_is_one_transaction() {
+    let mut l = ledger();
+    for _ in 0..50 {
+        let id = Uuid::now_v7();
+        l.trace(lease(id, 1), 1, "A", "x", SVC, TO).unwrap();
+    }
+    l.commit().unwrap();
+    assert_eq!(l.store().transactions, 1);
+    assert_eq!(l.store().open_calls().unwrap().len(), 50);
+    // Nothing changed: no transaction.
+    l.commit().unwrap();
+    assert_eq!(l.store().transactions, 1);
+}
+
+#[test]
+fn a_failed_commit_announces_nothing_and_rolls_back() {
+    let mut l = ledger();
+    let id = Uuid::now_v7();
+    let a = lease(id, 1);
+    l.trace(a, 1, "A", "mail.sent", SVC, TO).unwrap();
+    l.commit().unwrap();
+    l.worker_lost("A", &[in_flight(a)]).unwrap();
+    l.store.fail_next = true;
+    assert!(l.commit().is_err());
+    // The call is open again, as the store has it, and can be decided anew.
+    assert_eq!(l.record(id).unwrap().unwrap().state, CallState::Open);
+    l.worker_lost("A", &[in_flight(a)]).unwrap();
+    assert!(matches!(
+        l.commit().unwrap().as_slice(),
+        [Effect::AnswerFatal { .. }]
+    ));
+}
+
+#[test]
+fn decisions_survive_a_restart_of_the_coordinator() {
+    let dir = std::env::temp_dir().join(format!("callq-ledger-{}", Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("ledger.redb");
+    let (failed, open, done) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    let (fa, oa) = (lease(failed, 1), lease(open, 1));
+    let fatal = {
+        let mut l = Ledger::open(RedbStore::open(&path).unwrap()).unwrap();
+        l.trace(fa, 1, "A", "mail.sent", SVC, TO).unwrap();
+        l.trace(oa, 1, "B", "mail.sent", SVC, TO).unwrap();
+        let d = lease(done, 1);
+        l.trace(d, 1, "B", "pg.tx", SVC, TO).unwrap();
+        l.complete(d, 1, Some(Reply::ok(done, 1, json!(7))))
+            .unwrap();
+        l.worker_lost("A", &[in_flight(fa)]).unwrap();
+        let effects = l.commit().unwrap();
+        let [Effect::AnswerFatal { reply, .. }] = effects.as_slice() else {
+            panic!("{effects:?}")
+        };
+        reply.clone()
+        // The ledger and its file handle are dropped here: the process "dies".
+    };
+    let mut l = Ledger::open(RedbStore::open(&path).unwrap()).unwrap();
+    assert_eq!(
+        l.open_calls(),
+        1,
+        "only the undecided call is read back into memory"
+    );
+    assert_eq!(
+        l.resume(lease(failed, 1), "C", SVC, TO).unwrap(),
+        ResumeDecision::Fatal { reply: fatal }
+    );
+    assert_eq!(
+        l.resume(lease(done, 1), "C", SVC, TO).unwrap(),
+        ResumeDecision::Done {
+            reply: Some(Reply::ok(done, 1, json!(7)))
+        }
+    );
+    // The open call still belongs to B: B's death fails it after the restart.
+    l.worker_lost("B", &[]).unwrap();
+    assert!(
+        matches!(l.commit().unwrap().as_slice(), [Effect::AnswerFatal { reply, .. }] if reply.call_id == open)
+    );
+    drop(l);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,0 +1,38 @@
+//! The callq coordinator.
+//!
+//! Today this crate holds the coordinator's heart, the **call ledger**
+//! ([`Ledger`]): per call, the current attempt, who holds it, the traces it
+//! was granted and the final decision; and the rules that arbitrate between
+//! copies of a call (the client's original, the broker's redeliveries of it,
+//! the coordinator's re-issues) so that a call runs to completion once, and
+//! ends `fatal` only when an attempt that left traces was lost.
+//!
+//! Every decision is durable before it is announced: the ledger's
+//! operations change its memory and queue their effects; [`Ledger::commit`]
+//! writes every changed record in one transaction of the [`Store`] (group
+//! commit) and only then hands out the effects and lets the caller answer.
+//!
+//! The service around it (heartbeats, the failure detector, the requests on
+//! the bus, standby promotion) builds on this.
+#![forbid(unsafe_code)]
+
+mod ledger;
+mod store;
+
+pub use ledger::{CallRecord, CallState, Effect, Holder, InFlight, Ledger};
+pub use store::{MemoryStore, RedbStore, Store};
+
+/// What can go wrong in the coordinator.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The store failed; nothing of the failed commit was announced.
+    #[error(
+        "the coordinator store failed: {0}; no decision of this batch was announced, workers will ask again"
+    )]
+    Store(String),
+    /// A stored record could not be read.
+    #[error(
+        "a stored call record is unreadable ({0}): the store is damaged or from a newer version"
+    )]
+    Corrupt(String),
+}

@@ -1,0 +1,135 @@
+//! Durable stores of the call ledger.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use uuid::Uuid;
+
+use crate::{CallRecord, CallState, Error};
+
+/// Where the ledger keeps its records.
+///
+/// Guarantee: when [`Store::put_all`] returns `Ok`, every record of the
+/// batch is durable (it survives a crash of the process and of the machine),
+/// and the batch was written atomically: all or nothing.
+pub trait Store: Send {
+    /// One record, if the call is known.
+    fn get(&self, call_id: Uuid) -> Result<Option<CallRecord>, Error>;
+    /// Writes a batch of records in one durable, atomic transaction.
+    fn put_all(&mut self, records: &[(Uuid, &CallRecord)]) -> Result<(), Error>;
+    /// Every record whose call is not yet decided, for a coordinator that
+    /// starts (or takes over) to rebuild its memory.
+    fn open_calls(&self) -> Result<Vec<(Uuid, CallRecord)>, Error>;
+}
+
+const CALLS: TableDefinition<'_, u128, &[u8]> = TableDefinition::new("calls");
+const OPEN: TableDefinition<'_, u128, ()> = TableDefinition::new("open_calls");
+
+/// The embedded store (redb): one file, one write transaction per batch,
+/// fsynced before it returns.
+pub struct RedbStore {
+    db: Database,
+}
+
+fn store_err(e: impl std::fmt::Display) -> Error {
+    Error::Store(e.to_string())
+}
+
+impl RedbStore {
+    /// Opens the store at `path`, creating it when missing.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, Error> {
+        let db = Database::create(path.as_ref())
+            .map_err(|e| Error::Store(format!("opening {}: {e}", path.as_ref().display())))?;
+        let tx = db.begin_write().map_err(store_err)?;
+        tx.open_table(CALLS).map_err(store_err)?;
+        tx.open_table(OPEN).map_err(store_err)?;
+        tx.commit().map_err(store_err)?;
+        Ok(Self { db })
+    }
+}
+
+fn decode(bytes: &[u8]) -> Result<CallRecord, Error> {
+    serde_json::from_slice(bytes).map_err(|e| Error::Corrupt(e.to_string()))
+}
+
+impl Store for RedbStore {
+    fn get(&self, call_id: Uuid) -> Result<Option<CallRecord>, Error> {
+        let tx = self.db.begin_read().map_err(store_err)?;
+        let table = tx.open_table(CALLS).map_err(store_err)?;
+        let found = table.get(call_id.as_u128()).map_err(store_err)?;
+        found.map(|v| decode(v.value())).transpose()
+    }
+
+    fn put_all(&mut self, records: &[(Uuid, &CallRecord)]) -> Result<(), Error> {
+        let tx = self.db.begin_write().map_err(store_err)?;
+        {
+            let mut calls = tx.open_table(CALLS).map_err(store_err)?;
+            let mut open = tx.open_table(OPEN).map_err(store_err)?;
+            for (id, record) in records {
+                let bytes = serde_json::to_vec(record).map_err(store_err)?;
+                calls
+                    .insert(id.as_u128(), bytes.as_slice())
+                    .map_err(store_err)?;
+                if matches!(record.state, CallState::Open) {
+                    open.insert(id.as_u128(), ()).map_err(store_err)?;
+                } else {
+                    open.remove(id.as_u128()).map_err(store_err)?;
+                }
+            }
+        }
+        tx.commit().map_err(store_err)
+    }
+
+    fn open_calls(&self) -> Result<Vec<(Uuid, CallRecord)>, Error> {
+        let tx = self.db.begin_read().map_err(store_err)?;
+        let calls = tx.open_table(CALLS).map_err(store_err)?;
+        let open = tx.open_table(OPEN).map_err(store_err)?;
+        let mut out = Vec::new();
+        for entry in open.iter().map_err(store_err)? {
+            let (id, _) = entry.map_err(store_err)?;
+            let id = id.value();
+            if let Some(bytes) = calls.get(id).map_err(store_err)? {
+                out.push((Uuid::from_u128(id), decode(bytes.value())?));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A store in memory, for tests: durable for as long as the value lives.
+/// It counts its transactions and can be told to fail the next one.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    records: HashMap<Uuid, CallRecord>,
+    /// Transactions committed so far.
+    pub transactions: usize,
+    /// When set, the next `put_all` fails (and the flag clears).
+    pub fail_next: bool,
+}
+
+impl Store for MemoryStore {
+    fn get(&self, call_id: Uuid) -> Result<Option<CallRecord>, Error> {
+        Ok(self.records.get(&call_id).cloned())
+    }
+
+    fn put_all(&mut self, records: &[(Uuid, &CallRecord)]) -> Result<(), Error> {
+        if std::mem::take(&mut self.fail_next) {
+            return Err(Error::Store("injected failure".into()));
+        }
+        for (id, r) in records {
+            self.records.insert(*id, (*r).clone());
+        }
+        self.transactions += 1;
+        Ok(())
+    }
+
+    fn open_calls(&self) -> Result<Vec<(Uuid, CallRecord)>, Error> {
+        Ok(self
+            .records
+            .iter()
+            .filter(|(_, r)| matches!(r.state, CallState::Open))
+            .map(|(id, r)| (*id, r.clone()))
+            .collect())
+    }
+}

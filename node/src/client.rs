@@ -1,0 +1,271 @@
+//! The client: publish calls with confirm, await their first final outcome.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use callq_broker::{Broker, Disposition, Message, QueueSpec, reply_queue};
+use callq_schemas::{Call, Limits, Reply, decode_reply};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use time::OffsetDateTime;
+use tokio::sync::{Semaphore, oneshot};
+use tokio::task::JoinHandle;
+use tracing::{debug, warn};
+use uuid::Uuid;
+
+use crate::Error;
+use crate::worker::millis;
+
+/// How a client runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ClientOptions {
+    /// The client's id; its replies arrive on `callq.reply.<client_id>`.
+    pub client_id: String,
+    /// The timeout of a call that sets none: its deadline is now + this.
+    #[serde(with = "millis")]
+    pub default_timeout: Duration,
+    /// Calls in flight at once, at most; further calls wait for a slot.
+    pub max_in_flight: usize,
+    /// Replies the client's consumer prefetches.
+    pub prefetch: u16,
+    /// Body limits for replies.
+    pub limits: Limits,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            client_id: format!("client-{}", Uuid::now_v7().simple()),
+            default_timeout: Duration::from_secs(30),
+            max_in_flight: 10_000,
+            prefetch: 512,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Options of one call.
+#[derive(Debug, Clone, Default)]
+pub struct CallOptions {
+    /// How long to wait for the outcome; the client's default if `None`.
+    /// The call's deadline is now + timeout: after it the call is answered
+    /// `expired` (by a worker that had not started it, or by the client).
+    pub timeout: Option<Duration>,
+    /// The client's session.
+    pub session_id: Option<String>,
+    /// The publisher's own key for the request.
+    pub idempotency_key: Option<String>,
+    /// W3C trace context.
+    pub traceparent: Option<String>,
+}
+
+type Pending = Mutex<HashMap<Uuid, oneshot::Sender<Reply>>>;
+
+struct Inner {
+    broker: Arc<dyn Broker>,
+    opts: ClientOptions,
+    reply_queue: String,
+    pending: Arc<Pending>,
+    declared: Mutex<HashSet<String>>,
+    slots: Semaphore,
+    reader: JoinHandle<()>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// A client of the cluster. Cheap to clone; every clone shares one reply
+/// queue and one reply consumer, and many calls may be in flight at once.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl Client {
+    /// Declares the client's reply queue and starts consuming it.
+    pub async fn connect(broker: Arc<dyn Broker>, opts: ClientOptions) -> Result<Self, Error> {
+        if opts.max_in_flight == 0 || opts.prefetch == 0 {
+            return Err(Error::Config(
+                "max_in_flight and prefetch must be at least 1".into(),
+            ));
+        }
+        let spec = QueueSpec::replies(&opts.client_id);
+        broker.declare(&spec).await?;
+        let consumer = broker.consume(&spec.name, opts.prefetch).await?;
+        let pending: Arc<Pending> = Arc::default();
+        let reader = tokio::spawn(read_replies(consumer, pending.clone(), opts.limits));
+        Ok(Self {
+            inner: Arc::new(Inner {
+                reply_queue: reply_queue(&opts.client_id),
+                slots: Semaphore::new(opts.max_in_flight),
+                declared: Mutex::default(),
+                broker,
+                opts,
+                pending,
+                reader,
+            }),
+        })
+    }
+
+    /// The queue the client's replies arrive on.
+    pub fn reply_queue(&self) -> &str {
+        &self.inner.reply_queue
+    }
+
+    /// Calls `service.method(args)` and returns its first final outcome.
+    /// When the deadline passes without an outcome, returns an `expired`
+    /// reply made by the client. `Err` only when the call could not be
+    /// published or the reply queue was lost.
+    pub async fn call(
+        &self,
+        service: &str,
+        method: &str,
+        args: Value,
+        opts: CallOptions,
+    ) -> Result<Reply, Error> {
+        let timeout = opts.timeout.unwrap_or(self.inner.opts.default_timeout);
+        let mut call = Call::new(service, method, args);
+        call.session_id = opts.session_id;
+        call.idempotency_key = opts.idempotency_key;
+        call.traceparent = opts.traceparent;
+        call.deadline = Some(OffsetDateTime::now_utc() + timeout);
+        self.send(call, timeout).await
+    }
+
+    /// Publishes a call envelope as it is (its `reply_to` is replaced by this
+    /// client's reply queue) and waits up to `timeout` for its outcome. A
+    /// call published again with the same `call_id` is answered once.
+    pub async fn send(&self, mut call: Call, timeout: Duration) -> Result<Reply, Error> {
+        let inner = &self.inner;
+        let _slot = inner
+            .slots
+            .acquire()
+            .await
+            .map_err(|_| Error::Disconnected)?;
+        let give_up = tokio::time::Instant::now() + timeout;
+        call.reply_to = Some(inner.reply_queue.clone());
+        let call_id = call.call_id;
+        let (tx, rx) = oneshot::channel();
+        let _pending = PendingGuard::register(&inner.pending, call_id, tx);
+        self.ensure_declared(&call.service).await?;
+
+        let mut message = Message::new(call.to_bytes());
+        message.key = Some(
+            call.session_id
+                .clone()
+                .unwrap_or_else(|| call_id.to_string()),
+        );
+        let queue = callq_broker::call_queue(&call.service);
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            match inner.broker.publish(&queue, message.clone()).await {
+                Ok(()) => break,
+                Err(e) if e.is_transient() && tokio::time::Instant::now() + backoff < give_up => {
+                    debug!(%call_id, "publish refused, retrying with the same call id: {e}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        match tokio::time::timeout_at(give_up, rx).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(_)) => Err(Error::Disconnected),
+            Err(_) => Ok(Reply::expired(call_id, 1)),
+        }
+    }
+
+    async fn ensure_declared(&self, service: &str) -> Result<(), Error> {
+        let known = self
+            .inner
+            .declared
+            .lock()
+            .is_ok_and(|d| d.contains(service));
+        if !known {
+            self.inner
+                .broker
+                .declare(&QueueSpec::calls(service))
+                .await?;
+            if let Ok(mut d) = self.inner.declared.lock() {
+                d.insert(service.to_owned());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Removes a call's pending entry however its wait ends.
+struct PendingGuard<'a> {
+    pending: &'a Pending,
+    call_id: Uuid,
+}
+
+impl<'a> PendingGuard<'a> {
+    fn register(pending: &'a Pending, call_id: Uuid, tx: oneshot::Sender<Reply>) -> Self {
+        if let Ok(mut p) = pending.lock() {
+            p.insert(call_id, tx);
+        }
+        Self { pending, call_id }
+    }
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut p) = self.pending.lock() {
+            p.remove(&self.call_id);
+        }
+    }
+}
+
+/// Hands each reply to the call waiting for it; the first final outcome per
+/// call id wins and later duplicates are dropped.
+async fn read_replies(
+    mut consumer: Box<dyn callq_broker::Consumer>,
+    pending: Arc<Pending>,
+    limits: Limits,
+) {
+    while let Some(item) = consumer.next().await {
+        let delivery = match item {
+            Ok(d) => d,
+            Err(e) => {
+                warn!("reply consumer error: {e}");
+                continue;
+            }
+        };
+        let fate = match decode_reply(&delivery.body, &limits) {
+            Ok(reply) => {
+                let waiter = pending
+                    .lock()
+                    .ok()
+                    .and_then(|mut p| p.remove(&reply.call_id));
+                match waiter {
+                    Some(tx) => {
+                        let _ = tx.send(reply);
+                    }
+                    None => {
+                        debug!(call_id = %reply.call_id, outcome = %reply.outcome, "duplicate or late reply dropped")
+                    }
+                }
+                Disposition::Ack
+            }
+            Err(e) => {
+                warn!(queue = %delivery.queue, "unreadable reply dropped: {e}");
+                Disposition::DeadLetter {
+                    reason: e.to_string(),
+                }
+            }
+        };
+        if let Err(e) = delivery.settle(fate).await {
+            warn!("settling a reply failed: {e}");
+        }
+    }
+    // The consumer ended: fail the waiting calls rather than leave them hanging.
+    if let Ok(mut p) = pending.lock() {
+        p.clear();
+    }
+}

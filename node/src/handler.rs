@@ -1,0 +1,163 @@
+//! Handlers, their context and their errors.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use serde_json::Value;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+/// The future a handler returns.
+pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<Value, HandlerError>> + Send>>;
+
+type HandlerFn = Arc<dyn Fn(Ctx, Value) -> HandlerFuture + Send + Sync>;
+
+/// A handler's own, deterministic error: it becomes an `error` reply with
+/// this code and message, and the call is not retried.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct HandlerError {
+    /// A stable, machine-readable code, such as `insufficient_funds`.
+    pub code: String,
+    /// What happened, for a person.
+    pub message: String,
+}
+
+impl HandlerError {
+    /// A handler error with a code and a message.
+    pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            code: code.into(),
+            message: message.into(),
+        }
+    }
+
+    /// The arguments do not fit the method (`invalid_args`).
+    pub fn invalid_args(message: impl Into<String>) -> Self {
+        Self::new("invalid_args", message)
+    }
+}
+
+/// What a handler knows about the call it runs.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    pub(crate) call_id: Uuid,
+    pub(crate) attempt: u32,
+    pub(crate) service: Arc<str>,
+    pub(crate) method: String,
+    pub(crate) session_id: Option<String>,
+    pub(crate) idempotency_key: Option<String>,
+    pub(crate) deadline: Option<OffsetDateTime>,
+    pub(crate) traceparent: Option<String>,
+}
+
+impl Ctx {
+    /// The call's id.
+    pub fn call_id(&self) -> Uuid {
+        self.call_id
+    }
+    /// The attempt number (the fencing epoch of this execution).
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+    /// The service.
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+    /// The method.
+    pub fn method(&self) -> &str {
+        &self.method
+    }
+    /// The client's session, if the call names one.
+    pub fn session_id(&self) -> Option<&str> {
+        self.session_id.as_deref()
+    }
+    /// The publisher's idempotency key, if any.
+    pub fn idempotency_key(&self) -> Option<&str> {
+        self.idempotency_key.as_deref()
+    }
+    /// The call's deadline, if any.
+    pub fn deadline(&self) -> Option<OffsetDateTime> {
+        self.deadline
+    }
+    /// The publisher's W3C trace context, if any.
+    pub fn traceparent(&self) -> Option<&str> {
+        self.traceparent.as_deref()
+    }
+
+    /// A context for calling a handler directly, in tests.
+    pub fn for_test(service: &str, method: &str) -> Self {
+        Self {
+            call_id: Uuid::now_v7(),
+            attempt: 1,
+            service: service.into(),
+            method: method.into(),
+            session_id: None,
+            idempotency_key: None,
+            deadline: None,
+            traceparent: None,
+        }
+    }
+}
+
+/// A named set of handlers, one per method. Each service has its own call
+/// queue, `callq.call.<name>`.
+#[derive(Clone)]
+pub struct Service {
+    name: Arc<str>,
+    methods: HashMap<String, HandlerFn>,
+}
+
+impl Service {
+    /// A service with no methods yet.
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: name.into(),
+            methods: HashMap::new(),
+        }
+    }
+
+    /// Registers a handler for a method.
+    #[must_use]
+    pub fn method<F, Fut>(mut self, name: &str, handler: F) -> Self
+    where
+        F: Fn(Ctx, Value) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Value, HandlerError>> + Send + 'static,
+    {
+        let f: HandlerFn = Arc::new(move |ctx, args| Box::pin(handler(ctx, args)));
+        self.methods.insert(name.to_owned(), f);
+        self
+    }
+
+    /// The service's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The names of its methods, sorted.
+    pub fn methods(&self) -> Vec<&str> {
+        let mut m: Vec<&str> = self.methods.keys().map(String::as_str).collect();
+        m.sort_unstable();
+        m
+    }
+
+    pub(crate) fn name_arc(&self) -> Arc<str> {
+        self.name.clone()
+    }
+
+    /// Starts the handler of `method`, if the service has one.
+    pub fn invoke(&self, method: &str, ctx: Ctx, args: Value) -> Option<HandlerFuture> {
+        self.methods.get(method).map(|h| h(ctx, args))
+    }
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Service")
+            .field("name", &self.name)
+            .field("methods", &self.methods())
+            .finish()
+    }
+}

@@ -1,0 +1,37 @@
+//! The callq node: the worker runtime, the client and the example services.
+//!
+//! - [`Worker`] pulls calls of its services from the broker with a prefetch
+//!   equal to its capacity, runs each through its handler with a [`Ctx`],
+//!   publishes the reply with confirm and only then acknowledges the
+//!   delivery. Bad input never brings it down.
+//! - [`Client`] publishes calls with confirm and awaits the first final
+//!   outcome of each on its own reply queue; many calls may be in flight.
+//! - [`services`] holds the example services the `callq` binary ships.
+//!
+//! Everything here depends on the broker contract (`callq-broker`) only.
+#![forbid(unsafe_code)]
+
+mod client;
+mod handler;
+pub mod services;
+mod worker;
+
+pub use client::{CallOptions, Client, ClientOptions};
+pub use handler::{Ctx, HandlerError, HandlerFuture, Service};
+pub use worker::{Worker, WorkerOptions, WorkerStats};
+
+/// What can go wrong in the node.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The broker failed.
+    #[error(transparent)]
+    Broker(#[from] callq_broker::Error),
+    /// The client's reply consumer ended: replies can no longer be received.
+    #[error(
+        "the client's reply queue consumer ended; calls in flight were not answered and may still run: reconnect and call again with the same call ids"
+    )]
+    Disconnected,
+    /// The client was asked for more calls in flight than it allows.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}

@@ -1,0 +1,234 @@
+//! The call and reply envelopes.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::{VERSION, codes};
+
+/// One request, as published to `callq.call.<service>`.
+///
+/// Unknown fields are ignored, so a newer minor revision of a publisher does
+/// not break older workers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Call {
+    /// Wire contract version: always 1.
+    pub v: u32,
+    /// The call's identity, a UUID v7 (time-ordered), in its hyphenated form
+    /// (the form replies carry). Replies, retries and deduplication key on it.
+    #[serde(deserialize_with = "hyphenated_uuid")]
+    pub call_id: Uuid,
+    /// The service (one call queue per service).
+    pub service: String,
+    /// The method of the service.
+    pub method: String,
+    /// The arguments: any JSON value.
+    pub args: Value,
+    /// Where the reply goes; no reply is sent without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<String>,
+    /// The client's session, whose data lives in the session data service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
+    /// After this instant the call is answered `expired` instead of run.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "time::serde::rfc3339::option"
+    )]
+    pub deadline: Option<OffsetDateTime>,
+    /// The publisher's own key for the request, carried to handlers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    /// W3C trace context of the publisher.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+}
+
+impl Call {
+    /// A new call with a fresh UUID v7 id and no options.
+    pub fn new(service: impl Into<String>, method: impl Into<String>, args: Value) -> Self {
+        Self {
+            v: VERSION,
+            call_id: Uuid::now_v7(),
+            service: service.into(),
+            method: method.into(),
+            args,
+            reply_to: None,
+            session_id: None,
+            deadline: None,
+            idempotency_key: None,
+            traceparent: None,
+        }
+    }
+
+    /// The JSON body.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        // Serializing these types cannot fail: every map key is a string.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Whether the deadline has passed at `now`.
+    pub fn is_expired_at(&self, now: OffsetDateTime) -> bool {
+        self.deadline.is_some_and(|d| d <= now)
+    }
+}
+
+/// The final outcome of a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// The handler returned a result.
+    Ok,
+    /// The handler's own, deterministic error (or `bad_request`).
+    Error,
+    /// The call left traces and its worker was lost: its outcome is unknown.
+    Fatal,
+    /// The deadline passed before the call ran.
+    Expired,
+}
+
+impl Outcome {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Error => "error",
+            Outcome::Fatal => "fatal",
+            Outcome::Expired => "expired",
+        }
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The error part of a reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// A stable, machine-readable code.
+    pub code: String,
+    /// What happened, for a person.
+    pub message: String,
+    /// For `fatal`: the traces the lost attempt had left.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub traces: Vec<String>,
+}
+
+/// One reply per final outcome, published to the call's `reply_to`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reply {
+    /// Wire contract version: always 1.
+    pub v: u32,
+    /// The call this answers; the nil UUID when the call's id was unreadable.
+    pub call_id: Uuid,
+    /// The attempt that produced the outcome.
+    pub attempt: u32,
+    /// The outcome.
+    pub outcome: Outcome,
+    /// The handler's result, for `ok` (JSON `null` is a result too).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
+    pub result: Option<Value>,
+    /// The error, for every other outcome.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
+}
+
+impl Reply {
+    fn new(call_id: Uuid, attempt: u32, outcome: Outcome) -> Self {
+        Self {
+            v: VERSION,
+            call_id,
+            attempt,
+            outcome,
+            result: None,
+            error: None,
+        }
+    }
+
+    fn with_error(mut self, code: &str, message: impl Into<String>) -> Self {
+        self.error = Some(ErrorBody {
+            code: code.to_owned(),
+            message: message.into(),
+            traces: Vec::new(),
+        });
+        self
+    }
+
+    /// An `ok` reply.
+    pub fn ok(call_id: Uuid, attempt: u32, result: Value) -> Self {
+        let mut r = Self::new(call_id, attempt, Outcome::Ok);
+        r.result = Some(result);
+        r
+    }
+
+    /// An `error` reply with the handler's code and message.
+    pub fn error(call_id: Uuid, attempt: u32, code: &str, message: impl Into<String>) -> Self {
+        Self::new(call_id, attempt, Outcome::Error).with_error(code, message)
+    }
+
+    /// A `bad_request` error reply for a call that could not be read; the
+    /// nil UUID stands for an unreadable call id.
+    pub fn bad_request(call_id: Option<Uuid>, message: impl Into<String>) -> Self {
+        Self::error(call_id.unwrap_or_default(), 1, codes::BAD_REQUEST, message)
+    }
+
+    /// A `fatal` reply listing the traces the lost attempt had left.
+    pub fn fatal(
+        call_id: Uuid,
+        attempt: u32,
+        message: impl Into<String>,
+        traces: Vec<String>,
+    ) -> Self {
+        let mut r = Self::new(call_id, attempt, Outcome::Fatal)
+            .with_error(codes::WORKER_LOST_AFTER_TRACES, message);
+        if let Some(e) = r.error.as_mut() {
+            e.traces = traces;
+        }
+        r
+    }
+
+    /// An `expired` reply: the deadline passed before the call ran.
+    pub fn expired(call_id: Uuid, attempt: u32) -> Self {
+        Self::new(call_id, attempt, Outcome::Expired).with_error(
+            codes::DEADLINE_PASSED,
+            "the deadline passed before the call ran",
+        )
+    }
+
+    /// The JSON body.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// The error code, if any.
+    pub fn code(&self) -> Option<&str> {
+        self.error.as_ref().map(|e| e.code.as_str())
+    }
+}
+
+/// A present field is `Some`, even when it is JSON `null`.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
+}
+
+/// A UUID in its 36-character hyphenated form only, so that a publisher can
+/// match the replies' `call_id` by string.
+fn hyphenated_uuid<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Uuid, D::Error> {
+    use serde::de::Error;
+    let s = std::borrow::Cow::<'de, str>::deserialize(d)?;
+    if s.len() != 36 {
+        return Err(D::Error::custom(format!(
+            "call_id `{s}` must be a UUID in the hyphenated form xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx"
+        )));
+    }
+    Uuid::parse_str(&s).map_err(D::Error::custom)
+}

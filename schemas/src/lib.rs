@@ -1,0 +1,44 @@
+//! The callq wire contract, version 1.
+//!
+//! Services in any language publish calls without our client, so the
+//! envelopes here are public: [`Call`] and [`Reply`] are the serde types, and
+//! `schemas/json/*.schema.json` are the JSON Schema files that say the same
+//! for everyone else. Bodies are UTF-8 JSON.
+//!
+//! Decoding is defensive: [`decode_call`] checks the size and the JSON depth
+//! limits of [`Limits`] *before* parsing and returns a typed [`DecodeError`]
+//! for every bad body. [`peek`] reads `reply_to` and `call_id` from a body
+//! that cannot be decoded (too deep, too large, missing fields) without
+//! building it, so that the sender still gets a `bad_request` reply.
+#![forbid(unsafe_code)]
+
+mod decode;
+mod envelope;
+pub mod protocol;
+
+pub use decode::{DecodeError, Limits, Peek, decode_call, decode_reply, peek};
+pub use envelope::{Call, ErrorBody, Outcome, Reply};
+pub use uuid::Uuid;
+
+/// The version of the wire contract these types speak.
+pub const VERSION: u32 = 1;
+
+/// Error codes callq itself puts in `error.code`. Handlers choose their own.
+pub mod codes {
+    /// The call could not be read (not JSON, too large, too deep, unknown
+    /// version, missing or mistyped fields).
+    pub const BAD_REQUEST: &str = "bad_request";
+    /// The handler panicked; the panic message is in `error.message`.
+    pub const HANDLER_PANICKED: &str = "handler_panicked";
+    /// The service has no handler for the method.
+    pub const UNKNOWN_METHOD: &str = "unknown_method";
+    /// The worker that received the call does not serve the service it names.
+    pub const UNKNOWN_SERVICE: &str = "unknown_service";
+    /// The deadline passed before the call ran (`expired` outcome).
+    pub const DEADLINE_PASSED: &str = "deadline_passed";
+    /// The worker died after the call left traces (`fatal` outcome).
+    pub const WORKER_LOST_AFTER_TRACES: &str = "worker_lost_after_traces";
+    /// The call was delivered more often than the delivery limit allows
+    /// (it crashed workers repeatedly) and went to the dead-letter queue.
+    pub const DELIVERY_LIMIT: &str = "delivery_limit";
+}
