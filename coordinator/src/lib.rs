@@ -12,14 +12,19 @@
 //! writes every changed record in one transaction of the [`Store`] (group
 //! commit) and only then hands out the effects and lets the caller answer.
 //!
-//! The service around it (heartbeats, the failure detector, the requests on
-//! the bus, standby promotion) builds on this.
+//! [`Coordinator`] is the service around it: it consumes the workers'
+//! requests from `callq.coordinator`, applies a batch of them to the ledger,
+//! commits once, and only then answers, re-issues and acks; a failure
+//! detector on heartbeats declares a worker dead after `dead_after`
+//! intervals of silence and revokes its calls.
 #![forbid(unsafe_code)]
 
 mod ledger;
+mod service;
 mod store;
 
 pub use ledger::{CallRecord, CallState, Effect, Holder, InFlight, Ledger};
+pub use service::{Coordinator, CoordinatorOptions};
 pub use store::{MemoryStore, RedbStore, Store};
 
 /// What can go wrong in the coordinator.
@@ -30,6 +35,12 @@ pub enum Error {
         "the coordinator store failed: {0}; no decision of this batch was announced, workers will ask again"
     )]
     Store(String),
+    /// The broker failed.
+    #[error(transparent)]
+    Broker(#[from] callq_broker::Error),
+    /// The coordinator's request consumer ended.
+    #[error("the coordinator's request consumer ended (broker connection lost)")]
+    Disconnected,
     /// A stored record could not be read.
     #[error(
         "a stored call record is unreadable ({0}): the store is damaged or from a newer version"

@@ -13,7 +13,7 @@ use crate::{CallRecord, CallState, Error};
 /// Guarantee: when [`Store::put_all`] returns `Ok`, every record of the
 /// batch is durable (it survives a crash of the process and of the machine),
 /// and the batch was written atomically: all or nothing.
-pub trait Store: Send {
+pub trait Store: Send + Sync {
     /// One record, if the call is known.
     fn get(&self, call_id: Uuid) -> Result<Option<CallRecord>, Error>;
     /// Writes a batch of records in one durable, atomic transaction.

@@ -86,3 +86,163 @@ pub enum CompleteDecision {
         reason: String,
     },
 }
+
+/// A worker's state in the cluster registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerState {
+    /// Consuming its services' calls.
+    Active,
+    /// Loaded and ready, consuming nothing until promoted.
+    Standby,
+    /// Finishing its calls in flight; takes no new ones.
+    Draining,
+}
+
+/// A call in flight, as a heartbeat reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InFlightCall {
+    /// The delivery.
+    pub lease: Lease,
+    /// The service.
+    pub service: String,
+    /// Where the client waits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<String>,
+    /// The call envelope, sent once (in the first heartbeat that reports the
+    /// call), so that the coordinator can re-issue it without the broker.
+    /// Carried as a string holding the body's text exactly as it came, so
+    /// that a re-issue is the same bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+}
+
+/// A request from a worker to the coordinator, on `callq.coordinator`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Request {
+    /// Protocol version: 1.
+    pub v: u32,
+    /// The worker.
+    pub worker_id: String,
+    /// The worker's queue, where answers go.
+    pub reply_to: String,
+    /// What it asks.
+    #[serde(flatten)]
+    pub body: RequestBody,
+}
+
+/// What a worker asks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum RequestBody {
+    /// I am alive. Needs no answer and no durability.
+    Heartbeat {
+        /// Its services.
+        services: Vec<String>,
+        /// Its state.
+        state: WorkerState,
+        /// Calls it runs at once, at most.
+        capacity: u32,
+        /// Calls it could take now.
+        free: u32,
+        /// Every call in flight; bodies only for calls not reported before.
+        in_flight: Vec<InFlightCall>,
+    },
+    /// May I run this redelivered (or re-issued) copy?
+    Resume {
+        /// Matches the answer to the request.
+        req_id: Uuid,
+        /// The delivery.
+        lease: Lease,
+        /// The service.
+        service: String,
+        /// Where the client waits.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        call_reply_to: Option<String>,
+    },
+    /// May this attempt leave a trace of `kind`?
+    Trace {
+        /// Matches the answer to the request.
+        req_id: Uuid,
+        /// The delivery.
+        lease: Lease,
+        /// The attempt the handler runs as.
+        attempt: u32,
+        /// The trace, such as `mail.sent`.
+        kind: String,
+        /// The service.
+        service: String,
+        /// Where the client waits.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        call_reply_to: Option<String>,
+    },
+    /// This attempt completed with this reply.
+    Complete {
+        /// Matches the answer to the request.
+        req_id: Uuid,
+        /// The delivery.
+        lease: Lease,
+        /// The attempt.
+        attempt: u32,
+        /// The reply, recorded for later copies.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reply: Option<Reply>,
+    },
+    /// I am leaving (a drained worker): forget me without failing anything.
+    Leave {},
+}
+
+/// An answer of the coordinator, on the worker's queue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Answer {
+    /// Protocol version: 1.
+    pub v: u32,
+    /// The answer.
+    #[serde(flatten)]
+    pub body: AnswerBody,
+}
+
+/// What the coordinator answers or orders.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AnswerBody {
+    /// The answer to `resume`.
+    Resume {
+        /// The request's id.
+        req_id: Uuid,
+        /// The decision.
+        decision: ResumeDecision,
+    },
+    /// The answer to `trace`.
+    Trace {
+        /// The request's id.
+        req_id: Uuid,
+        /// The decision.
+        decision: TraceDecision,
+    },
+    /// The answer to `complete`.
+    Complete {
+        /// The request's id.
+        req_id: Uuid,
+        /// The decision.
+        decision: CompleteDecision,
+    },
+    /// A standby worker starts consuming now.
+    Promote {},
+    /// The worker drains and leaves.
+    Drain {},
+}
+
+impl Request {
+    /// The JSON body.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+impl Answer {
+    /// The JSON body.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}

@@ -76,6 +76,14 @@ pub fn dead_queue(service: &str) -> String {
     format!("callq.dead.{service}")
 }
 
+/// The queue of requests to the coordinator.
+pub const COORDINATOR_QUEUE: &str = "callq.coordinator";
+
+/// The queue on which a worker receives the coordinator's answers.
+pub fn worker_queue(worker_id: &str) -> String {
+    format!("callq.worker.{worker_id}")
+}
+
 /// The name of the reply queue of one of our clients.
 pub fn reply_queue(client_id: &str) -> String {
     format!("callq.reply.{client_id}")
@@ -247,6 +255,9 @@ pub trait Consumer: Send {
     /// unsettled deliveries or the queue is empty. `None` means the consumer
     /// has ended (cancelled, or its connection closed) and will yield nothing
     /// more; its unsettled deliveries have returned to the queue.
+    ///
+    /// Cancel-safe: dropping the future before it completes loses no
+    /// message (callers poll it in `select!` and with `now_or_never`).
     async fn next(&mut self) -> Option<Result<Delivery, Error>>;
 }
 

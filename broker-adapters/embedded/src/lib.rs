@@ -19,6 +19,25 @@
 //! | dead-letter queue | declared along with its queue, with the same maximum length; when full it drops its oldest ready message (RabbitMQ's `drop-head`) |
 //! | lost lease | settling a delivery of a dropped consumer fails with [`Error::LeaseLost`] and changes nothing |
 //!
+//! # Where the contract leaves the choice
+//!
+//! - A queue declared without a maximum length gets
+//!   [`Options::default_max_length`]: every embedded queue is bounded.
+//! - Declaring an existing queue with another spec keeps the first spec and
+//!   logs a warning (RabbitMQ would refuse with `PRECONDITION_FAILED`; the
+//!   contract has no error for it).
+//! - A prefetch of 0 holds one delivery (AMQP reads 0 as unlimited, which
+//!   is unbounded).
+//! - A dead letter arrives as a first delivery (count 0) with its headers
+//!   and [`DEAD_REASON_HEADER`]. When the dead-letter queue is full of
+//!   unsettled messages only, nothing can be dropped from its head, so the
+//!   dead letter itself is dropped with a warning. A queue named as its own
+//!   dead-letter queue drops its dead letters with a warning.
+//! - Dropping a [`Delivery`] without settling keeps its lease until its
+//!   consumer is dropped, as on AMQP.
+//! - A consumer never ends: [`Consumer::next`] never gives `None`, and there
+//!   is no shutdown ([`Error::Closed`] is never returned).
+//!
 //! # Costs
 //!
 //! Every queue has its own lock; the broker-wide map of queues is only

@@ -1,0 +1,361 @@
+//! The coordinator service through the bus, on the embedded broker with
+//! tokio's paused clock: requests in, group commit, answers and effects out.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use callq_broker::{
+    ATTEMPT_HEADER, Broker, COORDINATOR_QUEUE, Consumer, Delivery, Disposition, Message, QueueSpec,
+    call_queue, worker_queue,
+};
+use callq_broker_embedded::EmbeddedBroker;
+use callq_coordinator::{Coordinator, CoordinatorOptions, Ledger, MemoryStore, RedbStore, Store};
+use callq_schemas::protocol::{
+    Answer, AnswerBody, InFlightCall, Lease, Request, RequestBody, ResumeDecision, TraceDecision,
+    WorkerState,
+};
+use callq_schemas::{Call, Limits, Outcome, Uuid, decode_reply};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+const BEAT: Duration = Duration::from_millis(250);
+
+struct Bus {
+    broker: Arc<dyn Broker>,
+    shutdown: CancellationToken,
+}
+
+impl Bus {
+    async fn new() -> Self {
+        let broker: Arc<dyn Broker> = Arc::new(EmbeddedBroker::new());
+        broker
+            .declare(&QueueSpec::plain(COORDINATOR_QUEUE))
+            .await
+            .unwrap();
+        broker.declare(&QueueSpec::calls("mail")).await.unwrap();
+        Self {
+            broker,
+            shutdown: CancellationToken::new(),
+        }
+    }
+
+    fn start<S: Store + 'static>(
+        &self,
+        store: S,
+    ) -> tokio::task::JoinHandle<Result<(), callq_coordinator::Error>> {
+        let c = Coordinator::new(
+            CoordinatorOptions::default(),
+            self.broker.clone(),
+            Ledger::open(store).unwrap(),
+        );
+        tokio::spawn(c.run(self.shutdown.clone()))
+    }
+
+    async fn queue(&self, name: &str) -> Box<dyn Consumer> {
+        self.broker.declare(&QueueSpec::plain(name)).await.unwrap();
+        self.broker.consume(name, 100).await.unwrap()
+    }
+
+    async fn send(&self, worker: &str, body: RequestBody) {
+        let req = Request {
+            v: 1,
+            worker_id: worker.into(),
+            reply_to: worker_queue(worker),
+            body,
+        };
+        self.broker
+            .publish(COORDINATOR_QUEUE, Message::new(req.to_bytes()))
+            .await
+            .unwrap();
+    }
+
+    async fn heartbeat(&self, worker: &str, in_flight: Vec<InFlightCall>) {
+        self.send(
+            worker,
+            RequestBody::Heartbeat {
+                services: vec!["mail".into()],
+                state: WorkerState::Active,
+                capacity: 8,
+                free: 8,
+                in_flight,
+            },
+        )
+        .await;
+    }
+}
+
+async fn next(c: &mut Box<dyn Consumer>) -> Delivery {
+    tokio::time::timeout(Duration::from_secs(30), c.next())
+        .await
+        .expect("a message within 30 s")
+        .unwrap()
+        .unwrap()
+}
+
+async fn answer(c: &mut Box<dyn Consumer>) -> AnswerBody {
+    let d = next(c).await;
+    let a: Answer = serde_json::from_slice(&d.body).unwrap();
+    d.settle(Disposition::Ack).await.unwrap();
+    a.body
+}
+
+fn call() -> (Call, Vec<u8>) {
+    let mut call = Call::new("mail", "send", json!({"to": "a@b"}));
+    call.reply_to = Some("callq.reply.client".into());
+    let body = call.to_bytes();
+    (call, body)
+}
+
+fn lease(call: &Call, copy: u32) -> Lease {
+    Lease {
+        call_id: call.call_id,
+        copy,
+        token: Uuid::now_v7(),
+    }
+}
+
+fn in_flight(call: &Call, lease: Lease, body: &[u8]) -> InFlightCall {
+    InFlightCall {
+        lease,
+        service: "mail".into(),
+        reply_to: call.reply_to.clone(),
+        body: Some(String::from_utf8(body.to_vec()).unwrap()),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_worker_s_traceless_call_is_reissued_after_dead_after() {
+    let bus = Bus::new().await;
+    let _c = bus.start(MemoryStore::default());
+    let mut calls = bus.broker.consume(&call_queue("mail"), 10).await.unwrap();
+    let (call, body) = call();
+    let a = lease(&call, 1);
+    bus.heartbeat("A", vec![in_flight(&call, a, &body)]).await;
+    let start = tokio::time::Instant::now();
+    // Nothing is re-issued while the silence is shorter than 4 intervals.
+    assert!(tokio::time::timeout(BEAT * 4, calls.next()).await.is_err());
+    let d = next(&mut calls).await;
+    let waited = start.elapsed();
+    assert!(
+        waited > BEAT * 4 && waited <= BEAT * 6,
+        "declared dead after {waited:?}"
+    );
+    assert_eq!(d.body.as_ref(), body.as_slice(), "the same call");
+    assert_eq!(d.headers.get(ATTEMPT_HEADER).map(String::as_str), Some("2"));
+    assert_eq!(d.attempt(), 2);
+    // The re-issued copy claims attempt 2; the original's redelivery is superseded.
+    let mut answers = bus.queue(&worker_queue("B")).await;
+    let req_id = Uuid::now_v7();
+    bus.send(
+        "B",
+        RequestBody::Resume {
+            req_id,
+            lease: lease(&call, 2),
+            service: "mail".into(),
+            call_reply_to: call.reply_to.clone(),
+        },
+    )
+    .await;
+    assert_eq!(
+        answer(&mut answers).await,
+        AnswerBody::Resume {
+            req_id,
+            decision: ResumeDecision::Run { attempt: 2 }
+        }
+    );
+    bus.send(
+        "B",
+        RequestBody::Resume {
+            req_id,
+            lease: lease(&call, 1),
+            service: "mail".into(),
+            call_reply_to: None,
+        },
+    )
+    .await;
+    assert_eq!(
+        answer(&mut answers).await,
+        AnswerBody::Resume {
+            req_id,
+            decision: ResumeDecision::Superseded { attempt: 2 }
+        }
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_that_keeps_beating_is_never_declared_dead() {
+    let bus = Bus::new().await;
+    let _c = bus.start(MemoryStore::default());
+    let mut calls = bus.broker.consume(&call_queue("mail"), 10).await.unwrap();
+    let (call, body) = call();
+    let a = lease(&call, 1);
+    for _ in 0..40 {
+        bus.heartbeat("A", vec![in_flight(&call, a, &body)]).await;
+        tokio::time::sleep(BEAT).await;
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1), calls.next())
+            .await
+            .is_err(),
+        "nothing re-issued"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dead_worker_s_traced_call_is_answered_fatal_and_stays_fatal() {
+    let bus = Bus::new().await;
+    let _c = bus.start(MemoryStore::default());
+    let mut client = bus.queue("callq.reply.client").await;
+    let mut a_answers = bus.queue(&worker_queue("A")).await;
+    let (call, body) = call();
+    let a = lease(&call, 1);
+    bus.heartbeat("A", vec![in_flight(&call, a, &body)]).await;
+    let req_id = Uuid::now_v7();
+    bus.send(
+        "A",
+        RequestBody::Trace {
+            req_id,
+            lease: a,
+            attempt: 1,
+            kind: "mail.sent".into(),
+            service: "mail".into(),
+            call_reply_to: call.reply_to.clone(),
+        },
+    )
+    .await;
+    assert_eq!(
+        answer(&mut a_answers).await,
+        AnswerBody::Trace {
+            req_id,
+            decision: TraceDecision::Granted
+        }
+    );
+    // A goes silent: the client hears fatal, with the trace.
+    let d = next(&mut client).await;
+    let reply = decode_reply(&d.body, &Limits::default()).unwrap();
+    assert_eq!(
+        (reply.call_id, reply.outcome),
+        (call.call_id, Outcome::Fatal)
+    );
+    assert_eq!(
+        reply.error.as_ref().unwrap().traces,
+        vec!["mail.sent".to_string()]
+    );
+    // A wakes up: its next trace is refused.
+    bus.send(
+        "A",
+        RequestBody::Trace {
+            req_id,
+            lease: a,
+            attempt: 1,
+            kind: "mail.sent".into(),
+            service: "mail".into(),
+            call_reply_to: None,
+        },
+    )
+    .await;
+    assert!(matches!(
+        answer(&mut a_answers).await,
+        AnswerBody::Trace {
+            decision: TraceDecision::Refused { .. },
+            ..
+        }
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn decisions_survive_a_coordinator_restart() {
+    let dir = std::env::temp_dir().join(format!("callq-coord-{}", Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("ledger.redb");
+    let bus = Bus::new().await;
+    let first = bus.start(RedbStore::open(&path).unwrap());
+    let mut client = bus.queue("callq.reply.client").await;
+    let mut answers = bus.queue(&worker_queue("A")).await;
+    let (call, body) = call();
+    let a = lease(&call, 1);
+    bus.heartbeat("A", vec![in_flight(&call, a, &body)]).await;
+    let req_id = Uuid::now_v7();
+    bus.send(
+        "A",
+        RequestBody::Trace {
+            req_id,
+            lease: a,
+            attempt: 1,
+            kind: "mail.sent".into(),
+            service: "mail".into(),
+            call_reply_to: call.reply_to.clone(),
+        },
+    )
+    .await;
+    answer(&mut answers).await;
+    let fatal = decode_reply(&next(&mut client).await.body, &Limits::default()).unwrap();
+    // The coordinator dies (its task is dropped, as a killed process's would
+    // be) and another opens the same store.
+    first.abort();
+    let _ = first.await;
+    let _second = bus.start(RedbStore::open(&path).unwrap());
+    let mut b = bus.queue(&worker_queue("B")).await;
+    bus.send(
+        "B",
+        RequestBody::Resume {
+            req_id,
+            lease: lease(&call, 1),
+            service: "mail".into(),
+            call_reply_to: None,
+        },
+    )
+    .await;
+    assert_eq!(
+        answer(&mut b).await,
+        AnswerBody::Resume {
+            req_id,
+            decision: ResumeDecision::Fatal { reply: fatal }
+        }
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn unreadable_requests_are_dropped_and_the_coordinator_serves_on() {
+    let bus = Bus::new().await;
+    let c = bus.start(MemoryStore::default());
+    for bad in [
+        &b"nonsense"[..],
+        br#"{"v": 9, "worker_id": "x", "reply_to": "q", "type": "leave"}"#,
+        br#"{"v": 1, "type": "heartbeat"}"#,
+    ] {
+        bus.broker
+            .publish(COORDINATOR_QUEUE, Message::new(bad.to_vec()))
+            .await
+            .unwrap();
+    }
+    let mut answers = bus.queue(&worker_queue("A")).await;
+    let (call, _) = call();
+    let req_id = Uuid::now_v7();
+    bus.send(
+        "A",
+        RequestBody::Resume {
+            req_id,
+            lease: lease(&call, 1),
+            service: "mail".into(),
+            call_reply_to: None,
+        },
+    )
+    .await;
+    assert_eq!(
+        answer(&mut answers).await,
+        AnswerBody::Resume {
+            req_id,
+            decision: ResumeDecision::Run { attempt: 2 }
+        }
+    );
+    assert!(!c.is_finished());
+    let depth = bus.broker.depth(COORDINATOR_QUEUE).await.unwrap();
+    assert_eq!(
+        depth.ready + depth.unsettled,
+        0,
+        "every request was settled"
+    );
+}
