@@ -133,7 +133,12 @@ pub async fn run(client: &Client, spec: &LoadSpec) -> LoadReport {
     let elapsed = start.elapsed();
     if let Some(p) = progress {
         p.abort();
-        eprintln!();
+        let n = done.load(Ordering::Relaxed);
+        eprintln!(
+            "\r  {n:>8} / {} calls, {:>8.0} calls/s",
+            spec.calls,
+            n as f64 / elapsed.as_secs_f64().max(1e-9)
+        );
     }
     LoadReport {
         elapsed,

@@ -1,6 +1,7 @@
 //! The client: publish calls with confirm, await their first final outcome.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -70,6 +71,7 @@ struct Inner {
     pending: Arc<Pending>,
     declared: Mutex<HashSet<String>>,
     slots: Semaphore,
+    closed: Arc<AtomicBool>,
     reader: JoinHandle<()>,
 }
 
@@ -98,7 +100,13 @@ impl Client {
         broker.declare(&spec).await?;
         let consumer = broker.consume(&spec.name, opts.prefetch).await?;
         let pending: Arc<Pending> = Arc::default();
-        let reader = tokio::spawn(read_replies(consumer, pending.clone(), opts.limits));
+        let closed = Arc::new(AtomicBool::new(false));
+        let reader = tokio::spawn(read_replies(
+            consumer,
+            pending.clone(),
+            opts.limits,
+            closed.clone(),
+        ));
         Ok(Self {
             inner: Arc::new(Inner {
                 reply_queue: reply_queue(&opts.client_id),
@@ -107,6 +115,7 @@ impl Client {
                 broker,
                 opts,
                 pending,
+                closed,
                 reader,
             }),
         })
@@ -150,9 +159,14 @@ impl Client {
         let give_up = tokio::time::Instant::now() + timeout;
         call.reply_to = Some(inner.reply_queue.clone());
         let call_id = call.call_id;
+        if inner.closed.load(Ordering::Acquire) {
+            return Err(Error::Disconnected);
+        }
         let (tx, rx) = oneshot::channel();
-        let _pending = PendingGuard::register(&inner.pending, call_id, tx);
-        self.ensure_declared(&call.service).await?;
+        let _pending = PendingGuard::register(&inner.pending, call_id, tx)?;
+        tokio::time::timeout_at(give_up, self.ensure_declared(&call.service))
+            .await
+            .map_err(|_| Error::Timeout(timeout))??;
 
         let mut message = Message::new(call.to_bytes());
         message.key = Some(
@@ -163,7 +177,11 @@ impl Client {
         let queue = callq_broker::call_queue(&call.service);
         let mut backoff = Duration::from_millis(5);
         loop {
-            match inner.broker.publish(&queue, message.clone()).await {
+            let sent =
+                tokio::time::timeout_at(give_up, inner.broker.publish(&queue, message.clone()))
+                    .await
+                    .unwrap_or(Err(callq_broker::Error::Timeout(timeout)));
+            match sent {
                 Ok(()) => break,
                 Err(e) if e.is_transient() && tokio::time::Instant::now() + backoff < give_up => {
                     debug!(%call_id, "publish refused, retrying with the same call id: {e}");
@@ -206,11 +224,19 @@ struct PendingGuard<'a> {
 }
 
 impl<'a> PendingGuard<'a> {
-    fn register(pending: &'a Pending, call_id: Uuid, tx: oneshot::Sender<Reply>) -> Self {
-        if let Ok(mut p) = pending.lock() {
-            p.insert(call_id, tx);
+    /// Registers the waiter; refuses a call id that already has one, whose
+    /// guard would otherwise remove the other's entry.
+    fn register(
+        pending: &'a Pending,
+        call_id: Uuid,
+        tx: oneshot::Sender<Reply>,
+    ) -> Result<Self, Error> {
+        let mut p = pending.lock().map_err(|_| Error::Disconnected)?;
+        if p.contains_key(&call_id) {
+            return Err(Error::AlreadyPending(call_id));
         }
-        Self { pending, call_id }
+        p.insert(call_id, tx);
+        Ok(Self { pending, call_id })
     }
 }
 
@@ -228,6 +254,7 @@ async fn read_replies(
     mut consumer: Box<dyn callq_broker::Consumer>,
     pending: Arc<Pending>,
     limits: Limits,
+    closed: Arc<AtomicBool>,
 ) {
     while let Some(item) = consumer.next().await {
         let delivery = match item {
@@ -264,7 +291,10 @@ async fn read_replies(
             warn!("settling a reply failed: {e}");
         }
     }
-    // The consumer ended: fail the waiting calls rather than leave them hanging.
+    // The consumer ended: fail the waiting calls rather than leave them
+    // hanging, and refuse new ones.
+    closed.store(true, Ordering::Release);
+    warn!("the client's reply consumer ended: calls fail with `Disconnected`");
     if let Ok(mut p) = pending.lock() {
         p.clear();
     }

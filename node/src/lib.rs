@@ -31,7 +31,15 @@ pub enum Error {
         "the client's reply queue consumer ended; calls in flight were not answered and may still run: reconnect and call again with the same call ids"
     )]
     Disconnected,
-    /// The client was asked for more calls in flight than it allows.
+    /// The same call id is already waiting for its outcome on this client.
+    #[error(
+        "call {0} is already in flight on this client: wait for its outcome instead of sending it again"
+    )]
+    AlreadyPending(uuid::Uuid),
+    /// The broker did not answer in time.
+    #[error("the broker did not answer within {0:?}")]
+    Timeout(std::time::Duration),
+    /// The configuration is not usable.
     #[error("invalid configuration: {0}")]
     Config(String),
 }

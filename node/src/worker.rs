@@ -176,8 +176,14 @@ impl Worker {
         for (name, service) in self.services {
             let spec = QueueSpec::calls(&name);
             let consumer = self.broker.consume(&spec.name, self.opts.capacity).await?;
-            consumers.push(stream::unfold(consumer, |mut c| async move {
-                c.next().await.map(|item| (item, c))
+            // A consumer that ends yields one `Closed` error, so the worker
+            // learns that a service lost its consumer instead of going quiet.
+            consumers.push(stream::unfold(Some(consumer), |c| async move {
+                let mut c = c?;
+                match c.next().await {
+                    Some(item) => Some((item, Some(c))),
+                    None => Some((Err(callq_broker::Error::Closed), None)),
+                }
             }));
             services.insert(name, (service, spec));
         }
@@ -205,8 +211,14 @@ impl Worker {
                     Some(Ok(delivery)) => {
                         calls.spawn(handle(shared.clone(), delivery));
                     }
-                    Some(Err(e)) => warn!(worker = %shared.opts.worker_id, "consumer error: {e}"),
-                    None => break Err(Error::Disconnected),
+                    Some(Err(callq_broker::Error::Closed)) | None => {
+                        error!(worker = %shared.opts.worker_id, "a consumer ended: the broker connection is lost");
+                        break Err(Error::Disconnected);
+                    }
+                    Some(Err(e)) => {
+                        warn!(worker = %shared.opts.worker_id, "consumer error: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
                 },
             }
         };
@@ -332,8 +344,24 @@ async fn decide(shared: &Shared, delivery: &Delivery) -> Disposition {
         deadline: call.deadline,
         traceparent: call.traceparent,
     };
-    let reply = match service.invoke(&call.method, ctx, call.args) {
-        None => {
+    // A handler may panic before its future exists (in the closure's own
+    // body) or while it runs: both are caught.
+    let started = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        service.invoke(&call.method, ctx, call.args)
+    }));
+    let reply = match started.map(|run| run.map(|fut| AssertUnwindSafe(fut).catch_unwind())) {
+        Err(panic) => {
+            WorkerStats::bump(&stats.panicked);
+            panicked(
+                shared,
+                &call.service,
+                &call.method,
+                call.call_id,
+                attempt,
+                panic,
+            )
+        }
+        Ok(None) => {
             WorkerStats::bump(&stats.error);
             Reply::error(
                 call.call_id,
@@ -347,7 +375,7 @@ async fn decide(shared: &Shared, delivery: &Delivery) -> Disposition {
                 ),
             )
         }
-        Some(run) => match AssertUnwindSafe(run).catch_unwind().await {
+        Ok(Some(run)) => match run.await {
             Ok(Ok(result)) => {
                 WorkerStats::bump(&stats.ok);
                 Reply::ok(call.call_id, attempt, result)
@@ -358,25 +386,41 @@ async fn decide(shared: &Shared, delivery: &Delivery) -> Disposition {
             }
             Err(panic) => {
                 WorkerStats::bump(&stats.panicked);
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "a panic without a message".into());
-                error!(worker = %shared.opts.worker_id, call_id = %call.call_id, method = %call.method, "handler panicked: {what}");
-                Reply::error(
+                panicked(
+                    shared,
+                    &call.service,
+                    &call.method,
                     call.call_id,
                     attempt,
-                    codes::HANDLER_PANICKED,
-                    format!(
-                        "the handler of {}.{} panicked: {what}",
-                        call.service, call.method
-                    ),
+                    panic,
                 )
             }
         },
     };
     answer(reply).await
+}
+
+/// The `handler_panicked` reply for a caught panic.
+fn panicked(
+    shared: &Shared,
+    service: &str,
+    method: &str,
+    call_id: uuid::Uuid,
+    attempt: u32,
+    panic: Box<dyn std::any::Any + Send>,
+) -> Reply {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into());
+    error!(worker = %shared.opts.worker_id, %call_id, method, "handler panicked: {what}");
+    Reply::error(
+        call_id,
+        attempt,
+        codes::HANDLER_PANICKED,
+        format!("the handler of {service}.{method} panicked: {what}"),
+    )
 }
 
 /// Publishes a reply with confirm, retrying transient refusals within the
@@ -387,22 +431,26 @@ async fn send_reply(shared: &Shared, to: &str, reply: &Reply) -> Disposition {
     let give_up = tokio::time::Instant::now() + shared.opts.reply_retry;
     let mut backoff = Duration::from_millis(5);
     loop {
-        match shared.broker.publish(to, message.clone()).await {
+        let sent = tokio::time::timeout_at(give_up, shared.broker.publish(to, message.clone()))
+            .await
+            .unwrap_or(Err(callq_broker::Error::Timeout(shared.opts.reply_retry)));
+        match sent {
             Ok(()) => return Disposition::Ack,
             Err(e) if e.is_transient() && tokio::time::Instant::now() + backoff < give_up => {
                 debug!(worker = %shared.opts.worker_id, to, "reply publish refused, retrying: {e}");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }
-            Err(e) if e.is_transient() => {
-                WorkerStats::bump(&shared.stats.reply_failed);
-                warn!(worker = %shared.opts.worker_id, to, call_id = %reply.call_id, "reply not confirmed, requeueing the call: {e}");
-                return Disposition::Requeue;
-            }
-            Err(e) => {
+            Err(e @ callq_broker::Error::NoSuchQueue(_)) => {
+                // Nobody can ever receive it: the outcome stands, unheard.
                 WorkerStats::bump(&shared.stats.reply_failed);
                 warn!(worker = %shared.opts.worker_id, to, call_id = %reply.call_id, "reply cannot be delivered, dropping it: {e}");
                 return Disposition::Ack;
+            }
+            Err(e) => {
+                WorkerStats::bump(&shared.stats.reply_failed);
+                warn!(worker = %shared.opts.worker_id, to, call_id = %reply.call_id, "reply not confirmed, requeueing the call: {e}");
+                return Disposition::Requeue;
             }
         }
     }

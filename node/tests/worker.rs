@@ -39,6 +39,13 @@ fn test_service(runs: Arc<AtomicU32>) -> Service {
             }
             Ok(Value::Null)
         })
+        .method("panic_early", |_ctx, _| {
+            // Panics in the closure itself, before any future exists.
+            if true {
+                panic!("early boom");
+            }
+            async move { Ok(Value::Null) }
+        })
         .method("count", move |_ctx, _| {
             let runs = runs.clone();
             async move {
@@ -559,4 +566,48 @@ async fn a_call_is_never_acked_before_its_reply_is_confirmed() {
     );
     let depth = c.broker.depth(&call_queue("t")).await.unwrap();
     assert_eq!(depth.ready + depth.unsettled, 1, "the call was not acked");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_handler_that_panics_before_its_future_exists_is_answered_too() {
+    let c = Cluster::new();
+    // Capacity 1: a lost slot or an unsettled delivery would wedge the worker.
+    let (w, stats) = c.worker("w1", 1).await;
+    let client = c.client().await;
+    for _ in 0..3 {
+        let r = call(&client, "t", "panic_early", json!({})).await;
+        assert_eq!(r.code(), Some(codes::HANDLER_PANICKED));
+        assert!(r.error.unwrap().message.contains("early boom"));
+    }
+    assert_eq!(
+        call(&client, "t", "ok", json!(7)).await.result,
+        Some(json!(7))
+    );
+    assert_eq!(stats.panicked.load(Ordering::Relaxed), 3);
+    assert!(!w.is_finished());
+    assert_eq!(
+        c.broker.depth(&call_queue("t")).await.unwrap(),
+        QueueDepth::default()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_same_call_sent_twice_at_once_is_refused_not_lost() {
+    let c = Cluster::new();
+    let client = c.client().await;
+    let call = Call::new("t", "ok", json!("once"));
+    let first = {
+        let (client, call) = (client.clone(), call.clone());
+        tokio::spawn(async move { client.send(call, Duration::from_secs(10)).await })
+    };
+    tokio::task::yield_now().await;
+    let second = client.send(call.clone(), Duration::from_secs(10)).await;
+    assert!(
+        matches!(second, Err(callq_node::Error::AlreadyPending(id)) if id == call.call_id),
+        "{second:?}"
+    );
+    // The first send is unharmed and gets its outcome once a worker runs it.
+    let _w = c.worker("w1", 1).await;
+    let r = first.await.unwrap().unwrap();
+    assert_eq!(r.result, Some(json!("once")));
 }
