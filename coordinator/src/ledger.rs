@@ -56,6 +56,26 @@ pub struct CallRecord {
     pub state: CallState,
 }
 
+impl CallRecord {
+    /// An undecided call whose current attempt `holder` holds.
+    fn open(
+        service: &str,
+        reply_to: Option<&str>,
+        attempt: u32,
+        holder: Holder,
+        traces: Vec<String>,
+    ) -> Self {
+        Self {
+            service: service.to_owned(),
+            reply_to: reply_to.map(str::to_owned),
+            attempt,
+            holder: Some(holder),
+            traces,
+            state: CallState::Open,
+        }
+    }
+}
+
 /// A call in flight on a worker, as its heartbeats report it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InFlight {
@@ -168,14 +188,7 @@ impl<S: Store> Ledger<S> {
             let attempt = lease.copy + 1;
             self.put(
                 call_id,
-                CallRecord {
-                    service: service.to_owned(),
-                    reply_to: reply_to.map(str::to_owned),
-                    attempt,
-                    holder: Some(holder),
-                    traces: Vec::new(),
-                    state: CallState::Open,
-                },
+                CallRecord::open(service, reply_to, attempt, holder, Vec::new()),
             );
             return Ok(ResumeDecision::Run { attempt });
         };
@@ -245,17 +258,16 @@ impl<S: Store> Ledger<S> {
                 // The fast path's first trace: the call gets its record now.
                 self.put(
                     call_id,
-                    CallRecord {
-                        service: service.to_owned(),
-                        reply_to: reply_to.map(str::to_owned),
+                    CallRecord::open(
+                        service,
+                        reply_to,
                         attempt,
-                        holder: Some(Holder {
+                        Holder {
                             worker: worker.to_owned(),
                             lease,
-                        }),
-                        traces: vec![kind.to_owned()],
-                        state: CallState::Open,
-                    },
+                        },
+                        vec![kind.to_owned()],
+                    ),
                 );
                 return Ok(TraceDecision::Granted);
             }
@@ -336,17 +348,16 @@ impl<S: Store> Ledger<S> {
                 // dead worker, so the loop below revokes it like the others.
                 self.put(
                     call_id,
-                    CallRecord {
-                        service: f.service.clone(),
-                        reply_to: f.reply_to.clone(),
-                        attempt: f.lease.copy,
-                        holder: Some(Holder {
+                    CallRecord::open(
+                        &f.service,
+                        f.reply_to.as_deref(),
+                        f.lease.copy,
+                        Holder {
                             worker: worker.to_owned(),
                             lease: f.lease,
-                        }),
-                        traces: Vec::new(),
-                        state: CallState::Open,
-                    },
+                        },
+                        Vec::new(),
+                    ),
                 );
             }
         }

@@ -349,7 +349,12 @@ async fn decide(shared: &Shared, delivery: &Delivery) -> Disposition {
     let started = std::panic::catch_unwind(AssertUnwindSafe(|| {
         service.invoke(&call.method, ctx, call.args)
     }));
-    let reply = match started.map(|run| run.map(|fut| AssertUnwindSafe(fut).catch_unwind())) {
+    let outcome = match started {
+        Err(panic) => Err(panic),
+        Ok(None) => Ok(None),
+        Ok(Some(run)) => AssertUnwindSafe(run).catch_unwind().await.map(Some),
+    };
+    let reply = match outcome {
         Err(panic) => {
             WorkerStats::bump(&stats.panicked);
             panicked(
@@ -375,27 +380,14 @@ async fn decide(shared: &Shared, delivery: &Delivery) -> Disposition {
                 ),
             )
         }
-        Ok(Some(run)) => match run.await {
-            Ok(Ok(result)) => {
-                WorkerStats::bump(&stats.ok);
-                Reply::ok(call.call_id, attempt, result)
-            }
-            Ok(Err(e)) => {
-                WorkerStats::bump(&stats.error);
-                Reply::error(call.call_id, attempt, &e.code, e.message)
-            }
-            Err(panic) => {
-                WorkerStats::bump(&stats.panicked);
-                panicked(
-                    shared,
-                    &call.service,
-                    &call.method,
-                    call.call_id,
-                    attempt,
-                    panic,
-                )
-            }
-        },
+        Ok(Some(Ok(result))) => {
+            WorkerStats::bump(&stats.ok);
+            Reply::ok(call.call_id, attempt, result)
+        }
+        Ok(Some(Err(e))) => {
+            WorkerStats::bump(&stats.error);
+            Reply::error(call.call_id, attempt, &e.code, e.message)
+        }
     };
     answer(reply).await
 }
