@@ -19,6 +19,9 @@ use tracing::{error, info, warn};
 
 use crate::{Effect, Error, InFlight, Ledger, Store};
 
+/// How long the coordinator waits for the broker to confirm one publish.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How the coordinator runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
@@ -155,11 +158,11 @@ impl<S: Store> Coordinator<S> {
             }
         };
         for (to, answer) in answers {
-            if let Err(e) = self
-                .broker
-                .publish(&to, Message::new(answer.to_bytes()))
+            let publish = self.broker.publish(&to, Message::new(answer.to_bytes()));
+            let sent = tokio::time::timeout(PUBLISH_TIMEOUT, publish)
                 .await
-            {
+                .unwrap_or(Err(callq_broker::Error::Timeout(PUBLISH_TIMEOUT)));
+            if let Err(e) = sent {
                 // The worker asks again after its own timeout; the decision is durable.
                 warn!(to, "answer not delivered: {e}");
             }
@@ -324,7 +327,11 @@ impl<S: Store> Coordinator<S> {
             };
             let mut backoff = Duration::from_millis(10);
             for attempt in 1..=5 {
-                match self.broker.publish(&to, message.clone()).await {
+                let publish = self.broker.publish(&to, message.clone());
+                let sent = tokio::time::timeout(PUBLISH_TIMEOUT, publish)
+                    .await
+                    .unwrap_or(Err(callq_broker::Error::Timeout(PUBLISH_TIMEOUT)));
+                match sent {
                     Ok(()) => break,
                     Err(e) if e.is_transient() && attempt < 5 => {
                         tokio::time::sleep(backoff).await;

@@ -97,8 +97,15 @@ impl Client {
             ));
         }
         let spec = QueueSpec::replies(&opts.client_id);
-        broker.declare(&spec).await?;
-        let consumer = broker.consume(&spec.name, opts.prefetch).await?;
+        // Bounded like a call: the broker must answer within the default timeout.
+        let bound = opts.default_timeout;
+        let setup = async {
+            broker.declare(&spec).await?;
+            broker.consume(&spec.name, opts.prefetch).await
+        };
+        let consumer = tokio::time::timeout(bound, setup)
+            .await
+            .map_err(|_| Error::Timeout(bound))??;
         let pending: Arc<Pending> = Arc::default();
         let closed = Arc::new(AtomicBool::new(false));
         let reader = tokio::spawn(read_replies(
