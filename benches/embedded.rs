@@ -122,6 +122,7 @@ async fn callq(calls: usize) -> (Figures, Figures) {
             WorkerOptions {
                 worker_id: format!("w{i}"),
                 capacity: CAPACITY,
+                coordinated: false,
                 ..WorkerOptions::default()
             },
             broker.clone(),

@@ -69,6 +69,7 @@ pub async fn run(opts: &DemoOptions) -> anyhow::Result<DemoReport> {
                 worker_id: format!("worker-{i}"),
                 capacity: opts.capacity,
                 drain_timeout: Duration::from_secs(10),
+                coordinated: false,
                 ..WorkerOptions::default()
             },
             broker.clone(),

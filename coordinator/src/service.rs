@@ -1,7 +1,7 @@
 //! The coordinator service: requests on the bus, group commit, failure
 //! detection.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,7 +9,10 @@ use callq_broker::{
     ATTEMPT_HEADER, Broker, COORDINATOR_QUEUE, Delivery, Disposition, Message, QueueSpec,
     call_queue,
 };
-use callq_schemas::protocol::{Answer, AnswerBody, Request, RequestBody, WorkerState};
+use callq_schemas::protocol::{
+    Answer, AnswerBody, ClusterStatus, CompleteDecision, Request, RequestBody, WorkerState,
+    WorkerStatus,
+};
 use callq_schemas::{Limits, Uuid};
 use futures::FutureExt;
 use serde::{Deserialize, Serialize};
@@ -33,10 +36,11 @@ pub struct CoordinatorOptions {
     pub dead_after: u32,
     /// Requests applied in one group commit, at most.
     pub batch_max: u16,
-    /// Requests the coordinator queue holds, at most.
-    pub queue_length: usize,
     /// Limits on request bodies (a heartbeat carries call bodies).
     pub limits: Limits,
+    /// Standby workers to keep per reserved service; services not named
+    /// here have none.
+    pub standby_per_service: BTreeMap<String, u32>,
 }
 
 impl Default for CoordinatorOptions {
@@ -45,7 +49,7 @@ impl Default for CoordinatorOptions {
             heartbeat_interval: Duration::from_millis(250),
             dead_after: 4,
             batch_max: 256,
-            queue_length: 100_000,
+            standby_per_service: BTreeMap::new(),
             limits: Limits {
                 max_bytes: 64 * 1024 * 1024,
                 max_depth: 128,
@@ -71,9 +75,33 @@ mod millis {
 struct WorkerEntry {
     state: WorkerState,
     services: Vec<String>,
+    capacity: u32,
+    free: u32,
+    /// Where its answers and orders go.
+    queue: String,
     last_seen: Instant,
     in_flight: HashMap<Uuid, InFlight>,
 }
+
+/// A node agent as the registry knows it.
+#[derive(Debug)]
+struct AgentEntry {
+    services: Vec<String>,
+    workers: u32,
+    queue: String,
+    last_seen: Instant,
+}
+
+/// A standby the coordinator asked an agent for and has not seen yet.
+#[derive(Debug)]
+struct Asked {
+    service: String,
+    until: Instant,
+}
+
+/// Heartbeat intervals an agent is given to bring up a standby it was asked
+/// for before the coordinator asks again.
+const STANDBY_PATIENCE: u32 = 40;
 
 /// The coordinator: registry, failure detector and call ledger.
 pub struct Coordinator<S: Store> {
@@ -81,6 +109,11 @@ pub struct Coordinator<S: Store> {
     broker: Arc<dyn Broker>,
     ledger: Ledger<S>,
     workers: HashMap<String, WorkerEntry>,
+    agents: HashMap<String, AgentEntry>,
+    asked: Vec<Asked>,
+    started: Instant,
+    deaths: u64,
+    promotions: u64,
 }
 
 impl<S: Store> Coordinator<S> {
@@ -91,13 +124,18 @@ impl<S: Store> Coordinator<S> {
             broker,
             ledger,
             workers: HashMap::new(),
+            agents: HashMap::new(),
+            asked: Vec::new(),
+            started: Instant::now(),
+            deaths: 0,
+            promotions: 0,
         }
     }
 
     /// Serves until `shutdown` is cancelled.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), Error> {
-        let spec = QueueSpec::plain(COORDINATOR_QUEUE).max_length(self.opts.queue_length);
-        self.broker.declare(&spec).await?;
+        self.broker.declare(&QueueSpec::coordinator()).await?;
+        self.started = Instant::now();
         let mut requests = self
             .broker
             .consume(COORDINATOR_QUEUE, self.opts.batch_max.max(1))
@@ -109,7 +147,16 @@ impl<S: Store> Coordinator<S> {
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => return Ok(()),
-                _ = tick.tick() => self.detect_deaths().await,
+                _ = tick.tick() => {
+                    // What workers sent before the tick counts: a heartbeat or
+                    // a completion already queued is read before judging.
+                    let ready = self.ready(&mut requests);
+                    if !ready.is_empty() {
+                        self.process(ready).await;
+                    }
+                    self.detect_deaths().await;
+                    self.keep_standbys().await;
+                }
                 next = requests.next() => {
                     let first = match next {
                         None => return Err(Error::Disconnected),
@@ -118,16 +165,23 @@ impl<S: Store> Coordinator<S> {
                     };
                     // Group commit: whatever else is ready joins this batch.
                     let mut batch = vec![first];
-                    while batch.len() < usize::from(self.opts.batch_max) {
-                        match requests.next().now_or_never() {
-                            Some(Some(Ok(d))) => batch.push(d),
-                            _ => break,
-                        }
-                    }
+                    batch.extend(self.ready(&mut requests));
                     self.process(batch).await;
                 }
             }
         }
+    }
+
+    /// The requests ready now, up to a batch.
+    fn ready(&self, requests: &mut Box<dyn callq_broker::Consumer>) -> Vec<Delivery> {
+        let mut batch = Vec::new();
+        while batch.len() < usize::from(self.opts.batch_max) {
+            match requests.next().now_or_never() {
+                Some(Some(Ok(d))) => batch.push(d),
+                _ => break,
+            }
+        }
+        batch
     }
 
     /// Applies a batch of requests, commits once, then answers and acks.
@@ -135,11 +189,11 @@ impl<S: Store> Coordinator<S> {
         let mut answers = Vec::new();
         for d in &batch {
             match decode_request(&d.body, &self.opts.limits) {
-                Ok(req) => match self.apply(req) {
-                    Ok(Some(answer)) => answers.push(answer),
-                    Ok(None) => {}
-                    Err(e) => error!("coordinator store: {e}"),
-                },
+                Ok(req) => {
+                    if let Err(e) = self.apply(req, &mut answers) {
+                        error!("coordinator store: {e}");
+                    }
+                }
                 Err(e) => warn!(queue = %d.queue, "unreadable coordinator request dropped: {e}"),
             }
         }
@@ -157,16 +211,7 @@ impl<S: Store> Coordinator<S> {
                 return;
             }
         };
-        for (to, answer) in answers {
-            let publish = self.broker.publish(&to, Message::new(answer.to_bytes()));
-            let sent = tokio::time::timeout(PUBLISH_TIMEOUT, publish)
-                .await
-                .unwrap_or(Err(callq_broker::Error::Timeout(PUBLISH_TIMEOUT)));
-            if let Err(e) = sent {
-                // The worker asks again after its own timeout; the decision is durable.
-                warn!(to, "answer not delivered: {e}");
-            }
-        }
+        self.tell(answers).await;
         self.carry_out(effects).await;
         for d in batch {
             if let Err(e) = d.settle(Disposition::Ack).await {
@@ -175,28 +220,65 @@ impl<S: Store> Coordinator<S> {
         }
     }
 
-    /// Applies one request; returns the answer to send, if any.
-    fn apply(&mut self, req: Request) -> Result<Option<(String, Answer)>, Error> {
+    /// Sends answers and orders; a lost one is asked for again by its
+    /// worker (decisions are durable) or repeated by the next tick.
+    async fn tell(&self, messages: Vec<(String, Answer)>) {
+        for (to, answer) in messages {
+            let publish = self.broker.publish(&to, Message::new(answer.to_bytes()));
+            let sent = tokio::time::timeout(PUBLISH_TIMEOUT, publish)
+                .await
+                .unwrap_or(Err(callq_broker::Error::Timeout(PUBLISH_TIMEOUT)));
+            if let Err(e) = sent {
+                warn!(to, "answer not delivered: {e}");
+            }
+        }
+    }
+
+    /// Applies one request; queues the answer to send, if any.
+    fn apply(&mut self, req: Request, out: &mut Vec<(String, Answer)>) -> Result<(), Error> {
         let worker = req.worker_id;
-        let answer = |body| Some((req.reply_to.clone(), Answer { v: 1, body }));
+        let to = req.reply_to;
+        let mut answer = |body| out.push((to.clone(), Answer { v: 1, body }));
         match req.body {
             RequestBody::Heartbeat {
                 services,
                 state,
+                capacity,
+                free,
                 in_flight,
-                ..
             } => {
-                let entry = self.workers.entry(worker.clone()).or_insert_with(|| {
+                if !self.workers.contains_key(&worker) {
                     info!(worker, ?services, ?state, "worker joined");
-                    WorkerEntry {
-                        state,
-                        services: services.clone(),
-                        last_seen: Instant::now(),
-                        in_flight: HashMap::new(),
+                    if state == WorkerState::Standby {
+                        self.standby_arrived(&services);
                     }
+                }
+                let entry = self.workers.entry(worker).or_insert_with(|| WorkerEntry {
+                    state,
+                    services: Vec::new(),
+                    capacity,
+                    free,
+                    queue: to.clone(),
+                    last_seen: Instant::now(),
+                    in_flight: HashMap::new(),
                 });
-                entry.state = state;
+                // A promotion or drain the coordinator ordered stands until
+                // the worker's own heartbeats catch up with it.
+                let ordered = matches!(
+                    (entry.state, state),
+                    (WorkerState::Active, WorkerState::Standby)
+                        | (
+                            WorkerState::Draining,
+                            WorkerState::Active | WorkerState::Standby
+                        )
+                );
+                if !ordered {
+                    entry.state = state;
+                }
                 entry.services = services;
+                entry.capacity = capacity;
+                entry.free = free;
+                entry.queue = to;
                 entry.last_seen = Instant::now();
                 let mut now = HashMap::with_capacity(in_flight.len());
                 for call in in_flight {
@@ -214,7 +296,6 @@ impl<S: Store> Coordinator<S> {
                     );
                 }
                 entry.in_flight = now;
-                Ok(None)
             }
             RequestBody::Resume {
                 req_id,
@@ -225,7 +306,7 @@ impl<S: Store> Coordinator<S> {
                 let decision =
                     self.ledger
                         .resume(lease, &worker, &service, call_reply_to.as_deref())?;
-                Ok(answer(AnswerBody::Resume { req_id, decision }))
+                answer(AnswerBody::Resume { req_id, decision });
             }
             RequestBody::Trace {
                 req_id,
@@ -243,7 +324,7 @@ impl<S: Store> Coordinator<S> {
                     &service,
                     call_reply_to.as_deref(),
                 )?;
-                Ok(answer(AnswerBody::Trace { req_id, decision }))
+                answer(AnswerBody::Trace { req_id, decision });
             }
             RequestBody::Complete {
                 req_id,
@@ -251,16 +332,209 @@ impl<S: Store> Coordinator<S> {
                 attempt,
                 reply,
             } => {
+                self.landed(&worker, lease.call_id);
                 let decision = self.ledger.complete(lease, attempt, reply)?;
-                Ok(answer(AnswerBody::Complete { req_id, decision }))
+                answer(AnswerBody::Complete { req_id, decision });
+            }
+            RequestBody::Completed { calls } => {
+                for c in calls {
+                    self.landed(&worker, c.lease.call_id);
+                    let decision = self.ledger.complete(c.lease, c.attempt, c.reply)?;
+                    if !matches!(decision, CompleteDecision::Accepted) {
+                        info!(worker, call_id = %c.lease.call_id, ?decision, "a revoked attempt completed; ignored");
+                    }
+                }
             }
             RequestBody::Leave {} => {
                 if self.workers.remove(&worker).is_some() {
                     info!(worker, "worker left");
                 }
-                Ok(None)
+                if self.agents.remove(&worker).is_some() {
+                    info!(agent = worker, "node agent left");
+                }
+            }
+            RequestBody::AgentHeartbeat { services, workers } => {
+                let now = Instant::now();
+                self.agents
+                    .entry(worker.clone())
+                    .and_modify(|a| {
+                        a.services.clone_from(&services);
+                        a.workers = workers;
+                        a.queue.clone_from(&to);
+                        a.last_seen = now;
+                    })
+                    .or_insert_with(|| {
+                        info!(agent = worker, ?services, "node agent joined");
+                        AgentEntry {
+                            services: services.clone(),
+                            workers,
+                            queue: to.clone(),
+                            last_seen: now,
+                        }
+                    });
+            }
+            RequestBody::Drain {
+                req_id,
+                worker: target,
+            } => {
+                let found = match self.workers.get_mut(&target) {
+                    Some(w) => {
+                        info!(worker = target, "draining on request");
+                        w.state = WorkerState::Draining;
+                        out.push((
+                            w.queue.clone(),
+                            Answer {
+                                v: 1,
+                                body: AnswerBody::Drain {},
+                            },
+                        ));
+                        true
+                    }
+                    None => false,
+                };
+                out.push((
+                    to,
+                    Answer {
+                        v: 1,
+                        body: AnswerBody::Draining { req_id, found },
+                    },
+                ));
+            }
+            RequestBody::Status { req_id } => {
+                let status = self.status();
+                answer(AnswerBody::Status { req_id, status });
             }
         }
+        Ok(())
+    }
+
+    /// A worker's call ended: it is no longer in flight there.
+    fn landed(&mut self, worker: &str, call_id: Uuid) {
+        if let Some(w) = self.workers.get_mut(worker) {
+            w.in_flight.remove(&call_id);
+        }
+    }
+
+    /// The cluster as `status` shows it.
+    fn status(&self) -> ClusterStatus {
+        let now = Instant::now();
+        let mut workers: Vec<WorkerStatus> = self
+            .workers
+            .iter()
+            .map(|(id, w)| WorkerStatus {
+                worker_id: id.clone(),
+                state: w.state,
+                services: w.services.clone(),
+                capacity: w.capacity,
+                free: w.free,
+                last_seen_ms: u64::try_from(now.duration_since(w.last_seen).as_millis())
+                    .unwrap_or(u64::MAX),
+            })
+            .collect();
+        workers.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
+        let mut agents: Vec<String> = self.agents.keys().cloned().collect();
+        agents.sort_unstable();
+        ClusterStatus {
+            workers,
+            agents,
+            standby_per_service: self.opts.standby_per_service.clone(),
+            open_calls: u64::try_from(self.ledger.open_calls()).unwrap_or(u64::MAX),
+            deaths: self.deaths,
+            promotions: self.promotions,
+        }
+    }
+
+    /// A new standby joined: it answers one request made to an agent.
+    fn standby_arrived(&mut self, services: &[String]) {
+        for s in services {
+            if let Some(i) = self.asked.iter().position(|a| &a.service == s) {
+                self.asked.swap_remove(i);
+            }
+        }
+    }
+
+    /// Promotes a standby for each reserved service of a dead worker.
+    fn promote_for(&mut self, dead: &WorkerEntry, out: &mut Vec<(String, Answer)>) {
+        if dead.state != WorkerState::Active {
+            return;
+        }
+        for service in &dead.services {
+            if !self.opts.standby_per_service.contains_key(service) {
+                continue;
+            }
+            let standby = self
+                .workers
+                .iter_mut()
+                .filter(|(_, w)| w.state == WorkerState::Standby && w.services.contains(service))
+                .min_by(|(a, _), (b, _)| a.cmp(b));
+            let Some((id, w)) = standby else {
+                warn!(
+                    service,
+                    "no standby to promote: the service runs on its remaining workers"
+                );
+                continue;
+            };
+            info!(worker = id, service, "promoting a standby");
+            w.state = WorkerState::Active;
+            self.promotions += 1;
+            out.push((
+                w.queue.clone(),
+                Answer {
+                    v: 1,
+                    body: AnswerBody::Promote {},
+                },
+            ));
+        }
+    }
+
+    /// Asks node agents for standbys where a reserved service has fewer
+    /// than it should.
+    async fn keep_standbys(&mut self) {
+        let now = Instant::now();
+        let beat = self.opts.heartbeat_interval;
+        let silence = beat * self.opts.dead_after;
+        self.agents
+            .retain(|_, a| now.duration_since(a.last_seen) <= silence);
+        self.asked.retain(|a| a.until > now);
+        // Workers an agent starts on its own need time to register first.
+        if now.duration_since(self.started) <= silence {
+            return;
+        }
+        let mut orders = Vec::new();
+        for (service, &wanted) in &self.opts.standby_per_service {
+            let have = self
+                .workers
+                .values()
+                .filter(|w| w.state == WorkerState::Standby && w.services.contains(service))
+                .count()
+                + self.asked.iter().filter(|a| &a.service == service).count();
+            for _ in have..usize::try_from(wanted).unwrap_or(0) {
+                let agent = self
+                    .agents
+                    .iter_mut()
+                    .filter(|(_, a)| a.services.contains(service))
+                    .min_by_key(|(id, a)| (a.workers, (*id).clone()));
+                let Some((id, a)) = agent else {
+                    break;
+                };
+                info!(agent = id, service, "asking for a standby");
+                a.workers += 1;
+                orders.push((
+                    a.queue.clone(),
+                    Answer {
+                        v: 1,
+                        body: AnswerBody::StartStandby {
+                            services: vec![service.clone()],
+                        },
+                    },
+                ));
+                self.asked.push(Asked {
+                    service: service.clone(),
+                    until: now + beat * STANDBY_PATIENCE,
+                });
+            }
+        }
+        self.tell(orders).await;
     }
 
     /// Declares silent workers dead and revokes their calls.
@@ -280,6 +554,7 @@ impl<S: Store> Coordinator<S> {
         for id in dead {
             if let Some(w) = self.workers.remove(&id) {
                 warn!(worker = id, services = ?w.services, in_flight = w.in_flight.len(), "worker dead: no heartbeat for {silence:?}");
+                self.deaths += 1;
                 let calls: Vec<InFlight> = w.in_flight.values().cloned().collect();
                 if let Err(e) = self.ledger.worker_lost(&id, &calls) {
                     error!(worker = id, "revoking a dead worker's calls: {e}");
@@ -288,7 +563,14 @@ impl<S: Store> Coordinator<S> {
             }
         }
         match self.ledger.commit() {
-            Ok(effects) => self.carry_out(effects).await,
+            Ok(effects) => {
+                let mut orders = Vec::new();
+                for (_, w) in &lost {
+                    self.promote_for(w, &mut orders);
+                }
+                self.tell(orders).await;
+                self.carry_out(effects).await;
+            }
             Err(e) => {
                 // Try again at the next tick: the workers stay in the registry.
                 error!("committing dead workers' calls failed: {e}");

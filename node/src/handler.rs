@@ -51,6 +51,8 @@ pub struct Ctx {
     pub(crate) idempotency_key: Option<String>,
     pub(crate) deadline: Option<OffsetDateTime>,
     pub(crate) traceparent: Option<String>,
+    /// The attempt's standing with the coordinator; `None` in tests.
+    pub(crate) standing: Option<Arc<crate::link::Attempt>>,
 }
 
 impl Ctx {
@@ -87,6 +89,24 @@ impl Ctx {
         self.traceparent.as_deref()
     }
 
+    /// Asks the coordinator for a grant to leave a trace of `kind` (such as
+    /// `mail.sent`), durably, before the effect becomes visible. Call it
+    /// right before the effect and propagate its error with `?`:
+    ///
+    /// - granted: the effect may happen; if this worker is lost from now on,
+    ///   the call ends `fatal` with this trace listed rather than run again;
+    /// - refused (`trace_refused`): this attempt was revoked (another worker
+    ///   runs the call, or it is decided): leave nothing and return. The
+    ///   worker drops whatever the handler returns after a refusal.
+    ///
+    /// In a context made by [`Ctx::for_test`] every trace is granted.
+    pub async fn trace(&self, kind: &str) -> Result<(), HandlerError> {
+        match &self.standing {
+            Some(s) => s.trace(kind).await,
+            None => Ok(()),
+        }
+    }
+
     /// A context for calling a handler directly, in tests.
     pub fn for_test(service: &str, method: &str) -> Self {
         Self {
@@ -98,6 +118,7 @@ impl Ctx {
             idempotency_key: None,
             deadline: None,
             traceparent: None,
+            standing: None,
         }
     }
 }

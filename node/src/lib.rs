@@ -13,6 +13,7 @@
 
 mod client;
 mod handler;
+mod link;
 pub mod services;
 mod worker;
 

@@ -2,19 +2,29 @@
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use callq_broker::{Broker, Delivery, Disposition, Message, QueueSpec};
+use bytes::Bytes;
+use callq_broker::{
+    Broker, Delivery, Disposition, Error as BrokerError, Message, QueueSpec, worker_queue,
+};
+use callq_schemas::protocol::{
+    AnswerBody, CompleteDecision, Completion, InFlightCall, Lease, RequestBody, ResumeDecision,
+    WorkerState,
+};
 use callq_schemas::{Limits, Reply, codes, decode_call, peek};
 use futures::{FutureExt, StreamExt, stream};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
-use tokio::task::JoinSet;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
+use uuid::Uuid;
 
+use crate::link::{Abort, Attempt, Link, Order};
 use crate::{Ctx, Error, Service};
 
 /// How a worker runs.
@@ -36,6 +46,22 @@ pub struct WorkerOptions {
     /// transiently (queue full, no confirm) before the call is requeued.
     #[serde(with = "millis")]
     pub reply_retry: Duration,
+    /// Whether a coordinator arbitrates this worker's calls (the default).
+    /// Without one, redeliveries run without asking, traces are granted
+    /// locally, and a lost worker's calls are retried by the broker alone:
+    /// at-least-once, for a single machine and tests.
+    pub coordinated: bool,
+    /// Start as a standby: load the services and declare their queues, but
+    /// consume nothing until the coordinator promotes the worker.
+    pub standby: bool,
+    /// How often the worker heartbeats to the coordinator.
+    #[serde(with = "millis")]
+    pub heartbeat_interval: Duration,
+    /// How long a request to the coordinator (`resume`, `trace`,
+    /// `complete`) is tried before the worker gives up on it: the call goes
+    /// back to its queue.
+    #[serde(with = "millis")]
+    pub coordinator_patience: Duration,
 }
 
 impl Default for WorkerOptions {
@@ -46,6 +72,10 @@ impl Default for WorkerOptions {
             limits: Limits::default(),
             drain_timeout: Duration::from_secs(30),
             reply_retry: Duration::from_secs(30),
+            coordinated: true,
+            standby: false,
+            heartbeat_interval: Duration::from_millis(250),
+            coordinator_patience: Duration::from_secs(10),
         }
     }
 }
@@ -83,11 +113,24 @@ pub struct WorkerStats {
     pub reply_failed: AtomicU64,
     /// Calls running now.
     pub in_flight: AtomicU64,
+    /// Deliveries that asked the coordinator `resume` first.
+    pub resumed: AtomicU64,
+    /// Deliveries acked without running because the coordinator said the
+    /// call was done, failed or superseded.
+    pub dropped: AtomicU64,
+    /// Attempts whose trace was refused (revoked): their result was dropped.
+    pub revoked: AtomicU64,
+    /// Traces granted.
+    pub traces: AtomicU64,
 }
 
 impl WorkerStats {
     fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn add(counter: &AtomicU64, n: usize) {
+        counter.fetch_add(u64::try_from(n).unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 
     /// Calls finished, whatever their outcome.
@@ -113,12 +156,45 @@ pub struct Worker {
     stats: Arc<WorkerStats>,
 }
 
+/// A call in flight, as heartbeats report it.
+struct Flight {
+    lease: Lease,
+    service: String,
+    reply_to: Option<String>,
+    /// The body, until a heartbeat carried it to the coordinator.
+    body: Option<Bytes>,
+    /// Whether a heartbeat reported it: then its end is reported too.
+    reported: bool,
+}
+
+/// A completion on its way to the coordinator, and who waits for it.
+type Outgoing = (Completion, oneshot::Sender<()>);
+
+/// Bodies one heartbeat carries at most, in bytes; the rest wait for the
+/// next beat.
+const HEARTBEAT_BODY_BUDGET: usize = 8 * 1024 * 1024;
+
 struct Shared {
     opts: WorkerOptions,
     broker: Arc<dyn Broker>,
     services: HashMap<String, (Service, QueueSpec)>,
     stats: Arc<WorkerStats>,
+    link: Option<Arc<Link>>,
+    flights: Mutex<HashMap<Uuid, Flight>>,
+    state: Mutex<WorkerState>,
+    completions: Option<mpsc::Sender<Outgoing>>,
 }
+
+/// Aborts a background task when the worker's future is dropped.
+struct Background(JoinHandle<()>);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+type Incoming = stream::SelectAll<stream::BoxStream<'static, Result<Delivery, BrokerError>>>;
 
 impl Worker {
     /// A worker with no services yet.
@@ -157,12 +233,15 @@ impl Worker {
         Ok(())
     }
 
-    /// Runs until `shutdown` is cancelled, then drains: stops pulling,
-    /// finishes the calls in flight within the drain timeout, and leaves.
+    /// Runs until `shutdown` is cancelled or the coordinator orders a drain,
+    /// then drains: stops pulling, finishes the calls in flight within the
+    /// drain timeout, tells the coordinator it leaves, and returns.
+    ///
+    /// A standby worker consumes nothing until the coordinator promotes it.
     ///
     /// Dropping the returned future instead kills the worker on the spot:
-    /// its calls stop at their next await point and the broker returns their
-    /// deliveries to the queues.
+    /// its calls stop at their next await point, its heartbeats stop, and the
+    /// broker returns their deliveries to the queues.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
         if self.services.is_empty() {
             return Err(Error::Config("a worker needs at least one service".into()));
@@ -170,48 +249,97 @@ impl Worker {
         if self.opts.capacity == 0 {
             return Err(Error::Config("capacity must be at least 1".into()));
         }
-        self.declare().await?;
-        let mut consumers = Vec::with_capacity(self.services.len());
-        let mut services = HashMap::with_capacity(self.services.len());
-        for (name, service) in self.services {
-            let spec = QueueSpec::calls(&name);
-            let consumer = self.broker.consume(&spec.name, self.opts.capacity).await?;
-            // A consumer that ends yields one `Closed` error, so the worker
-            // learns that a service lost its consumer instead of going quiet.
-            consumers.push(stream::unfold(Some(consumer), |c| async move {
-                let mut c = c?;
-                match c.next().await {
-                    Some(item) => Some((item, Some(c))),
-                    None => Some((Err(callq_broker::Error::Closed), None)),
-                }
-            }));
-            services.insert(name, (service, spec));
+        if self.opts.coordinated && self.opts.heartbeat_interval.is_zero() {
+            return Err(Error::Config("heartbeat_interval must not be zero".into()));
         }
-        let capacity = usize::from(self.opts.capacity);
+        self.declare().await?;
+        let (link, mut orders) = if self.opts.coordinated {
+            let (link, orders) = Link::connect(
+                self.broker.clone(),
+                &self.opts.worker_id,
+                worker_queue(&self.opts.worker_id),
+                self.opts.coordinator_patience,
+            )
+            .await?;
+            (Some(link), orders)
+        } else {
+            (None, mpsc::channel(1).1)
+        };
+        let (completions, outgoing) = if link.is_some() {
+            let (tx, rx) = mpsc::channel(usize::from(self.opts.capacity) * 2);
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        let standby = self.opts.standby;
         let shared = Arc::new(Shared {
+            services: self
+                .services
+                .into_iter()
+                .map(|(name, service)| {
+                    let spec = QueueSpec::calls(&name);
+                    (name, (service, spec))
+                })
+                .collect(),
             opts: self.opts,
             broker: self.broker,
-            services,
             stats: self.stats,
+            link: link.clone(),
+            flights: Mutex::default(),
+            state: Mutex::new(if standby {
+                WorkerState::Standby
+            } else {
+                WorkerState::Active
+            }),
+            completions,
         });
-        info!(worker = %shared.opts.worker_id, services = ?shared.services.keys().collect::<Vec<_>>(), capacity, "worker serving");
+        let _outbox = match (link, outgoing) {
+            (Some(link), Some(rx)) => {
+                Some(Background(tokio::spawn(outbox(shared.clone(), link, rx))))
+            }
+            _ => None,
+        };
+        let mut incoming = if standby {
+            info!(worker = %shared.opts.worker_id, services = ?shared.service_names(), "worker standing by");
+            None
+        } else {
+            Some(open_consumers(&shared).await?)
+        };
+        let capacity = usize::from(shared.opts.capacity);
 
-        let mut incoming = stream::select_all(consumers.into_iter().map(StreamExt::boxed));
         let mut calls = JoinSet::new();
         let ended = loop {
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break Ok(()),
+                Some(order) = orders.recv() => match order {
+                    Order::Promote if incoming.is_none() => {
+                        info!(worker = %shared.opts.worker_id, "promoted: consuming now");
+                        match open_consumers(&shared).await {
+                            Ok(c) => {
+                                incoming = Some(c);
+                                shared.set_state(WorkerState::Active);
+                            }
+                            Err(e) => break Err(e),
+                        }
+                    }
+                    Order::Promote => {}
+                    Order::Drain => {
+                        info!(worker = %shared.opts.worker_id, "the coordinator asks this worker to drain");
+                        break Ok(());
+                    }
+                    Order::StartStandby(_) => {}
+                },
                 Some(joined) = calls.join_next(), if !calls.is_empty() => {
                     if let Err(e) = joined {
                         error!(worker = %shared.opts.worker_id, "call task failed: {e}");
                     }
                 }
-                item = incoming.next(), if calls.len() < capacity => match item {
+                item = next_delivery(&mut incoming), if incoming.is_some() && calls.len() < capacity => match item {
                     Some(Ok(delivery)) => {
                         calls.spawn(handle(shared.clone(), delivery));
                     }
-                    Some(Err(callq_broker::Error::Closed)) | None => {
+                    Some(Err(BrokerError::Closed)) | None => {
                         error!(worker = %shared.opts.worker_id, "a consumer ended: the broker connection is lost");
                         break Err(Error::Disconnected);
                     }
@@ -224,7 +352,8 @@ impl Worker {
         };
 
         // Drain: the consumers stay open (they hold the leases of the calls in
-        // flight) until those calls are settled or abandoned.
+        // flight) until those calls are settled or abandoned; heartbeats go on.
+        shared.set_state(WorkerState::Draining);
         info!(worker = %shared.opts.worker_id, in_flight = calls.len(), "worker draining");
         let finish = async { while calls.join_next().await.is_some() {} };
         if tokio::time::timeout(shared.opts.drain_timeout, finish)
@@ -239,8 +368,132 @@ impl Worker {
             calls.shutdown().await;
         }
         drop(incoming);
+        if let Some(link) = &shared.link
+            && let Err(e) = link.send(RequestBody::Leave {}).await
+        {
+            warn!(worker = %shared.opts.worker_id, "telling the coordinator this worker leaves: {e}");
+        }
         info!(worker = %shared.opts.worker_id, "worker stopped");
         ended
+    }
+}
+
+impl Shared {
+    fn service_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.services.keys().cloned().collect();
+        names.sort_unstable();
+        names
+    }
+
+    fn set_state(&self, state: WorkerState) {
+        if let Ok(mut s) = self.state.lock() {
+            *s = state;
+        }
+    }
+
+    /// The heartbeat: state, load and the calls in flight; bodies of calls
+    /// not reported before, within the budget.
+    fn heartbeat(&self) -> RequestBody {
+        let state = self.state.lock().map(|s| *s).unwrap_or(WorkerState::Active);
+        let capacity = u32::from(self.opts.capacity);
+        let mut in_flight = Vec::new();
+        if let Ok(mut flights) = self.flights.lock() {
+            let mut budget = HEARTBEAT_BODY_BUDGET;
+            for f in flights.values_mut() {
+                let body = if f.reported {
+                    None
+                } else {
+                    let len = f.body.as_ref().map_or(0, Bytes::len);
+                    if len > budget {
+                        continue;
+                    }
+                    budget -= len;
+                    f.body
+                        .take()
+                        .and_then(|b| String::from_utf8(b.to_vec()).ok())
+                };
+                f.reported = true;
+                in_flight.push(InFlightCall {
+                    lease: f.lease,
+                    service: f.service.clone(),
+                    reply_to: f.reply_to.clone(),
+                    body,
+                });
+            }
+        }
+        let busy = u32::try_from(in_flight.len()).unwrap_or(u32::MAX);
+        RequestBody::Heartbeat {
+            services: self.service_names(),
+            state,
+            capacity,
+            free: capacity.saturating_sub(busy),
+            in_flight,
+        }
+    }
+}
+
+/// Heartbeats and batched completions, from one task so that the
+/// coordinator reads them in the order they happened.
+async fn outbox(shared: Arc<Shared>, link: Arc<Link>, mut rx: mpsc::Receiver<Outgoing>) {
+    let mut tick = tokio::time::interval(shared.opts.heartbeat_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if let Err(e) = link.send(shared.heartbeat()).await {
+                    warn!(worker = %shared.opts.worker_id, "heartbeat not sent: {e}");
+                }
+            }
+            first = rx.recv() => {
+                let Some(first) = first else { return };
+                let mut batch = vec![first];
+                while batch.len() < 256 {
+                    match rx.try_recv() {
+                        Ok(next) => batch.push(next),
+                        Err(_) => break,
+                    }
+                }
+                let (calls, waiters): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+                if let Err(e) = link.send(RequestBody::Completed { calls }).await {
+                    warn!(worker = %shared.opts.worker_id, "completions not sent: {e}");
+                }
+                for w in waiters {
+                    let _ = w.send(());
+                }
+            }
+        }
+    }
+}
+
+/// Opens one consumer per service, each prefetching the worker's capacity.
+async fn open_consumers(shared: &Shared) -> Result<Incoming, Error> {
+    let mut consumers = Vec::with_capacity(shared.services.len());
+    for (_, spec) in shared.services.values() {
+        let consumer = shared
+            .broker
+            .consume(&spec.name, shared.opts.capacity)
+            .await?;
+        // A consumer that ends yields one `Closed` error, so the worker
+        // learns that a service lost its consumer instead of going quiet.
+        consumers.push(
+            stream::unfold(Some(consumer), |c| async move {
+                let mut c = c?;
+                match c.next().await {
+                    Some(item) => Some((item, Some(c))),
+                    None => Some((Err(BrokerError::Closed), None)),
+                }
+            })
+            .boxed(),
+        );
+    }
+    info!(worker = %shared.opts.worker_id, services = ?shared.service_names(), capacity = shared.opts.capacity, "worker serving");
+    Ok(stream::select_all(consumers))
+}
+
+async fn next_delivery(incoming: &mut Option<Incoming>) -> Option<Result<Delivery, BrokerError>> {
+    match incoming {
+        Some(s) => s.next().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -255,6 +508,33 @@ async fn handle(shared: Arc<Shared>, delivery: Delivery) {
         warn!(worker = %shared.opts.worker_id, "settling a delivery failed: {e}");
     }
     shared.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// A call's registration in the worker's flights; removed however the call
+/// ends.
+struct FlightGuard<'a> {
+    shared: &'a Shared,
+    token: Uuid,
+}
+
+impl FlightGuard<'_> {
+    /// Ends the flight; whether a heartbeat had reported it.
+    fn land(self) -> bool {
+        self.shared
+            .flights
+            .lock()
+            .ok()
+            .and_then(|mut f| f.remove(&self.token))
+            .is_some_and(|f| f.reported)
+    }
+}
+
+impl Drop for FlightGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut f) = self.shared.flights.lock() {
+            f.remove(&self.token);
+        }
+    }
 }
 
 /// The one place where a delivery's fate is decided. The reply, if any, is
@@ -278,34 +558,98 @@ async fn decide(shared: &Shared, delivery: &Delivery) -> Disposition {
             };
         }
     };
-    let attempt = delivery.attempt();
-    let reply_to = call.reply_to.clone();
-    let answer = |reply: Reply| async move {
-        match reply_to {
-            None => Disposition::Ack,
-            Some(to) => send_reply(shared, &to, &reply).await,
-        }
-    };
-
+    let copy = delivery.attempt();
     let Some((service, spec)) = shared.services.get(&call.service) else {
         WorkerStats::bump(&stats.error);
         let msg = format!(
             "this worker serves no service `{}` (the call came from queue `{}`)",
             call.service, delivery.queue
         );
-        return match answer(Reply::error(
-            call.call_id,
-            attempt,
-            codes::UNKNOWN_SERVICE,
-            msg.clone(),
-        ))
-        .await
-        {
+        let reply = Reply::error(call.call_id, copy, codes::UNKNOWN_SERVICE, msg.clone());
+        return match publish_reply(shared, call.reply_to.as_deref(), &reply).await {
             Disposition::Ack => Disposition::DeadLetter { reason: msg },
             other => other,
         };
     };
-    if let Some(limit) = spec.delivery_limit
+
+    let lease = Lease {
+        call_id: call.call_id,
+        copy,
+        token: Uuid::now_v7(),
+    };
+    let flight = shared.link.as_ref().map(|_| {
+        if let Ok(mut f) = shared.flights.lock() {
+            f.insert(
+                lease.token,
+                Flight {
+                    lease,
+                    service: call.service.clone(),
+                    reply_to: call.reply_to.clone(),
+                    body: Some(delivery.body.clone()),
+                    reported: false,
+                },
+            );
+        }
+        FlightGuard {
+            shared,
+            token: lease.token,
+        }
+    });
+
+    // A redelivery, or a copy above the first, may race another copy or
+    // follow an attempt that left traces: the coordinator decides.
+    let mut attempt = copy;
+    let resumed = match &shared.link {
+        Some(link) if delivery.redelivered || copy > 1 => {
+            WorkerStats::bump(&stats.resumed);
+            let asked = link
+                .ask(|req_id| RequestBody::Resume {
+                    req_id,
+                    lease,
+                    service: call.service.clone(),
+                    call_reply_to: call.reply_to.clone(),
+                })
+                .await;
+            match asked {
+                Ok(AnswerBody::Resume {
+                    decision: ResumeDecision::Run { attempt: a },
+                    ..
+                }) => attempt = a,
+                Ok(AnswerBody::Resume { decision, .. }) => {
+                    WorkerStats::bump(&stats.dropped);
+                    debug!(worker = %shared.opts.worker_id, call_id = %call.call_id, ?decision, "not running this copy");
+                    return match decision {
+                        // The attempt that completed may have died before
+                        // its reply went out; the client drops duplicates.
+                        // (A `fatal` answer is the coordinator's to send.)
+                        ResumeDecision::Done { reply: Some(r) } => {
+                            publish_reply(shared, call.reply_to.as_deref(), &r).await
+                        }
+                        _ => Disposition::Ack,
+                    };
+                }
+                Ok(other) => {
+                    warn!(worker = %shared.opts.worker_id, call_id = %call.call_id, "unexpected answer to resume: {other:?}");
+                    return Disposition::Requeue;
+                }
+                Err(e) => {
+                    warn!(worker = %shared.opts.worker_id, call_id = %call.call_id, "resume not answered, returning the call to its queue: {e}");
+                    return Disposition::Requeue;
+                }
+            }
+            true
+        }
+        _ => false,
+    };
+    let standing = Arc::new(Attempt::new(
+        shared.link.clone(),
+        lease,
+        attempt,
+        call.service.clone(),
+        call.reply_to.clone(),
+    ));
+
+    let (reply, then) = if let Some(limit) = spec.delivery_limit
         && delivery.delivery_count >= limit
     {
         WorkerStats::bump(&stats.error);
@@ -315,81 +659,168 @@ async fn decide(shared: &Shared, delivery: &Delivery) -> Disposition {
             spec.dead_letter.as_deref().unwrap_or("nowhere")
         );
         warn!(worker = %shared.opts.worker_id, call_id = %call.call_id, "{msg}");
-        return match answer(Reply::error(
+        let reply = Reply::error(call.call_id, attempt, codes::DELIVERY_LIMIT, msg);
+        let dead = Disposition::DeadLetter {
+            reason: codes::DELIVERY_LIMIT.into(),
+        };
+        (reply, dead)
+    } else if call.is_expired_at(OffsetDateTime::now_utc()) {
+        WorkerStats::bump(&stats.expired);
+        (Reply::expired(call.call_id, attempt), Disposition::Ack)
+    } else {
+        let ctx = Ctx {
+            call_id: call.call_id,
+            attempt,
+            service: service.name_arc(),
+            method: call.method.clone(),
+            session_id: call.session_id,
+            idempotency_key: call.idempotency_key,
+            deadline: call.deadline,
+            traceparent: call.traceparent,
+            standing: Some(standing.clone()),
+        };
+        let reply = run_handler(
+            shared,
+            service,
+            &call.method,
             call.call_id,
             attempt,
-            codes::DELIVERY_LIMIT,
-            msg,
-        ))
-        .await
-        {
-            Disposition::Ack => Disposition::DeadLetter {
-                reason: codes::DELIVERY_LIMIT.into(),
-            },
-            other => other,
+            ctx,
+            call.args,
+        )
+        .await;
+        match standing.aborted() {
+            Some(Abort::Revoked(reason)) => {
+                WorkerStats::bump(&stats.revoked);
+                info!(worker = %shared.opts.worker_id, call_id = %call.call_id, attempt, "attempt revoked, its result is dropped: {reason}");
+                return Disposition::Ack;
+            }
+            Some(Abort::Unreachable) => return Disposition::Requeue,
+            None => (reply, Disposition::Ack),
+        }
+    };
+    let reply_to = call.reply_to.as_deref();
+    let traces = standing.traces();
+    WorkerStats::add(&stats.traces, traces.len());
+    let Some(link) = &shared.link else {
+        return then_if_sent(publish_reply(shared, reply_to, &reply).await, then);
+    };
+    if !traces.is_empty() {
+        // An attempt with traces completes synchronously before its reply
+        // goes out: the ledger, not a race, says which outcome the client
+        // gets.
+        let asked = link
+            .ask(|req_id| RequestBody::Complete {
+                req_id,
+                lease,
+                attempt,
+                reply: Some(reply.clone()),
+            })
+            .await;
+        return match asked {
+            Ok(AnswerBody::Complete {
+                decision: CompleteDecision::Accepted,
+                ..
+            }) => then_if_sent(publish_reply(shared, reply_to, &reply).await, then),
+            Ok(AnswerBody::Complete { decision, .. }) => {
+                WorkerStats::bump(&stats.revoked);
+                warn!(worker = %shared.opts.worker_id, call_id = %call.call_id, ?decision, "completion refused, the result is dropped");
+                Disposition::Ack
+            }
+            Ok(other) => {
+                warn!(worker = %shared.opts.worker_id, call_id = %call.call_id, "unexpected answer to complete: {other:?}");
+                Disposition::Requeue
+            }
+            Err(e) => {
+                warn!(worker = %shared.opts.worker_id, call_id = %call.call_id, "completion not answered, returning the call to its queue: {e}");
+                Disposition::Requeue
+            }
         };
     }
-    if call.is_expired_at(OffsetDateTime::now_utc()) {
-        WorkerStats::bump(&stats.expired);
-        return answer(Reply::expired(call.call_id, attempt)).await;
+    let sent = publish_reply(shared, reply_to, &reply).await;
+    // The coordinator hears of a traceless completion only when it knows the
+    // call: from a heartbeat, or from `resume`.
+    let reported = flight.is_some_and(FlightGuard::land);
+    if (reported || resumed)
+        && let Some(completions) = &shared.completions
+    {
+        let completion = Completion {
+            lease,
+            attempt,
+            reply: resumed.then(|| reply.clone()),
+        };
+        let (tx, rx) = oneshot::channel();
+        if completions.send((completion, tx)).await.is_ok() {
+            let _ = tokio::time::timeout(shared.opts.coordinator_patience, rx).await;
+        }
     }
+    then_if_sent(sent, then)
+}
 
-    let ctx = Ctx {
-        call_id: call.call_id,
-        attempt,
-        service: service.name_arc(),
-        method: call.method.clone(),
-        session_id: call.session_id,
-        idempotency_key: call.idempotency_key,
-        deadline: call.deadline,
-        traceparent: call.traceparent,
-    };
+/// `then` once the reply went out (or could not be heard); the reply's own
+/// disposition otherwise.
+fn then_if_sent(sent: Disposition, then: Disposition) -> Disposition {
+    match sent {
+        Disposition::Ack => then,
+        other => other,
+    }
+}
+
+/// Runs the handler of `method`, catching panics, and makes its reply.
+async fn run_handler(
+    shared: &Shared,
+    service: &Service,
+    method: &str,
+    call_id: Uuid,
+    attempt: u32,
+    ctx: Ctx,
+    args: serde_json::Value,
+) -> Reply {
+    let stats = &shared.stats;
     // A handler may panic before its future exists (in the closure's own
     // body) or while it runs: both are caught.
-    let started = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        service.invoke(&call.method, ctx, call.args)
-    }));
+    let started = std::panic::catch_unwind(AssertUnwindSafe(|| service.invoke(method, ctx, args)));
     let outcome = match started {
         Err(panic) => Err(panic),
         Ok(None) => Ok(None),
         Ok(Some(run)) => AssertUnwindSafe(run).catch_unwind().await.map(Some),
     };
-    let reply = match outcome {
+    match outcome {
         Err(panic) => {
             WorkerStats::bump(&stats.panicked);
-            panicked(
-                shared,
-                &call.service,
-                &call.method,
-                call.call_id,
-                attempt,
-                panic,
-            )
+            panicked(shared, service.name(), method, call_id, attempt, panic)
         }
         Ok(None) => {
             WorkerStats::bump(&stats.error);
             Reply::error(
-                call.call_id,
+                call_id,
                 attempt,
                 codes::UNKNOWN_METHOD,
                 format!(
-                    "service `{}` has no method `{}` (it has: {})",
-                    call.service,
-                    call.method,
+                    "service `{}` has no method `{method}` (it has: {})",
+                    service.name(),
                     service.methods().join(", ")
                 ),
             )
         }
         Ok(Some(Ok(result))) => {
             WorkerStats::bump(&stats.ok);
-            Reply::ok(call.call_id, attempt, result)
+            Reply::ok(call_id, attempt, result)
         }
         Ok(Some(Err(e))) => {
             WorkerStats::bump(&stats.error);
-            Reply::error(call.call_id, attempt, &e.code, e.message)
+            Reply::error(call_id, attempt, &e.code, e.message)
         }
-    };
-    answer(reply).await
+    }
+}
+
+/// Publishes a reply where the call asked for one; `Ack` when it has no
+/// reply queue.
+async fn publish_reply(shared: &Shared, reply_to: Option<&str>, reply: &Reply) -> Disposition {
+    match reply_to {
+        None => Disposition::Ack,
+        Some(to) => send_reply(shared, to, reply).await,
+    }
 }
 
 /// The `handler_panicked` reply for a caught panic.

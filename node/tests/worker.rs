@@ -24,6 +24,7 @@ fn opts(id: &str, capacity: u16) -> WorkerOptions {
     WorkerOptions {
         worker_id: id.into(),
         capacity,
+        coordinated: false,
         ..WorkerOptions::default()
     }
 }

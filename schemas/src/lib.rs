@@ -41,4 +41,7 @@ pub mod codes {
     /// The call was delivered more often than the delivery limit allows
     /// (it crashed workers repeatedly) and went to the dead-letter queue.
     pub const DELIVERY_LIMIT: &str = "delivery_limit";
+    /// The coordinator refused (or did not answer) a trace: the attempt was
+    /// revoked, and the handler must leave nothing.
+    pub const TRACE_REFUSED: &str = "trace_refused";
 }

@@ -188,8 +188,81 @@ pub enum RequestBody {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reply: Option<Reply>,
     },
-    /// I am leaving (a drained worker): forget me without failing anything.
+    /// These attempts completed without traces (sent in batches, before
+    /// their deliveries are acked). Needs no answer.
+    Completed {
+        /// The completions.
+        calls: Vec<Completion>,
+    },
+    /// I am leaving (a drained worker or agent): forget me without failing
+    /// anything.
     Leave {},
+    /// A node agent is alive and can start workers of these services.
+    AgentHeartbeat {
+        /// The services its workers can serve.
+        services: Vec<String>,
+        /// Worker processes it runs now.
+        workers: u32,
+    },
+    /// An operator asks a worker to drain and leave.
+    Drain {
+        /// Matches the answer to the request.
+        req_id: Uuid,
+        /// The worker to drain.
+        worker: String,
+    },
+    /// An operator asks for the cluster's status.
+    Status {
+        /// Matches the answer to the request.
+        req_id: Uuid,
+    },
+}
+
+/// A traceless attempt that completed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Completion {
+    /// The delivery.
+    pub lease: Lease,
+    /// The attempt it ran as.
+    pub attempt: u32,
+    /// The reply, sent only for attempts that asked `resume` (their call has
+    /// a record that a later copy may read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply: Option<Reply>,
+}
+
+/// A worker as `status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    /// The worker's id.
+    pub worker_id: String,
+    /// Its state.
+    pub state: WorkerState,
+    /// Its services.
+    pub services: Vec<String>,
+    /// Calls it runs at once, at most.
+    pub capacity: u32,
+    /// Calls it could take now.
+    pub free: u32,
+    /// Milliseconds since its last heartbeat.
+    pub last_seen_ms: u64,
+}
+
+/// The cluster as the coordinator sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// Registered workers, sorted by id.
+    pub workers: Vec<WorkerStatus>,
+    /// Registered node agents, sorted.
+    pub agents: Vec<String>,
+    /// Standbys wanted per reserved service.
+    pub standby_per_service: std::collections::BTreeMap<String, u32>,
+    /// Calls with an undecided record in the ledger.
+    pub open_calls: u64,
+    /// Workers declared dead since the coordinator started.
+    pub deaths: u64,
+    /// Standbys promoted since the coordinator started.
+    pub promotions: u64,
 }
 
 /// An answer of the coordinator, on the worker's queue.
@@ -231,6 +304,25 @@ pub enum AnswerBody {
     Promote {},
     /// The worker drains and leaves.
     Drain {},
+    /// The answer to an operator's `drain`.
+    Draining {
+        /// The request's id.
+        req_id: Uuid,
+        /// Whether the worker is registered (and was told to drain).
+        found: bool,
+    },
+    /// To a node agent: start a standby worker of these services.
+    StartStandby {
+        /// The services.
+        services: Vec<String>,
+    },
+    /// The answer to `status`.
+    Status {
+        /// The request's id.
+        req_id: Uuid,
+        /// The cluster.
+        status: ClusterStatus,
+    },
 }
 
 impl Request {

@@ -84,6 +84,17 @@ pub fn worker_queue(worker_id: &str) -> String {
     format!("callq.worker.{worker_id}")
 }
 
+/// The queue on which a node agent receives the coordinator's orders.
+pub fn agent_queue(agent_id: &str) -> String {
+    format!("callq.agent.{agent_id}")
+}
+
+/// Requests the coordinator queue holds at most.
+pub const COORDINATOR_QUEUE_LENGTH: usize = 100_000;
+
+/// Answers and orders a worker's or agent's queue holds at most.
+pub const CONTROL_QUEUE_LENGTH: usize = 100_000;
+
 /// The name of the reply queue of one of our clients.
 pub fn reply_queue(client_id: &str) -> String {
     format!("callq.reply.{client_id}")
@@ -172,6 +183,17 @@ impl QueueSpec {
             delivery_limit: None,
             dead_letter: None,
         }
+    }
+
+    /// The coordinator's request queue; every party declares it alike.
+    pub fn coordinator() -> Self {
+        Self::plain(COORDINATOR_QUEUE).max_length(COORDINATOR_QUEUE_LENGTH)
+    }
+
+    /// A control queue: a worker's or agent's, for the coordinator's
+    /// answers and orders.
+    pub fn control(name: impl Into<String>) -> Self {
+        Self::plain(name).max_length(CONTROL_QUEUE_LENGTH)
     }
 
     /// Sets the maximum length.

@@ -1,0 +1,339 @@
+//! The worker's link to the coordinator: requests go to `callq.coordinator`,
+//! answers and orders come back on the worker's own queue.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use callq_broker::{Broker, COORDINATOR_QUEUE, Disposition, Message, QueueSpec};
+use callq_schemas::codes;
+use callq_schemas::protocol::{Answer, AnswerBody, Lease, Request, RequestBody, TraceDecision};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tracing::{debug, warn};
+use uuid::Uuid;
+
+use crate::{Error, HandlerError};
+
+/// An order of the coordinator to the worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Order {
+    /// Start consuming (a standby that is promoted).
+    Promote,
+    /// Stop pulling, finish the calls in flight, leave.
+    Drain,
+    /// To a node agent: start a standby worker of these services.
+    StartStandby(Vec<String>),
+}
+
+/// The coordinator did not answer within the worker's patience.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the coordinator did not answer within {0:?}")]
+pub(crate) struct Unreachable(pub(crate) Duration);
+
+type Waiters = Mutex<HashMap<Uuid, oneshot::Sender<AnswerBody>>>;
+
+/// A worker's connection to the coordinator.
+pub(crate) struct Link {
+    broker: Arc<dyn Broker>,
+    worker_id: String,
+    queue: String,
+    waiters: Arc<Waiters>,
+    /// How long one try of a request waits for its answer.
+    try_timeout: Duration,
+    /// How long a request is tried in all.
+    patience: Duration,
+    reader: JoinHandle<()>,
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+impl Link {
+    /// Declares `queue` (the worker's or agent's own) and starts reading it.
+    /// Orders arrive on the returned channel.
+    pub(crate) async fn connect(
+        broker: Arc<dyn Broker>,
+        id: &str,
+        queue: String,
+        patience: Duration,
+    ) -> Result<(Arc<Self>, mpsc::Receiver<Order>), Error> {
+        let worker_id = id;
+        let setup = async {
+            broker.declare(&QueueSpec::coordinator()).await?;
+            broker.declare(&QueueSpec::control(&queue)).await?;
+            broker.consume(&queue, 256).await
+        };
+        let consumer = tokio::time::timeout(patience, setup)
+            .await
+            .map_err(|_| Error::Timeout(patience))??;
+        let waiters: Arc<Waiters> = Arc::default();
+        let (orders_tx, orders) = mpsc::channel(16);
+        let reader = tokio::spawn(read_answers(
+            consumer,
+            waiters.clone(),
+            orders_tx,
+            worker_id.to_owned(),
+        ));
+        let link = Self {
+            broker,
+            worker_id: worker_id.to_owned(),
+            queue,
+            waiters,
+            try_timeout: (patience / 10).clamp(Duration::from_millis(100), Duration::from_secs(2)),
+            patience,
+            reader,
+        };
+        Ok((Arc::new(link), orders))
+    }
+
+    /// Publishes a request that needs no answer.
+    pub(crate) async fn send(&self, body: RequestBody) -> Result<(), callq_broker::Error> {
+        let req = Request {
+            v: 1,
+            worker_id: self.worker_id.clone(),
+            reply_to: self.queue.clone(),
+            body,
+        };
+        let publish = self
+            .broker
+            .publish(COORDINATOR_QUEUE, Message::new(req.to_bytes()));
+        tokio::time::timeout(self.try_timeout, publish)
+            .await
+            .unwrap_or(Err(callq_broker::Error::Timeout(self.try_timeout)))
+    }
+
+    /// Asks the coordinator and waits for its answer, asking again with the
+    /// same request id while it stays silent (its decisions are idempotent
+    /// per request), up to the worker's patience.
+    pub(crate) async fn ask(
+        &self,
+        body: impl Fn(Uuid) -> RequestBody,
+    ) -> Result<AnswerBody, Unreachable> {
+        let req_id = Uuid::now_v7();
+        let (tx, mut rx) = oneshot::channel();
+        if let Ok(mut w) = self.waiters.lock() {
+            w.insert(req_id, tx);
+        }
+        let _forget = Forget {
+            waiters: &self.waiters,
+            req_id,
+        };
+        let give_up = tokio::time::Instant::now() + self.patience;
+        loop {
+            let try_until = (tokio::time::Instant::now() + self.try_timeout).min(give_up);
+            if let Err(e) = self.send(body(req_id)).await {
+                debug!(worker = %self.worker_id, "a coordinator request was not sent: {e}");
+            }
+            match tokio::time::timeout_at(try_until, &mut rx).await {
+                Ok(Ok(answer)) => return Ok(answer),
+                Ok(Err(_)) => return Err(Unreachable(self.patience)),
+                Err(_) if tokio::time::Instant::now() >= give_up => {
+                    return Err(Unreachable(self.patience));
+                }
+                Err(_) => {
+                    debug!(worker = %self.worker_id, %req_id, "no answer yet, asking again");
+                }
+            }
+        }
+    }
+}
+
+/// Removes a request's waiter however its wait ends.
+struct Forget<'a> {
+    waiters: &'a Waiters,
+    req_id: Uuid,
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut w) = self.waiters.lock() {
+            w.remove(&self.req_id);
+        }
+    }
+}
+
+fn req_id(answer: &AnswerBody) -> Option<Uuid> {
+    match answer {
+        AnswerBody::Resume { req_id, .. }
+        | AnswerBody::Trace { req_id, .. }
+        | AnswerBody::Complete { req_id, .. }
+        | AnswerBody::Draining { req_id, .. }
+        | AnswerBody::Status { req_id, .. } => Some(*req_id),
+        AnswerBody::Promote {} | AnswerBody::Drain {} | AnswerBody::StartStandby { .. } => None,
+    }
+}
+
+async fn read_answers(
+    mut consumer: Box<dyn callq_broker::Consumer>,
+    waiters: Arc<Waiters>,
+    orders: mpsc::Sender<Order>,
+    worker_id: String,
+) {
+    while let Some(item) = consumer.next().await {
+        let delivery = match item {
+            Ok(d) => d,
+            Err(e) => {
+                warn!(worker = %worker_id, "answer consumer error: {e}");
+                continue;
+            }
+        };
+        match serde_json::from_slice::<Answer>(&delivery.body) {
+            Ok(answer) => route(answer.body, &waiters, &orders, &worker_id),
+            Err(e) => warn!(worker = %worker_id, "unreadable coordinator answer dropped: {e}"),
+        }
+        if let Err(e) = delivery.settle(Disposition::Ack).await {
+            debug!(worker = %worker_id, "acking an answer: {e}");
+        }
+    }
+    warn!(worker = %worker_id, "the worker's answer queue consumer ended");
+}
+
+fn route(answer: AnswerBody, waiters: &Waiters, orders: &mpsc::Sender<Order>, worker_id: &str) {
+    if let Some(id) = req_id(&answer) {
+        // An answer nobody waits for is a late duplicate.
+        if let Some(tx) = waiters.lock().ok().and_then(|mut w| w.remove(&id)) {
+            let _ = tx.send(answer);
+        }
+        return;
+    }
+    let order = match answer {
+        AnswerBody::Promote {} => Order::Promote,
+        AnswerBody::Drain {} => Order::Drain,
+        AnswerBody::StartStandby { services } => Order::StartStandby(services),
+        other => {
+            warn!(worker = %worker_id, "unexpected coordinator message dropped: {other:?}");
+            return;
+        }
+    };
+    if let Err(e) = orders.try_send(order) {
+        warn!(worker = %worker_id, "order dropped, the worker is not reading orders: {e}");
+    }
+}
+
+/// Why an attempt stopped short.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Abort {
+    /// The coordinator refused a trace: the attempt was revoked or the call
+    /// is decided. The delivery is acked and dropped.
+    Revoked(String),
+    /// The coordinator did not answer a trace: the delivery goes back to the
+    /// queue and `resume` decides on the redelivery.
+    Unreachable,
+}
+
+/// One attempt's standing with the coordinator: its lease and the traces it
+/// was granted. Shared by the worker and the handler's context.
+pub(crate) struct Attempt {
+    /// `None` for a worker without a coordinator: traces are granted
+    /// locally.
+    pub(crate) link: Option<Arc<Link>>,
+    pub(crate) lease: Lease,
+    pub(crate) attempt: u32,
+    pub(crate) service: String,
+    pub(crate) reply_to: Option<String>,
+    traces: Mutex<Vec<String>>,
+    abort: Mutex<Option<Abort>>,
+}
+
+impl std::fmt::Debug for Attempt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attempt")
+            .field("lease", &self.lease)
+            .field("attempt", &self.attempt)
+            .field("traces", &self.traces())
+            .field("aborted", &self.aborted())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Attempt {
+    pub(crate) fn new(
+        link: Option<Arc<Link>>,
+        lease: Lease,
+        attempt: u32,
+        service: String,
+        reply_to: Option<String>,
+    ) -> Self {
+        Self {
+            link,
+            lease,
+            attempt,
+            service,
+            reply_to,
+            traces: Mutex::default(),
+            abort: Mutex::default(),
+        }
+    }
+
+    /// The traces granted so far.
+    pub(crate) fn traces(&self) -> Vec<String> {
+        self.traces.lock().map(|t| t.clone()).unwrap_or_default()
+    }
+
+    /// Why the attempt stopped short, if it did.
+    pub(crate) fn aborted(&self) -> Option<Abort> {
+        self.abort.lock().ok().and_then(|a| a.clone())
+    }
+
+    fn stop(&self, why: Abort) -> HandlerError {
+        let err = match &why {
+            Abort::Revoked(reason) => HandlerError::new(
+                codes::TRACE_REFUSED,
+                format!("the coordinator refused the trace: {reason}"),
+            ),
+            Abort::Unreachable => HandlerError::new(
+                codes::TRACE_REFUSED,
+                "the coordinator did not answer the trace request",
+            ),
+        };
+        if let Ok(mut a) = self.abort.lock() {
+            a.get_or_insert(why);
+        }
+        err
+    }
+
+    /// Asks for a grant to leave a trace of `kind`.
+    pub(crate) async fn trace(&self, kind: &str) -> Result<(), HandlerError> {
+        if let Some(why) = self.aborted() {
+            return Err(self.stop(why));
+        }
+        if let Some(link) = &self.link {
+            let asked = link
+                .ask(|req_id| RequestBody::Trace {
+                    req_id,
+                    lease: self.lease,
+                    attempt: self.attempt,
+                    kind: kind.to_owned(),
+                    service: self.service.clone(),
+                    call_reply_to: self.reply_to.clone(),
+                })
+                .await;
+            match asked {
+                Ok(AnswerBody::Trace {
+                    decision: TraceDecision::Granted,
+                    ..
+                }) => {}
+                Ok(AnswerBody::Trace {
+                    decision: TraceDecision::Refused { reason },
+                    ..
+                }) => return Err(self.stop(Abort::Revoked(reason))),
+                Ok(other) => {
+                    warn!(call_id = %self.lease.call_id, "unexpected answer to a trace: {other:?}");
+                    return Err(self.stop(Abort::Unreachable));
+                }
+                Err(e) => {
+                    warn!(call_id = %self.lease.call_id, kind, "trace not granted: {e}");
+                    return Err(self.stop(Abort::Unreachable));
+                }
+            }
+        }
+        if let Ok(mut t) = self.traces.lock() {
+            t.push(kind.to_owned());
+        }
+        Ok(())
+    }
+}
