@@ -2,5 +2,6 @@
 //! shared by the command line and the benchmarks.
 #![forbid(unsafe_code)]
 
+pub mod cluster;
 pub mod demo;
 pub mod load;

@@ -11,12 +11,14 @@
 //! Everything here depends on the broker contract (`callq-broker`) only.
 #![forbid(unsafe_code)]
 
+mod admin;
 mod client;
 mod handler;
 mod link;
 pub mod services;
 mod worker;
 
+pub use admin::Admin;
 pub use client::{CallOptions, Client, ClientOptions};
 pub use handler::{Ctx, HandlerError, HandlerFuture, Service};
 pub use worker::{Worker, WorkerOptions, WorkerStats};
@@ -40,6 +42,9 @@ pub enum Error {
     /// The broker did not answer in time.
     #[error("the broker did not answer within {0:?}")]
     Timeout(std::time::Duration),
+    /// The coordinator answered something that does not fit the question.
+    #[error("unexpected answer from the coordinator: {0}")]
+    Protocol(String),
     /// The configuration is not usable.
     #[error("invalid configuration: {0}")]
     Config(String),

@@ -30,13 +30,83 @@ pub fn echo() -> Service {
         })
 }
 
+/// The trace `mail.send` declares before its effect.
+pub const MAIL_SENT: &str = "mail.sent";
+
+/// The ending an outbox file of `mail.send` must have, so that a call can
+/// only ever append to files meant for it.
+pub const OUTBOX_SUFFIX: &str = ".outbox";
+
+/// `mail`: `send` "sends" a mail by appending one line to an outbox file,
+/// after declaring the trace `mail.sent`.
+///
+/// Arguments: `{"outbox": "/abs/path/x.outbox", "to": "a@b", "subject": "..",
+/// "before_ms": 0, "after_ms": 0}`. The line is `<call_id>\t<to>\t<subject>`.
+/// `before_ms` waits before the trace and `after_ms` after the line is
+/// written, so that tests and the demo can kill a worker on either side of
+/// the trace: killed before it, the call is retried transparently; killed
+/// after it, the call ends `fatal` and the line is there once.
+pub fn mail() -> Service {
+    Service::new("mail").method("send", |ctx, args: Value| async move {
+        let text = |k: &str| args.get(k).and_then(Value::as_str).map(str::to_owned);
+        let ms = |k: &str| args.get(k).and_then(Value::as_u64).unwrap_or(0);
+        let outbox = text("outbox").ok_or_else(|| {
+            HandlerError::invalid_args("send needs {\"outbox\": \"/path/file.outbox\", \"to\": ..}")
+        })?;
+        let path = std::path::PathBuf::from(&outbox);
+        if !path.is_absolute() || !outbox.ends_with(OUTBOX_SUFFIX) {
+            return Err(HandlerError::invalid_args(format!(
+                "outbox must be an absolute path ending in `{OUTBOX_SUFFIX}`, not `{outbox}`"
+            )));
+        }
+        let to = text("to").ok_or_else(|| HandlerError::invalid_args("send needs \"to\""))?;
+        let subject = text("subject").unwrap_or_default();
+        let (before, after) = (ms("before_ms"), ms("after_ms"));
+        if before.max(after) > MAX_SLEEP_MS {
+            return Err(HandlerError::invalid_args(format!(
+                "before_ms and after_ms must not exceed {MAX_SLEEP_MS}"
+            )));
+        }
+        if [&to, &subject].iter().any(|t| t.contains(['\n', '\t'])) {
+            return Err(HandlerError::invalid_args(
+                "to and subject must not contain tabs or line breaks",
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(before)).await;
+        ctx.trace(MAIL_SENT).await?;
+        let line = format!("{}\t{to}\t{subject}\n", ctx.call_id());
+        let written = tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .and_then(|mut f| f.write_all(line.as_bytes()))
+        })
+        .await;
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return Err(HandlerError::new(
+                    "outbox_unwritable",
+                    format!("cannot append to `{outbox}`: {e}"),
+                ));
+            }
+            Err(e) => return Err(HandlerError::new("outbox_unwritable", e.to_string())),
+        }
+        tokio::time::sleep(Duration::from_millis(after)).await;
+        Ok(json!({ "sent": true, "to": to }))
+    })
+}
+
 /// The names of the built-in services, for `--services`.
-pub const BUILT_IN: &[&str] = &["echo"];
+pub const BUILT_IN: &[&str] = &["echo", "mail"];
 
 /// A built-in service by name.
 pub fn by_name(name: &str) -> Option<Service> {
     match name {
         "echo" => Some(echo()),
+        "mail" => Some(mail()),
         _ => None,
     }
 }
@@ -83,5 +153,37 @@ mod tests {
                 .is_none()
         );
         assert!(by_name("echo").is_some() && by_name("x").is_none());
+    }
+
+    #[tokio::test]
+    async fn mail_appends_one_line_per_call_and_checks_its_args() {
+        let dir = std::env::temp_dir().join(format!("callq-mail-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let outbox = dir.join("t.outbox");
+        let s = mail();
+        let ctx = Ctx::for_test("mail", "send");
+        let id = ctx.call_id();
+        let args = json!({"outbox": outbox, "to": "a@example.com", "subject": "hi"});
+        let r = s.invoke("send", ctx, args).unwrap().await.unwrap();
+        assert_eq!(r, json!({"sent": true, "to": "a@example.com"}));
+        let text = std::fs::read_to_string(&outbox).unwrap();
+        assert_eq!(text, format!("{id}\ta@example.com\thi\n"));
+        for bad in [
+            json!({"to": "a"}),
+            json!({"outbox": "relative.outbox", "to": "a"}),
+            json!({"outbox": dir.join("x.txt"), "to": "a"}),
+            json!({"outbox": outbox, "to": "a\nb"}),
+            json!({"outbox": outbox}),
+            json!({"outbox": outbox, "to": "a", "after_ms": MAX_SLEEP_MS + 1}),
+        ] {
+            let e = s
+                .invoke("send", Ctx::for_test("mail", "send"), bad.clone())
+                .unwrap()
+                .await
+                .unwrap_err();
+            assert_eq!(e.code, "invalid_args", "{bad}");
+        }
+        assert_eq!(std::fs::read_to_string(&outbox).unwrap().lines().count(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

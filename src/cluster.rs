@@ -1,0 +1,210 @@
+//! A whole cluster in one process on the embedded broker: a coordinator,
+//! workers and standbys that can be started, killed and drained. The demo,
+//! the fault tests and the benchmarks drive it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use callq_broker::{Broker, QueueSpec};
+use callq_broker_embedded::EmbeddedBroker;
+use callq_coordinator::{Coordinator, CoordinatorOptions, Ledger, Store};
+use callq_node::{Admin, Client, ClientOptions, Worker, WorkerOptions, WorkerStats, services};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// How the cluster runs.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// Heartbeat interval of workers and the coordinator's failure detector.
+    pub heartbeat_interval: Duration,
+    /// Intervals of silence after which a worker is dead.
+    pub dead_after: u32,
+    /// Calls each worker runs at once.
+    pub capacity: u16,
+    /// Standbys the coordinator keeps per reserved service.
+    pub standby_per_service: BTreeMap<String, u32>,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        let defaults = CoordinatorOptions::default();
+        Self {
+            heartbeat_interval: defaults.heartbeat_interval,
+            dead_after: defaults.dead_after,
+            capacity: 64,
+            standby_per_service: BTreeMap::new(),
+        }
+    }
+}
+
+/// A worker of the cluster.
+struct Running {
+    task: JoinHandle<Result<(), callq_node::Error>>,
+    stop: CancellationToken,
+}
+
+/// An in-process cluster on the embedded broker.
+pub struct LocalCluster {
+    /// The broker every part shares.
+    pub broker: Arc<dyn Broker>,
+    opts: ClusterOptions,
+    shutdown: CancellationToken,
+    coordinator: Option<JoinHandle<Result<(), callq_coordinator::Error>>>,
+    workers: HashMap<String, Running>,
+    /// Stats of every worker ever started, killed ones included.
+    all_stats: BTreeMap<String, Arc<WorkerStats>>,
+}
+
+impl LocalCluster {
+    /// A cluster with a coordinator over `store` and no workers yet.
+    pub async fn start<S: Store + 'static>(opts: ClusterOptions, store: S) -> anyhow::Result<Self> {
+        let broker: Arc<dyn Broker> = Arc::new(EmbeddedBroker::new());
+        // Declared before anything runs, so that requests sent before the
+        // coordinator's task starts wait in the queue.
+        broker.declare(&QueueSpec::coordinator()).await?;
+        let mut cluster = Self {
+            broker,
+            opts,
+            shutdown: CancellationToken::new(),
+            coordinator: None,
+            workers: HashMap::new(),
+            all_stats: BTreeMap::new(),
+        };
+        cluster.start_coordinator(store)?;
+        Ok(cluster)
+    }
+
+    /// Starts a coordinator over `store` (after [`LocalCluster::kill_coordinator`]).
+    pub fn start_coordinator<S: Store + 'static>(&mut self, store: S) -> anyhow::Result<()> {
+        let coordinator = Coordinator::new(
+            CoordinatorOptions {
+                heartbeat_interval: self.opts.heartbeat_interval,
+                dead_after: self.opts.dead_after,
+                standby_per_service: self.opts.standby_per_service.clone(),
+                ..CoordinatorOptions::default()
+            },
+            self.broker.clone(),
+            Ledger::open(store).context("opening the call ledger")?,
+        );
+        self.coordinator = Some(tokio::spawn(coordinator.run(self.shutdown.child_token())));
+        Ok(())
+    }
+
+    /// Kills the coordinator on the spot (its store stays as it was).
+    pub fn kill_coordinator(&mut self) {
+        if let Some(c) = self.coordinator.take() {
+            c.abort();
+        }
+    }
+
+    /// The options of a worker of this cluster.
+    pub fn worker_options(&self, id: &str, standby: bool) -> WorkerOptions {
+        WorkerOptions {
+            worker_id: id.to_owned(),
+            capacity: self.opts.capacity,
+            standby,
+            heartbeat_interval: self.opts.heartbeat_interval,
+            drain_timeout: Duration::from_secs(30),
+            ..WorkerOptions::default()
+        }
+    }
+
+    /// Starts a worker of the built-in `services`; it declares its queues
+    /// before this returns.
+    pub async fn spawn_worker(
+        &mut self,
+        id: &str,
+        services: &[&str],
+        standby: bool,
+    ) -> anyhow::Result<()> {
+        let opts = self.worker_options(id, standby);
+        let mut worker = Worker::new(opts, self.broker.clone());
+        for name in services {
+            let service =
+                services::by_name(name).with_context(|| format!("no built-in service `{name}`"))?;
+            worker = worker.service(service);
+        }
+        worker.declare().await?;
+        let stop = self.shutdown.child_token();
+        let stats = worker.stats();
+        self.all_stats.insert(id.to_owned(), stats);
+        let task = tokio::spawn(worker.run(stop.clone()));
+        self.workers.insert(id.to_owned(), Running { task, stop });
+        Ok(())
+    }
+
+    /// Kills a worker on the spot: its calls stop where they are, its
+    /// heartbeats stop, the broker returns its deliveries. `false` if no
+    /// such worker runs.
+    pub fn kill(&mut self, id: &str) -> bool {
+        match self.workers.remove(id) {
+            Some(w) => {
+                w.task.abort();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Asks a worker to drain and waits until it has left.
+    pub async fn stop_worker(&mut self, id: &str) -> anyhow::Result<()> {
+        if let Some(w) = self.workers.remove(id) {
+            w.stop.cancel();
+            w.task.await??;
+        }
+        Ok(())
+    }
+
+    /// Workers running now.
+    pub fn worker_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.workers.keys().cloned().collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// The counters of a worker, running or not.
+    pub fn stats(&self, id: &str) -> Option<Arc<WorkerStats>> {
+        self.all_stats.get(id).cloned()
+    }
+
+    /// The counters of every worker ever started.
+    pub fn all_stats(&self) -> &BTreeMap<String, Arc<WorkerStats>> {
+        &self.all_stats
+    }
+
+    /// A client of the cluster.
+    pub async fn client(&self) -> anyhow::Result<Client> {
+        Ok(Client::connect(self.broker.clone(), ClientOptions::default()).await?)
+    }
+
+    /// An operator's handle.
+    pub async fn admin(&self) -> anyhow::Result<Admin> {
+        Ok(Admin::connect(self.broker.clone(), Duration::from_secs(10)).await?)
+    }
+
+    /// Stops everything: workers drain, the coordinator stops.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        let ids = self.worker_ids();
+        for id in ids {
+            self.stop_worker(&id).await?;
+        }
+        self.shutdown.cancel();
+        if let Some(c) = self.coordinator.take() {
+            c.await??;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        for w in self.workers.values() {
+            w.task.abort();
+        }
+        if let Some(c) = &self.coordinator {
+            c.abort();
+        }
+    }
+}
