@@ -1,30 +1,39 @@
-//! `callq demo`: an in-process cluster on the embedded broker.
+//! `callq demo`: the whole story on one machine. A coordinator (its ledger
+//! in redb), workers and a standby on the embedded broker serve a load of
+//! `echo.sleep` and `mail.send` calls; mid-load a worker is killed; the demo
+//! prints how every call ended, what was retried transparently, what ended
+//! `fatal` and why, and the failover pause the clients felt.
 
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
-use callq_broker::Broker;
-use callq_broker_embedded::EmbeddedBroker;
-use callq_node::{Client, ClientOptions, Worker, WorkerOptions, WorkerStats, services};
-use callq_schemas::Outcome;
-use serde_json::json;
-use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
+use anyhow::Context as _;
+use callq_coordinator::RedbStore;
 
-use crate::load::{self, LoadReport, LoadSpec};
+use crate::chaos::{self, ChaosReport, ChaosSpec};
+use crate::cluster::ClusterOptions;
 
 /// What the demo runs.
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
-    /// Worker count.
+    /// Active workers.
     pub workers: usize,
+    /// Standby workers.
+    pub standbys: usize,
     /// Calls each worker runs at once.
     pub capacity: u16,
     /// Calls in all.
     pub calls: usize,
     /// Calls in flight at once.
     pub concurrency: usize,
+    /// How long each call works.
+    pub work: Duration,
+    /// When the worker is killed, after the load starts.
+    pub kill_at: Duration,
+    /// Where the coordinator's ledger and the mail outbox go; a fresh
+    /// temporary directory when `None`.
+    pub dir: Option<PathBuf>,
     /// Print a progress line.
     pub progress: bool,
 }
@@ -33,91 +42,73 @@ impl Default for DemoOptions {
     fn default() -> Self {
         Self {
             workers: 3,
+            standbys: 1,
             capacity: 64,
-            calls: 10_000,
-            concurrency: 256,
+            calls: 5_000,
+            concurrency: 128,
+            work: Duration::from_millis(50),
+            kill_at: Duration::from_millis(800),
+            dir: None,
             progress: true,
         }
     }
 }
 
-/// What the demo saw.
-#[derive(Debug)]
-pub struct DemoReport {
-    /// The load's figures.
-    pub load: LoadReport,
-    /// Calls each worker answered, by worker id.
-    pub per_worker: Vec<(String, u64)>,
-}
-
-impl DemoReport {
-    /// Whether every call ended `ok`.
-    pub fn all_ok(&self) -> bool {
-        self.load.failed == 0 && self.load.count(Outcome::Ok) == self.load.latency.len()
-    }
-}
-
 /// Runs the demo and prints what happened to stdout.
-pub async fn run(opts: &DemoOptions) -> anyhow::Result<DemoReport> {
-    let broker: Arc<dyn Broker> = Arc::new(EmbeddedBroker::new());
-    let shutdown = CancellationToken::new();
-    let mut workers = JoinSet::new();
-    let mut stats: Vec<(String, Arc<WorkerStats>)> = Vec::new();
-    for i in 1..=opts.workers {
-        let worker = Worker::new(
-            WorkerOptions {
-                worker_id: format!("worker-{i}"),
-                capacity: opts.capacity,
-                drain_timeout: Duration::from_secs(10),
-                coordinated: false,
-                ..WorkerOptions::default()
+pub async fn run(opts: &DemoOptions) -> anyhow::Result<ChaosReport> {
+    let (dir, temporary) = match &opts.dir {
+        Some(d) => (d.clone(), false),
+        None => (
+            std::env::temp_dir().join(format!("callq-demo-{}", uuid::Uuid::now_v7().simple())),
+            true,
+        ),
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let store = RedbStore::open(dir.join("ledger.redb"))?;
+    let reserved: BTreeMap<String, u32> = [("echo".to_owned(), 1), ("mail".to_owned(), 1)]
+        .into_iter()
+        .collect();
+    let spec = ChaosSpec {
+        cluster: ClusterOptions {
+            capacity: opts.capacity,
+            standby_per_service: if opts.standbys > 0 {
+                reserved
+            } else {
+                BTreeMap::new()
             },
-            broker.clone(),
-        )
-        .service(services::echo());
-        worker.declare().await?;
-        stats.push((worker.id().to_owned(), worker.stats()));
-        workers.spawn(worker.run(shutdown.clone()));
-    }
-    println!(
-        "callq demo: {} workers (capacity {} each) on the embedded broker; {} calls of echo.echo, {} in flight",
-        opts.workers, opts.capacity, opts.calls, opts.concurrency
-    );
-
-    let client = Client::connect(broker.clone(), ClientOptions::default()).await?;
-    let spec = LoadSpec {
-        service: "echo".into(),
-        method: "echo".into(),
-        args: json!({"hello": "callq", "n": 42}),
+            ..ClusterOptions::default()
+        },
+        workers: opts.workers,
+        standbys: opts.standbys,
         calls: opts.calls,
         concurrency: opts.concurrency,
-        timeout: Duration::from_secs(30),
+        mail_every: 4,
+        work: opts.work,
+        kill_every: opts.kill_at,
+        max_kills: 1,
+        replace_killed: false,
+        timeout: Duration::from_secs(60),
+        outbox: dir.join("mail.outbox"),
         progress: opts.progress,
     };
-    let report = load::run(&client, &spec).await;
-
-    shutdown.cancel();
-    while let Some(ended) = workers.join_next().await {
-        ended??;
+    println!(
+        "callq demo: a coordinator (ledger in {}), {} workers and {} standby on the embedded broker",
+        dir.display(),
+        opts.workers,
+        opts.standbys
+    );
+    println!(
+        "  {} calls, {} in flight: every 4th is mail.send (declares the trace mail.sent, then appends to {}), the rest echo.sleep {} ms; the busiest worker is killed at {:.1} s",
+        opts.calls,
+        opts.concurrency,
+        spec.outbox.display(),
+        opts.work.as_millis(),
+        opts.kill_at.as_secs_f64()
+    );
+    let report = chaos::run(&spec, store).await?;
+    report.print();
+    if temporary {
+        let _ = std::fs::remove_dir_all(&dir);
     }
-    let per_worker = stats
-        .iter()
-        .map(|(id, s)| (id.clone(), s.ok.load(Ordering::Relaxed)))
-        .collect::<Vec<_>>();
-
-    println!("{}", report.summary());
-    let outcomes = report
-        .outcomes
-        .iter()
-        .map(|(o, n)| format!("{o} {n}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    println!("outcomes: {outcomes}; not published: {}", report.failed);
-    for (id, n) in &per_worker {
-        println!("  {id}: {n} calls");
-    }
-    Ok(DemoReport {
-        load: report,
-        per_worker,
-    })
+    Ok(report)
 }

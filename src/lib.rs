@@ -2,6 +2,7 @@
 //! shared by the command line and the benchmarks.
 #![forbid(unsafe_code)]
 
+pub mod chaos;
 pub mod cluster;
 pub mod demo;
 pub mod load;

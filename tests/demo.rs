@@ -1,12 +1,22 @@
-//! `callq demo` as a user runs it: the binary, its figures, its exit code.
+//! `callq demo` as a user runs it: the binary, its account of the kill, its
+//! exit code.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::process::Command;
 
 #[test]
-fn the_demo_serves_every_call_and_prints_its_figures() {
+fn the_demo_kills_a_worker_and_accounts_for_every_call() {
     let out = Command::new(env!("CARGO_BIN_EXE_callq"))
-        .args(["demo", "--calls", "3000", "--concurrency", "128", "--quiet"])
+        .args([
+            "demo",
+            "--calls",
+            "3000",
+            "--concurrency",
+            "96",
+            "--kill-at-ms",
+            "400",
+            "--quiet",
+        ])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -15,23 +25,27 @@ fn the_demo_serves_every_call_and_prints_its_figures() {
         "demo failed: {stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(
-        stdout.contains("outcomes: ok 3000; not published: 0"),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains("calls/s") && stdout.contains("p50") && stdout.contains("p99"),
-        "{stdout}"
-    );
-    // Three workers, and every one of them served.
-    let served: Vec<u64> = stdout
+    assert!(stdout.contains("3000 calls in"), "{stdout}");
+    assert!(stdout.contains("killed worker-"), "{stdout}");
+    assert!(stdout.contains("contract held"), "{stdout}");
+    assert!(!stdout.contains("VIOLATION"), "{stdout}");
+    assert!(stdout.contains("failover pause"), "{stdout}");
+    assert!(stdout.contains("standbys promoted: 1"), "{stdout}");
+    // Outcomes add up to the calls, and only ok and fatal occur.
+    let line = stdout
         .lines()
-        .filter_map(|l| l.trim().strip_prefix("worker-"))
-        .map(|l| l.split_whitespace().nth(1).unwrap().parse().unwrap())
-        .collect();
-    assert_eq!(served.len(), 3, "{stdout}");
-    assert_eq!(served.iter().sum::<u64>(), 3000);
-    assert!(served.iter().all(|n| *n > 0), "{stdout}");
+        .find(|l| l.contains("outcomes:"))
+        .unwrap()
+        .split("outcomes: ")
+        .nth(1)
+        .unwrap();
+    let mut total = 0;
+    for part in line.split(", ") {
+        let (outcome, n) = part.split_once(' ').unwrap();
+        assert!(outcome == "ok" || outcome == "fatal", "{line}");
+        total += n.parse::<u64>().unwrap();
+    }
+    assert_eq!(total, 3000, "{line}");
 }
 
 #[test]

@@ -453,13 +453,15 @@ impl<S: Store> Coordinator<S> {
         }
     }
 
-    /// Promotes a standby for each reserved service of a dead worker.
+    /// Promotes standbys for the reserved services of a dead worker: one
+    /// standby covers every service it serves.
     fn promote_for(&mut self, dead: &WorkerEntry, out: &mut Vec<(String, Answer)>) {
         if dead.state != WorkerState::Active {
             return;
         }
+        let mut covered: Vec<&String> = Vec::new();
         for service in &dead.services {
-            if !self.opts.standby_per_service.contains_key(service) {
+            if !self.opts.standby_per_service.contains_key(service) || covered.contains(&service) {
                 continue;
             }
             let standby = self
@@ -477,6 +479,7 @@ impl<S: Store> Coordinator<S> {
             info!(worker = id, service, "promoting a standby");
             w.state = WorkerState::Active;
             self.promotions += 1;
+            covered.extend(dead.services.iter().filter(|s| w.services.contains(s)));
             out.push((
                 w.queue.clone(),
                 Answer {

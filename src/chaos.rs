@@ -1,0 +1,352 @@
+//! A load under faults: calls of `echo.sleep` and `mail.send` through an
+//! in-process cluster while workers are killed mid-flight, with an account of
+//! how every call ended. The demo and the failover tests run it.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use callq_coordinator::Store;
+use callq_node::CallOptions;
+use callq_node::services::MAIL_SENT;
+use callq_schemas::{Outcome, Reply, Uuid};
+use futures::StreamExt;
+use serde_json::json;
+use tokio::time::Instant;
+
+use crate::cluster::{ClusterOptions, LocalCluster};
+
+/// The load and the faults.
+#[derive(Debug, Clone)]
+pub struct ChaosSpec {
+    /// The cluster.
+    pub cluster: ClusterOptions,
+    /// Active workers at the start (each serves `echo` and `mail`).
+    pub workers: usize,
+    /// Standby workers at the start.
+    pub standbys: usize,
+    /// Calls in all.
+    pub calls: usize,
+    /// Calls in flight at once.
+    pub concurrency: usize,
+    /// Every n-th call is a `mail.send` (0: none); the others `echo.sleep`.
+    pub mail_every: usize,
+    /// How long each call works: `echo.sleep` sleeps this long, `mail.send`
+    /// waits half of it before its trace and half after.
+    pub work: Duration,
+    /// A worker is killed this often, the busiest first.
+    pub kill_every: Duration,
+    /// Kills in all, at most.
+    pub max_kills: usize,
+    /// Whether a killed worker is replaced at once by a new one (as a node
+    /// agent restarts a crashed process).
+    pub replace_killed: bool,
+    /// Each call's timeout.
+    pub timeout: Duration,
+    /// Where `mail.send` appends its lines.
+    pub outbox: PathBuf,
+    /// Print a progress line to stderr.
+    pub progress: bool,
+}
+
+/// A call's end, as the client saw it.
+#[derive(Debug, Clone)]
+pub struct Ended {
+    /// The call.
+    pub call_id: Uuid,
+    /// Whether it was a `mail.send`.
+    pub mail: bool,
+    /// Its reply; `None` if it could not be published.
+    pub reply: Option<Reply>,
+    /// Its round trip.
+    pub latency: Duration,
+}
+
+/// What happened.
+#[derive(Debug)]
+pub struct ChaosReport {
+    /// Every call's end, in the order they ended.
+    pub ended: Vec<Ended>,
+    /// Workers killed, with the time of each kill since the start.
+    pub kills: Vec<(String, Duration)>,
+    /// The call ids found in the outbox, one per mail sent.
+    pub mails_sent: Vec<Uuid>,
+    /// Wall (or paused-clock) time of the whole load.
+    pub elapsed: Duration,
+    /// The expected work of one call, to tell waiting from working.
+    pub work: Duration,
+    /// Standbys promoted, per the coordinator.
+    pub promotions: u64,
+    /// Workers the coordinator declared dead.
+    pub deaths: u64,
+}
+
+impl ChaosReport {
+    /// Calls per final outcome.
+    pub fn outcomes(&self) -> BTreeMap<&'static str, u64> {
+        let mut m = BTreeMap::new();
+        for e in &self.ended {
+            let key = e
+                .reply
+                .as_ref()
+                .map_or("not published", |r| r.outcome.as_str());
+            *m.entry(key).or_insert(0) += 1;
+        }
+        m
+    }
+
+    /// Calls answered `ok` by an attempt above 1: retried transparently.
+    pub fn retried_ok(&self) -> usize {
+        self.ended
+            .iter()
+            .filter(|e| {
+                e.reply
+                    .as_ref()
+                    .is_some_and(|r| r.outcome == Outcome::Ok && r.attempt > 1)
+            })
+            .count()
+    }
+
+    /// The `fatal` replies.
+    pub fn fatal(&self) -> Vec<&Reply> {
+        self.ended
+            .iter()
+            .filter_map(|e| e.reply.as_ref())
+            .filter(|r| r.outcome == Outcome::Fatal)
+            .collect()
+    }
+
+    /// The longest a retried call waited beyond its own work: the failover
+    /// pause its client felt.
+    pub fn failover_pause(&self) -> Option<Duration> {
+        self.ended
+            .iter()
+            .filter(|e| e.reply.as_ref().is_some_and(|r| r.attempt > 1))
+            .map(|e| e.latency.saturating_sub(self.work))
+            .max()
+    }
+
+    /// Everything that breaks the call contract; empty when it held:
+    /// one final outcome per call, none lost, `fatal` only after a granted
+    /// trace, each mail sent at most once, every `ok` mail sent exactly once.
+    pub fn violations(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        let mut seen = HashSet::new();
+        let mut sent: HashMap<Uuid, usize> = HashMap::new();
+        for id in &self.mails_sent {
+            *sent.entry(*id).or_insert(0) += 1;
+        }
+        for (id, n) in &sent {
+            if *n > 1 {
+                v.push(format!("mail of call {id} sent {n} times"));
+            }
+        }
+        for e in &self.ended {
+            if !seen.insert(e.call_id) {
+                v.push(format!("call {} ended twice", e.call_id));
+            }
+            let Some(r) = &e.reply else {
+                v.push(format!("call {} was not published", e.call_id));
+                continue;
+            };
+            match r.outcome {
+                Outcome::Ok if e.mail && sent.get(&e.call_id) != Some(&1) => {
+                    v.push(format!(
+                        "call {} is ok but its mail was not sent once",
+                        e.call_id
+                    ));
+                }
+                Outcome::Ok => {}
+                Outcome::Fatal => {
+                    let traces = r
+                        .error
+                        .as_ref()
+                        .map(|x| x.traces.clone())
+                        .unwrap_or_default();
+                    if !e.mail || traces != [MAIL_SENT] {
+                        v.push(format!(
+                            "call {} ended fatal without a granted trace: {traces:?}",
+                            e.call_id
+                        ));
+                    }
+                }
+                other => v.push(format!("call {} ended {other}: {:?}", e.call_id, r.error)),
+            }
+        }
+        v
+    }
+
+    /// The report, as the demo prints it.
+    pub fn print(&self) {
+        let outcomes = self
+            .outcomes()
+            .iter()
+            .map(|(o, n)| format!("{o} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        println!(
+            "{} calls in {:.2} s; outcomes: {outcomes}",
+            self.ended.len(),
+            self.elapsed.as_secs_f64()
+        );
+        for (w, at) in &self.kills {
+            println!("  killed {w} at {:.2} s", at.as_secs_f64());
+        }
+        println!(
+            "  re-issued or redelivered and answered ok transparently: {}",
+            self.retried_ok()
+        );
+        let fatal = self.fatal();
+        println!(
+            "  fatal: {} (each had declared a trace before its worker died)",
+            fatal.len()
+        );
+        if let Some(e) = fatal.first().and_then(|r| r.error.as_ref()) {
+            println!("    for example: {}", e.message);
+        }
+        if let Some(p) = self.failover_pause() {
+            println!(
+                "  failover pause: the longest a retried call waited beyond its own work was {:.0} ms",
+                p.as_secs_f64() * 1000.0
+            );
+        }
+        println!(
+            "  coordinator: workers declared dead: {}, standbys promoted: {}",
+            self.deaths, self.promotions
+        );
+        println!(
+            "  mails sent: {} lines for {} distinct calls",
+            self.mails_sent.len(),
+            self.mails_sent.iter().collect::<HashSet<_>>().len()
+        );
+        let violations = self.violations();
+        if violations.is_empty() {
+            println!("  contract held: one final outcome per call, none lost, no mail sent twice");
+        } else {
+            for v in &violations {
+                println!("  VIOLATION: {v}");
+            }
+        }
+    }
+}
+
+/// Runs the load under faults and accounts for every call.
+pub async fn run<S: Store + 'static>(spec: &ChaosSpec, store: S) -> anyhow::Result<ChaosReport> {
+    let mut cluster = LocalCluster::start(spec.cluster.clone(), store).await?;
+    let services = ["echo", "mail"];
+    for i in 1..=spec.workers {
+        cluster
+            .spawn_worker(&format!("worker-{i}"), &services, false)
+            .await?;
+    }
+    for i in 1..=spec.standbys {
+        cluster
+            .spawn_worker(&format!("standby-{i}"), &services, true)
+            .await?;
+    }
+    let client = cluster.client().await?;
+    let admin = cluster.admin().await?;
+    let half = u64::try_from(spec.work.as_millis() / 2).unwrap_or(u64::MAX);
+    let work_ms = half * 2;
+    let outbox = spec.outbox.clone();
+    let start = Instant::now();
+    let opts = CallOptions {
+        timeout: Some(spec.timeout),
+        ..CallOptions::default()
+    };
+    let mut calls = futures::stream::iter(0..spec.calls)
+        .map(|i| {
+            let mail = spec.mail_every > 0 && i % spec.mail_every == 0;
+            let client = client.clone();
+            let opts = opts.clone();
+            let outbox = outbox.clone();
+            async move {
+                let (service, method, args) = if mail {
+                    let args = json!({"outbox": outbox, "to": format!("user{i}@example.com"),
+                                      "subject": "hello", "before_ms": half, "after_ms": half});
+                    ("mail", "send", args)
+                } else {
+                    ("echo", "sleep", json!({"ms": work_ms}))
+                };
+                let t = Instant::now();
+                let mut call = callq_schemas::Call::new(service, method, args);
+                call.deadline = Some(time::OffsetDateTime::now_utc() + spec.timeout);
+                let call_id = call.call_id;
+                let reply = client
+                    .send(call, opts.timeout.unwrap_or_default())
+                    .await
+                    .ok();
+                Ended {
+                    call_id,
+                    mail,
+                    reply,
+                    latency: t.elapsed(),
+                }
+            }
+        })
+        .buffer_unordered(spec.concurrency.max(1));
+
+    let mut ended = Vec::with_capacity(spec.calls);
+    let mut kills = Vec::new();
+    let mut next_id = spec.workers + 1;
+    let mut killer = tokio::time::interval_at(start + spec.kill_every, spec.kill_every);
+    let mut progress = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            e = calls.next() => match e {
+                Some(e) => ended.push(e),
+                None => break,
+            },
+            _ = killer.tick(), if kills.len() < spec.max_kills => {
+                let busiest = cluster
+                    .worker_ids()
+                    .into_iter()
+                    .filter_map(|id| {
+                        let n = cluster.stats(&id)?.in_flight.load(Ordering::Relaxed);
+                        (n > 0).then_some((n, id))
+                    })
+                    .max();
+                if let Some((_, id)) = busiest {
+                    cluster.kill(&id);
+                    kills.push((id, start.elapsed()));
+                    if spec.replace_killed {
+                        cluster.spawn_worker(&format!("worker-{next_id}"), &services, false).await?;
+                        next_id += 1;
+                    }
+                }
+            }
+            _ = progress.tick(), if spec.progress => {
+                eprint!("\r  {:>8} / {} calls, {} killed", ended.len(), spec.calls, kills.len());
+                let _ = std::io::stderr().flush();
+            }
+        }
+    }
+    let elapsed = start.elapsed();
+    if spec.progress {
+        eprintln!(
+            "\r  {:>8} / {} calls, {} killed",
+            ended.len(),
+            spec.calls,
+            kills.len()
+        );
+    }
+    let status = admin.status().await?;
+    drop(calls);
+    cluster.shutdown().await?;
+    let mails_sent = std::fs::read_to_string(&spec.outbox)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split('\t').next()?.parse().ok())
+        .collect();
+    Ok(ChaosReport {
+        ended,
+        kills,
+        mails_sent,
+        elapsed,
+        work: Duration::from_millis(work_ms),
+        promotions: status.promotions,
+        deaths: status.deaths,
+    })
+}
