@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod agent;
 mod client;
 mod handler;
 mod link;
@@ -19,6 +20,7 @@ pub mod services;
 mod worker;
 
 pub use admin::Admin;
+pub use agent::{Agent, AgentOptions, AgentStats, InProcess, Launcher, Processes, WorkerSpec};
 pub use client::{CallOptions, Client, ClientOptions};
 pub use handler::{Ctx, HandlerError, HandlerFuture, Service};
 pub use worker::{Worker, WorkerOptions, WorkerStats};

@@ -1,0 +1,434 @@
+//! The node agent: starts the workers of its host, restarts a crashed one,
+//! and starts standbys when the coordinator asks.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use callq_broker::{Broker, agent_queue};
+use callq_schemas::protocol::RequestBody;
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::link::{Link, Order};
+use crate::worker::millis;
+use crate::{Error, Worker, WorkerOptions, services};
+
+/// Workers of one kind that an agent keeps running.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerSpec {
+    /// The built-in services they serve.
+    pub services: Vec<String>,
+    /// Whether they start as standbys.
+    #[serde(default)]
+    pub standby: bool,
+    /// How many.
+    #[serde(default = "one")]
+    pub count: u32,
+    /// Calls each runs at once.
+    #[serde(default = "capacity")]
+    pub capacity: u16,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn capacity() -> u16 {
+    WorkerOptions::default().capacity
+}
+
+/// How an agent runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AgentOptions {
+    /// The agent's id; unique in the cluster (the host name, say).
+    pub agent_id: String,
+    /// The workers it keeps running.
+    pub workers: Vec<WorkerSpec>,
+    /// Services it may start standbys of when the coordinator asks; the
+    /// services of its workers when empty.
+    pub services: Vec<String>,
+    /// How often it heartbeats to the coordinator.
+    #[serde(with = "millis")]
+    pub heartbeat_interval: Duration,
+    /// The first wait before restarting a crashed worker; it doubles with
+    /// each crash in a row of the same worker, up to a minute.
+    #[serde(with = "millis")]
+    pub restart_backoff: Duration,
+    /// How long its workers get to drain when the agent stops.
+    #[serde(with = "millis")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        Self {
+            agent_id: format!("agent-{}", uuid::Uuid::now_v7().simple()),
+            workers: Vec::new(),
+            services: Vec::new(),
+            heartbeat_interval: Duration::from_millis(250),
+            restart_backoff: Duration::from_millis(100),
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Starts workers. The future [`Launcher::launch`] returns runs the worker
+/// until it exits: `Ok` for a clean exit (it drained), `Err` for a crash.
+/// Dropping the future kills the worker; cancelling `stop` drains it.
+pub trait Launcher: Send + Sync {
+    /// Starts a worker with this id.
+    fn launch(
+        &self,
+        worker_id: &str,
+        spec: &WorkerSpec,
+        stop: CancellationToken,
+    ) -> BoxFuture<'static, Result<(), String>>;
+}
+
+/// Runs workers as tasks of this process (one machine, tests, the demo).
+pub struct InProcess {
+    broker: Arc<dyn Broker>,
+    template: WorkerOptions,
+    kills: Arc<Mutex<HashMap<String, CancellationToken>>>,
+}
+
+impl InProcess {
+    /// Workers on `broker`, with `template`'s options (their ids, services,
+    /// capacity and standby flag come from the agent).
+    pub fn new(broker: Arc<dyn Broker>, template: WorkerOptions) -> Self {
+        Self {
+            broker,
+            template,
+            kills: Arc::default(),
+        }
+    }
+
+    /// Kills a worker on the spot, as a crash would; `false` if no such
+    /// worker runs.
+    pub fn kill(&self, worker_id: &str) -> bool {
+        let token = self
+            .kills
+            .lock()
+            .ok()
+            .and_then(|k| k.get(worker_id).cloned());
+        token.map(|t| t.cancel()).is_some()
+    }
+
+    /// Ids of the workers running now.
+    pub fn running(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .kills
+            .lock()
+            .map(|k| k.keys().cloned().collect())
+            .unwrap_or_default();
+        ids.sort_unstable();
+        ids
+    }
+}
+
+impl Launcher for InProcess {
+    fn launch(
+        &self,
+        worker_id: &str,
+        spec: &WorkerSpec,
+        stop: CancellationToken,
+    ) -> BoxFuture<'static, Result<(), String>> {
+        let opts = WorkerOptions {
+            worker_id: worker_id.to_owned(),
+            capacity: spec.capacity,
+            standby: spec.standby,
+            ..self.template.clone()
+        };
+        let mut worker = Worker::new(opts, self.broker.clone());
+        for name in &spec.services {
+            match services::by_name(name) {
+                Some(s) => worker = worker.service(s),
+                None => {
+                    let e = format!("no built-in service `{name}`");
+                    return Box::pin(async move { Err(e) });
+                }
+            }
+        }
+        let kill = CancellationToken::new();
+        if let Ok(mut k) = self.kills.lock() {
+            k.insert(worker_id.to_owned(), kill.clone());
+        }
+        let kills = self.kills.clone();
+        let id = worker_id.to_owned();
+        Box::pin(async move {
+            let ended = tokio::select! {
+                r = worker.run(stop) => r.map_err(|e| e.to_string()),
+                () = kill.cancelled() => Err("killed".to_owned()),
+            };
+            if let Ok(mut k) = kills.lock() {
+                k.remove(&id);
+            }
+            ended
+        })
+    }
+}
+
+/// Runs workers as processes: `program [args..] worker --worker-id ID
+/// --services a,b --capacity N [--standby]`, with the agent's environment.
+pub struct Processes {
+    program: PathBuf,
+    args: Vec<String>,
+}
+
+impl Processes {
+    /// Workers started as `program args.. worker ..`; usually the `callq`
+    /// binary itself with its `--config` arguments.
+    pub fn new(program: impl Into<PathBuf>, args: Vec<String>) -> Self {
+        Self {
+            program: program.into(),
+            args,
+        }
+    }
+}
+
+impl Launcher for Processes {
+    fn launch(
+        &self,
+        worker_id: &str,
+        spec: &WorkerSpec,
+        stop: CancellationToken,
+    ) -> BoxFuture<'static, Result<(), String>> {
+        let mut cmd = tokio::process::Command::new(&self.program);
+        cmd.args(&self.args)
+            .arg("worker")
+            .args(["--worker-id", worker_id])
+            .args(["--services", &spec.services.join(",")])
+            .args(["--capacity", &spec.capacity.to_string()])
+            .kill_on_drop(true)
+            .stdin(std::process::Stdio::null());
+        if spec.standby {
+            cmd.arg("--standby");
+        }
+        let spawned = cmd.spawn();
+        let program = self.program.display().to_string();
+        Box::pin(async move {
+            let mut child =
+                spawned.map_err(|e| format!("cannot start worker process `{program}`: {e}"))?;
+            let status = tokio::select! {
+                s = child.wait() => s,
+                () = stop.cancelled() => {
+                    // Ask it to drain (SIGTERM), then wait for it to leave.
+                    if let Some(pid) = child.id() {
+                        let _ = std::process::Command::new("kill")
+                            .args(["-TERM", &pid.to_string()])
+                            .status();
+                    }
+                    child.wait().await
+                }
+            }
+            .map_err(|e| format!("waiting for the worker process: {e}"))?;
+            if status.success() {
+                Ok(())
+            } else {
+                Err(format!("the worker process exited with {status}"))
+            }
+        })
+    }
+}
+
+/// What an agent did, for status and tests.
+#[derive(Debug, Default)]
+pub struct AgentStats {
+    /// Workers started, restarts included.
+    pub launched: AtomicU64,
+    /// Crashed workers restarted.
+    pub restarted: AtomicU64,
+    /// Standbys started because the coordinator asked.
+    pub standbys_started: AtomicU64,
+    /// Workers running now.
+    pub running: AtomicU64,
+}
+
+/// One worker the agent keeps: its spec, and whether it is restarted when
+/// it crashes (configured workers are; standbys the coordinator asked for
+/// are not: the coordinator asks again where it needs them).
+struct Slot {
+    name: String,
+    spec: WorkerSpec,
+    restart: bool,
+    generation: u32,
+    crashes_in_a_row: u32,
+}
+
+/// A node agent.
+pub struct Agent {
+    opts: AgentOptions,
+    broker: Arc<dyn Broker>,
+    launcher: Arc<dyn Launcher>,
+    stats: Arc<AgentStats>,
+}
+
+type Exit = (usize, Result<(), String>);
+
+impl Agent {
+    /// An agent that starts its workers with `launcher`.
+    pub fn new(opts: AgentOptions, broker: Arc<dyn Broker>, launcher: Arc<dyn Launcher>) -> Self {
+        Self {
+            opts,
+            broker,
+            launcher,
+            stats: Arc::default(),
+        }
+    }
+
+    /// The agent's counters.
+    pub fn stats(&self) -> Arc<AgentStats> {
+        self.stats.clone()
+    }
+
+    /// Runs until `shutdown` is cancelled; then drains its workers.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
+        let id = self.opts.agent_id.clone();
+        let patience = self.opts.heartbeat_interval * 40;
+        let (link, mut orders) =
+            Link::connect(self.broker.clone(), &id, agent_queue(&id), patience).await?;
+        let mut can_start: BTreeSet<String> = self.opts.services.iter().cloned().collect();
+        if can_start.is_empty() {
+            can_start.extend(self.opts.workers.iter().flat_map(|w| w.services.clone()));
+        }
+        let can_start: Vec<String> = can_start.into_iter().collect();
+        let stop = shutdown.child_token();
+        let mut slots: Vec<Slot> = Vec::new();
+        for spec in &self.opts.workers {
+            for _ in 0..spec.count {
+                slots.push(Slot {
+                    name: format!("{id}.w{}", slots.len() + 1),
+                    spec: WorkerSpec {
+                        count: 1,
+                        ..spec.clone()
+                    },
+                    restart: true,
+                    generation: 0,
+                    crashes_in_a_row: 0,
+                });
+            }
+        }
+        let mut running: JoinSet<Exit> = JoinSet::new();
+        for (i, slot) in slots.iter_mut().enumerate() {
+            self.start(slot, i, Duration::ZERO, &stop, &mut running);
+        }
+        info!(agent = %id, workers = slots.len(), services = ?can_start, "node agent serving");
+        let mut tick = tokio::time::interval(self.opts.heartbeat_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                _ = tick.tick() => {
+                    let workers = u32::try_from(running.len()).unwrap_or(u32::MAX);
+                    let beat = RequestBody::AgentHeartbeat { services: can_start.clone(), workers };
+                    if let Err(e) = link.send(beat).await {
+                        warn!(agent = %id, "heartbeat not sent: {e}");
+                    }
+                }
+                Some(order) = orders.recv() => {
+                    if let Order::StartStandby(services) = order {
+                        let unknown: Vec<&String> = services.iter().filter(|s| !can_start.contains(s)).collect();
+                        if !unknown.is_empty() {
+                            warn!(agent = %id, ?unknown, "asked for a standby of services this agent does not run");
+                            continue;
+                        }
+                        info!(agent = %id, ?services, "starting a standby on the coordinator's request");
+                        self.stats.standbys_started.fetch_add(1, Ordering::Relaxed);
+                        slots.push(Slot {
+                            name: format!("{id}.s{}", slots.len() + 1),
+                            spec: WorkerSpec { services, standby: true, count: 1, capacity: capacity() },
+                            restart: false,
+                            generation: 0,
+                            crashes_in_a_row: 0,
+                        });
+                        let i = slots.len() - 1;
+                        self.start(&mut slots[i], i, Duration::ZERO, &stop, &mut running);
+                    }
+                }
+                Some(joined) = running.join_next(), if !running.is_empty() => {
+                    self.stats.running.store(running.len() as u64, Ordering::Relaxed);
+                    let (i, ended) = match joined {
+                        Ok(exit) => exit,
+                        Err(e) => {
+                            error!(agent = %id, "a worker task failed: {e}");
+                            continue;
+                        }
+                    };
+                    let slot = &mut slots[i];
+                    match ended {
+                        Ok(()) => {
+                            info!(agent = %id, worker = slot.name, "worker left");
+                            slot.crashes_in_a_row = 0;
+                        }
+                        Err(why) if slot.restart => {
+                            slot.crashes_in_a_row += 1;
+                            let exp = slot.crashes_in_a_row.saturating_sub(1).min(10);
+                            let delay = (self.opts.restart_backoff * 2u32.pow(exp)).min(Duration::from_secs(60));
+                            warn!(agent = %id, worker = slot.name, "worker crashed ({why}); restarting in {delay:?}");
+                            self.stats.restarted.fetch_add(1, Ordering::Relaxed);
+                            self.start(slot, i, delay, &stop, &mut running);
+                        }
+                        Err(why) => {
+                            warn!(agent = %id, worker = slot.name, "standby crashed ({why}); the coordinator asks again where it needs one");
+                        }
+                    }
+                }
+            }
+        }
+        info!(agent = %id, workers = running.len(), "node agent stopping: draining its workers");
+        stop.cancel();
+        let drained = async { while running.join_next().await.is_some() {} };
+        if tokio::time::timeout(self.opts.drain_timeout, drained)
+            .await
+            .is_err()
+        {
+            warn!(agent = %id, "workers did not drain in time: killing them");
+            running.shutdown().await;
+        }
+        if let Err(e) = link.send(RequestBody::Leave {}).await {
+            warn!(agent = %id, "telling the coordinator this agent leaves: {e}");
+        }
+        Ok(())
+    }
+
+    /// Starts a slot's next generation after `delay`. Each generation gets a
+    /// new worker id, so the coordinator never mistakes a restarted worker
+    /// for the one that crashed.
+    fn start(
+        &self,
+        slot: &mut Slot,
+        i: usize,
+        delay: Duration,
+        stop: &CancellationToken,
+        running: &mut JoinSet<Exit>,
+    ) {
+        slot.generation += 1;
+        let worker_id = format!("{}.{}", slot.name, slot.generation);
+        let launcher = self.launcher.clone();
+        let spec = slot.spec.clone();
+        let stop = stop.clone();
+        let stats = self.stats.clone();
+        running.spawn(async move {
+            if !delay.is_zero() {
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = stop.cancelled() => return (i, Ok(())),
+                }
+            }
+            stats.launched.fetch_add(1, Ordering::Relaxed);
+            info!(worker = worker_id, services = ?spec.services, standby = spec.standby, "starting a worker");
+            (i, launcher.launch(&worker_id, &spec, stop).await)
+        });
+        self.stats
+            .running
+            .store(running.len() as u64, Ordering::Relaxed);
+    }
+}
