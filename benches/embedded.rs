@@ -122,7 +122,6 @@ async fn callq(calls: usize) -> (Figures, Figures) {
             WorkerOptions {
                 worker_id: format!("w{i}"),
                 capacity: CAPACITY,
-                coordinated: false,
                 ..WorkerOptions::default()
             },
             broker.clone(),

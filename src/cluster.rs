@@ -10,7 +10,9 @@ use anyhow::Context as _;
 use callq_broker::{Broker, QueueSpec};
 use callq_broker_embedded::EmbeddedBroker;
 use callq_coordinator::{Coordinator, CoordinatorOptions, Ledger, Store};
-use callq_node::{Admin, Client, ClientOptions, Worker, WorkerOptions, WorkerStats, services};
+use callq_node::{
+    Admin, Client, ClientOptions, Service, Worker, WorkerOptions, WorkerStats, services,
+};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -119,17 +121,30 @@ impl LocalCluster {
         services: &[&str],
         standby: bool,
     ) -> anyhow::Result<()> {
+        let services = services
+            .iter()
+            .map(|name| {
+                services::by_name(name).with_context(|| format!("no built-in service `{name}`"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        self.spawn_with(id, services, standby).await
+    }
+
+    /// Starts a worker of the given services (a test's or a benchmark's own).
+    pub async fn spawn_with(
+        &mut self,
+        id: &str,
+        services: Vec<Service>,
+        standby: bool,
+    ) -> anyhow::Result<()> {
         let opts = self.worker_options(id, standby);
         let mut worker = Worker::new(opts, self.broker.clone());
-        for name in services {
-            let service =
-                services::by_name(name).with_context(|| format!("no built-in service `{name}`"))?;
+        for service in services {
             worker = worker.service(service);
         }
         worker.declare().await?;
         let stop = self.shutdown.child_token();
-        let stats = worker.stats();
-        self.all_stats.insert(id.to_owned(), stats);
+        self.all_stats.insert(id.to_owned(), worker.stats());
         let task = tokio::spawn(worker.run(stop.clone()));
         self.workers.insert(id.to_owned(), Running { task, stop });
         Ok(())
