@@ -94,10 +94,12 @@ impl LocalCluster {
         Ok(())
     }
 
-    /// Kills the coordinator on the spot (its store stays as it was).
-    pub fn kill_coordinator(&mut self) {
+    /// Kills the coordinator on the spot (its store stays as it was) and
+    /// waits until its task is gone, so that its store is closed.
+    pub async fn kill_coordinator(&mut self) {
         if let Some(c) = self.coordinator.take() {
             c.abort();
+            let _ = c.await;
         }
     }
 

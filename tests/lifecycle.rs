@@ -430,3 +430,53 @@ async fn drain_finishes_every_call_and_the_worker_leaves() {
         tokio::time::sleep(BEAT).await;
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_fatal_decision_survives_a_coordinator_restart() {
+    let dir = TempDir::new();
+    let ledger = dir.0.join("ledger.redb");
+    let opts = ClusterOptions {
+        heartbeat_interval: BEAT,
+        dead_after: DEAD_AFTER,
+        ..ClusterOptions::default()
+    };
+    let mut c = LocalCluster::start(opts, callq_coordinator::RedbStore::open(&ledger).unwrap())
+        .await
+        .unwrap();
+    c.spawn_worker("a", &["mail"], false).await.unwrap();
+    let mut call = Call::new("mail", "send", mail_args(&dir.outbox(), 0, 5_000));
+    let mut replies_q = raw_call(c.broker.as_ref(), &mut call).await;
+    let outbox = dir.outbox();
+    wait_until("the mail is sent", || sent(&outbox).len() == 1).await;
+    c.spawn_worker("b", &["mail"], false).await.unwrap();
+    assert!(c.kill("a"));
+    let got = replies(&mut replies_q, BEAT * 4).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].outcome, Outcome::Fatal);
+
+    // The coordinator process dies; another opens the same ledger.
+    c.kill_coordinator().await;
+    c.start_coordinator(callq_coordinator::RedbStore::open(&ledger).unwrap())
+        .unwrap();
+    // A late copy of the call (a re-issue's duplicate, say) reaches b.
+    c.broker
+        .publish(
+            &call_queue("mail"),
+            Message::new(call.to_bytes()).header(ATTEMPT_HEADER, "2"),
+        )
+        .await
+        .unwrap();
+    let late = replies(&mut replies_q, BEAT * 8).await;
+    assert!(
+        late.is_empty(),
+        "the decided call ran or answered again: {late:?}"
+    );
+    let b = c.stats("b").unwrap();
+    assert_eq!(
+        b.dropped.load(Ordering::Relaxed),
+        2,
+        "both copies were dropped"
+    );
+    assert_eq!(b.ok.load(Ordering::Relaxed), 0);
+    assert_eq!(sent(&outbox), vec![call.call_id], "no second mail");
+}
