@@ -151,8 +151,12 @@ async fn a_worker_killed_after_its_trace_ends_fatal_once_and_the_effect_happened
     c.spawn_worker("b", &["mail"], false).await.unwrap();
     assert!(c.kill("a"));
 
+    // The coordinator answers `fatal`, and b, told `fatal` by `resume`,
+    // publishes the same reply again (in case the coordinator's was lost):
+    // the client takes the first and drops the duplicate. No `ok` ever.
     let got = replies(&mut replies_q, BEAT * DEAD_AFTER * 4).await;
-    assert_eq!(got.len(), 1, "exactly one reply: {got:?}");
+    assert!(!got.is_empty() && got.len() <= 2, "{got:?}");
+    assert!(got.iter().all(|r| *r == got[0]), "one outcome: {got:?}");
     let fatal = &got[0];
     assert_eq!(fatal.outcome, Outcome::Fatal);
     let error = fatal.error.as_ref().unwrap();
@@ -179,7 +183,7 @@ async fn a_worker_killed_after_its_trace_ends_fatal_once_and_the_effect_happened
         .await
         .unwrap();
     let late = replies(&mut replies_q, BEAT * 4).await;
-    assert!(late.is_empty(), "{late:?}");
+    assert!(late.iter().all(|r| r == fatal), "{late:?}");
     assert_eq!(b.dropped.load(Ordering::Relaxed), 2);
     assert_eq!(sent(&outbox).len(), 1);
 }
@@ -451,8 +455,9 @@ async fn a_fatal_decision_survives_a_coordinator_restart() {
     c.spawn_worker("b", &["mail"], false).await.unwrap();
     assert!(c.kill("a"));
     let got = replies(&mut replies_q, BEAT * 4).await;
-    assert_eq!(got.len(), 1);
-    assert_eq!(got[0].outcome, Outcome::Fatal);
+    assert!(!got.is_empty());
+    assert!(got.iter().all(|r| r.outcome == Outcome::Fatal), "{got:?}");
+    let fatal = got[0].clone();
 
     // The coordinator process dies; another opens the same ledger.
     c.kill_coordinator().await;
@@ -468,8 +473,8 @@ async fn a_fatal_decision_survives_a_coordinator_restart() {
         .unwrap();
     let late = replies(&mut replies_q, BEAT * 8).await;
     assert!(
-        late.is_empty(),
-        "the decided call ran or answered again: {late:?}"
+        late.iter().all(|r| *r == fatal),
+        "the decided call ran or answered otherwise: {late:?}"
     );
     let b = c.stats("b").unwrap();
     assert_eq!(

@@ -54,9 +54,28 @@ pub struct CallRecord {
     pub traces: Vec<String>,
     /// The decision.
     pub state: CallState,
+    /// Leases that held an attempt and lost it, most recent last (at most
+    /// 16): a late request of one of them (a retry whose
+    /// first answer was slow) is told `superseded` instead of being taken
+    /// for a new delivery.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lost: Vec<Uuid>,
 }
 
+/// Lost leases a record remembers.
+const LOST_LEASES_KEPT: usize = 16;
+
 impl CallRecord {
+    /// The holder loses the current attempt: its lease is remembered.
+    fn unhold(&mut self) {
+        if let Some(h) = self.holder.take() {
+            if self.lost.len() >= LOST_LEASES_KEPT {
+                self.lost.remove(0);
+            }
+            self.lost.push(h.lease.token);
+        }
+    }
+
     /// An undecided call whose current attempt `holder` holds.
     fn open(
         service: &str,
@@ -72,6 +91,7 @@ impl CallRecord {
             holder: Some(holder),
             traces,
             state: CallState::Open,
+            lost: Vec::new(),
         }
     }
 }
@@ -209,6 +229,12 @@ impl<S: Store> Ledger<S> {
                     attempt: rec.attempt,
                 }
             }
+            (CallState::Open, _) if rec.lost.contains(&lease.token) => {
+                // A late retry of a lease that has since lost the call.
+                return Ok(ResumeDecision::Superseded {
+                    attempt: rec.attempt,
+                });
+            }
             (CallState::Open, Some(h)) if h.lease.token == lease.token => {
                 // The same delivery asking again (its first answer was lost).
                 return Ok(ResumeDecision::Run {
@@ -221,6 +247,7 @@ impl<S: Store> Ledger<S> {
                 let lost = h.worker.clone();
                 if rec.traces.is_empty() {
                     rec.attempt += 1;
+                    rec.unhold();
                     rec.holder = Some(holder);
                     ResumeDecision::Run {
                         attempt: rec.attempt,
@@ -376,7 +403,7 @@ impl<S: Store> Ledger<S> {
             };
             if rec.traces.is_empty() {
                 rec.attempt += 1;
-                rec.holder = None;
+                rec.unhold();
                 match bodies.get(&call_id).and_then(|f| f.body.clone()) {
                     Some(body) => self.effects.push(Effect::Reissue {
                         call_id,

@@ -272,7 +272,15 @@ impl<S: Store> Coordinator<S> {
                             WorkerState::Active | WorkerState::Standby
                         )
                 );
-                if !ordered {
+                if ordered {
+                    // The order may have been lost: repeat it until the
+                    // worker's heartbeats show it obeyed.
+                    let order = match entry.state {
+                        WorkerState::Draining => AnswerBody::Drain {},
+                        _ => AnswerBody::Promote {},
+                    };
+                    out.push((to.clone(), Answer { v: 1, body: order }));
+                } else {
                     entry.state = state;
                 }
                 entry.services = services;

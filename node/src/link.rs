@@ -182,7 +182,10 @@ async fn read_answers(
             }
         };
         match serde_json::from_slice::<Answer>(&delivery.body) {
-            Ok(answer) => route(answer.body, &waiters, &orders, &worker_id),
+            Ok(answer) if answer.v == 1 => route(answer.body, &waiters, &orders, &worker_id),
+            Ok(answer) => {
+                warn!(worker = %worker_id, v = answer.v, "coordinator answer of an unknown protocol version dropped");
+            }
             Err(e) => warn!(worker = %worker_id, "unreadable coordinator answer dropped: {e}"),
         }
         if let Err(e) = delivery.settle(Disposition::Ack).await {

@@ -293,7 +293,7 @@ impl Worker {
             }),
             completions,
         });
-        let _outbox = match (link, outgoing) {
+        let outbox_task = match (link, outgoing) {
             (Some(link), Some(rx)) => {
                 Some(Background(tokio::spawn(outbox(shared.clone(), link, rx))))
             }
@@ -368,6 +368,8 @@ impl Worker {
             calls.shutdown().await;
         }
         drop(incoming);
+        // No heartbeat may follow the leave and register the worker again.
+        drop(outbox_task);
         if let Some(link) = &shared.link
             && let Err(e) = link.send(RequestBody::Leave {}).await
         {
@@ -391,15 +393,17 @@ impl Shared {
         }
     }
 
-    /// The heartbeat: state, load and the calls in flight; bodies of calls
-    /// not reported before, within the budget.
-    fn heartbeat(&self) -> RequestBody {
+    /// The heartbeat: state, load and the calls in flight, with the bodies
+    /// of calls not reported before (within the budget); and the tokens of
+    /// the calls it carries, to mark reported once it is sent.
+    fn heartbeat(&self) -> (RequestBody, Vec<Uuid>) {
         let state = self.state.lock().map(|s| *s).unwrap_or(WorkerState::Active);
         let capacity = u32::from(self.opts.capacity);
         let mut in_flight = Vec::new();
-        if let Ok(mut flights) = self.flights.lock() {
+        let mut tokens = Vec::new();
+        if let Ok(flights) = self.flights.lock() {
             let mut budget = HEARTBEAT_BODY_BUDGET;
-            for f in flights.values_mut() {
+            for f in flights.values() {
                 let body = if f.reported {
                     None
                 } else {
@@ -409,10 +413,10 @@ impl Shared {
                     }
                     budget -= len;
                     f.body
-                        .take()
+                        .as_ref()
                         .and_then(|b| String::from_utf8(b.to_vec()).ok())
                 };
-                f.reported = true;
+                tokens.push(f.lease.token);
                 in_flight.push(InFlightCall {
                     lease: f.lease,
                     service: f.service.clone(),
@@ -422,12 +426,25 @@ impl Shared {
             }
         }
         let busy = u32::try_from(in_flight.len()).unwrap_or(u32::MAX);
-        RequestBody::Heartbeat {
+        let beat = RequestBody::Heartbeat {
             services: self.service_names(),
             state,
             capacity,
             free: capacity.saturating_sub(busy),
             in_flight,
+        };
+        (beat, tokens)
+    }
+
+    /// The coordinator has the calls of a sent heartbeat, bodies included.
+    fn reported(&self, tokens: &[Uuid]) {
+        if let Ok(mut flights) = self.flights.lock() {
+            for t in tokens {
+                if let Some(f) = flights.get_mut(t) {
+                    f.reported = true;
+                    f.body = None;
+                }
+            }
         }
     }
 }
@@ -440,8 +457,10 @@ async fn outbox(shared: Arc<Shared>, link: Arc<Link>, mut rx: mpsc::Receiver<Out
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                if let Err(e) = link.send(shared.heartbeat()).await {
-                    warn!(worker = %shared.opts.worker_id, "heartbeat not sent: {e}");
+                let (beat, tokens) = shared.heartbeat();
+                match link.send(beat).await {
+                    Ok(()) => shared.reported(&tokens),
+                    Err(e) => warn!(worker = %shared.opts.worker_id, "heartbeat not sent: {e}"),
                 }
             }
             first = rx.recv() => {
@@ -620,9 +639,11 @@ async fn decide(shared: &Shared, delivery: &Delivery) -> Disposition {
                     debug!(worker = %shared.opts.worker_id, call_id = %call.call_id, ?decision, "not running this copy");
                     return match decision {
                         // The attempt that completed may have died before
-                        // its reply went out; the client drops duplicates.
-                        // (A `fatal` answer is the coordinator's to send.)
-                        ResumeDecision::Done { reply: Some(r) } => {
+                        // its reply went out, and the coordinator's `fatal`
+                        // answer may have been lost with a crash: both are
+                        // published again; the client drops duplicates.
+                        ResumeDecision::Done { reply: Some(r) }
+                        | ResumeDecision::Fatal { reply: r } => {
                             publish_reply(shared, call.reply_to.as_deref(), &r).await
                         }
                         _ => Disposition::Ack,
@@ -693,7 +714,11 @@ async fn decide(shared: &Shared, delivery: &Delivery) -> Disposition {
             Some(Abort::Revoked(reason)) => {
                 WorkerStats::bump(&stats.revoked);
                 info!(worker = %shared.opts.worker_id, call_id = %call.call_id, attempt, "attempt revoked, its result is dropped: {reason}");
-                return Disposition::Ack;
+                // The delivery goes back rather than away: the revocation
+                // may have produced no other copy (a re-issue needs the
+                // body), and `resume` on the redelivery runs it, or drops
+                // it where another copy holds or decided the call.
+                return Disposition::Requeue;
             }
             Some(Abort::Unreachable) => return Disposition::Requeue,
             None => (reply, Disposition::Ack),
@@ -722,10 +747,18 @@ async fn decide(shared: &Shared, delivery: &Delivery) -> Disposition {
                 decision: CompleteDecision::Accepted,
                 ..
             }) => then_if_sent(publish_reply(shared, reply_to, &reply).await, then),
+            Ok(AnswerBody::Complete {
+                decision: CompleteDecision::Fatal { reply },
+                ..
+            }) => {
+                WorkerStats::bump(&stats.revoked);
+                warn!(worker = %shared.opts.worker_id, call_id = %call.call_id, "the call was decided fatal while it ran; its result is dropped");
+                publish_reply(shared, reply_to, &reply).await
+            }
             Ok(AnswerBody::Complete { decision, .. }) => {
                 WorkerStats::bump(&stats.revoked);
-                warn!(worker = %shared.opts.worker_id, call_id = %call.call_id, ?decision, "completion refused, the result is dropped");
-                Disposition::Ack
+                warn!(worker = %shared.opts.worker_id, call_id = %call.call_id, ?decision, "completion refused, the result is dropped; the delivery goes back for `resume` to settle");
+                Disposition::Requeue
             }
             Ok(other) => {
                 warn!(worker = %shared.opts.worker_id, call_id = %call.call_id, "unexpected answer to complete: {other:?}");

@@ -346,3 +346,34 @@ fn decisions_survive_a_restart_of_the_coordinator() {
     drop(l);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_late_resume_retry_of_a_lease_that_lost_the_call_is_superseded() {
+    let mut l = ledger();
+    let id = Uuid::now_v7();
+    // A resumes copy 1 and runs attempt 2, but its answer is slow; A's
+    // delivery goes to B, whose resume takes the call as attempt 3.
+    let a = lease(id, 1);
+    assert_eq!(
+        l.resume(a, "A", SVC, TO).unwrap(),
+        ResumeDecision::Run { attempt: 2 }
+    );
+    let b = lease(id, 1);
+    assert_eq!(
+        l.resume(b, "B", SVC, TO).unwrap(),
+        ResumeDecision::Run { attempt: 3 }
+    );
+    l.commit().unwrap();
+    // A's retry of its resume must not take the call back from B.
+    assert_eq!(
+        l.resume(a, "A", SVC, TO).unwrap(),
+        ResumeDecision::Superseded { attempt: 3 }
+    );
+    assert_eq!(
+        l.trace(b, 3, "B", "mail.sent", SVC, TO).unwrap(),
+        TraceDecision::Granted
+    );
+    let rec = l.record(id).unwrap().unwrap();
+    assert_eq!(rec.holder.unwrap().lease.token, b.token);
+    assert_eq!(rec.lost, vec![a.token]);
+}
