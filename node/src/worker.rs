@@ -783,9 +783,13 @@ async fn decide(shared: &Shared, delivery: &Delivery) -> Disposition {
             reply: resumed.then(|| reply.clone()),
         };
         let (tx, rx) = oneshot::channel();
-        if completions.send((completion, tx)).await.is_ok() {
-            let _ = tokio::time::timeout(shared.opts.coordinator_patience, rx).await;
-        }
+        // Bounded: a stuck outbox delays the ack, it never holds it.
+        let handed_on = async {
+            if completions.send((completion, tx)).await.is_ok() {
+                let _ = rx.await;
+            }
+        };
+        let _ = tokio::time::timeout(shared.opts.coordinator_patience, handed_on).await;
     }
     then_if_sent(sent, then)
 }
