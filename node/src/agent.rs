@@ -221,9 +221,10 @@ impl Launcher for Processes {
                 () = stop.cancelled() => {
                     // Ask it to drain (SIGTERM), then wait for it to leave.
                     if let Some(pid) = child.id() {
-                        let _ = std::process::Command::new("kill")
+                        let _ = tokio::process::Command::new("kill")
                             .args(["-TERM", &pid.to_string()])
-                            .status();
+                            .status()
+                            .await;
                     }
                     child.wait().await
                 }
@@ -270,7 +271,11 @@ pub struct Agent {
     stats: Arc<AgentStats>,
 }
 
-type Exit = (usize, Result<(), String>);
+/// A slot's worker ended: the slot, how, and how long it ran.
+type Exit = (usize, Result<(), String>, Duration);
+
+/// A worker that ran this long before it crashed starts its backoff over.
+const STABLE_RUN: Duration = Duration::from_secs(60);
 
 impl Agent {
     /// An agent that starts its workers with `launcher`.
@@ -355,7 +360,7 @@ impl Agent {
                 }
                 Some(joined) = running.join_next(), if !running.is_empty() => {
                     self.stats.running.store(running.len() as u64, Ordering::Relaxed);
-                    let (i, ended) = match joined {
+                    let (i, ended, ran) = match joined {
                         Ok(exit) => exit,
                         Err(e) => {
                             error!(agent = %id, "a worker task failed: {e}");
@@ -369,6 +374,9 @@ impl Agent {
                             slot.crashes_in_a_row = 0;
                         }
                         Err(why) if slot.restart => {
+                            if ran >= STABLE_RUN {
+                                slot.crashes_in_a_row = 0;
+                            }
                             slot.crashes_in_a_row += 1;
                             let exp = slot.crashes_in_a_row.saturating_sub(1).min(10);
                             let delay = (self.opts.restart_backoff * 2u32.pow(exp)).min(Duration::from_secs(60));
@@ -420,12 +428,14 @@ impl Agent {
             if !delay.is_zero() {
                 tokio::select! {
                     () = tokio::time::sleep(delay) => {}
-                    () = stop.cancelled() => return (i, Ok(())),
+                    () = stop.cancelled() => return (i, Ok(()), Duration::ZERO),
                 }
             }
             stats.launched.fetch_add(1, Ordering::Relaxed);
             info!(worker = worker_id, services = ?spec.services, standby = spec.standby, "starting a worker");
-            (i, launcher.launch(&worker_id, &spec, stop).await)
+            let started = tokio::time::Instant::now();
+            let ended = launcher.launch(&worker_id, &spec, stop).await;
+            (i, ended, started.elapsed())
         });
         self.stats
             .running
