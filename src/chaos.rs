@@ -9,7 +9,6 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use callq_coordinator::Store;
-use callq_node::CallOptions;
 use callq_node::services::MAIL_SENT;
 use callq_schemas::{Outcome, Reply, Uuid};
 use futures::StreamExt;
@@ -252,15 +251,10 @@ pub async fn run<S: Store + 'static>(spec: &ChaosSpec, store: S) -> anyhow::Resu
     let work_ms = half * 2;
     let outbox = spec.outbox.clone();
     let start = Instant::now();
-    let opts = CallOptions {
-        timeout: Some(spec.timeout),
-        ..CallOptions::default()
-    };
     let mut calls = futures::stream::iter(0..spec.calls)
         .map(|i| {
             let mail = spec.mail_every > 0 && i % spec.mail_every == 0;
             let client = client.clone();
-            let opts = opts.clone();
             let outbox = outbox.clone();
             async move {
                 let (service, method, args) = if mail {
@@ -274,10 +268,7 @@ pub async fn run<S: Store + 'static>(spec: &ChaosSpec, store: S) -> anyhow::Resu
                 let mut call = callq_schemas::Call::new(service, method, args);
                 call.deadline = Some(time::OffsetDateTime::now_utc() + spec.timeout);
                 let call_id = call.call_id;
-                let reply = client
-                    .send(call, opts.timeout.unwrap_or_default())
-                    .await
-                    .ok();
+                let reply = client.send(call, spec.timeout).await.ok();
                 Ended {
                     call_id,
                     mail,

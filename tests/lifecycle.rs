@@ -101,6 +101,15 @@ async fn raw_call(broker: &dyn Broker, call: &mut Call) -> Box<dyn Consumer> {
     broker.consume(&replies, 16).await.unwrap()
 }
 
+/// Publishes another copy of `call`, as a re-issue with this attempt.
+async fn publish_copy(broker: &dyn Broker, call: &Call, attempt: u32) {
+    let message = Message::new(call.to_bytes()).header(ATTEMPT_HEADER, attempt.to_string());
+    broker
+        .publish(&call_queue(&call.service), message)
+        .await
+        .unwrap();
+}
+
 /// Every reply on a raw queue until it stays quiet for `quiet`.
 async fn replies(c: &mut Box<dyn Consumer>, quiet: Duration) -> Vec<Reply> {
     let mut out = Vec::new();
@@ -173,15 +182,7 @@ async fn a_worker_killed_after_its_trace_ends_fatal_once_and_the_effect_happened
     assert_eq!(b.ok.load(Ordering::Relaxed), 0);
 
     // A later copy of the failed call is acked and dropped, not run.
-    let mut again = call.clone();
-    again.reply_to = call.reply_to.clone();
-    c.broker
-        .publish(
-            &call_queue("mail"),
-            Message::new(again.to_bytes()).header(ATTEMPT_HEADER, "2"),
-        )
-        .await
-        .unwrap();
+    publish_copy(c.broker.as_ref(), &call, 2).await;
     let late = replies(&mut replies_q, BEAT * 4).await;
     assert!(late.iter().all(|r| r == fatal), "{late:?}");
     assert_eq!(b.dropped.load(Ordering::Relaxed), 2);
@@ -464,13 +465,7 @@ async fn a_fatal_decision_survives_a_coordinator_restart() {
     c.start_coordinator(callq_coordinator::RedbStore::open(&ledger).unwrap())
         .unwrap();
     // A late copy of the call (a re-issue's duplicate, say) reaches b.
-    c.broker
-        .publish(
-            &call_queue("mail"),
-            Message::new(call.to_bytes()).header(ATTEMPT_HEADER, "2"),
-        )
-        .await
-        .unwrap();
+    publish_copy(c.broker.as_ref(), &call, 2).await;
     let late = replies(&mut replies_q, BEAT * 8).await;
     assert!(
         late.iter().all(|r| *r == fatal),
