@@ -31,9 +31,12 @@
 //!    settles every delivery with `Ack` receives the messages in publish
 //!    order.
 //! 6. **Bounded memory.** A queue declared with a [`QueueSpec::max_length`]
-//!    holds at most that many messages (ready and unsettled); a publish beyond
-//!    it fails with [`Error::QueueFull`] and is not stored. A consumer buffers
-//!    at most its prefetch, however slow it is.
+//!    holds at most that many ready messages, plus the unsettled deliveries
+//!    of its consumers, which their prefetch bounds; a publish beyond it
+//!    fails with [`Error::QueueFull`] and is not stored. A consumer buffers
+//!    at most its prefetch, however slow it is. (RabbitMQ counts ready
+//!    messages only towards `x-max-length`; the embedded broker counts
+//!    unsettled ones too, which is stricter and within this guarantee.)
 //! 7. **Settling is final.** [`Disposition::Ack`] removes the message;
 //!    [`Disposition::DeadLetter`] moves it to the dead-letter queue with the
 //!    reason in the [`DEAD_REASON_HEADER`] header. Settling a delivery whose
@@ -151,6 +154,18 @@ pub struct QueueSpec {
     /// Where dead letters go; declared along with this queue. `None`: a dead
     /// letter is dropped.
     pub dead_letter: Option<String>,
+    /// Control traffic that its sender repeats when it is lost (answers,
+    /// orders): the adapter may keep it in memory only, without the cost of
+    /// a durable write, lose it when the broker restarts, and delete the
+    /// queue once it has had no consumer for a while. Guarantees 1 and 3 hold
+    /// only while the broker runs, and a redelivery may report a
+    /// [`Delivery::delivery_count`] of 1 however often it was delivered.
+    pub transient: bool,
+    /// At most one consumer receives deliveries at a time; the others wait
+    /// and one of them takes over when it goes (RabbitMQ's single active
+    /// consumer). Adapters whose queues have one consumer anyway may ignore
+    /// it.
+    pub single_active_consumer: bool,
 }
 
 impl QueueSpec {
@@ -161,39 +176,39 @@ impl QueueSpec {
             max_length: None,
             delivery_limit: None,
             dead_letter: None,
+            transient: false,
+            single_active_consumer: false,
         }
     }
 
     /// The call queue of a service: bounded, with the default delivery limit
     /// and its dead-letter queue.
     pub fn calls(service: &str) -> Self {
-        Self {
-            name: call_queue(service),
-            max_length: Some(DEFAULT_CALL_QUEUE_LENGTH),
-            delivery_limit: Some(DEFAULT_DELIVERY_LIMIT),
-            dead_letter: Some(dead_queue(service)),
-        }
+        Self::plain(call_queue(service))
+            .max_length(DEFAULT_CALL_QUEUE_LENGTH)
+            .delivery_limit(DEFAULT_DELIVERY_LIMIT)
+            .dead_letter(dead_queue(service))
     }
 
     /// The reply queue of a client.
     pub fn replies(client_id: &str) -> Self {
-        Self {
-            name: reply_queue(client_id),
-            max_length: Some(DEFAULT_REPLY_QUEUE_LENGTH),
-            delivery_limit: None,
-            dead_letter: None,
-        }
+        Self::plain(reply_queue(client_id)).max_length(DEFAULT_REPLY_QUEUE_LENGTH)
     }
 
-    /// The coordinator's request queue; every party declares it alike.
+    /// The coordinator's request queue; every party declares it alike. One
+    /// coordinator consumes it at a time: the leader.
     pub fn coordinator() -> Self {
-        Self::plain(COORDINATOR_QUEUE).max_length(COORDINATOR_QUEUE_LENGTH)
+        let mut spec = Self::plain(COORDINATOR_QUEUE).max_length(COORDINATOR_QUEUE_LENGTH);
+        spec.single_active_consumer = true;
+        spec
     }
 
     /// A control queue: a worker's or agent's, for the coordinator's
-    /// answers and orders.
+    /// answers and orders, which are repeated when lost (transient).
     pub fn control(name: impl Into<String>) -> Self {
-        Self::plain(name).max_length(CONTROL_QUEUE_LENGTH)
+        let mut spec = Self::plain(name).max_length(CONTROL_QUEUE_LENGTH);
+        spec.transient = true;
+        spec
     }
 
     /// Sets the maximum length.
@@ -239,7 +254,9 @@ pub enum Disposition {
 pub struct QueueDepth {
     /// Messages waiting for a consumer.
     pub ready: u64,
-    /// Messages delivered and not yet settled.
+    /// Messages delivered and not yet settled, as far as the adapter can
+    /// tell: RabbitMQ does not report them over AMQP, so its adapter counts
+    /// the deliveries held by the consumers of this process only.
     pub unsettled: u64,
 }
 
@@ -281,6 +298,14 @@ pub trait Consumer: Send {
     /// Cancel-safe: dropping the future before it completes loses no
     /// message (callers poll it in `select!` and with `now_or_never`).
     async fn next(&mut self) -> Option<Result<Delivery, Error>>;
+
+    /// Ends the consumer like dropping it does, and returns once the broker
+    /// has taken its unsettled deliveries back and will deliver it nothing
+    /// more. Dropping a consumer of a networked broker ends it
+    /// asynchronously: until the broker learns of it, it may still deliver
+    /// messages to it (up to the prefetch), and each of those counts as a
+    /// delivery when it returns. Bounded by the adapter's timeout.
+    async fn close(self: Box<Self>) {}
 }
 
 /// The adapter's half of a delivery: applies its [`Disposition`].
@@ -389,6 +414,10 @@ pub enum Error {
     /// A wait on the broker timed out.
     #[error("the broker did not answer within {0:?}")]
     Timeout(Duration),
+    /// The broker refused the operation for good (a queue declared before
+    /// with other arguments, missing permissions); retrying will not help.
+    #[error("the broker refused: {0}")]
+    Refused(String),
     /// The broker is shut down.
     #[error("the broker is shut down")]
     Closed,

@@ -1,0 +1,817 @@
+//! The RabbitMQ adapter of callq, on `lapin` with `deadpool-lapin`.
+//!
+//! How the contract of `callq-broker` maps onto AMQP 0-9-1 and RabbitMQ:
+//!
+//! | contract | RabbitMQ |
+//! |---|---|
+//! | a queue | a **quorum queue** (`x-queue-type: quorum`), durable; a [`QueueSpec::transient`] queue is a classic, non-durable queue that expires after [`TRANSIENT_QUEUE_EXPIRES`] without a consumer |
+//! | [`QueueSpec::max_length`] | `x-max-length` with `x-overflow: reject-publish`: a publish beyond it is nacked, which [`Broker::publish`] reports as [`Error::QueueFull`] |
+//! | [`QueueSpec::delivery_limit`] | `x-delivery-limit` |
+//! | [`QueueSpec::dead_letter`] | a quorum queue of that name, fed through the default exchange (`x-dead-letter-routing-key`) with `x-dead-letter-strategy: at-least-once` |
+//! | [`QueueSpec::single_active_consumer`] | `x-single-active-consumer: true` |
+//! | publish | default exchange, routing key = queue name, persistent, `mandatory` (an unroutable message is a [`Error::NoSuchQueue`]); one shared channel in confirm mode, so that concurrent publishes pipeline their confirms |
+//! | consume | a channel per consumer, `basic.qos` = prefetch, manual acks; dropping the consumer closes its channel, which returns its unacked deliveries |
+//! | [`Delivery::redelivered`], [`Delivery::delivery_count`] | the `redelivered` flag and the quorum queue's `x-delivery-count` header |
+//! | [`Disposition::Ack`], [`Disposition::Requeue`] | `basic.ack`, `basic.nack` with requeue (counts towards the delivery limit) |
+//! | [`Disposition::DeadLetter`] | a confirmed copy in the dead-letter queue carrying [`DEAD_REASON_HEADER`], then `basic.ack`; a message the broker dead-letters itself gets the header from its `x-first-death-reason` (`delivery_limit`, `rejected`, ...) |
+//! | [`Broker::depth`] | ready: the `message_count` of a passive declare; unsettled: the deliveries held by this process's consumers (AMQP does not report the others) |
+//!
+//! Every wait on the network is bounded by [`Options::timeout`] (and a
+//! publish confirm by [`Options::confirm_timeout`]). Connections are pooled
+//! by `deadpool-lapin`: a connection that dropped is replaced on the next
+//! operation, while the consumers opened on it end (their
+//! [`Consumer::next`] returns `None`), so that a worker notices, stops and
+//! registers again.
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use callq_broker::{
+    Broker, Bytes, Consumer, DEAD_REASON_HEADER, Delivery, Disposition, Error, Headers, Message,
+    QueueDepth, QueueSpec,
+};
+use deadpool_lapin::{Pool, Runtime};
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    BasicRejectOptions, ConfirmSelectOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::uri::AMQPUri;
+use lapin::{Acker, BasicProperties, Channel, Confirmation, ConnectionProperties};
+use tracing::{debug, warn};
+
+/// The URL used when none is configured: a RabbitMQ on this machine.
+pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// The AMQP heartbeat asked for when the URL does not name one, in seconds.
+/// It bounds how long a hung (not dead) peer holds its leases and its place
+/// as single active consumer: about three heartbeats.
+pub const DEFAULT_HEARTBEAT_SECS: u16 = 5;
+
+/// How long a transient queue lives without a consumer before RabbitMQ
+/// deletes it (`x-expires`).
+pub const TRANSIENT_QUEUE_EXPIRES: Duration = Duration::from_secs(300);
+
+/// How the adapter connects.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// `amqp://user:password@host:port/vhost[?heartbeat=N]`.
+    pub url: String,
+    /// The connection name RabbitMQ shows (`rabbitmqctl list_connections`).
+    pub name: String,
+    /// Every wait on the broker but a publish confirm.
+    pub timeout: Duration,
+    /// How long a publish waits for its confirm.
+    pub confirm_timeout: Duration,
+    /// Connections kept at most.
+    pub pool_size: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            url: DEFAULT_URL.into(),
+            name: "callq".into(),
+            timeout: Duration::from_secs(10),
+            confirm_timeout: Duration::from_secs(30),
+            pool_size: 4,
+        }
+    }
+}
+
+/// A RabbitMQ broker: cheap to clone and share.
+#[derive(Clone)]
+pub struct AmqpBroker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: Pool,
+    opts: Options,
+    /// Where the broker is, without the credentials: for messages.
+    place: String,
+    /// The channel in confirm mode every publish shares.
+    publisher: Mutex<Option<Channel>>,
+    /// The channel for declares and depth; replaced after a channel error.
+    admin: Mutex<Option<Channel>>,
+    /// The specs this process declared: the maximum length a nack means and
+    /// where a dead letter goes.
+    specs: Mutex<HashMap<String, QueueSpec>>,
+    /// The leases of this process's consumers, by queue.
+    leases: Mutex<HashMap<String, Vec<Weak<Lease>>>>,
+}
+
+/// A consumer's hold on its deliveries.
+#[derive(Default)]
+struct Lease {
+    /// False once the consumer is dropped or its channel ended.
+    gone: AtomicBool,
+    /// Deliveries received and not settled.
+    held: AtomicU64,
+}
+
+impl Lease {
+    fn release_one(&self) {
+        let _ = self
+            .held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl std::fmt::Debug for AmqpBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpBroker")
+            .field("at", &self.inner.place)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AmqpBroker {
+    /// Connects to the RabbitMQ at `url` with default [`Options`].
+    pub async fn connect(url: &str) -> Result<Self, Error> {
+        Self::connect_with(Options {
+            url: url.into(),
+            ..Options::default()
+        })
+        .await
+    }
+
+    /// Connects with the given options; fails when the broker cannot be
+    /// reached within [`Options::timeout`].
+    pub async fn connect_with(opts: Options) -> Result<Self, Error> {
+        let mut uri: AMQPUri = opts
+            .url
+            .parse()
+            .map_err(|e| Error::Refused(format!("not an AMQP URL ({e}): {}", redact(&opts.url))))?;
+        if uri.query.heartbeat.is_none() {
+            uri.query.heartbeat = Some(DEFAULT_HEARTBEAT_SECS);
+        }
+        if uri.query.connection_timeout.is_none() {
+            uri.query.connection_timeout =
+                Some(u64::try_from(opts.timeout.as_millis()).unwrap_or(u64::MAX));
+        }
+        let place = format!(
+            "{}:{}/{}",
+            uri.authority.host, uri.authority.port, uri.vhost
+        );
+        let name = opts.name.clone();
+        let config = deadpool_lapin::Config {
+            url: Some(uri.to_string()),
+            pool: Some(deadpool_lapin::PoolConfig {
+                max_size: opts.pool_size.max(1),
+                timeouts: deadpool_lapin::Timeouts {
+                    wait: Some(opts.timeout),
+                    create: Some(opts.timeout),
+                    recycle: Some(opts.timeout),
+                },
+                ..deadpool_lapin::PoolConfig::default()
+            }),
+        };
+        let pool = config
+            .create_pool(
+                move || ConnectionProperties::default().with_connection_name(name.clone().into()),
+                Runtime::Tokio1,
+            )
+            .map_err(|e| Error::Refused(format!("RabbitMQ connection pool: {e}")))?;
+        let broker = Self {
+            inner: Arc::new(Inner {
+                pool,
+                place,
+                opts,
+                publisher: Mutex::default(),
+                admin: Mutex::default(),
+                specs: Mutex::default(),
+                leases: Mutex::default(),
+            }),
+        };
+        // Fail now, with a clear message, if the broker is not there.
+        broker.inner.channel().await?;
+        Ok(broker)
+    }
+
+    /// Where the broker is (host, port, virtual host; no credentials).
+    pub fn place(&self) -> &str {
+        &self.inner.place
+    }
+}
+
+/// The URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// The reply code of the AMQP error behind a lapin error, if any.
+fn amqp_code(e: &lapin::Error) -> Option<u16> {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(p) => Some(p.get_id()),
+        _ => None,
+    }
+}
+
+const NOT_FOUND: u16 = 404;
+const ACCESS_REFUSED: u16 = 403;
+const RESOURCE_LOCKED: u16 = 405;
+const PRECONDITION_FAILED: u16 = 406;
+
+impl Inner {
+    async fn within<T>(
+        &self,
+        what: &str,
+        f: impl Future<Output = Result<T, lapin::Error>>,
+    ) -> Result<Result<T, lapin::Error>, Error> {
+        tokio::time::timeout(self.opts.timeout, f)
+            .await
+            .map_err(|_| {
+                warn!(at = %self.place, "RabbitMQ did not answer {what} within {:?}", self.opts.timeout);
+                Error::Timeout(self.opts.timeout)
+            })
+    }
+
+    fn connection_error(&self, what: &str, e: impl std::fmt::Display) -> Error {
+        Error::Connection(format!("{what} on RabbitMQ at {}: {e}", self.place))
+    }
+
+    /// A new channel on a pooled connection.
+    async fn channel(&self) -> Result<Channel, Error> {
+        let conn = tokio::time::timeout(self.opts.timeout, self.pool.get())
+            .await
+            .map_err(|_| Error::Timeout(self.opts.timeout))?
+            .map_err(|e| self.connection_error("connecting", e))?;
+        self.within("channel.open", conn.create_channel())
+            .await?
+            .map_err(|e| self.connection_error("opening a channel", e))
+    }
+
+    /// The shared channel of `slot`, or a new one (set up by `init`).
+    async fn cached(&self, slot: &Mutex<Option<Channel>>, confirm: bool) -> Result<Channel, Error> {
+        if let Some(ch) = lock(slot).as_ref()
+            && ch.status().connected()
+        {
+            return Ok(ch.clone());
+        }
+        let ch = self.channel().await?;
+        if confirm {
+            self.within(
+                "confirm.select",
+                ch.confirm_select(ConfirmSelectOptions::default()),
+            )
+            .await?
+            .map_err(|e| self.connection_error("confirm.select", e))?;
+        }
+        *lock(slot) = Some(ch.clone());
+        Ok(ch)
+    }
+
+    fn spec(&self, queue: &str) -> Option<QueueSpec> {
+        lock(&self.specs).get(queue).cloned()
+    }
+
+    async fn declare_one(&self, spec: &QueueSpec) -> Result<(), Error> {
+        let ch = self.cached(&self.admin, false).await?;
+        let options = QueueDeclareOptions {
+            durable: !spec.transient,
+            ..QueueDeclareOptions::default()
+        };
+        match self
+            .within(
+                "queue.declare",
+                ch.queue_declare(spec.name.as_str().into(), options, arguments(spec)),
+            )
+            .await?
+        {
+            Ok(_) => Ok(()),
+            Err(e) => Err(match amqp_code(&e) {
+                Some(PRECONDITION_FAILED) => Error::Refused(format!(
+                    "queue `{}` exists with other settings than callq declares ({e}); \
+                     delete it or declare it alike",
+                    spec.name
+                )),
+                Some(ACCESS_REFUSED) => {
+                    Error::Refused(format!("declaring queue `{}`: {e}", spec.name))
+                }
+                _ => self.connection_error(&format!("declaring queue `{}`", spec.name), e),
+            }),
+        }
+    }
+
+    /// Publishes and waits for the confirm.
+    async fn publish_props(
+        &self,
+        queue: &str,
+        body: &[u8],
+        props: BasicProperties,
+    ) -> Result<(), Error> {
+        let ch = self.cached(&self.publisher, true).await?;
+        let options = BasicPublishOptions {
+            mandatory: true,
+            immediate: false,
+        };
+        let confirm = match self
+            .within(
+                "basic.publish",
+                ch.basic_publish("".into(), queue.into(), options, body, props),
+            )
+            .await
+        {
+            Ok(Ok(confirm)) => confirm,
+            Ok(Err(e)) => return Err(Error::NotConfirmed(format!("publishing: {e}"))),
+            Err(_) => return Err(Error::NotConfirmed("the publish timed out".into())),
+        };
+        match tokio::time::timeout(self.opts.confirm_timeout, confirm).await {
+            Err(_) => Err(Error::NotConfirmed(format!(
+                "no confirm within {:?}",
+                self.opts.confirm_timeout
+            ))),
+            Ok(Err(e)) => Err(Error::NotConfirmed(e.to_string())),
+            Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+            Ok(Ok(Confirmation::Ack(Some(_)))) => Err(Error::NoSuchQueue(queue.into())),
+            Ok(Ok(Confirmation::Nack(_))) => Err(match self.spec(queue).and_then(|s| s.max_length)
+            {
+                Some(max) => Error::QueueFull {
+                    queue: queue.into(),
+                    max,
+                },
+                None => Error::NotConfirmed(format!(
+                    "RabbitMQ refused to store the message in `{queue}` (nack): \
+                     the queue may be full"
+                )),
+            }),
+            Ok(Ok(Confirmation::NotRequested)) => Err(Error::NotConfirmed(
+                "the channel is not in confirm mode".into(),
+            )),
+        }
+    }
+}
+
+/// The queue arguments a spec maps to.
+fn arguments(spec: &QueueSpec) -> FieldTable {
+    let mut args = FieldTable::default();
+    let mut set = |k: &str, v: AMQPValue| {
+        args.insert(k.into(), v);
+    };
+    let text = |s: &str| AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()));
+    if spec.transient {
+        let ms = i64::try_from(TRANSIENT_QUEUE_EXPIRES.as_millis()).unwrap_or(i64::MAX);
+        set("x-expires", AMQPValue::LongLongInt(ms));
+    } else {
+        set("x-queue-type", text("quorum"));
+    }
+    if let Some(max) = spec.max_length {
+        // A quorum queue refuses publishes once it holds more than its
+        // limit, so it holds one more than `x-max-length`.
+        let limit = if spec.transient { max } else { max.saturating_sub(1) };
+        set(
+            "x-max-length",
+            AMQPValue::LongLongInt(i64::try_from(limit).unwrap_or(i64::MAX)),
+        );
+    }
+    if spec.max_length.is_some() || (spec.dead_letter.is_some() && !spec.transient) {
+        // Refuse instead of dropping; at-least-once dead-lettering needs it.
+        set("x-overflow", text("reject-publish"));
+    }
+    if let Some(limit) = spec.delivery_limit {
+        set("x-delivery-limit", AMQPValue::LongLongInt(i64::from(limit)));
+    }
+    if let Some(dead) = &spec.dead_letter {
+        set("x-dead-letter-exchange", text(""));
+        set("x-dead-letter-routing-key", text(dead));
+        if !spec.transient {
+            set("x-dead-letter-strategy", text("at-least-once"));
+        }
+    }
+    if spec.single_active_consumer {
+        set("x-single-active-consumer", AMQPValue::Boolean(true));
+    }
+    args
+}
+
+/// A contract message's AMQP properties.
+fn properties(headers: &Headers) -> BasicProperties {
+    let mut table = FieldTable::default();
+    for (k, v) in headers {
+        table.insert(
+            k.as_str().into(),
+            AMQPValue::LongString(LongString::from(v.as_bytes().to_vec())),
+        );
+    }
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+        .with_headers(table)
+}
+
+/// A header's value as text, for the values a string can stand for.
+fn text_of(v: &AMQPValue) -> Option<String> {
+    Some(match v {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ShortString(s) => s.as_str().to_owned(),
+        AMQPValue::Boolean(b) => b.to_string(),
+        AMQPValue::ShortShortInt(n) => n.to_string(),
+        AMQPValue::ShortShortUInt(n) => n.to_string(),
+        AMQPValue::ShortInt(n) => n.to_string(),
+        AMQPValue::ShortUInt(n) => n.to_string(),
+        AMQPValue::LongInt(n) => n.to_string(),
+        AMQPValue::LongUInt(n) => n.to_string(),
+        AMQPValue::LongLongInt(n) => n.to_string(),
+        AMQPValue::Timestamp(n) => n.to_string(),
+        _ => return None,
+    })
+}
+
+/// The contract's view of a delivery's headers and delivery count.
+fn delivery_headers(props: &BasicProperties, redelivered: bool) -> (Headers, u32) {
+    let mut headers = Headers::new();
+    if let Some(table) = props.headers() {
+        for (k, v) in table.inner() {
+            if let Some(text) = text_of(v) {
+                headers.insert(k.as_str().to_owned(), text);
+            }
+        }
+    }
+    let count = headers
+        .get("x-delivery-count")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(u32::from(redelivered));
+    if !headers.contains_key(DEAD_REASON_HEADER)
+        && let Some(reason) = headers.get("x-first-death-reason").cloned()
+    {
+        headers.insert(DEAD_REASON_HEADER.into(), reason);
+    }
+    (headers, count)
+}
+
+#[async_trait]
+impl Broker for AmqpBroker {
+    fn kind(&self) -> &'static str {
+        "amqp"
+    }
+
+    async fn declare(&self, spec: &QueueSpec) -> Result<(), Error> {
+        if let Some(dead) = &spec.dead_letter {
+            if *dead == spec.name {
+                return Err(Error::Refused(format!(
+                    "queue `{dead}` cannot be its own dead-letter queue"
+                )));
+            }
+            let mut dead_spec = QueueSpec::plain(dead.clone());
+            dead_spec.transient = spec.transient;
+            self.inner.declare_one(&dead_spec).await?;
+            lock(&self.inner.specs)
+                .entry(dead.clone())
+                .or_insert(dead_spec);
+        }
+        self.inner.declare_one(spec).await?;
+        lock(&self.inner.specs).insert(spec.name.clone(), spec.clone());
+        Ok(())
+    }
+
+    async fn publish(&self, queue: &str, message: Message) -> Result<(), Error> {
+        self.inner
+            .publish_props(queue, &message.body, properties(&message.headers))
+            .await
+    }
+
+    async fn consume(&self, queue: &str, prefetch: u16) -> Result<Box<dyn Consumer>, Error> {
+        if prefetch == 0 {
+            return Err(Error::Refused("a consumer needs a prefetch of at least 1".into()));
+        }
+        let inner = &self.inner;
+        let ch = inner.channel().await?;
+        inner
+            .within(
+                "basic.qos",
+                ch.basic_qos(prefetch, BasicQosOptions { global: false }),
+            )
+            .await?
+            .map_err(|e| inner.connection_error("basic.qos", e))?;
+        let stream = match inner
+            .within(
+                "basic.consume",
+                ch.basic_consume(
+                    queue.into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                ),
+            )
+            .await?
+        {
+            Ok(stream) => stream,
+            Err(e) => {
+                return Err(match amqp_code(&e) {
+                    Some(NOT_FOUND) => Error::NoSuchQueue(queue.into()),
+                    Some(ACCESS_REFUSED | RESOURCE_LOCKED) => {
+                        Error::Refused(format!("consuming `{queue}`: {e}"))
+                    }
+                    _ => inner.connection_error(&format!("consuming `{queue}`"), e),
+                });
+            }
+        };
+        let lease = Arc::new(Lease::default());
+        {
+            let mut leases = lock(&inner.leases);
+            let list = leases.entry(queue.to_owned()).or_default();
+            list.retain(|l| l.strong_count() > 0);
+            list.push(Arc::downgrade(&lease));
+        }
+        let dead = inner.spec(queue).and_then(|s| s.dead_letter);
+        Ok(Box::new(AmqpConsumer {
+            inner: Arc::clone(inner),
+            channel: ch,
+            stream,
+            lease,
+            queue: queue.to_owned(),
+            dead,
+            ended: false,
+        }))
+    }
+
+    async fn depth(&self, queue: &str) -> Result<QueueDepth, Error> {
+        let inner = &self.inner;
+        let ch = inner.cached(&inner.admin, false).await?;
+        let options = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let declared = inner
+            .within(
+                "queue.declare (passive)",
+                ch.queue_declare(queue.into(), options, FieldTable::default()),
+            )
+            .await?
+            .map_err(|e| match amqp_code(&e) {
+                Some(NOT_FOUND) => Error::NoSuchQueue(queue.into()),
+                _ => inner.connection_error(&format!("reading the depth of `{queue}`"), e),
+            })?;
+        let unsettled = lock(&inner.leases).get(queue).map_or(0, |list| {
+            list.iter()
+                .filter_map(Weak::upgrade)
+                .filter(|l| !l.gone.load(Ordering::Acquire))
+                .map(|l| l.held.load(Ordering::Acquire))
+                .sum()
+        });
+        Ok(QueueDepth {
+            ready: u64::from(declared.message_count()),
+            unsettled,
+        })
+    }
+}
+
+struct AmqpConsumer {
+    inner: Arc<Inner>,
+    channel: Channel,
+    stream: lapin::Consumer,
+    lease: Arc<Lease>,
+    queue: String,
+    dead: Option<String>,
+    ended: bool,
+}
+
+impl AmqpConsumer {
+    fn end(&mut self) {
+        self.ended = true;
+        self.lease.gone.store(true, Ordering::Release);
+        self.lease.held.store(0, Ordering::Release);
+    }
+}
+
+#[async_trait]
+impl Consumer for AmqpConsumer {
+    async fn next(&mut self) -> Option<Result<Delivery, Error>> {
+        if self.ended {
+            return None;
+        }
+        match self.stream.next().await {
+            Some(Ok(d)) => {
+                self.lease.held.fetch_add(1, Ordering::AcqRel);
+                let (headers, count) = delivery_headers(&d.properties, d.redelivered);
+                let body = Bytes::from(d.data);
+                let settle = AmqpSettle {
+                    inner: Arc::clone(&self.inner),
+                    acker: d.acker,
+                    lease: Arc::clone(&self.lease),
+                    dead: self.dead.clone(),
+                    body: body.clone(),
+                    properties: d.properties,
+                };
+                Some(Ok(Delivery::new(
+                    body,
+                    headers,
+                    d.redelivered,
+                    count,
+                    self.queue.clone(),
+                    Box::new(settle),
+                )))
+            }
+            Some(Err(e)) => {
+                warn!(queue = %self.queue, at = %self.inner.place, "consumer ended: {e}");
+                self.end();
+                None
+            }
+            None => {
+                debug!(queue = %self.queue, "consumer cancelled");
+                self.end();
+                None
+            }
+        }
+    }
+
+    async fn close(mut self: Box<Self>) {
+        self.end();
+        if self.channel.status().connected() {
+            let close = self
+                .channel
+                .close(200, ShortString::from("consumer closed"));
+            match tokio::time::timeout(self.inner.opts.timeout, close).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => debug!(queue = %self.queue, "closing a consumer's channel: {e}"),
+                Err(_) => warn!(queue = %self.queue, "closing a consumer's channel timed out"),
+            }
+        }
+    }
+}
+
+impl Drop for AmqpConsumer {
+    fn drop(&mut self) {
+        self.end();
+        // Closing the channel returns its unacked deliveries to the queue.
+        let channel = self.channel.clone();
+        let timeout = self.inner.opts.timeout;
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if channel.status().connected() {
+                    let close = channel.close(200, ShortString::from("consumer dropped"));
+                    if let Ok(Err(e)) = tokio::time::timeout(timeout, close).await {
+                        debug!("closing a consumer's channel: {e}");
+                    }
+                }
+            });
+        }
+    }
+}
+
+struct AmqpSettle {
+    inner: Arc<Inner>,
+    acker: Acker,
+    lease: Arc<Lease>,
+    dead: Option<String>,
+    body: Bytes,
+    properties: BasicProperties,
+}
+
+impl AmqpSettle {
+    /// Maps an acker's outcome: `false` or an error means the channel, and
+    /// with it the lease, is gone.
+    fn outcome(&self, sent: Result<bool, lapin::Error>) -> Result<(), Error> {
+        match sent {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(Error::LeaseLost),
+            Err(e) => {
+                debug!("settling a delivery: {e}");
+                Err(Error::LeaseLost)
+            }
+        }
+    }
+
+    /// A copy of the message for the dead-letter queue, with the reason.
+    fn dead_letter_properties(&self, reason: &str) -> BasicProperties {
+        let mut table = self.properties.headers().clone().unwrap_or_default();
+        table.insert(
+            DEAD_REASON_HEADER.into(),
+            AMQPValue::LongString(LongString::from(reason.as_bytes().to_vec())),
+        );
+        self.properties.clone().with_delivery_mode(2).with_headers(table)
+    }
+}
+
+#[async_trait]
+impl callq_broker::Settle for AmqpSettle {
+    async fn settle(self: Box<Self>, disposition: Disposition) -> Result<(), Error> {
+        if self.lease.gone.load(Ordering::Acquire) {
+            return Err(Error::LeaseLost);
+        }
+        let timeout = self.inner.opts.timeout;
+        // A settle that does not go out in time is as good as lost: the
+        // channel is stuck, and its deliveries return when it closes.
+        async fn bounded(
+            timeout: Duration,
+            f: impl Future<Output = Result<bool, lapin::Error>>,
+        ) -> Result<bool, lapin::Error> {
+            tokio::time::timeout(timeout, f).await.unwrap_or(Ok(false))
+        }
+        let sent = match disposition {
+            Disposition::Ack => bounded(timeout, self.acker.ack(BasicAckOptions::default())).await,
+            Disposition::Requeue => {
+                let requeue = BasicNackOptions {
+                    multiple: false,
+                    requeue: true,
+                };
+                bounded(timeout, self.acker.nack(requeue)).await
+            }
+            Disposition::DeadLetter { reason } => match &self.dead {
+                Some(dead) => {
+                    let props = self.dead_letter_properties(&reason);
+                    if let Err(e) = self.inner.publish_props(dead, &self.body, props).await {
+                        // Keep the message: it comes back and is settled again.
+                        let requeue = BasicNackOptions {
+                            multiple: false,
+                            requeue: true,
+                        };
+                        let _ = bounded(timeout, self.acker.nack(requeue)).await;
+                        self.lease.release_one();
+                        return Err(e);
+                    }
+                    bounded(timeout, self.acker.ack(BasicAckOptions::default())).await
+                }
+                // Declared elsewhere: the broker's own dead-lettering, if any.
+                None => {
+                    bounded(timeout, self.acker.reject(BasicRejectOptions { requeue: false })).await
+                }
+            },
+        };
+        self.lease.release_one();
+        self.outcome(sent)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_stay_out_of_messages() {
+        assert_eq!(
+            redact("amqp://guest:secret@host:5672/%2f"),
+            "amqp://guest:***@host:5672/%2f"
+        );
+        assert_eq!(redact("amqp://host"), "amqp://host");
+    }
+
+    #[test]
+    fn call_queues_are_quorum_queues_with_limits() {
+        let args = arguments(&QueueSpec::calls("echo"));
+        let get = |k: &str| args.inner().get(k).and_then(text_of);
+        assert_eq!(get("x-queue-type").as_deref(), Some("quorum"));
+        assert_eq!(get("x-overflow").as_deref(), Some("reject-publish"));
+        assert_eq!(get("x-delivery-limit").as_deref(), Some("5"));
+        assert_eq!(
+            get("x-dead-letter-routing-key").as_deref(),
+            Some("callq.dead.echo")
+        );
+        assert_eq!(
+            get("x-dead-letter-strategy").as_deref(),
+            Some("at-least-once")
+        );
+        let control = arguments(&QueueSpec::control("callq.worker.w1"));
+        assert!(control.inner().get("x-queue-type").is_none());
+        assert!(control.inner().get("x-expires").is_some());
+        let coordinator = arguments(&QueueSpec::coordinator());
+        assert_eq!(
+            coordinator
+                .inner()
+                .get("x-single-active-consumer")
+                .and_then(text_of)
+                .as_deref(),
+            Some("true")
+        );
+    }
+
+    #[test]
+    fn delivery_count_and_dead_reason_come_from_broker_headers() {
+        let mut table = FieldTable::default();
+        table.insert("x-delivery-count".into(), AMQPValue::LongLongInt(2));
+        table.insert(
+            "x-first-death-reason".into(),
+            AMQPValue::LongString(LongString::from(b"delivery_limit".to_vec())),
+        );
+        table.insert("callq-attempt".into(), AMQPValue::LongInt(3));
+        let props = BasicProperties::default().with_headers(table);
+        let (headers, count) = delivery_headers(&props, true);
+        assert_eq!(count, 2);
+        assert_eq!(
+            headers.get(DEAD_REASON_HEADER).map(String::as_str),
+            Some("delivery_limit")
+        );
+        assert_eq!(headers.get("callq-attempt").map(String::as_str), Some("3"));
+        let (_, first) = delivery_headers(&BasicProperties::default(), false);
+        assert_eq!(first, 0);
+        let (_, classic) = delivery_headers(&BasicProperties::default(), true);
+        assert_eq!(classic, 1);
+    }
+}
