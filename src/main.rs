@@ -1,7 +1,10 @@
 //! `callq`: the command line.
 
+use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
+use callq::commands::{self, Settings};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -11,6 +14,9 @@ use clap::{Parser, Subcommand};
     about = "A worker cluster driven by a message bus"
 )]
 struct Cli {
+    /// A configuration file (TOML); `CALLQ_*` variables override it.
+    #[arg(long, global = true, env = "CALLQ_CONFIG")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -48,14 +54,78 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Runs a coordinator: the registry, the failure detector and the call
+    /// ledger. A second one on the same store stands by until the first is
+    /// gone.
+    Coordinator {},
+    /// Runs a worker process serving built-in services (echo, mail).
+    Worker {
+        /// The services to serve, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        services: Vec<String>,
+        /// The worker's id (default: generated).
+        #[arg(long)]
+        worker_id: Option<String>,
+        /// Calls run at once (default: the configured `worker.capacity`).
+        #[arg(long)]
+        capacity: Option<u16>,
+        /// Start as a standby: consume nothing until promoted.
+        #[arg(long)]
+        standby: bool,
+    },
+    /// Runs a node agent that starts worker processes, restarts them when
+    /// they die, and starts standbys when the coordinator asks.
+    Agent {
+        /// Services of the workers to keep running, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        services: Vec<String>,
+        /// Active workers of those services.
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// Standby workers of those services.
+        #[arg(long, default_value_t = 0)]
+        standbys: u32,
+        /// The agent's id (default: the configured `agent.agent_id`).
+        #[arg(long)]
+        agent_id: Option<String>,
+    },
+    /// Publishes one call, waits, prints the reply as JSON and exits with
+    /// its outcome: 0 ok, 1 error, 2 fatal, 3 expired (4: no reply at all).
+    Call {
+        /// The service, e.g. `echo`.
+        service: String,
+        /// The method, e.g. `echo`.
+        method: String,
+        /// The arguments, a JSON value.
+        #[arg(default_value = "{}")]
+        args: String,
+        /// Milliseconds to wait for the outcome (the call's deadline).
+        #[arg(long, default_value_t = 30_000)]
+        timeout_ms: u64,
+    },
+    /// Shows the cluster: workers with state and load, standbys, agents,
+    /// and the depth of the call queues.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drains one worker: it stops taking calls, finishes those it runs and
+    /// leaves.
+    Drain {
+        /// The worker's id, as `callq status` shows it.
+        worker: String,
+    },
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     // The demo kills a worker on purpose: its warnings are the story the
     // demo prints itself, so it logs errors only unless asked otherwise.
     let default_filter = match cli.command {
         Command::Demo { .. } => "error",
+        Command::Coordinator {} | Command::Worker { .. } | Command::Agent { .. } => "info",
+        Command::Call { .. } | Command::Status { .. } | Command::Drain { .. } => "warn",
     };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -63,11 +133,13 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(async {
+    let code = runtime.block_on(async {
+        let settings = || Settings::load(cli.config.as_deref());
         match cli.command {
             Command::Demo {
                 workers,
@@ -98,8 +170,81 @@ fn main() -> anyhow::Result<()> {
                     "the call contract was broken {} times: see above",
                     violations.len()
                 );
-                Ok(())
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Coordinator {} => {
+                commands::coordinator(&settings()?, commands::shutdown_on_signal()).await?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Worker {
+                services,
+                worker_id,
+                capacity,
+                standby,
+            } => {
+                let args = commands::WorkerArgs {
+                    services,
+                    worker_id,
+                    capacity,
+                    standby,
+                };
+                commands::worker(&settings()?, args, commands::shutdown_on_signal()).await?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Agent {
+                services,
+                count,
+                standbys,
+                agent_id,
+            } => {
+                let args = commands::AgentArgs {
+                    services,
+                    count,
+                    standbys,
+                    agent_id,
+                    worker_args: cli
+                        .config
+                        .iter()
+                        .flat_map(|c| ["--config".to_string(), c.display().to_string()])
+                        .collect(),
+                };
+                commands::agent(&settings()?, args, commands::shutdown_on_signal()).await?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Call {
+                service,
+                method,
+                args,
+                timeout_ms,
+            } => {
+                let timeout = Duration::from_millis(timeout_ms);
+                match commands::call(&settings()?, &service, &method, &args, timeout).await {
+                    Ok(code) => Ok(ExitCode::from(code)),
+                    Err(e) => {
+                        eprintln!("error: {e:#}");
+                        Ok(ExitCode::from(4))
+                    }
+                }
+            }
+            Command::Status { json } => {
+                let report = commands::status(&settings()?).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    print!("{}", commands::render_status(&report));
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Drain { worker } => {
+                if commands::drain(&settings()?, &worker).await? {
+                    println!("{worker}: draining");
+                    Ok(ExitCode::SUCCESS)
+                } else {
+                    eprintln!("error: the coordinator knows no worker `{worker}` (see `callq status`)");
+                    Ok(ExitCode::from(1))
+                }
             }
         }
-    })
+    })?;
+    Ok(code)
 }

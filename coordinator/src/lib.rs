@@ -35,6 +35,9 @@ pub enum Error {
         "the coordinator store failed: {0}; no decision of this batch was announced, workers will ask again"
     )]
     Store(String),
+    /// Another coordinator has the store open.
+    #[error("another coordinator holds the store {0}")]
+    StoreInUse(String),
     /// The broker failed.
     #[error(transparent)]
     Broker(#[from] callq_broker::Error),

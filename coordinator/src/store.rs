@@ -39,8 +39,11 @@ fn store_err(e: impl std::fmt::Display) -> Error {
 impl RedbStore {
     /// Opens the store at `path`, creating it when missing.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, Error> {
-        let db = Database::create(path.as_ref())
-            .map_err(|e| Error::Store(format!("opening {}: {e}", path.as_ref().display())))?;
+        let shown = path.as_ref().display();
+        let db = Database::create(path.as_ref()).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => Error::StoreInUse(shown.to_string()),
+            e => Error::Store(format!("opening {shown}: {e}")),
+        })?;
         let tx = db.begin_write().map_err(store_err)?;
         tx.open_table(CALLS).map_err(store_err)?;
         tx.open_table(OPEN).map_err(store_err)?;
