@@ -15,6 +15,8 @@ use futures::StreamExt;
 use serde_json::json;
 use tokio::time::Instant;
 
+use callq_node::{Admin, Client};
+
 use crate::cluster::{ClusterOptions, LocalCluster};
 
 /// The load and the faults.
@@ -61,6 +63,8 @@ pub struct Ended {
     pub reply: Option<Reply>,
     /// Its round trip.
     pub latency: Duration,
+    /// When it ended, since the start of the load.
+    pub at: Duration,
 }
 
 /// What happened.
@@ -114,6 +118,28 @@ impl ChaosReport {
             .iter()
             .filter_map(|e| e.reply.as_ref())
             .filter(|r| r.outcome == Outcome::Fatal)
+            .collect()
+    }
+
+    /// Per kill, the time from the kill to the next reply of a call that
+    /// was on a lost worker (answered by a later attempt, or `fatal`): the
+    /// pause the clients of the dead worker felt.
+    pub fn failover_pauses(&self) -> Vec<(String, Duration)> {
+        self.kills
+            .iter()
+            .filter_map(|(worker, killed)| {
+                self.ended
+                    .iter()
+                    .filter(|e| {
+                        e.at > *killed
+                            && e.reply
+                                .as_ref()
+                                .is_some_and(|r| r.attempt > 1 || r.outcome == Outcome::Fatal)
+                    })
+                    .map(|e| e.at - *killed)
+                    .min()
+                    .map(|pause| (worker.clone(), pause))
+            })
             .collect()
     }
 
@@ -190,8 +216,16 @@ impl ChaosReport {
             self.ended.len(),
             self.elapsed.as_secs_f64()
         );
+        let pauses: HashMap<_, _> = self.failover_pauses().into_iter().collect();
         for (w, at) in &self.kills {
-            println!("  killed {w} at {:.2} s", at.as_secs_f64());
+            match pauses.get(w) {
+                Some(p) => println!(
+                    "  killed {w} at {:.2} s; the next reply of a call it held came {:.0} ms later",
+                    at.as_secs_f64(),
+                    p.as_secs_f64() * 1000.0
+                ),
+                None => println!("  killed {w} at {:.2} s", at.as_secs_f64()),
+            }
         }
         println!(
             "  re-issued or redelivered and answered ok transparently: {}",
@@ -231,22 +265,82 @@ impl ChaosReport {
     }
 }
 
-/// Runs the load under faults and accounts for every call.
+/// What a load under faults kills: a cluster whose workers can be killed.
+pub trait Fleet {
+    /// Kills the busiest worker on the spot (and replaces it, if the fleet
+    /// does); the id of the worker killed, `None` if none was busy.
+    fn kill_busiest(&mut self) -> impl Future<Output = anyhow::Result<Option<String>>>;
+}
+
+/// The in-process cluster as a [`Fleet`].
+struct Local<'a> {
+    cluster: &'a mut LocalCluster,
+    replace: bool,
+    next_id: usize,
+}
+
+impl Fleet for Local<'_> {
+    async fn kill_busiest(&mut self) -> anyhow::Result<Option<String>> {
+        let busiest = self
+            .cluster
+            .worker_ids()
+            .into_iter()
+            .filter_map(|id| {
+                let n = self.cluster.stats(&id)?.in_flight.load(Ordering::Relaxed);
+                (n > 0).then_some((n, id))
+            })
+            .max();
+        let Some((_, id)) = busiest else {
+            return Ok(None);
+        };
+        self.cluster.kill(&id);
+        if self.replace {
+            let new = format!("worker-{}", self.next_id);
+            self.next_id += 1;
+            self.cluster.spawn_worker(&new, &SERVICES, false).await?;
+        }
+        Ok(Some(id))
+    }
+}
+
+const SERVICES: [&str; 2] = ["echo", "mail"];
+
+/// Runs the load under faults on an in-process cluster and accounts for
+/// every call.
 pub async fn run<S: Store + 'static>(spec: &ChaosSpec, store: S) -> anyhow::Result<ChaosReport> {
     let mut cluster = LocalCluster::start(spec.cluster.clone(), store).await?;
-    let services = ["echo", "mail"];
     for i in 1..=spec.workers {
         cluster
-            .spawn_worker(&format!("worker-{i}"), &services, false)
+            .spawn_worker(&format!("worker-{i}"), &SERVICES, false)
             .await?;
     }
     for i in 1..=spec.standbys {
         cluster
-            .spawn_worker(&format!("standby-{i}"), &services, true)
+            .spawn_worker(&format!("standby-{i}"), &SERVICES, true)
             .await?;
     }
     let client = cluster.client().await?;
     let admin = cluster.admin().await?;
+    let mut fleet = Local {
+        cluster: &mut cluster,
+        replace: spec.replace_killed,
+        next_id: spec.workers + 1,
+    };
+    let report = drive(spec, &client, &admin, &mut fleet).await?;
+    cluster.shutdown().await?;
+    Ok(report)
+}
+
+/// Runs the load of `spec` through `client`, killing the busiest worker of
+/// `fleet` every `spec.kill_every`, and accounts for every call. The
+/// cluster's own fields of `spec` (`cluster`, `workers`, `standbys`,
+/// `replace_killed`) are the fleet's business.
+pub async fn drive(
+    spec: &ChaosSpec,
+    client: &Client,
+    admin: &Admin,
+    fleet: &mut impl Fleet,
+) -> anyhow::Result<ChaosReport> {
     let half = u64::try_from(spec.work.as_millis() / 2).unwrap_or(u64::MAX);
     let work_ms = half * 2;
     let outbox = spec.outbox.clone();
@@ -274,6 +368,7 @@ pub async fn run<S: Store + 'static>(spec: &ChaosSpec, store: S) -> anyhow::Resu
                     mail,
                     reply,
                     latency: t.elapsed(),
+                    at: start.elapsed(),
                 }
             }
         })
@@ -281,7 +376,6 @@ pub async fn run<S: Store + 'static>(spec: &ChaosSpec, store: S) -> anyhow::Resu
 
     let mut ended = Vec::with_capacity(spec.calls);
     let mut kills = Vec::new();
-    let mut next_id = spec.workers + 1;
     let mut killer = tokio::time::interval_at(start + spec.kill_every, spec.kill_every);
     let mut progress = tokio::time::interval(Duration::from_millis(500));
     loop {
@@ -291,21 +385,9 @@ pub async fn run<S: Store + 'static>(spec: &ChaosSpec, store: S) -> anyhow::Resu
                 None => break,
             },
             _ = killer.tick(), if kills.len() < spec.max_kills => {
-                let busiest = cluster
-                    .worker_ids()
-                    .into_iter()
-                    .filter_map(|id| {
-                        let n = cluster.stats(&id)?.in_flight.load(Ordering::Relaxed);
-                        (n > 0).then_some((n, id))
-                    })
-                    .max();
-                if let Some((_, id)) = busiest {
-                    cluster.kill(&id);
-                    kills.push((id, start.elapsed()));
-                    if spec.replace_killed {
-                        cluster.spawn_worker(&format!("worker-{next_id}"), &services, false).await?;
-                        next_id += 1;
-                    }
+                let at = start.elapsed();
+                if let Some(id) = fleet.kill_busiest().await? {
+                    kills.push((id, at));
                 }
             }
             _ = progress.tick(), if spec.progress => {
@@ -325,7 +407,6 @@ pub async fn run<S: Store + 'static>(spec: &ChaosSpec, store: S) -> anyhow::Resu
     }
     let status = admin.status().await?;
     drop(calls);
-    cluster.shutdown().await?;
     let mails_sent = std::fs::read_to_string(&spec.outbox)
         .unwrap_or_default()
         .lines()

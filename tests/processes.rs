@@ -1,0 +1,353 @@
+//! The cluster as separate processes on a real RabbitMQ: `callq
+//! coordinator`, `callq worker` and `callq agent` processes, killed with
+//! SIGKILL mid-load.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use callq::chaos::{self, ChaosSpec, Fleet};
+use callq::cluster::ClusterOptions;
+use callq_node::{Admin, Client, ClientOptions};
+use callq_schemas::protocol::{ClusterStatus, WorkerState};
+use support::{Proc, Vhost, wait_status};
+
+/// Standbys for both built-in services, as the tests' coordinators keep.
+const STANDBYS: [(&str, &str); 2] = [
+    ("CALLQ_COORDINATOR__STANDBY_PER_SERVICE__ECHO", "1"),
+    ("CALLQ_COORDINATOR__STANDBY_PER_SERVICE__MAIL", "1"),
+];
+
+fn count(status: &ClusterStatus, state: WorkerState) -> usize {
+    status.workers.iter().filter(|w| w.state == state).count()
+}
+
+/// Worker processes the test started, killed by the load's schedule.
+struct Workers {
+    procs: HashMap<String, Proc>,
+    admin: Admin,
+    /// Workers never killed.
+    spare: &'static [&'static str],
+}
+
+impl Fleet for Workers {
+    async fn kill_busiest(&mut self) -> anyhow::Result<Option<String>> {
+        // No coordinator to ask (it is being replaced): no kill this time.
+        let Ok(status) = self.admin.status().await else {
+            return Ok(None);
+        };
+        let busiest = status
+            .workers
+            .iter()
+            .filter(|w| w.state == WorkerState::Active && self.procs.contains_key(&w.worker_id))
+            .filter(|w| !self.spare.contains(&w.worker_id.as_str()))
+            .filter(|w| w.free < w.capacity)
+            .max_by_key(|w| w.capacity - w.free);
+        let Some(w) = busiest else {
+            return Ok(None);
+        };
+        let mut proc = self.procs.remove(&w.worker_id).unwrap();
+        eprintln!(
+            "kill -9 {} (pid {}, {} calls in flight)",
+            proc.name,
+            proc.pid(),
+            w.capacity - w.free
+        );
+        proc.kill9();
+        Ok(Some(w.worker_id.clone()))
+    }
+}
+
+fn worker(id: &str, vhost: &Vhost, dir: &std::path::Path, standby: bool) -> Proc {
+    let mut args = vec!["worker", "--services", "echo,mail", "--worker-id", id];
+    if standby {
+        args.push("--standby");
+    }
+    Proc::spawn(id, &args, &vhost.url, dir)
+}
+
+fn load(dir: &std::path::Path, calls: usize, kills: usize) -> ChaosSpec {
+    ChaosSpec {
+        cluster: ClusterOptions::default(),
+        workers: 0,
+        standbys: 0,
+        calls,
+        concurrency: calls,
+        mail_every: 3,
+        work: Duration::from_millis(50),
+        kill_every: Duration::from_millis(700),
+        max_kills: kills,
+        replace_killed: false,
+        timeout: Duration::from_secs(90),
+        outbox: dir.join("mail.outbox"),
+        progress: false,
+    }
+}
+
+/// A coordinator, three workers and a standby; 5,000 calls of `echo.sleep`
+/// and `mail.send` in flight; two workers killed with SIGKILL mid-load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_killed_mid_load_lose_no_call() {
+    let vhost = Vhost::create("kill");
+    let dir = support::temp_dir("kill");
+    let mut coordinator =
+        Proc::spawn_env("coordinator", &["coordinator"], &vhost.url, &dir, &STANDBYS);
+    let mut procs = HashMap::new();
+    for id in ["w1", "w2", "w3"] {
+        procs.insert(id.to_owned(), worker(id, &vhost, &dir, false));
+    }
+    procs.insert("s1".to_owned(), worker("s1", &vhost, &dir, true));
+    let broker = support::amqp(&vhost.url).await;
+    let admin = Admin::connect(broker.clone(), Duration::from_secs(10))
+        .await
+        .unwrap();
+    wait_status(
+        &admin,
+        "3 active workers and a standby",
+        Duration::from_secs(30),
+        |s| count(s, WorkerState::Active) == 3 && count(s, WorkerState::Standby) == 1,
+    )
+    .await;
+
+    let client = Client::connect(broker.clone(), ClientOptions::default())
+        .await
+        .unwrap();
+    let spec = load(&dir, 5_000, 2);
+    let mut fleet = Workers {
+        procs,
+        admin: Admin::connect(broker.clone(), Duration::from_secs(10))
+            .await
+            .unwrap(),
+        spare: &["s1"],
+    };
+    let report = chaos::drive(&spec, &client, &admin, &mut fleet)
+        .await
+        .unwrap();
+    report.print();
+
+    assert_eq!(report.violations(), Vec::<String>::new());
+    assert_eq!(report.ended.len(), 5_000, "every call ended");
+    assert_eq!(report.kills.len(), 2, "two workers were killed mid-load");
+    assert!(
+        report.deaths >= 2,
+        "the coordinator saw {} deaths",
+        report.deaths
+    );
+    assert!(report.promotions >= 1, "the standby was not promoted");
+    assert!(
+        report.retried_ok() + report.fatal().len() > 0,
+        "no call was on a killed worker: the kills proved nothing"
+    );
+    let pauses = report.failover_pauses();
+    for (worker, pause) in &pauses {
+        eprintln!(
+            "failover pause after killing {worker}: {:.0} ms",
+            pause.as_secs_f64() * 1000.0
+        );
+    }
+    assert!(!pauses.is_empty(), "no reply of a call on a killed worker");
+    let status = admin.status().await.unwrap();
+    assert!(
+        status
+            .workers
+            .iter()
+            .any(|w| w.worker_id == "s1" && w.state == WorkerState::Active),
+        "the standby s1 serves now: {status:#?}"
+    );
+    assert!(coordinator.running(), "{}", coordinator.log());
+    for proc in fleet.procs.values_mut() {
+        assert!(proc.running(), "{} died:\n{}", proc.name, proc.log());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The coordinator process killed with SIGKILL mid-load and a new one
+/// started on the same store: no decision is lost and the cluster serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_killed_and_restarted_on_its_store_loses_nothing() {
+    let vhost = Vhost::create("coord");
+    let dir = support::temp_dir("coord");
+    let mut first = Proc::spawn("coordinator-1", &["coordinator"], &vhost.url, &dir);
+    let mut procs = HashMap::new();
+    for id in ["w1", "w2"] {
+        procs.insert(id.to_owned(), worker(id, &vhost, &dir, false));
+    }
+    let broker = support::amqp(&vhost.url).await;
+    let admin = Admin::connect(broker.clone(), Duration::from_secs(10))
+        .await
+        .unwrap();
+    wait_status(&admin, "2 active workers", Duration::from_secs(30), |s| {
+        count(s, WorkerState::Active) == 2
+    })
+    .await;
+    let client = Client::connect(broker.clone(), ClientOptions::default())
+        .await
+        .unwrap();
+
+    // The load runs while the coordinator is killed and a new one starts; a
+    // worker is killed too, so that the new coordinator has decisions of
+    // the old one to honour (traces granted, calls completed).
+    let spec = load(&dir, 2_000, 1);
+    let load = {
+        let client = client.clone();
+        let admin = Admin::connect(broker.clone(), Duration::from_secs(10))
+            .await
+            .unwrap();
+        let mut fleet = Workers {
+            procs,
+            admin: Admin::connect(broker.clone(), Duration::from_secs(10))
+                .await
+                .unwrap(),
+            spare: &[],
+        };
+        tokio::spawn(async move {
+            let report = chaos::drive(&spec, &client, &admin, &mut fleet).await;
+            (report, fleet)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    first.kill9();
+    eprintln!("kill -9 coordinator-1");
+    let mut second = Proc::spawn("coordinator-2", &["coordinator"], &vhost.url, &dir);
+    let (report, mut fleet) = load.await.unwrap();
+    let report = report.unwrap();
+    report.print();
+
+    assert_eq!(report.violations(), Vec::<String>::new());
+    assert_eq!(report.ended.len(), 2_000, "every call ended");
+    assert!(second.running(), "{}", second.log());
+    assert!(
+        second.log().contains("call ledger opened"),
+        "the second coordinator opened the first one's store:\n{}",
+        second.log()
+    );
+    // It serves on: a call after the whole affair.
+    let reply = client
+        .call(
+            "echo",
+            "echo",
+            serde_json::json!({"after": "restart"}),
+            callq_node::CallOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply.outcome, callq_schemas::Outcome::Ok, "{reply:?}");
+    for proc in fleet.procs.values_mut() {
+        assert!(proc.running(), "{} died:\n{}", proc.name, proc.log());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The pid of the process whose command line holds `needle`.
+fn pid_of(needle: &str) -> Option<u32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            cmdline.contains(needle).then_some(pid)
+        })
+}
+
+/// `callq agent` runs worker processes, restarts one killed with SIGKILL,
+/// and keeps the standby the coordinator wants.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_restarts_a_killed_worker_process() {
+    let vhost = Vhost::create("agent");
+    let dir = support::temp_dir("agent");
+    let _coordinator =
+        Proc::spawn_env("coordinator", &["coordinator"], &vhost.url, &dir, &STANDBYS);
+    let agent_id = format!("agent-{}", vhost.name);
+    let mut agent = Proc::spawn(
+        "agent",
+        &[
+            "agent",
+            "--agent-id",
+            &agent_id,
+            "--services",
+            "echo,mail",
+            "--count",
+            "2",
+        ],
+        &vhost.url,
+        &dir,
+    );
+    let broker = support::amqp(&vhost.url).await;
+    let admin = Admin::connect(broker.clone(), Duration::from_secs(10))
+        .await
+        .unwrap();
+    // The agent's two workers, and the standbys the coordinator asked the
+    // agent for (one per service).
+    let standbys_cover = |s: &ClusterStatus| {
+        ["echo", "mail"].iter().all(|service| {
+            s.workers
+                .iter()
+                .any(|w| w.state == WorkerState::Standby && w.services.iter().any(|x| x == service))
+        })
+    };
+    let status = wait_status(
+        &admin,
+        "the agent's 2 workers and a standby per service",
+        Duration::from_secs(30),
+        |s| count(s, WorkerState::Active) >= 2 && standbys_cover(s) && s.agents.contains(&agent_id),
+    )
+    .await;
+    let victim = status
+        .workers
+        .iter()
+        .find(|w| w.state == WorkerState::Active)
+        .unwrap()
+        .worker_id
+        .clone();
+    let pid = pid_of(&format!("--worker-id {victim} ")).expect("the worker's process");
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    eprintln!("kill -9 {victim} (pid {pid})");
+    // The agent restarts it under the next incarnation of its id; the
+    // coordinator promotes standbys for its services and asks for new ones.
+    let stem = victim.rsplit_once('.').unwrap().0.to_owned();
+    let status = wait_status(
+        &admin,
+        "the killed worker restarted, standbys promoted and replaced",
+        Duration::from_secs(30),
+        |s| {
+            !s.workers.iter().any(|w| w.worker_id == victim)
+                && s.workers.iter().any(|w| {
+                    w.worker_id.starts_with(&format!("{stem}.")) && w.state == WorkerState::Active
+                })
+                && s.promotions >= 1
+                && standbys_cover(s)
+        },
+    )
+    .await;
+    eprintln!("{status:#?}");
+    let client = Client::connect(broker, ClientOptions::default())
+        .await
+        .unwrap();
+    let reply = client
+        .call(
+            "echo",
+            "echo",
+            serde_json::json!({"via": "agent"}),
+            callq_node::CallOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply.outcome, callq_schemas::Outcome::Ok, "{reply:?}");
+    // SIGTERM drains the agent's workers and ends it.
+    agent.terminate();
+    let exit = agent.wait_exit(Duration::from_secs(30));
+    assert!(
+        exit.is_some_and(|s| s.success()),
+        "the agent did not stop cleanly: {exit:?}\n{}",
+        agent.log()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,187 @@
+//! What the tests against a real RabbitMQ share: a virtual host of their
+//! own (so that tests running at once never meet in `callq.call.echo`), and
+//! `callq` processes that can be killed for real.
+#![allow(dead_code, clippy::unwrap_used, unreachable_pub)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A RabbitMQ virtual host for one test, deleted when dropped.
+pub struct Vhost {
+    /// Its name.
+    pub name: String,
+    /// `amqp://guest:guest@127.0.0.1:5672/<name>`.
+    pub url: String,
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let out = Command::new("rabbitmqctl")
+        .arg("-q")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run rabbitmqctl ({e}): RabbitMQ must be installed (scripts/test does it)"
+            )
+        });
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Vhost {
+    /// Creates `callq-test-<tag>-<uuid>` with all permissions for guest.
+    pub fn create(tag: &str) -> Self {
+        let name = format!("callq-test-{tag}-{}", uuid::Uuid::now_v7().simple());
+        rabbitmqctl(&["add_vhost", &name]);
+        rabbitmqctl(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"]);
+        let url = format!("amqp://guest:guest@127.0.0.1:5672/{name}");
+        Self { name, url }
+    }
+}
+
+impl Drop for Vhost {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["-q", "delete_vhost", &self.name])
+            .output();
+    }
+}
+
+/// The `callq` binary under test.
+pub fn callq_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_callq"))
+}
+
+/// A fresh directory for one test's files.
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("callq-{tag}-{}", uuid::Uuid::now_v7().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A `callq` process; killed (SIGKILL) when dropped.
+pub struct Proc {
+    /// What the test calls it.
+    pub name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    /// Starts `callq args..` against `broker_url`, logging to
+    /// `dir/<name>.log`, with `dir` as its working directory.
+    pub fn spawn(name: &str, args: &[&str], broker_url: &str, dir: &Path) -> Self {
+        Self::spawn_env(name, args, broker_url, dir, &[])
+    }
+
+    /// Like [`Proc::spawn`], with more environment variables.
+    pub fn spawn_env(
+        name: &str,
+        args: &[&str],
+        broker_url: &str,
+        dir: &Path,
+        env: &[(&str, &str)],
+    ) -> Self {
+        let log = dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(callq_bin())
+            .args(args)
+            .current_dir(dir)
+            .env("CALLQ_BROKER", broker_url)
+            .env("CALLQ_LOG", "info")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start callq {args:?}: {e}"));
+        Self {
+            name: name.to_owned(),
+            child,
+            log,
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `kill -9`: the process dies on the spot, its connections with it.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM: the process drains and exits.
+    pub fn terminate(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+    }
+
+    /// Waits up to `timeout` for the process to exit; its exit status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let until = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < until {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Whether it still runs.
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Everything it logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls the coordinator's status every 50 ms until `pred` holds; panics
+/// naming `what` after `timeout`. (Across processes the status is the
+/// signal: there is nothing to await but the coordinator's view.)
+pub async fn wait_status(
+    admin: &callq_node::Admin,
+    what: &str,
+    timeout: Duration,
+    pred: impl Fn(&callq_schemas::protocol::ClusterStatus) -> bool,
+) -> callq_schemas::protocol::ClusterStatus {
+    let until = tokio::time::Instant::now() + timeout;
+    let mut last = None;
+    while tokio::time::Instant::now() < until {
+        match admin.status().await {
+            Ok(status) if pred(&status) => return status,
+            Ok(status) => last = Some(status),
+            Err(e) => eprintln!("status while waiting for {what}: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{what}: not within {timeout:?}; last status: {last:#?}");
+}
+
+/// The RabbitMQ adapter on `url`, shared as the node crate takes it.
+pub async fn amqp(url: &str) -> std::sync::Arc<dyn callq_broker::Broker> {
+    std::sync::Arc::new(
+        callq_broker_amqp::AmqpBroker::connect(url)
+            .await
+            .unwrap_or_else(|e| panic!("RabbitMQ at {url}: {e}")),
+    )
+}
