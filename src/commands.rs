@@ -234,7 +234,10 @@ pub async fn worker(
             })
         })
         .collect::<anyhow::Result<_>>()?;
-    anyhow::ensure!(!found.is_empty(), "name the services to serve: --services echo,mail");
+    anyhow::ensure!(
+        !found.is_empty(),
+        "name the services to serve: --services echo,mail"
+    );
     let base = opts.worker_id.clone();
     let (mut incarnation, mut backoff) = (0u32, Duration::from_millis(100));
     loop {

@@ -240,7 +240,9 @@ fn main() -> anyhow::Result<ExitCode> {
                     println!("{worker}: draining");
                     Ok(ExitCode::SUCCESS)
                 } else {
-                    eprintln!("error: the coordinator knows no worker `{worker}` (see `callq status`)");
+                    eprintln!(
+                        "error: the coordinator knows no worker `{worker}` (see `callq status`)"
+                    );
                     Ok(ExitCode::from(1))
                 }
             }

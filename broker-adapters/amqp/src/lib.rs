@@ -341,17 +341,18 @@ impl Inner {
             Ok(Err(e)) => Err(Error::NotConfirmed(e.to_string())),
             Ok(Ok(Confirmation::Ack(None))) => Ok(()),
             Ok(Ok(Confirmation::Ack(Some(_)))) => Err(Error::NoSuchQueue(queue.into())),
-            Ok(Ok(Confirmation::Nack(_))) => Err(match self.spec(queue).and_then(|s| s.max_length)
-            {
-                Some(max) => Error::QueueFull {
-                    queue: queue.into(),
-                    max,
-                },
-                None => Error::NotConfirmed(format!(
-                    "RabbitMQ refused to store the message in `{queue}` (nack): \
+            Ok(Ok(Confirmation::Nack(_))) => {
+                Err(match self.spec(queue).and_then(|s| s.max_length) {
+                    Some(max) => Error::QueueFull {
+                        queue: queue.into(),
+                        max,
+                    },
+                    None => Error::NotConfirmed(format!(
+                        "RabbitMQ refused to store the message in `{queue}` (nack): \
                      the queue may be full"
-                )),
-            }),
+                    )),
+                })
+            }
             Ok(Ok(Confirmation::NotRequested)) => Err(Error::NotConfirmed(
                 "the channel is not in confirm mode".into(),
             )),
@@ -375,7 +376,11 @@ fn arguments(spec: &QueueSpec) -> FieldTable {
     if let Some(max) = spec.max_length {
         // A quorum queue refuses publishes once it holds more than its
         // limit, so it holds one more than `x-max-length`.
-        let limit = if spec.transient { max } else { max.saturating_sub(1) };
+        let limit = if spec.transient {
+            max
+        } else {
+            max.saturating_sub(1)
+        };
         set(
             "x-max-length",
             AMQPValue::LongLongInt(i64::try_from(limit).unwrap_or(i64::MAX)),
@@ -489,7 +494,9 @@ impl Broker for AmqpBroker {
 
     async fn consume(&self, queue: &str, prefetch: u16) -> Result<Box<dyn Consumer>, Error> {
         if prefetch == 0 {
-            return Err(Error::Refused("a consumer needs a prefetch of at least 1".into()));
+            return Err(Error::Refused(
+                "a consumer needs a prefetch of at least 1".into(),
+            ));
         }
         let inner = &self.inner;
         let ch = inner.channel().await?;
@@ -696,7 +703,10 @@ impl AmqpSettle {
             DEAD_REASON_HEADER.into(),
             AMQPValue::LongString(LongString::from(reason.as_bytes().to_vec())),
         );
-        self.properties.clone().with_delivery_mode(2).with_headers(table)
+        self.properties
+            .clone()
+            .with_delivery_mode(2)
+            .with_headers(table)
     }
 }
 
@@ -741,7 +751,11 @@ impl callq_broker::Settle for AmqpSettle {
                 }
                 // Declared elsewhere: the broker's own dead-lettering, if any.
                 None => {
-                    bounded(timeout, self.acker.reject(BasicRejectOptions { requeue: false })).await
+                    bounded(
+                        timeout,
+                        self.acker.reject(BasicRejectOptions { requeue: false }),
+                    )
+                    .await
                 }
             },
         };
