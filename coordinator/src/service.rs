@@ -14,7 +14,7 @@ use callq_schemas::protocol::{
     WorkerStatus,
 };
 use callq_schemas::{Limits, Uuid};
-use futures::FutureExt;
+use futures::{FutureExt, StreamExt, stream};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -24,6 +24,10 @@ use crate::{Effect, Error, InFlight, Ledger, Store};
 
 /// How long the coordinator waits for the broker to confirm one publish.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Publishes (and acks) the coordinator keeps in flight at once: their
+/// confirms are pipelined instead of awaited one by one.
+const IN_FLIGHT: usize = 64;
 
 /// How the coordinator runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -213,25 +217,30 @@ impl<S: Store> Coordinator<S> {
         };
         self.tell(answers).await;
         self.carry_out(effects).await;
-        for d in batch {
-            if let Err(e) = d.settle(Disposition::Ack).await {
-                warn!("acking a coordinator request: {e}");
-            }
-        }
+        stream::iter(batch)
+            .for_each_concurrent(IN_FLIGHT, |d| async move {
+                if let Err(e) = d.settle(Disposition::Ack).await {
+                    warn!("acking a coordinator request: {e}");
+                }
+            })
+            .await;
     }
 
-    /// Sends answers and orders; a lost one is asked for again by its
-    /// worker (decisions are durable) or repeated by the next tick.
+    /// Sends answers and orders, their confirms pipelined; a lost one is
+    /// asked for again by its worker (decisions are durable) or repeated by
+    /// the next tick.
     async fn tell(&self, messages: Vec<(String, Answer)>) {
-        for (to, answer) in messages {
-            let publish = self.broker.publish(&to, Message::new(answer.to_bytes()));
-            let sent = tokio::time::timeout(PUBLISH_TIMEOUT, publish)
-                .await
-                .unwrap_or(Err(callq_broker::Error::Timeout(PUBLISH_TIMEOUT)));
-            if let Err(e) = sent {
-                warn!(to, "answer not delivered: {e}");
-            }
-        }
+        stream::iter(messages)
+            .for_each_concurrent(IN_FLIGHT, |(to, answer)| async move {
+                let publish = self.broker.publish(&to, Message::new(answer.to_bytes()));
+                let sent = tokio::time::timeout(PUBLISH_TIMEOUT, publish)
+                    .await
+                    .unwrap_or(Err(callq_broker::Error::Timeout(PUBLISH_TIMEOUT)));
+                if let Err(e) = sent {
+                    warn!(to, "answer not delivered: {e}");
+                }
+            })
+            .await;
     }
 
     /// Applies one request; queues the answer to send, if any.
@@ -592,49 +601,54 @@ impl<S: Store> Coordinator<S> {
         }
     }
 
-    /// Publishes re-issues and fatal answers of durable decisions.
+    /// Publishes re-issues and fatal answers of durable decisions, their
+    /// confirms pipelined.
     async fn carry_out(&self, effects: Vec<Effect>) {
-        for effect in effects {
-            let (to, message) = match effect {
-                Effect::Reissue {
-                    call_id,
-                    service,
-                    attempt,
-                    body,
-                } => {
-                    info!(%call_id, attempt, service, "re-issuing a dead worker's call");
-                    (
-                        call_queue(&service),
-                        Message::new(body)
-                            .header(ATTEMPT_HEADER, attempt.to_string())
-                            .key(call_id.to_string()),
-                    )
+        stream::iter(effects)
+            .for_each_concurrent(IN_FLIGHT, |effect| self.carry_out_one(effect))
+            .await;
+    }
+
+    async fn carry_out_one(&self, effect: Effect) {
+        let (to, message) = match effect {
+            Effect::Reissue {
+                call_id,
+                service,
+                attempt,
+                body,
+            } => {
+                info!(%call_id, attempt, service, "re-issuing a dead worker's call");
+                (
+                    call_queue(&service),
+                    Message::new(body)
+                        .header(ATTEMPT_HEADER, attempt.to_string())
+                        .key(call_id.to_string()),
+                )
+            }
+            Effect::AnswerFatal { reply_to, reply } => {
+                warn!(call_id = %reply.call_id, "answering fatal: {}", reply.error.as_ref().map(|e| e.message.as_str()).unwrap_or_default());
+                (
+                    reply_to,
+                    Message::new(reply.to_bytes()).key(reply.call_id.to_string()),
+                )
+            }
+        };
+        let mut backoff = Duration::from_millis(10);
+        for attempt in 1..=5 {
+            let publish = self.broker.publish(&to, message.clone());
+            let sent = tokio::time::timeout(PUBLISH_TIMEOUT, publish)
+                .await
+                .unwrap_or(Err(callq_broker::Error::Timeout(PUBLISH_TIMEOUT)));
+            match sent {
+                Ok(()) => break,
+                Err(e) if e.is_transient() && attempt < 5 => {
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 4;
                 }
-                Effect::AnswerFatal { reply_to, reply } => {
-                    warn!(call_id = %reply.call_id, "answering fatal: {}", reply.error.as_ref().map(|e| e.message.as_str()).unwrap_or_default());
-                    (
-                        reply_to,
-                        Message::new(reply.to_bytes()).key(reply.call_id.to_string()),
-                    )
-                }
-            };
-            let mut backoff = Duration::from_millis(10);
-            for attempt in 1..=5 {
-                let publish = self.broker.publish(&to, message.clone());
-                let sent = tokio::time::timeout(PUBLISH_TIMEOUT, publish)
-                    .await
-                    .unwrap_or(Err(callq_broker::Error::Timeout(PUBLISH_TIMEOUT)));
-                match sent {
-                    Ok(()) => break,
-                    Err(e) if e.is_transient() && attempt < 5 => {
-                        tokio::time::sleep(backoff).await;
-                        backoff *= 4;
-                    }
-                    Err(e) => {
-                        // Durable all the same: the next copy's resume learns it.
-                        error!(to, "publishing a decision's effect failed: {e}");
-                        break;
-                    }
+                Err(e) => {
+                    // Durable all the same: the next copy's resume learns it.
+                    error!(to, "publishing a decision's effect failed: {e}");
+                    break;
                 }
             }
         }

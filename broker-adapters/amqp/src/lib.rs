@@ -310,6 +310,42 @@ impl Inner {
         }
     }
 
+    /// A channel with the prefetch set, consuming `queue`.
+    async fn open_consumer(
+        &self,
+        queue: &str,
+        prefetch: u16,
+    ) -> Result<(Channel, lapin::Consumer), Error> {
+        let ch = self.channel().await?;
+        self.within(
+            "basic.qos",
+            ch.basic_qos(prefetch, BasicQosOptions { global: false }),
+        )
+        .await?
+        .map_err(|e| self.connection_error("basic.qos", e))?;
+        let consumed = self
+            .within(
+                "basic.consume",
+                ch.basic_consume(
+                    queue.into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                ),
+            )
+            .await?;
+        match consumed {
+            Ok(stream) => Ok((ch, stream)),
+            Err(e) => Err(match amqp_code(&e) {
+                Some(NOT_FOUND) => Error::NoSuchQueue(queue.into()),
+                Some(ACCESS_REFUSED | RESOURCE_LOCKED) => {
+                    Error::Refused(format!("consuming `{queue}`: {e}"))
+                }
+                _ => self.connection_error(&format!("consuming `{queue}`"), e),
+            }),
+        }
+    }
+
     /// Publishes and waits for the confirm.
     async fn publish_props(
         &self,
@@ -499,35 +535,19 @@ impl Broker for AmqpBroker {
             ));
         }
         let inner = &self.inner;
-        let ch = inner.channel().await?;
-        inner
-            .within(
-                "basic.qos",
-                ch.basic_qos(prefetch, BasicQosOptions { global: false }),
-            )
-            .await?
-            .map_err(|e| inner.connection_error("basic.qos", e))?;
-        let stream = match inner
-            .within(
-                "basic.consume",
-                ch.basic_consume(
-                    queue.into(),
-                    "".into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                ),
-            )
-            .await?
-        {
-            Ok(stream) => stream,
-            Err(e) => {
-                return Err(match amqp_code(&e) {
-                    Some(NOT_FOUND) => Error::NoSuchQueue(queue.into()),
-                    Some(ACCESS_REFUSED | RESOURCE_LOCKED) => {
-                        Error::Refused(format!("consuming `{queue}`: {e}"))
-                    }
-                    _ => inner.connection_error(&format!("consuming `{queue}`"), e),
-                });
+        // A quorum queue another connection declared a moment ago may not
+        // run yet: its consume fails with INTERNAL_ERROR. Such failures are
+        // retried briefly, each on a new channel (the failed one is closed).
+        let mut backoff = Duration::from_millis(25);
+        let (ch, stream) = loop {
+            match inner.open_consumer(queue, prefetch).await {
+                Ok(opened) => break opened,
+                Err(Error::Connection(e)) if backoff < Duration::from_secs(2) => {
+                    debug!(queue, "consume failed, retrying in {backoff:?}: {e}");
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                }
+                Err(e) => return Err(e),
             }
         };
         let lease = Arc::new(Lease::default());
