@@ -161,6 +161,24 @@ pub fn shutdown_on_signal() -> CancellationToken {
     token
 }
 
+/// Cancels `shutdown` when stdin reaches its end: the agent that started
+/// this worker is gone.
+pub fn stop_when_stdin_closes(shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        use tokio::io::AsyncReadExt as _;
+        let mut stdin = tokio::io::stdin();
+        let mut buf = [0u8; 64];
+        loop {
+            match stdin.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        warn!("the node agent that started this worker is gone: draining");
+        shutdown.cancel();
+    });
+}
+
 /// `callq coordinator`: waits for the store, then serves until stopped. On
 /// RabbitMQ the request queue has a single active consumer, so a second
 /// coordinator stands by until the first is gone.

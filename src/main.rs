@@ -72,6 +72,10 @@ enum Command {
         /// Start as a standby: consume nothing until promoted.
         #[arg(long)]
         standby: bool,
+        /// Drain and exit when stdin closes (how a node agent starts its
+        /// workers, so that they do not outlive it).
+        #[arg(long, hide = true)]
+        supervised: bool,
     },
     /// Runs a node agent that starts worker processes, restarts them when
     /// they die, and starts standbys when the coordinator asks.
@@ -181,6 +185,7 @@ fn main() -> anyhow::Result<ExitCode> {
                 worker_id,
                 capacity,
                 standby,
+                supervised,
             } => {
                 let args = commands::WorkerArgs {
                     services,
@@ -188,7 +193,11 @@ fn main() -> anyhow::Result<ExitCode> {
                     capacity,
                     standby,
                 };
-                commands::worker(&settings()?, args, commands::shutdown_on_signal()).await?;
+                let shutdown = commands::shutdown_on_signal();
+                if supervised {
+                    commands::stop_when_stdin_closes(shutdown.clone());
+                }
+                commands::worker(&settings()?, args, shutdown).await?;
                 Ok(ExitCode::SUCCESS)
             }
             Command::Agent {

@@ -341,13 +341,18 @@ async fn the_agent_restarts_a_killed_worker_process() {
         .await
         .unwrap();
     assert_eq!(reply.outcome, callq_schemas::Outcome::Ok, "{reply:?}");
-    // SIGTERM drains the agent's workers and ends it.
-    agent.terminate();
-    let exit = agent.wait_exit(Duration::from_secs(30));
-    assert!(
-        exit.is_some_and(|s| s.success()),
-        "the agent did not stop cleanly: {exit:?}\n{}",
-        agent.log()
-    );
+    // An agent killed with SIGKILL leaves no worker behind: each sees its
+    // stdin pipe close, drains and exits.
+    let workers = format!("--worker-id {agent_id}.");
+    assert!(pid_of(&workers).is_some(), "the agent's workers run");
+    agent.kill9();
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while let Some(pid) = pid_of(&workers) {
+        assert!(
+            std::time::Instant::now() < until,
+            "worker process {pid} outlived its agent by 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

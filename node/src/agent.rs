@@ -183,8 +183,10 @@ pub struct Processes {
 }
 
 impl Processes {
-    /// Workers started as `program args.. worker ..`; usually the `callq`
-    /// binary itself with its `--config` arguments.
+    /// Workers started as `program args.. worker .. --supervised`; usually
+    /// the `callq` binary itself with its `--config` arguments. Each gets a
+    /// pipe on its stdin and drains and exits when it closes, so that the
+    /// workers of an agent that died do not run on unsupervised.
     pub fn new(program: impl Into<PathBuf>, args: Vec<String>) -> Self {
         Self {
             program: program.into(),
@@ -206,8 +208,11 @@ impl Launcher for Processes {
             .args(["--worker-id", worker_id])
             .args(["--services", &spec.services.join(",")])
             .args(["--capacity", &spec.capacity.to_string()])
+            .arg("--supervised")
             .kill_on_drop(true)
-            .stdin(std::process::Stdio::null());
+            // The worker drains and exits when this pipe closes: when the
+            // agent dies, even by SIGKILL, its workers do not outlive it.
+            .stdin(std::process::Stdio::piped());
         if spec.standby {
             cmd.arg("--standby");
         }
@@ -216,6 +221,7 @@ impl Launcher for Processes {
         Box::pin(async move {
             let mut child =
                 spawned.map_err(|e| format!("cannot start worker process `{program}`: {e}"))?;
+            let _lifeline = child.stdin.take();
             let status = tokio::select! {
                 s = child.wait() => s,
                 () = stop.cancelled() => {
