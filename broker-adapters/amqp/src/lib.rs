@@ -96,9 +96,9 @@ struct Inner {
     /// Where the broker is, without the credentials: for messages.
     place: String,
     /// The channel in confirm mode every publish shares.
-    publisher: Mutex<Option<Channel>>,
+    publisher: tokio::sync::Mutex<Option<Channel>>,
     /// The channel for declares and depth; replaced after a channel error.
-    admin: Mutex<Option<Channel>>,
+    admin: tokio::sync::Mutex<Option<Channel>>,
     /// The specs this process declared: the maximum length a nack means and
     /// where a dead letter goes.
     specs: Mutex<HashMap<String, QueueSpec>>,
@@ -187,8 +187,8 @@ impl AmqpBroker {
                 pool,
                 place,
                 opts,
-                publisher: Mutex::default(),
-                admin: Mutex::default(),
+                publisher: tokio::sync::Mutex::default(),
+                admin: tokio::sync::Mutex::default(),
                 specs: Mutex::default(),
                 leases: Mutex::default(),
             }),
@@ -258,9 +258,19 @@ impl Inner {
             .map_err(|e| self.connection_error("opening a channel", e))
     }
 
-    /// The shared channel of `slot`, or a new one (set up by `init`).
-    async fn cached(&self, slot: &Mutex<Option<Channel>>, confirm: bool) -> Result<Channel, Error> {
-        if let Some(ch) = lock(slot).as_ref()
+    /// The shared channel of `slot`, or a new one (in confirm mode if
+    /// `confirm`). One task opens it while the others wait: a burst of
+    /// publishes on a fresh broker shares one channel instead of opening one
+    /// each.
+    async fn cached(
+        &self,
+        slot: &tokio::sync::Mutex<Option<Channel>>,
+        confirm: bool,
+    ) -> Result<Channel, Error> {
+        let mut slot = tokio::time::timeout(self.opts.timeout, slot.lock())
+            .await
+            .map_err(|_| Error::Timeout(self.opts.timeout))?;
+        if let Some(ch) = slot.as_ref()
             && ch.status().connected()
         {
             return Ok(ch.clone());
@@ -274,7 +284,7 @@ impl Inner {
             .await?
             .map_err(|e| self.connection_error("confirm.select", e))?;
         }
-        *lock(slot) = Some(ch.clone());
+        *slot = Some(ch.clone());
         Ok(ch)
     }
 
