@@ -305,6 +305,9 @@ impl Fleet for Local<'_> {
 
 const SERVICES: [&str; 2] = ["echo", "mail"];
 
+/// How long the load waits for its fleet to kill a worker.
+const KILL_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Runs the load under faults on an in-process cluster and accounts for
 /// every call.
 pub async fn run<S: Store + 'static>(spec: &ChaosSpec, store: S) -> anyhow::Result<ChaosReport> {
@@ -386,8 +389,13 @@ pub async fn drive(
             },
             _ = killer.tick(), if kills.len() < spec.max_kills => {
                 let at = start.elapsed();
-                if let Some(id) = fleet.kill_busiest().await? {
-                    kills.push((id, at));
+                // The calls are not polled while a kill runs: a fleet that
+                // cannot kill within a second skips this one.
+                match tokio::time::timeout(KILL_TIMEOUT, fleet.kill_busiest()).await {
+                    Ok(Ok(Some(id))) => kills.push((id, at)),
+                    Ok(Ok(None)) => {}
+                    Ok(Err(e)) => return Err(e),
+                    Err(_) => eprintln!("no worker killed at {:.2} s: the fleet did not answer within {KILL_TIMEOUT:?}", at.as_secs_f64()),
                 }
             }
             _ = progress.tick(), if spec.progress => {

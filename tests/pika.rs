@@ -38,7 +38,7 @@ const PY_REPLY_TIMEOUT_S: u64 = 30;
 const PY_TIMEOUT: Duration = Duration::from_secs(PY_REPLY_TIMEOUT_S + 45);
 
 fn from_hex(hex: &str) -> Vec<u8> {
-    assert!(hex.len() % 2 == 0, "odd hex: {hex}");
+    assert!(hex.len().is_multiple_of(2), "odd hex: {hex}");
     (0..hex.len())
         .step_by(2)
         .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())

@@ -118,6 +118,8 @@ pub struct Coordinator<S: Store> {
     started: Instant,
     deaths: u64,
     promotions: u64,
+    /// Since when the request queue has had a backlog, if it has.
+    behind_since: Option<Instant>,
 }
 
 impl<S: Store> Coordinator<S> {
@@ -133,6 +135,7 @@ impl<S: Store> Coordinator<S> {
             started: Instant::now(),
             deaths: 0,
             promotions: 0,
+            behind_since: None,
         }
     }
 
@@ -155,10 +158,16 @@ impl<S: Store> Coordinator<S> {
                     // What workers sent before the tick counts: a heartbeat or
                     // a completion already queued is read before judging.
                     let ready = self.ready(&mut requests);
+                    let full = ready.len() >= usize::from(self.opts.batch_max);
                     if !ready.is_empty() {
                         self.process(ready).await;
                     }
-                    self.detect_deaths().await;
+                    // Silence is judged only when the queue holds no backlog
+                    // of more than a batch: a coordinator behind on its
+                    // requests would take its own backlog for dead workers.
+                    if !full && self.caught_up().await {
+                        self.detect_deaths().await;
+                    }
                     self.keep_standbys().await;
                 }
                 next = requests.next() => {
@@ -172,6 +181,32 @@ impl<S: Store> Coordinator<S> {
                     batch.extend(self.ready(&mut requests));
                     self.process(batch).await;
                 }
+            }
+        }
+    }
+
+    /// Whether the request queue holds less than one batch: what waits in
+    /// it is then about as recent as what was just read.
+    async fn caught_up(&mut self) -> bool {
+        match self.broker.depth(COORDINATOR_QUEUE).await {
+            Ok(depth) if depth.ready < u64::from(self.opts.batch_max) => {
+                self.behind_since = None;
+                true
+            }
+            Ok(depth) => {
+                let since = *self.behind_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= self.opts.heartbeat_interval * self.opts.dead_after {
+                    warn!(
+                        ready = depth.ready,
+                        "the coordinator is behind on its requests: deaths are not judged until it catches up"
+                    );
+                    self.behind_since = Some(Instant::now());
+                }
+                false
+            }
+            Err(e) => {
+                warn!("reading the request queue's depth: {e}; deaths are not judged this tick");
+                false
             }
         }
     }

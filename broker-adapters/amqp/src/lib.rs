@@ -53,6 +53,13 @@ pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 /// as single active consumer: about three heartbeats.
 pub const DEFAULT_HEARTBEAT_SECS: u16 = 5;
 
+/// The largest AMQP frame asked for when the URL does not name one, in
+/// bytes; larger messages travel in several frames.
+pub const DEFAULT_FRAME_MAX: u32 = 32 * 1024;
+
+/// Publishes awaiting their confirm at once, per broker handle.
+pub const MAX_UNCONFIRMED: usize = 512;
+
 /// How long a transient queue lives without a consumer before RabbitMQ
 /// deletes it (`x-expires`).
 pub const TRANSIENT_QUEUE_EXPIRES: Duration = Duration::from_secs(300);
@@ -68,7 +75,9 @@ pub struct Options {
     pub timeout: Duration,
     /// How long a publish waits for its confirm.
     pub confirm_timeout: Duration,
-    /// Connections kept at most.
+    /// Connections kept at most, for publishing and for consuming each.
+    /// Channels share them; one of each is enough for a worker, and each
+    /// costs memory (see [`DEFAULT_FRAME_MAX`]).
     pub pool_size: usize,
 }
 
@@ -79,7 +88,7 @@ impl Default for Options {
             name: "callq".into(),
             timeout: Duration::from_secs(10),
             confirm_timeout: Duration::from_secs(30),
-            pool_size: 4,
+            pool_size: 1,
         }
     }
 }
@@ -91,7 +100,12 @@ pub struct AmqpBroker {
 }
 
 struct Inner {
+    /// Connections of consumers, declares and depth reads.
     pool: Pool,
+    /// Connections of the publish channel.
+    publish_pool: Pool,
+    /// Bounds the publishes awaiting their confirm.
+    in_flight: tokio::sync::Semaphore,
     opts: Options,
     /// Where the broker is, without the credentials: for messages.
     place: String,
@@ -155,6 +169,11 @@ impl AmqpBroker {
         if uri.query.heartbeat.is_none() {
             uri.query.heartbeat = Some(DEFAULT_HEARTBEAT_SECS);
         }
+        if uri.query.frame_max.is_none() {
+            // lapin keeps buffers of 32 frames per connection: 128 KiB
+            // frames (RabbitMQ's default) cost 8 MiB of a worker's memory.
+            uri.query.frame_max = Some(DEFAULT_FRAME_MAX);
+        }
         if uri.query.connection_timeout.is_none() {
             uri.query.connection_timeout =
                 Some(u64::try_from(opts.timeout.as_millis()).unwrap_or(u64::MAX));
@@ -163,7 +182,6 @@ impl AmqpBroker {
             "{}:{}/{}",
             uri.authority.host, uri.authority.port, uri.vhost
         );
-        let name = opts.name.clone();
         let config = deadpool_lapin::Config {
             url: Some(uri.to_string()),
             pool: Some(deadpool_lapin::PoolConfig {
@@ -176,15 +194,27 @@ impl AmqpBroker {
                 ..deadpool_lapin::PoolConfig::default()
             }),
         };
-        let pool = config
-            .create_pool(
-                move || ConnectionProperties::default().with_connection_name(name.clone().into()),
-                Runtime::Tokio1,
-            )
-            .map_err(|e| Error::Refused(format!("RabbitMQ connection pool: {e}")))?;
+        // Publishes get connections of their own: RabbitMQ throttles a
+        // publishing connection (flow control) by no longer reading from it,
+        // which would hold up the acks of consumers sharing it.
+        let make_pool = |role: &str| {
+            let name = format!("{} ({role})", opts.name);
+            config
+                .create_pool(
+                    move || {
+                        ConnectionProperties::default().with_connection_name(name.clone().into())
+                    },
+                    Runtime::Tokio1,
+                )
+                .map_err(|e| Error::Refused(format!("RabbitMQ connection pool: {e}")))
+        };
+        let pool = make_pool("consume")?;
+        let publish_pool = make_pool("publish")?;
         let broker = Self {
             inner: Arc::new(Inner {
                 pool,
+                publish_pool,
+                in_flight: tokio::sync::Semaphore::new(MAX_UNCONFIRMED),
                 place,
                 opts,
                 publisher: tokio::sync::Mutex::default(),
@@ -249,7 +279,12 @@ impl Inner {
 
     /// A new channel on a pooled connection.
     async fn channel(&self) -> Result<Channel, Error> {
-        let conn = tokio::time::timeout(self.opts.timeout, self.pool.get())
+        self.channel_of(&self.pool).await
+    }
+
+    /// A new channel on a connection of `pool`.
+    async fn channel_of(&self, pool: &Pool) -> Result<Channel, Error> {
+        let conn = tokio::time::timeout(self.opts.timeout, pool.get())
             .await
             .map_err(|_| Error::Timeout(self.opts.timeout))?
             .map_err(|e| self.connection_error("connecting", e))?;
@@ -275,7 +310,11 @@ impl Inner {
         {
             return Ok(ch.clone());
         }
-        let ch = self.channel().await?;
+        let ch = if confirm {
+            self.channel_of(&self.publish_pool).await?
+        } else {
+            self.channel().await?
+        };
         if confirm {
             self.within(
                 "confirm.select",
@@ -363,6 +402,12 @@ impl Inner {
         body: &[u8],
         props: BasicProperties,
     ) -> Result<(), Error> {
+        // Publishes awaiting their confirm are bounded: past that, a burst
+        // waits here instead of piling up in the client library.
+        let _slot = tokio::time::timeout(self.opts.confirm_timeout, self.in_flight.acquire())
+            .await
+            .map_err(|_| Error::NotConfirmed("too many publishes awaiting confirms".into()))?
+            .map_err(|_| Error::Closed)?;
         let ch = self.cached(&self.publisher, true).await?;
         let options = BasicPublishOptions {
             mandatory: true,

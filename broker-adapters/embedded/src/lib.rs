@@ -883,9 +883,9 @@ mod tests {
                         };
                         n += 1;
                         held.push(d);
-                        if held.len() == 8 || n % 3 == 0 {
+                        if held.len() == 8 || n.is_multiple_of(3) {
                             let d = held.remove(0);
-                            if (n + c) % 5 == 0 {
+                            if (n + c).is_multiple_of(5) {
                                 d.settle(Disposition::Requeue).await.unwrap();
                             } else {
                                 let body = d.body.clone();
