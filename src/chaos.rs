@@ -395,7 +395,10 @@ pub async fn drive(
                     Ok(Ok(Some(id))) => kills.push((id, at)),
                     Ok(Ok(None)) => {}
                     Ok(Err(e)) => return Err(e),
-                    Err(_) => eprintln!("no worker killed at {:.2} s: the fleet did not answer within {KILL_TIMEOUT:?}", at.as_secs_f64()),
+                    Err(_) => tracing::warn!(
+                        at_s = at.as_secs_f64(),
+                        "no worker killed: the fleet did not answer within {KILL_TIMEOUT:?}"
+                    ),
                 }
             }
             _ = progress.tick(), if spec.progress => {

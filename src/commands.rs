@@ -23,7 +23,7 @@ use callq_node::{
     WorkerOptions, WorkerSpec, services,
 };
 use callq_schemas::Outcome;
-use callq_schemas::protocol::ClusterStatus;
+use callq_schemas::protocol::{ClusterStatus, WorkerState};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -455,7 +455,7 @@ pub fn render_status(report: &StatusReport) -> String {
             out,
             "{:<40} {:<9} {:>9} {:>6}ms  {}",
             w.worker_id,
-            format!("{:?}", w.state).to_lowercase(),
+            w.state.as_str(),
             format!("{}/{}", w.capacity.saturating_sub(w.free), w.capacity),
             w.last_seen_ms,
             w.services.join(",")
@@ -467,10 +467,7 @@ pub fn render_status(report: &StatusReport) -> String {
             let have = c
                 .workers
                 .iter()
-                .filter(|w| {
-                    format!("{:?}", w.state).eq_ignore_ascii_case("standby")
-                        && w.services.contains(service)
-                })
+                .filter(|w| w.state == WorkerState::Standby && w.services.contains(service))
                 .count();
             let _ = writeln!(out, "{service:<24} {have:>8} {wanted:>8}");
         }

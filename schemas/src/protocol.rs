@@ -99,6 +99,17 @@ pub enum WorkerState {
     Draining,
 }
 
+impl WorkerState {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerState::Active => "active",
+            WorkerState::Standby => "standby",
+            WorkerState::Draining => "draining",
+        }
+    }
+}
+
 /// A call in flight, as a heartbeat reports it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InFlightCall {

@@ -53,9 +53,9 @@
 //!
 //!    ```ignore
 //!    // A real broker: run on the real clock (the paused clock would fire
-//!    // timeouts while the runtime waits on the network), and gate the file
-//!    // so that a plain `cargo test` needs no broker.
-//!    #![cfg(feature = "broker-tests")]
+//!    // timeouts while the runtime waits on the network). The test command
+//!    // makes sure the broker runs; a broker that cannot be reached fails
+//!    // every test, it never skips them.
 //!    callq_conformance::conformance_suite!(
 //!        broker = callq_broker_amqp::AmqpBroker::connect(
 //!            &std::env::var("CALLQ_AMQP_URL").expect("CALLQ_AMQP_URL"),
@@ -66,8 +66,8 @@
 //!    );
 //!    ```
 //!
-//! 3. `cargo nextest run -p <adapter> --test conformance` (with
-//!    `--features broker-tests` and a broker running, for real brokers).
+//! 3. `cargo nextest run -p <adapter> --test conformance` (for a real
+//!    broker, with the broker running: `scripts/test` starts RabbitMQ).
 //!    The tests are named after the functions of this crate, so
 //!    `-E 'test(delivery_limit)'` runs one.
 //!
