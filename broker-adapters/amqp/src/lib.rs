@@ -4,7 +4,8 @@
 //!
 //! | contract | RabbitMQ |
 //! |---|---|
-//! | a queue | a **quorum queue** (`x-queue-type: quorum`), durable; a [`QueueSpec::transient`] queue is a classic, non-durable queue that expires after [`TRANSIENT_QUEUE_EXPIRES`] without a consumer |
+//! | a queue | a **quorum queue** (`x-queue-type: quorum`), durable; a [`QueueSpec::transient`] queue is a classic, non-durable queue |
+//! | [`QueueSpec::expires`] | `x-expires` |
 //! | [`QueueSpec::max_length`] | `x-max-length` with `x-overflow: reject-publish`: a publish beyond it is nacked, which [`Broker::publish`] reports as [`Error::QueueFull`] |
 //! | [`QueueSpec::delivery_limit`] | `x-delivery-limit` |
 //! | [`QueueSpec::dead_letter`] | a quorum queue of that name, fed through the default exchange (`x-dead-letter-routing-key`) with `x-dead-letter-strategy: at-least-once` |
@@ -59,10 +60,6 @@ pub const DEFAULT_FRAME_MAX: u32 = 32 * 1024;
 
 /// Publishes awaiting their confirm at once, per broker handle.
 pub const MAX_UNCONFIRMED: usize = 512;
-
-/// How long a transient queue lives without a consumer before RabbitMQ
-/// deletes it (`x-expires`).
-pub const TRANSIENT_QUEUE_EXPIRES: Duration = Duration::from_secs(300);
 
 /// How the adapter connects.
 #[derive(Debug, Clone)]
@@ -123,7 +120,7 @@ struct Inner {
 /// A consumer's hold on its deliveries.
 #[derive(Default)]
 struct Lease {
-    /// False once the consumer is dropped or its channel ended.
+    /// True once the consumer is dropped or its channel ended.
     gone: AtomicBool,
     /// Deliveries received and not settled.
     held: AtomicU64,
@@ -458,11 +455,12 @@ fn arguments(spec: &QueueSpec) -> FieldTable {
         args.insert(k.into(), v);
     };
     let text = |s: &str| AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()));
-    if spec.transient {
-        let ms = i64::try_from(TRANSIENT_QUEUE_EXPIRES.as_millis()).unwrap_or(i64::MAX);
-        set("x-expires", AMQPValue::LongLongInt(ms));
-    } else {
+    if !spec.transient {
         set("x-queue-type", text("quorum"));
+    }
+    if let Some(expires) = spec.expires {
+        let ms = i64::try_from(expires.as_millis()).unwrap_or(i64::MAX);
+        set("x-expires", AMQPValue::LongLongInt(ms));
     }
     if let Some(max) = spec.max_length {
         // A quorum queue refuses publishes once it holds more than its
@@ -565,7 +563,9 @@ impl Broker for AmqpBroker {
                     "queue `{dead}` cannot be its own dead-letter queue"
                 )));
             }
+            // As bounded as the queue it serves, and as durable.
             let mut dead_spec = QueueSpec::plain(dead.clone());
+            dead_spec.max_length = spec.max_length;
             dead_spec.transient = spec.transient;
             self.inner.declare_one(&dead_spec).await?;
             lock(&self.inner.specs)
@@ -870,6 +870,21 @@ mod tests {
         let control = arguments(&QueueSpec::control("callq.worker.w1"));
         assert!(control.inner().get("x-queue-type").is_none());
         assert!(control.inner().get("x-expires").is_some());
+        let replies = arguments(&QueueSpec::replies("c1"));
+        assert_eq!(
+            replies
+                .inner()
+                .get("x-expires")
+                .and_then(text_of)
+                .as_deref(),
+            Some("3600000")
+        );
+        assert!(
+            arguments(&QueueSpec::calls("echo"))
+                .inner()
+                .get("x-expires")
+                .is_none()
+        );
         let coordinator = arguments(&QueueSpec::coordinator());
         assert_eq!(
             coordinator

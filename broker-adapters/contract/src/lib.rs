@@ -69,6 +69,14 @@ pub const DEFAULT_CALL_QUEUE_LENGTH: usize = 1_000_000;
 /// Messages a reply queue holds at most.
 pub const DEFAULT_REPLY_QUEUE_LENGTH: usize = 1_000_000;
 
+/// How long a reply queue outlives its client: a client that comes back
+/// within this time still finds its replies.
+pub const REPLY_QUEUE_EXPIRES: Duration = Duration::from_secs(3600);
+
+/// How long a control queue (a worker's, agent's or operator's) outlives
+/// its consumer.
+pub const CONTROL_QUEUE_EXPIRES: Duration = Duration::from_secs(300);
+
 /// The name of the call queue (or topic) of a service.
 pub fn call_queue(service: &str) -> String {
     format!("callq.call.{service}")
@@ -166,6 +174,10 @@ pub struct QueueSpec {
     /// consumer). Adapters whose queues have one consumer anyway may ignore
     /// it.
     pub single_active_consumer: bool,
+    /// The broker may delete the queue, with what it holds, once it has had
+    /// no consumer for this long (RabbitMQ's `x-expires`): queues named after
+    /// a client or worker that is gone for good. `None`: kept for ever.
+    pub expires: Option<Duration>,
 }
 
 impl QueueSpec {
@@ -178,6 +190,7 @@ impl QueueSpec {
             dead_letter: None,
             transient: false,
             single_active_consumer: false,
+            expires: None,
         }
     }
 
@@ -190,9 +203,12 @@ impl QueueSpec {
             .dead_letter(dead_queue(service))
     }
 
-    /// The reply queue of a client.
+    /// The reply queue of a client; it expires an hour after its client
+    /// is gone.
     pub fn replies(client_id: &str) -> Self {
-        Self::plain(reply_queue(client_id)).max_length(DEFAULT_REPLY_QUEUE_LENGTH)
+        let mut spec = Self::plain(reply_queue(client_id)).max_length(DEFAULT_REPLY_QUEUE_LENGTH);
+        spec.expires = Some(REPLY_QUEUE_EXPIRES);
+        spec
     }
 
     /// The coordinator's request queue; every party declares it alike. One
@@ -208,6 +224,7 @@ impl QueueSpec {
     pub fn control(name: impl Into<String>) -> Self {
         let mut spec = Self::plain(name).max_length(CONTROL_QUEUE_LENGTH);
         spec.transient = true;
+        spec.expires = Some(CONTROL_QUEUE_EXPIRES);
         spec
     }
 
