@@ -309,8 +309,12 @@ impl<S: Store> Ledger<S> {
                 .is_some_and(|h| h.lease.token == lease.token);
         match rec.state {
             CallState::Open if holds => {
-                rec.traces.push(kind.to_owned());
-                self.dirty.insert(call_id);
+                // Kinds, each once: a worker asking again after a lost
+                // answer must not list the same effect twice.
+                if !rec.traces.iter().any(|t| t == kind) {
+                    rec.traces.push(kind.to_owned());
+                    self.dirty.insert(call_id);
+                }
                 Ok(TraceDecision::Granted)
             }
             CallState::Open => Ok(refused(format!(

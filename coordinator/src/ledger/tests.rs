@@ -139,6 +139,13 @@ fn a_dead_worker_s_traced_call_fails_once_and_stays_failed() {
         TraceDecision::Granted
     );
     l.commit().unwrap();
+    // The worker asks again (its first answer was lost): granted, and the
+    // effect is still listed once.
+    assert_eq!(
+        l.trace(a, 1, "A", "mail.sent", SVC, TO).unwrap(),
+        TraceDecision::Granted
+    );
+    l.commit().unwrap();
     l.worker_lost("A", &[in_flight(a)]).unwrap();
     let effects = l.commit().unwrap();
     let [Effect::AnswerFatal { reply_to, reply }] = effects.as_slice() else {
