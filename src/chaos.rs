@@ -346,51 +346,62 @@ pub async fn drive(
 ) -> anyhow::Result<ChaosReport> {
     let half = u64::try_from(spec.work.as_millis() / 2).unwrap_or(u64::MAX);
     let work_ms = half * 2;
-    let outbox = spec.outbox.clone();
     let start = Instant::now();
-    let mut calls = futures::stream::iter(0..spec.calls)
-        .map(|i| {
-            let mail = spec.mail_every > 0 && i % spec.mail_every == 0;
-            let client = client.clone();
-            let outbox = outbox.clone();
-            async move {
-                let (service, method, args) = if mail {
-                    let args = json!({"outbox": outbox, "to": format!("user{i}@example.com"),
-                                      "subject": "hello", "before_ms": half, "after_ms": half});
-                    ("mail", "send", args)
-                } else {
-                    ("echo", "sleep", json!({"ms": work_ms}))
-                };
-                let t = Instant::now();
-                let mut call = callq_schemas::Call::new(service, method, args);
-                call.deadline = Some(time::OffsetDateTime::now_utc() + spec.timeout);
-                let call_id = call.call_id;
-                let reply = client.send(call, spec.timeout).await.ok();
-                Ended {
-                    call_id,
-                    mail,
-                    reply,
-                    latency: t.elapsed(),
-                    at: start.elapsed(),
+    // The calls run on a task of their own: a kill that takes its time
+    // (it asks the coordinator which worker is busiest) must not stop them
+    // from being published and answered.
+    let (ended_tx, mut ended_rx) = tokio::sync::mpsc::channel(1024);
+    let feeder = {
+        let (client, outbox, timeout) = (client.clone(), spec.outbox.clone(), spec.timeout);
+        let (calls, mail_every, concurrency) = (spec.calls, spec.mail_every, spec.concurrency);
+        tokio::spawn(async move {
+            let mut calls = futures::stream::iter(0..calls)
+                .map(|i| {
+                    let mail = mail_every > 0 && i % mail_every == 0;
+                    let (service, method, args) = if mail {
+                        let args = json!({"outbox": outbox, "to": format!("user{i}@example.com"),
+                                          "subject": "hello", "before_ms": half, "after_ms": half});
+                        ("mail", "send", args)
+                    } else {
+                        ("echo", "sleep", json!({"ms": work_ms}))
+                    };
+                    let client = client.clone();
+                    async move {
+                        let t = Instant::now();
+                        let mut call = callq_schemas::Call::new(service, method, args);
+                        call.deadline = Some(time::OffsetDateTime::now_utc() + timeout);
+                        let call_id = call.call_id;
+                        let reply = client.send(call, timeout).await.ok();
+                        Ended {
+                            call_id,
+                            mail,
+                            reply,
+                            latency: t.elapsed(),
+                            at: start.elapsed(),
+                        }
+                    }
+                })
+                .buffer_unordered(concurrency.max(1));
+            while let Some(e) = calls.next().await {
+                if ended_tx.send(e).await.is_err() {
+                    break;
                 }
             }
         })
-        .buffer_unordered(spec.concurrency.max(1));
-
+    };
     let mut ended = Vec::with_capacity(spec.calls);
     let mut kills = Vec::new();
     let mut killer = tokio::time::interval_at(start + spec.kill_every, spec.kill_every);
     let mut progress = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
-            e = calls.next() => match e {
+            e = ended_rx.recv() => match e {
                 Some(e) => ended.push(e),
                 None => break,
             },
             _ = killer.tick(), if kills.len() < spec.max_kills => {
                 let at = start.elapsed();
-                // The calls are not polled while a kill runs: a fleet that
-                // cannot kill within a second skips this one.
+                // A fleet that cannot kill within a second skips this one.
                 match tokio::time::timeout(KILL_TIMEOUT, fleet.kill_busiest()).await {
                     Ok(Ok(Some(id))) => kills.push((id, at)),
                     Ok(Ok(None)) => {}
@@ -416,8 +427,8 @@ pub async fn drive(
             kills.len()
         );
     }
+    feeder.await?;
     let status = admin.status().await?;
-    drop(calls);
     let mails_sent = std::fs::read_to_string(&spec.outbox)
         .unwrap_or_default()
         .lines()

@@ -74,7 +74,7 @@ fn load(dir: &std::path::Path, calls: usize, kills: usize) -> ChaosSpec {
         workers: 0,
         standbys: 0,
         calls,
-        concurrency: calls.min(256),
+        concurrency: calls,
         mail_every: 3,
         work: Duration::from_millis(50),
         kill_every: Duration::from_millis(700),

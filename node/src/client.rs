@@ -1,6 +1,6 @@
 //! The client: publish calls with confirm, await their first final outcome.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -10,7 +10,7 @@ use callq_schemas::{Call, Limits, Reply, decode_reply};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use time::OffsetDateTime;
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::{OnceCell, Semaphore, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 use uuid::Uuid;
@@ -69,7 +69,9 @@ struct Inner {
     opts: ClientOptions,
     reply_queue: String,
     pending: Arc<Pending>,
-    declared: Mutex<HashSet<String>>,
+    /// Per service, its call queue's declaration: made once, by the first
+    /// call; concurrent calls wait for it instead of declaring again.
+    declared: Mutex<HashMap<String, Arc<OnceCell<()>>>>,
     slots: Semaphore,
     closed: Arc<AtomicBool>,
     reader: JoinHandle<()>,
@@ -206,20 +208,15 @@ impl Client {
     }
 
     async fn ensure_declared(&self, service: &str) -> Result<(), Error> {
-        let known = self
-            .inner
-            .declared
-            .lock()
-            .is_ok_and(|d| d.contains(service));
-        if !known {
-            self.inner
-                .broker
-                .declare(&QueueSpec::calls(service))
-                .await?;
-            if let Ok(mut d) = self.inner.declared.lock() {
-                d.insert(service.to_owned());
-            }
-        }
+        let once = match self.inner.declared.lock() {
+            Ok(mut declared) => declared.entry(service.to_owned()).or_default().clone(),
+            Err(_) => Arc::default(),
+        };
+        // A burst of first calls declares once; a failed declaration is
+        // tried again by the next call.
+        let spec = QueueSpec::calls(service);
+        once.get_or_try_init(|| self.inner.broker.declare(&spec))
+            .await?;
         Ok(())
     }
 }
