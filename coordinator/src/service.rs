@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use callq_broker::{
-    ATTEMPT_HEADER, Broker, COORDINATOR_QUEUE, Delivery, Disposition, Message, QueueSpec,
-    call_queue,
+    ATTEMPT_HEADER, Broker, COORDINATOR_QUEUE, Delivery, Disposition, HEARTBEAT_QUEUE, Message,
+    QueueSpec, call_queue,
 };
 use callq_schemas::protocol::{
     Answer, AnswerBody, ClusterStatus, CompleteDecision, Request, RequestBody, WorkerState,
@@ -142,11 +142,11 @@ impl<S: Store> Coordinator<S> {
     /// Serves until `shutdown` is cancelled.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), Error> {
         self.broker.declare(&QueueSpec::coordinator()).await?;
+        self.broker.declare(&QueueSpec::heartbeats()).await?;
         self.started = Instant::now();
-        let mut requests = self
-            .broker
-            .consume(COORDINATOR_QUEUE, self.opts.batch_max.max(1))
-            .await?;
+        let prefetch = self.opts.batch_max.max(1);
+        let mut requests = self.broker.consume(COORDINATOR_QUEUE, prefetch).await?;
+        let mut beats = self.broker.consume(HEARTBEAT_QUEUE, prefetch).await?;
         let mut tick = tokio::time::interval(self.opts.heartbeat_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         info!("coordinator serving");
@@ -158,11 +158,15 @@ impl<S: Store> Coordinator<S> {
                     // What workers sent before the tick counts: a heartbeat or
                     // a completion already queued is read before judging.
                     let ready = self.ready(&mut requests);
-                    let full = ready.len() >= usize::from(self.opts.batch_max);
-                    if !ready.is_empty() {
-                        self.process(ready).await;
+                    let beaten = self.ready(&mut beats);
+                    let batch = usize::from(self.opts.batch_max);
+                    let full = ready.len() >= batch || beaten.len() >= batch;
+                    let mut all = beaten;
+                    all.extend(ready);
+                    if !all.is_empty() {
+                        self.process(all).await;
                     }
-                    // Silence is judged only when the queue holds no backlog
+                    // Silence is judged only when the queues hold no backlog
                     // of more than a batch: a coordinator behind on its
                     // requests would take its own backlog for dead workers.
                     if !full && self.caught_up().await {
@@ -171,44 +175,70 @@ impl<S: Store> Coordinator<S> {
                     self.keep_standbys().await;
                 }
                 next = requests.next() => {
-                    let first = match next {
-                        None => return Err(Error::Disconnected),
-                        Some(Err(e)) => { warn!("coordinator consumer: {e}"); continue; }
-                        Some(Ok(d)) => d,
-                    };
+                    let first = Self::first(next, "request")?;
                     // Group commit: whatever else is ready joins this batch.
-                    let mut batch = vec![first];
+                    let mut batch: Vec<Delivery> = first.into_iter().collect();
                     batch.extend(self.ready(&mut requests));
-                    self.process(batch).await;
+                    batch.extend(self.ready(&mut beats));
+                    if !batch.is_empty() {
+                        self.process(batch).await;
+                    }
+                }
+                next = beats.next() => {
+                    let first = Self::first(next, "heartbeat")?;
+                    let mut batch: Vec<Delivery> = first.into_iter().collect();
+                    batch.extend(self.ready(&mut beats));
+                    batch.extend(self.ready(&mut requests));
+                    if !batch.is_empty() {
+                        self.process(batch).await;
+                    }
                 }
             }
         }
     }
 
-    /// Whether the request queue holds less than one batch: what waits in
-    /// it is then about as recent as what was just read.
+    /// The first delivery of a batch; a consumer that ended ends the service.
+    fn first(
+        next: Option<Result<Delivery, callq_broker::Error>>,
+        queue: &str,
+    ) -> Result<Option<Delivery>, Error> {
+        match next {
+            None => Err(Error::Disconnected),
+            Some(Err(e)) => {
+                warn!("coordinator {queue} consumer: {e}");
+                Ok(None)
+            }
+            Some(Ok(d)) => Ok(Some(d)),
+        }
+    }
+
+    /// Whether the request and heartbeat queues hold less than one batch
+    /// each: what waits in them is then about as recent as what was just
+    /// read.
     async fn caught_up(&mut self) -> bool {
-        match self.broker.depth(COORDINATOR_QUEUE).await {
-            Ok(depth) if depth.ready < u64::from(self.opts.batch_max) => {
-                self.behind_since = None;
-                true
-            }
-            Ok(depth) => {
-                let since = *self.behind_since.get_or_insert_with(Instant::now);
-                if since.elapsed() >= self.opts.heartbeat_interval * self.opts.dead_after {
-                    warn!(
-                        ready = depth.ready,
-                        "the coordinator is behind on its requests: deaths are not judged until it catches up"
-                    );
-                    self.behind_since = Some(Instant::now());
+        let mut backlog = 0;
+        for queue in [COORDINATOR_QUEUE, HEARTBEAT_QUEUE] {
+            match self.broker.depth(queue).await {
+                Ok(depth) => backlog = backlog.max(depth.ready),
+                Err(e) => {
+                    warn!("reading the depth of `{queue}`: {e}; deaths are not judged this tick");
+                    return false;
                 }
-                false
-            }
-            Err(e) => {
-                warn!("reading the request queue's depth: {e}; deaths are not judged this tick");
-                false
             }
         }
+        if backlog < u64::from(self.opts.batch_max) {
+            self.behind_since = None;
+            return true;
+        }
+        let since = *self.behind_since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= self.opts.heartbeat_interval * self.opts.dead_after {
+            warn!(
+                ready = backlog,
+                "the coordinator is behind on its requests: deaths are not judged until it catches up"
+            );
+            self.behind_since = Some(Instant::now());
+        }
+        false
     }
 
     /// The requests ready now, up to a batch.

@@ -340,7 +340,7 @@ impl Agent {
                 _ = tick.tick() => {
                     let workers = u32::try_from(running.len()).unwrap_or(u32::MAX);
                     let beat = RequestBody::AgentHeartbeat { services: can_start.clone(), workers };
-                    if let Err(e) = link.send(beat).await {
+                    if let Err(e) = link.beat(beat).await {
                         warn!(agent = %id, "heartbeat not sent: {e}");
                     }
                 }

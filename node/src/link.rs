@@ -1,11 +1,12 @@
 //! The worker's link to the coordinator: requests go to `callq.coordinator`,
-//! answers and orders come back on the worker's own queue.
+//! heartbeats to `callq.heartbeats` (no durable write), answers and orders
+//! come back on the worker's own queue.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use callq_broker::{Broker, COORDINATOR_QUEUE, Disposition, Message, QueueSpec};
+use callq_broker::{Broker, COORDINATOR_QUEUE, Disposition, HEARTBEAT_QUEUE, Message, QueueSpec};
 use callq_schemas::codes;
 use callq_schemas::protocol::{Answer, AnswerBody, Lease, Request, RequestBody, TraceDecision};
 use tokio::sync::{mpsc, oneshot};
@@ -64,6 +65,7 @@ impl Link {
         let worker_id = id;
         let setup = async {
             broker.declare(&QueueSpec::coordinator()).await?;
+            broker.declare(&QueueSpec::heartbeats()).await?;
             broker.declare(&QueueSpec::control(&queue)).await?;
             broker.consume(&queue, 256).await
         };
@@ -92,15 +94,23 @@ impl Link {
 
     /// Publishes a request that needs no answer.
     pub(crate) async fn send(&self, body: RequestBody) -> Result<(), callq_broker::Error> {
+        self.publish(COORDINATOR_QUEUE, body).await
+    }
+
+    /// Publishes a heartbeat: to the heartbeat queue, which costs the broker
+    /// no disk write.
+    pub(crate) async fn beat(&self, body: RequestBody) -> Result<(), callq_broker::Error> {
+        self.publish(HEARTBEAT_QUEUE, body).await
+    }
+
+    async fn publish(&self, queue: &str, body: RequestBody) -> Result<(), callq_broker::Error> {
         let req = Request {
             v: 1,
             worker_id: self.worker_id.clone(),
             reply_to: self.queue.clone(),
             body,
         };
-        let publish = self
-            .broker
-            .publish(COORDINATOR_QUEUE, Message::new(req.to_bytes()));
+        let publish = self.broker.publish(queue, Message::new(req.to_bytes()));
         tokio::time::timeout(self.try_timeout, publish)
             .await
             .unwrap_or(Err(callq_broker::Error::Timeout(self.try_timeout)))

@@ -449,8 +449,13 @@ impl Shared {
     }
 }
 
-/// Heartbeats and batched completions, from one task so that the
-/// coordinator reads them in the order they happened.
+/// Heartbeats and batched completions, from one task. They travel on
+/// different queues, so the coordinator may read a heartbeat that still
+/// lists a call after the completion sent ahead of it, and hold the call as
+/// in flight until the next heartbeat. Should the worker die in that
+/// moment, a traced call is answered from the ledger (`done`), and a
+/// traceless one may run again, which leaves nothing and whose second
+/// reply the client drops.
 async fn outbox(shared: Arc<Shared>, link: Arc<Link>, mut rx: mpsc::Receiver<Outgoing>) {
     let mut tick = tokio::time::interval(shared.opts.heartbeat_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -458,7 +463,7 @@ async fn outbox(shared: Arc<Shared>, link: Arc<Link>, mut rx: mpsc::Receiver<Out
         tokio::select! {
             _ = tick.tick() => {
                 let (beat, tokens) = shared.heartbeat();
-                match link.send(beat).await {
+                match link.beat(beat).await {
                     Ok(()) => shared.reported(&tokens),
                     Err(e) => warn!(worker = %shared.opts.worker_id, "heartbeat not sent: {e}"),
                 }

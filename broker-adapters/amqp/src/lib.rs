@@ -10,7 +10,7 @@
 //! | [`QueueSpec::delivery_limit`] | `x-delivery-limit` |
 //! | [`QueueSpec::dead_letter`] | a quorum queue of that name, fed through the default exchange (`x-dead-letter-routing-key`) with `x-dead-letter-strategy: at-least-once` |
 //! | [`QueueSpec::single_active_consumer`] | `x-single-active-consumer: true` |
-//! | publish | default exchange, routing key = queue name, persistent, `mandatory` (an unroutable message is a [`Error::NoSuchQueue`]); one shared channel in confirm mode, so that concurrent publishes pipeline their confirms |
+//! | publish | default exchange, routing key = queue name, persistent (transient into a [`QueueSpec::transient`] queue: nothing to write to disk), `mandatory` (an unroutable message is a [`Error::NoSuchQueue`]); one shared channel in confirm mode, so that concurrent publishes pipeline their confirms |
 //! | consume | a channel per consumer, `basic.qos` = prefetch, manual acks; dropping the consumer closes its channel, which returns its unacked deliveries |
 //! | [`Delivery::redelivered`], [`Delivery::delivery_count`] | the `redelivered` flag and the quorum queue's `x-delivery-count` header |
 //! | [`Disposition::Ack`], [`Disposition::Requeue`] | `basic.ack`, `basic.nack` with requeue (counts towards the delivery limit) |
@@ -578,9 +578,12 @@ impl Broker for AmqpBroker {
     }
 
     async fn publish(&self, queue: &str, message: Message) -> Result<(), Error> {
-        self.inner
-            .publish_props(queue, &message.body, properties(&message.headers))
-            .await
+        let mut props = properties(&message.headers);
+        if self.inner.spec(queue).is_some_and(|s| s.transient) {
+            // Kept in memory only: nothing for the broker to write.
+            props = props.with_delivery_mode(1);
+        }
+        self.inner.publish_props(queue, &message.body, props).await
     }
 
     async fn consume(&self, queue: &str, prefetch: u16) -> Result<Box<dyn Consumer>, Error> {
@@ -888,6 +891,17 @@ mod tests {
         let coordinator = arguments(&QueueSpec::coordinator());
         assert_eq!(
             coordinator
+                .inner()
+                .get("x-single-active-consumer")
+                .and_then(text_of)
+                .as_deref(),
+            Some("true")
+        );
+        // Heartbeats: a classic queue (no Raft log, no fsync), one consumer.
+        let beats = arguments(&QueueSpec::heartbeats());
+        assert!(beats.inner().get("x-queue-type").is_none());
+        assert_eq!(
+            beats
                 .inner()
                 .get("x-single-active-consumer")
                 .and_then(text_of)

@@ -90,6 +90,11 @@ pub fn dead_queue(service: &str) -> String {
 /// The queue of requests to the coordinator.
 pub const COORDINATOR_QUEUE: &str = "callq.coordinator";
 
+/// The queue of heartbeats to the coordinator: kept apart from
+/// [`COORDINATOR_QUEUE`] because a heartbeat needs no durability (the next
+/// one repeats it), so it costs the broker no disk write.
+pub const HEARTBEAT_QUEUE: &str = "callq.heartbeats";
+
 /// The queue on which a worker receives the coordinator's answers.
 pub fn worker_queue(worker_id: &str) -> String {
     format!("callq.worker.{worker_id}")
@@ -215,6 +220,16 @@ impl QueueSpec {
     /// coordinator consumes it at a time: the leader.
     pub fn coordinator() -> Self {
         let mut spec = Self::plain(COORDINATOR_QUEUE).max_length(COORDINATOR_QUEUE_LENGTH);
+        spec.single_active_consumer = true;
+        spec
+    }
+
+    /// The coordinator's heartbeat queue; every party declares it alike.
+    /// Transient: a heartbeat lost with a broker restart is repeated by the
+    /// next one. Consumed by the leader only, like the request queue.
+    pub fn heartbeats() -> Self {
+        let mut spec = Self::plain(HEARTBEAT_QUEUE).max_length(COORDINATOR_QUEUE_LENGTH);
+        spec.transient = true;
         spec.single_active_consumer = true;
         spec
     }
