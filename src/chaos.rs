@@ -347,10 +347,11 @@ pub async fn drive(
     let half = u64::try_from(spec.work.as_millis() / 2).unwrap_or(u64::MAX);
     let work_ms = half * 2;
     let start = Instant::now();
-    // The calls run on a task of their own: a kill that takes its time
-    // (it asks the coordinator which worker is busiest) must not stop them
-    // from being published and answered.
-    let (ended_tx, mut ended_rx) = tokio::sync::mpsc::channel(1024);
+    // Each call runs on a task of its own, and the calls are started by a
+    // task of their own: a kill that takes its time (it asks the coordinator
+    // which worker is busiest) never holds a call up, and a call waiting to
+    // be polled never holds a publish slot that others wait for.
+    let (ended_tx, mut ended_rx) = tokio::sync::mpsc::channel(spec.calls.max(1));
     let feeder = {
         let (client, outbox, timeout) = (client.clone(), spec.outbox.clone(), spec.timeout);
         let (calls, mail_every, concurrency) = (spec.calls, spec.mail_every, spec.concurrency);
@@ -366,7 +367,7 @@ pub async fn drive(
                         ("echo", "sleep", json!({"ms": work_ms}))
                     };
                     let client = client.clone();
-                    async move {
+                    tokio::spawn(async move {
                         let t = Instant::now();
                         let mut call = callq_schemas::Call::new(service, method, args);
                         call.deadline = Some(time::OffsetDateTime::now_utc() + timeout);
@@ -379,19 +380,22 @@ pub async fn drive(
                             latency: t.elapsed(),
                             at: start.elapsed(),
                         }
-                    }
+                    })
                 })
                 .buffer_unordered(concurrency.max(1));
             while let Some(e) = calls.next().await {
-                if ended_tx.send(e).await.is_err() {
+                if ended_tx.send(e?).await.is_err() {
                     break;
                 }
             }
+            Ok::<_, tokio::task::JoinError>(())
         })
     };
     let mut ended = Vec::with_capacity(spec.calls);
     let mut kills = Vec::new();
     let mut killer = tokio::time::interval_at(start + spec.kill_every, spec.kill_every);
+    // A kill that took longer than the period does not make up for it.
+    killer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut progress = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
@@ -427,7 +431,7 @@ pub async fn drive(
             kills.len()
         );
     }
-    feeder.await?;
+    feeder.await??;
     let status = admin.status().await?;
     let mails_sent = std::fs::read_to_string(&spec.outbox)
         .unwrap_or_default()
