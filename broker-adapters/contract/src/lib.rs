@@ -22,21 +22,30 @@
 //!    when its consumer is dropped (or its connection closes), or that is
 //!    settled with [`Disposition::Requeue`], returns to its queue and is
 //!    delivered again with [`Delivery::redelivered`] set and
-//!    [`Delivery::delivery_count`] one higher.
+//!    [`Delivery::delivery_count`] one higher. (Kafka: the count is exact
+//!    within one process and carried by a header across a requeue; a message
+//!    that a consumer in another process received and lost may come back
+//!    with `redelivered` unset. callq's `resume` does not rely on the flag:
+//!    the coordinator's ledger knows every attempt.)
 //! 4. **Delivery limit.** A message of a queue declared with a
 //!    [`QueueSpec::delivery_limit`] of `n` is delivered at most `n + 1`
 //!    times; when it would be redelivered once more it moves to the queue's
 //!    dead-letter queue instead.
 //! 5. **Per-queue FIFO for a single consumer.** One consumer of a queue that
 //!    settles every delivery with `Ack` receives the messages in publish
-//!    order.
+//!    order. (Kafka: per partition, so for a queue of one partition, or per
+//!    [`Message::key`]; a requeued message goes to the back.)
 //! 6. **Bounded memory.** A queue declared with a [`QueueSpec::max_length`]
 //!    holds at most that many ready messages, plus the unsettled deliveries
 //!    of its consumers, which their prefetch bounds; a publish beyond it
 //!    fails with [`Error::QueueFull`] and is not stored. A consumer buffers
 //!    at most its prefetch, however slow it is. (RabbitMQ counts ready
 //!    messages only towards `x-max-length`; the embedded broker counts
-//!    unsettled ones too, which is stricter and within this guarantee.)
+//!    unsettled ones too, which is stricter and within this guarantee.
+//!    Kafka has no maximum length: its adapter enforces the bound in the
+//!    publishing process from the backlog of the queue's consumer group, so
+//!    publishers in several processes may together pass it briefly, and a
+//!    process that did not declare the queue does not enforce it.)
 //! 7. **Settling is final.** [`Disposition::Ack`] removes the message;
 //!    [`Disposition::DeadLetter`] moves it to the dead-letter queue with the
 //!    reason in the [`DEAD_REASON_HEADER`] header. Settling a delivery whose
@@ -325,7 +334,10 @@ pub trait Consumer: Send {
     /// The next delivery. Waits while the consumer holds `prefetch`
     /// unsettled deliveries or the queue is empty. `None` means the consumer
     /// has ended (cancelled, or its connection closed) and will yield nothing
-    /// more; its unsettled deliveries have returned to the queue.
+    /// more; its unsettled deliveries have returned to the queue. (Kafka's
+    /// client reconnects by itself: its consumer does not end when the
+    /// connection drops, and its deliveries fail with [`Error::LeaseLost`]
+    /// once the group session expires.)
     ///
     /// Cancel-safe: dropping the future before it completes loses no
     /// message (callers poll it in `select!` and with `now_or_never`).
