@@ -122,8 +122,23 @@ pub async fn connect(settings: &Settings, role: &str) -> anyhow::Result<Arc<dyn 
              CALLQ_BROKER=amqp://user:password@host:5672/%2f for a cluster of processes"
         );
     }
-    if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
-        bail!("unsupported broker `{url}`: callq speaks amqp:// (RabbitMQ)");
+    if url.starts_with("kafka://") {
+        let mut opts = callq_broker_kafka::Options::from_url(url)
+            .with_context(|| format!("reading the Kafka URL `{url}`"))?;
+        if opts.client_id == callq_broker_kafka::Options::default().client_id {
+            opts.client_id = format!("callq-{}", role.replace(' ', "-"));
+        }
+        let broker = callq_broker_kafka::KafkaBroker::connect_with(opts)
+            .await
+            .with_context(|| format!("connecting the {role} to the broker"))?;
+        info!(role, at = url, "connected to Kafka");
+        return Ok(Arc::new(broker));
+    }
+    if !url.starts_with("amqp://") {
+        bail!(
+            "unsupported broker `{url}`: callq speaks amqp:// (RabbitMQ; TLS is not supported yet) \
+             and kafka://host:port (Kafka)"
+        );
     }
     let opts = callq_broker_amqp::Options {
         url: url.to_owned(),
