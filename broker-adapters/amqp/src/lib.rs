@@ -557,19 +557,10 @@ impl Broker for AmqpBroker {
     }
 
     async fn declare(&self, spec: &QueueSpec) -> Result<(), Error> {
-        if let Some(dead) = &spec.dead_letter {
-            if *dead == spec.name {
-                return Err(Error::Refused(format!(
-                    "queue `{dead}` cannot be its own dead-letter queue"
-                )));
-            }
-            // As bounded as the queue it serves, and as durable.
-            let mut dead_spec = QueueSpec::plain(dead.clone());
-            dead_spec.max_length = spec.max_length;
-            dead_spec.transient = spec.transient;
+        if let Some(dead_spec) = spec.dead_letter_spec()? {
             self.inner.declare_one(&dead_spec).await?;
             lock(&self.inner.specs)
-                .entry(dead.clone())
+                .entry(dead_spec.name.clone())
                 .or_insert(dead_spec);
         }
         self.inner.declare_one(spec).await?;

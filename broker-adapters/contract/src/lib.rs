@@ -252,6 +252,24 @@ impl QueueSpec {
         spec
     }
 
+    /// The spec of this queue's dead-letter queue, which adapters declare
+    /// along with it: as bounded and as durable as the queue it serves.
+    /// Refused when the queue would be its own dead-letter queue.
+    pub fn dead_letter_spec(&self) -> Result<Option<QueueSpec>, Error> {
+        let Some(dead) = &self.dead_letter else {
+            return Ok(None);
+        };
+        if *dead == self.name {
+            return Err(Error::Refused(format!(
+                "queue `{dead}` cannot be its own dead-letter queue"
+            )));
+        }
+        let mut spec = QueueSpec::plain(dead.clone());
+        spec.max_length = self.max_length;
+        spec.transient = self.transient;
+        Ok(Some(spec))
+    }
+
     /// Sets the maximum length.
     #[must_use]
     pub fn max_length(mut self, n: usize) -> Self {

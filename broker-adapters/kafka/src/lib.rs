@@ -442,6 +442,22 @@ fn produce_error(queue: &str, e: &KafkaError) -> Error {
     }
 }
 
+/// A record of `body` for `queue`, with its key and headers.
+fn record<'a>(
+    queue: &'a str,
+    key: Option<&'a [u8]>,
+    body: &'a [u8],
+    headers: &Headers,
+) -> FutureRecord<'a, [u8], [u8]> {
+    let record = FutureRecord::<[u8], [u8]>::to(queue)
+        .payload(body)
+        .headers(kafka_headers(headers));
+    match key {
+        Some(key) => record.key(key),
+        None => record,
+    }
+}
+
 /// Headers as librdkafka takes them.
 fn kafka_headers(headers: &Headers) -> OwnedHeaders {
     headers.iter().fold(
@@ -639,12 +655,7 @@ impl Inner {
                 Error::NotConfirmed("too many publishes awaiting delivery reports".into())
             })?
             .map_err(|_| Error::Closed)?;
-        let mut record = FutureRecord::<[u8], [u8]>::to(queue)
-            .payload(body)
-            .headers(kafka_headers(headers));
-        if let Some(key) = key {
-            record = record.key(key);
-        }
+        let record = record(queue, key, body, headers);
         let report = match self.producer.send_result(record) {
             Ok(report) => report,
             Err((e, _)) => return Err(produce_error(queue, &e)),
@@ -671,12 +682,7 @@ impl Inner {
         body: &[u8],
         headers: &Headers,
     ) -> Result<(), Error> {
-        let mut record = FutureRecord::<[u8], [u8]>::to(queue)
-            .payload(body)
-            .headers(kafka_headers(headers));
-        if let Some(key) = key {
-            record = record.key(key);
-        }
+        let record = record(queue, key, body, headers);
         let report = self
             .producer
             .send_result(record)
@@ -819,18 +825,11 @@ impl Broker for KafkaBroker {
 
     async fn declare(&self, spec: &QueueSpec) -> Result<(), Error> {
         let inner = &self.inner;
-        if let Some(dead) = &spec.dead_letter {
-            if *dead == spec.name {
-                return Err(Error::Refused(format!(
-                    "queue `{dead}` cannot be its own dead-letter queue"
-                )));
-            }
-            // As bounded as the queue it serves, and as durable.
-            let mut dead_spec = QueueSpec::plain(dead.clone());
-            dead_spec.max_length = spec.max_length;
-            dead_spec.transient = spec.transient;
+        if let Some(dead_spec) = spec.dead_letter_spec()? {
             inner.declare_one(&dead_spec).await?;
-            lock(&inner.specs).entry(dead.clone()).or_insert(dead_spec);
+            lock(&inner.specs)
+                .entry(dead_spec.name.clone())
+                .or_insert(dead_spec);
         }
         inner.declare_one(spec).await?;
         lock(&inner.specs).insert(spec.name.clone(), spec.clone());
