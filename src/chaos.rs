@@ -406,8 +406,10 @@ pub async fn drive(
             _ = killer.tick(), if kills.len() < spec.max_kills => {
                 let at = start.elapsed();
                 // A fleet that cannot kill within a second skips this one.
+                // The kill's time is taken once it is done: finding the
+                // busiest worker may take a status round trip.
                 match tokio::time::timeout(KILL_TIMEOUT, fleet.kill_busiest()).await {
-                    Ok(Ok(Some(id))) => kills.push((id, at)),
+                    Ok(Ok(Some(id))) => kills.push((id, start.elapsed())),
                     Ok(Ok(None)) => {}
                     Ok(Err(e)) => return Err(e),
                     Err(_) => tracing::warn!(
