@@ -129,7 +129,8 @@ impl Vhost {
         Ok(vhost)
     }
 
-    /// The connections to this virtual host named `name`.
+    /// The connections to this virtual host whose name starts with `name`
+    /// (the adapter names them `<name> (consume)` and `<name> (publish)`).
     fn connections(&self, name: &str) -> anyhow::Result<usize> {
         let listed = rabbitmqctl(&[
             "list_connections",
@@ -138,7 +139,7 @@ impl Vhost {
             "client_properties",
         ])?;
         let vhost = format!("{}\t", self.name);
-        let named = format!("{{\"connection_name\",\"{name}\"}}");
+        let named = format!("{{\"connection_name\",\"{name}");
         Ok(listed
             .lines()
             .filter(|l| l.starts_with(&vhost) && l.contains(&named))
@@ -749,7 +750,8 @@ async fn worker_rss(bin: &Path, vhost: &Vhost, calls: usize) -> anyhow::Result<R
     let pid = worker.pid();
     let idle_mib = proc_status_mib(pid, "VmRSS")?;
     let idle_threads = proc_status(pid, "Threads")?;
-    // The adapter names its connections `callq <role>`; each costs the
+    // The adapter names its connections `callq <role> (consume)` and
+    // `callq <role> (publish)`; each costs the
     // worker a lapin I/O thread and its buffers.
     let idle_connections = vhost.connections("callq worker bench-rss")?;
 
