@@ -32,6 +32,9 @@ import sys
 import time
 import uuid
 
+from callq_wire import call as wire_call
+from callq_wire import uuid7
+
 try:
     import pika
     import pika.exceptions
@@ -48,22 +51,6 @@ def fail(message):
     """A contract violation: say what, exit 1."""
     print(f"pika_client: FAIL: {message}", file=sys.stderr, flush=True)
     sys.exit(1)
-
-
-def uuid7():
-    """A UUID version 7 (RFC 9562): 48 bits of Unix milliseconds, then random.
-
-    The call schema says a `call_id` MUST be a UUID v7 from the publisher's
-    clock; Python before 3.14 has no uuid.uuid7().
-    """
-    ms = time.time_ns() // 1_000_000
-    rand = int.from_bytes(os.urandom(10), "big")
-    rand_a = rand >> 68  # 12 bits
-    rand_b = rand & ((1 << 62) - 1)  # 62 bits
-    value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | rand_a << 64 | 0b10 << 62 | rand_b
-    u = uuid.UUID(int=value)
-    assert u.version == 7 and u.variant == uuid.RFC_4122
-    return str(u)
 
 
 def is_int(value):
@@ -132,14 +119,7 @@ def main():
 
     for i in range(args.calls):
         call_id = uuid7()
-        call = {
-            "v": 1,
-            "call_id": call_id,
-            "service": args.service,
-            "method": "echo",
-            "args": {"i": i},
-            "reply_to": reply_queue,
-        }
+        call = wire_call(call_id, args.service, "echo", {"i": i}, reply_queue)
         publish(json.dumps(call).encode("utf-8"))
         expected[call_id] = ("ok", {"i": i})
 
