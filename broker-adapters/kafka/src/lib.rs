@@ -382,6 +382,25 @@ impl KafkaBroker {
     }
 }
 
+/// A delivery report as the producer's future yields it.
+type Report = Result<
+    rdkafka::producer::future_producer::OwnedDeliveryResult,
+    futures::channel::oneshot::Canceled,
+>;
+
+/// What a delivery report (or its absence within `wait`) means for a
+/// publish.
+fn reported(queue: &str, wait: Duration, report: Option<Report>) -> Result<(), Error> {
+    match report {
+        None => Err(Error::NotConfirmed(format!(
+            "no delivery report within {wait:?}"
+        ))),
+        Some(Err(_)) => Err(Error::NotConfirmed("the producer was shut down".into())),
+        Some(Ok(Ok(_))) => Ok(()),
+        Some(Ok(Err((e, _)))) => Err(produce_error(queue, &e)),
+    }
+}
+
 /// Runs `future` on this thread until it completes, for at most `limit`.
 fn block_on<F: std::future::Future>(future: F, limit: Duration) -> Option<F::Output> {
     struct Unpark(std::thread::Thread);
@@ -662,14 +681,8 @@ impl Inner {
         };
         // librdkafka reports within message.timeout.ms; the margin covers
         // the report's own way back.
-        match tokio::time::timeout(wait.saturating_add(Duration::from_secs(1)), report).await {
-            Err(_) => Err(Error::NotConfirmed(format!(
-                "no delivery report within {wait:?}"
-            ))),
-            Ok(Err(_)) => Err(Error::NotConfirmed("the producer was shut down".into())),
-            Ok(Ok(Ok(_))) => Ok(()),
-            Ok(Ok(Err((e, _)))) => Err(produce_error(queue, &e)),
-        }
+        let limit = wait.saturating_add(Duration::from_secs(1));
+        reported(queue, wait, tokio::time::timeout(limit, report).await.ok())
     }
 
     /// Publishes from a thread outside the runtime (a consumer's) and blocks
@@ -688,14 +701,8 @@ impl Inner {
             .send_result(record)
             .map_err(|(e, _)| produce_error(queue, &e))?;
         let wait = self.opts.confirm_timeout;
-        match block_on(report, wait.saturating_add(Duration::from_secs(1))) {
-            None => Err(Error::NotConfirmed(format!(
-                "no delivery report within {wait:?}"
-            ))),
-            Some(Err(_)) => Err(Error::NotConfirmed("the producer was shut down".into())),
-            Some(Ok(Ok(_))) => Ok(()),
-            Some(Ok(Err((e, _)))) => Err(produce_error(queue, &e)),
-        }
+        let limit = wait.saturating_add(Duration::from_secs(1));
+        reported(queue, wait, block_on(report, limit))
     }
 
     /// Admits a publish to `queue` under its maximum length; returns the
