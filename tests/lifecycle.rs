@@ -225,6 +225,7 @@ impl HungWorker {
             state: WorkerState::Active,
             capacity: 1,
             free: 0,
+            partitions: Default::default(),
             in_flight: vec![InFlightCall {
                 lease,
                 service: "mail".into(),

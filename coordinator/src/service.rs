@@ -85,6 +85,9 @@ struct WorkerEntry {
     queue: String,
     last_seen: Instant,
     in_flight: HashMap<Uuid, InFlight>,
+    /// Per service, the partitions of its call queue the worker owns, where
+    /// the broker partitions.
+    partitions: BTreeMap<String, Vec<u32>>,
 }
 
 /// A node agent as the registry knows it.
@@ -320,6 +323,7 @@ impl<S: Store> Coordinator<S> {
                 capacity,
                 free,
                 in_flight,
+                partitions,
             } => {
                 if !self.workers.contains_key(&worker) {
                     info!(worker, ?services, ?state, "worker joined");
@@ -335,6 +339,7 @@ impl<S: Store> Coordinator<S> {
                     queue: to.clone(),
                     last_seen: Instant::now(),
                     in_flight: HashMap::new(),
+                    partitions: BTreeMap::new(),
                 });
                 // A promotion or drain the coordinator ordered stands until
                 // the worker's own heartbeats catch up with it.
@@ -360,6 +365,7 @@ impl<S: Store> Coordinator<S> {
                 entry.services = services;
                 entry.capacity = capacity;
                 entry.free = free;
+                entry.partitions = partitions;
                 entry.queue = to;
                 entry.last_seen = Instant::now();
                 let mut now = HashMap::with_capacity(in_flight.len());
@@ -674,6 +680,40 @@ impl<S: Store> Coordinator<S> {
             .await;
     }
 
+    /// Where the broker partitions: a partition of `service`'s queue that a
+    /// live active worker owns, so that a re-issued copy does not wait for
+    /// the broker to move the dead worker's partitions. Spread by call id
+    /// over the workers with room (all of them when none has).
+    fn live_partition(&self, service: &str, call_id: Uuid) -> Option<(&str, u32)> {
+        let owners: Vec<(&String, &WorkerEntry, &Vec<u32>)> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.state == WorkerState::Active)
+            .filter_map(|(id, w)| {
+                w.partitions
+                    .get(service)
+                    .filter(|p| !p.is_empty())
+                    .map(|p| (id, w, p))
+            })
+            .collect();
+        let with_room: Vec<_> = owners.iter().filter(|(_, w, _)| w.free > 0).collect();
+        let pool: Vec<_> = if with_room.is_empty() {
+            owners.iter().collect()
+        } else {
+            with_room
+        };
+        if pool.is_empty() {
+            return None;
+        }
+        // A stable order, so that the call id alone picks.
+        let mut pool = pool;
+        pool.sort_by(|a, b| a.0.cmp(b.0));
+        let spread = call_id.as_u128();
+        let (id, _, partitions) = pool[(spread % pool.len() as u128) as usize];
+        let p = partitions[((spread >> 64) % partitions.len() as u128) as usize];
+        Some((id.as_str(), p))
+    }
+
     async fn carry_out_one(&self, effect: Effect) {
         let (to, message) = match effect {
             Effect::Reissue {
@@ -682,13 +722,20 @@ impl<S: Store> Coordinator<S> {
                 attempt,
                 body,
             } => {
-                info!(%call_id, attempt, service, "re-issuing a dead worker's call");
-                (
-                    call_queue(&service),
-                    Message::new(body)
-                        .header(ATTEMPT_HEADER, attempt.to_string())
-                        .key(call_id.to_string()),
-                )
+                let message = Message::new(body)
+                    .header(ATTEMPT_HEADER, attempt.to_string())
+                    .key(call_id.to_string());
+                let message = match self.live_partition(&service, call_id) {
+                    Some((worker, p)) => {
+                        info!(%call_id, attempt, service, worker, partition = p, "re-issuing a dead worker's call into a live worker's partition");
+                        message.partition(p)
+                    }
+                    None => {
+                        info!(%call_id, attempt, service, "re-issuing a dead worker's call");
+                        message
+                    }
+                };
+                (call_queue(&service), message)
             }
             Effect::AnswerFatal { reply_to, reply } => {
                 warn!(call_id = %reply.call_id, "answering fatal: {}", reply.error.as_ref().map(|e| e.message.as_str()).unwrap_or_default());

@@ -2,12 +2,13 @@
 //! tokio's paused clock: requests in, group commit, answers and effects out.
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use async_trait::async_trait;
 use callq_broker::{
-    ATTEMPT_HEADER, Broker, COORDINATOR_QUEUE, Consumer, Delivery, Disposition, Message, QueueSpec,
-    call_queue, worker_queue,
+    ATTEMPT_HEADER, Broker, COORDINATOR_QUEUE, Consumer, Delivery, Disposition, Message,
+    QueueDepth, QueueSpec, call_queue, worker_queue,
 };
 use callq_broker_embedded::EmbeddedBroker;
 use callq_coordinator::{Coordinator, CoordinatorOptions, Ledger, MemoryStore, RedbStore, Store};
@@ -28,7 +29,10 @@ struct Bus {
 
 impl Bus {
     async fn new() -> Self {
-        let broker: Arc<dyn Broker> = Arc::new(EmbeddedBroker::new());
+        Self::on(Arc::new(EmbeddedBroker::new())).await
+    }
+
+    async fn on(broker: Arc<dyn Broker>) -> Self {
         broker
             .declare(&QueueSpec::plain(COORDINATOR_QUEUE))
             .await
@@ -71,14 +75,31 @@ impl Bus {
     }
 
     async fn heartbeat(&self, worker: &str, in_flight: Vec<InFlightCall>) {
+        self.beat(worker, WorkerState::Active, in_flight, &[]).await;
+    }
+
+    /// A heartbeat of a worker that owns `partitions` of the mail queue.
+    async fn beat(
+        &self,
+        worker: &str,
+        state: WorkerState,
+        in_flight: Vec<InFlightCall>,
+        partitions: &[u32],
+    ) {
+        let partitions = if partitions.is_empty() {
+            Default::default()
+        } else {
+            [("mail".to_owned(), partitions.to_vec())].into()
+        };
         self.send(
             worker,
             RequestBody::Heartbeat {
                 services: vec!["mail".into()],
-                state: WorkerState::Active,
+                state,
                 capacity: 8,
                 free: 8,
                 in_flight,
+                partitions,
             },
         )
         .await;
@@ -357,5 +378,110 @@ async fn unreadable_requests_are_dropped_and_the_coordinator_serves_on() {
         depth.ready + depth.unsettled,
         0,
         "every request was settled"
+    );
+}
+
+/// The embedded broker, noting the partition each publish names.
+struct Partitioned {
+    inner: EmbeddedBroker,
+    published: Mutex<Vec<(String, Option<u32>)>>,
+}
+
+#[async_trait]
+impl Broker for Partitioned {
+    fn kind(&self) -> &'static str {
+        "partitioned"
+    }
+    async fn declare(&self, spec: &QueueSpec) -> Result<(), callq_broker::Error> {
+        self.inner.declare(spec).await
+    }
+    async fn publish(&self, queue: &str, message: Message) -> Result<(), callq_broker::Error> {
+        self.published
+            .lock()
+            .unwrap()
+            .push((queue.to_owned(), message.partition));
+        self.inner.publish(queue, message).await
+    }
+    async fn consume(
+        &self,
+        queue: &str,
+        prefetch: u16,
+    ) -> Result<Box<dyn Consumer>, callq_broker::Error> {
+        self.inner.consume(queue, prefetch).await
+    }
+    async fn depth(&self, queue: &str) -> Result<QueueDepth, callq_broker::Error> {
+        self.inner.depth(queue).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dead_worker_s_call_is_reissued_into_a_partition_a_live_worker_owns() {
+    let broker = Arc::new(Partitioned {
+        inner: EmbeddedBroker::new(),
+        published: Mutex::default(),
+    });
+    let bus = Bus::on(broker.clone()).await;
+    let _c = bus.start(MemoryStore::default());
+    let mut calls = bus.broker.consume(&call_queue("mail"), 10).await.unwrap();
+    let (call, body) = call();
+    // A owns partition 0 and dies holding the call; B owns 1 and 2 and
+    // lives on; the standby S owns none that counts.
+    bus.beat(
+        "A",
+        WorkerState::Active,
+        vec![in_flight(&call, lease(&call, 1), &body)],
+        &[0],
+    )
+    .await;
+    let bus = Arc::new(bus);
+    let beating = {
+        let bus = bus.clone();
+        tokio::spawn(async move {
+            loop {
+                bus.beat("B", WorkerState::Active, Vec::new(), &[1, 2])
+                    .await;
+                bus.beat("S", WorkerState::Standby, Vec::new(), &[3]).await;
+                tokio::time::sleep(BEAT).await;
+            }
+        })
+    };
+    let d = next(&mut calls).await;
+    beating.abort();
+    assert_eq!(d.attempt(), 2);
+    let reissues: Vec<Option<u32>> = broker
+        .published
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(q, _)| *q == call_queue("mail"))
+        .map(|(_, p)| *p)
+        .collect();
+    assert_eq!(reissues.len(), 1, "one re-issue: {reissues:?}");
+    assert!(
+        matches!(reissues[0], Some(1 | 2)),
+        "the copy goes into a partition of the live active worker B, not A's 0 or the standby's 3: {reissues:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_partitions_a_reissue_names_none() {
+    let broker = Arc::new(Partitioned {
+        inner: EmbeddedBroker::new(),
+        published: Mutex::default(),
+    });
+    let bus = Bus::on(broker.clone()).await;
+    let _c = bus.start(MemoryStore::default());
+    let mut calls = bus.broker.consume(&call_queue("mail"), 10).await.unwrap();
+    let (call, body) = call();
+    bus.heartbeat("A", vec![in_flight(&call, lease(&call, 1), &body)])
+        .await;
+    let d = next(&mut calls).await;
+    assert_eq!(d.attempt(), 2);
+    let published = broker.published.lock().unwrap().clone();
+    assert!(
+        published
+            .iter()
+            .any(|(q, p)| *q == call_queue("mail") && p.is_none()),
+        "{published:?}"
     );
 }

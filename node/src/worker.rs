@@ -1,6 +1,6 @@
 //! The worker runtime: pull, run, reply with confirm, then settle.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use callq_broker::{
-    Broker, Delivery, Disposition, Error as BrokerError, Message, QueueSpec, worker_queue,
+    Assignment, Broker, Delivery, Disposition, Error as BrokerError, Message, QueueSpec,
+    worker_queue,
 };
 use callq_schemas::protocol::{
     AnswerBody, CompleteDecision, Completion, InFlightCall, Lease, RequestBody, ResumeDecision,
@@ -181,6 +182,8 @@ struct Shared {
     stats: Arc<WorkerStats>,
     link: Option<Arc<Link>>,
     flights: Mutex<HashMap<Uuid, Flight>>,
+    /// Where the broker partitions: each service consumer's partitions.
+    assignments: Mutex<BTreeMap<String, Assignment>>,
     state: Mutex<WorkerState>,
     completions: Option<mpsc::Sender<Outgoing>>,
 }
@@ -286,6 +289,7 @@ impl Worker {
             stats: self.stats,
             link: link.clone(),
             flights: Mutex::default(),
+            assignments: Mutex::default(),
             state: Mutex::new(if standby {
                 WorkerState::Standby
             } else {
@@ -426,12 +430,23 @@ impl Shared {
             }
         }
         let busy = u32::try_from(in_flight.len()).unwrap_or(u32::MAX);
+        let partitions = self
+            .assignments
+            .lock()
+            .map(|a| {
+                a.iter()
+                    .map(|(service, a)| (service.clone(), a.get()))
+                    .filter(|(_, p)| !p.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default();
         let beat = RequestBody::Heartbeat {
             services: self.service_names(),
             state,
             capacity,
             free: capacity.saturating_sub(busy),
             in_flight,
+            partitions,
         };
         (beat, tokens)
     }
@@ -492,11 +507,14 @@ async fn outbox(shared: Arc<Shared>, link: Arc<Link>, mut rx: mpsc::Receiver<Out
 /// Opens one consumer per service, each prefetching the worker's capacity.
 async fn open_consumers(shared: &Shared) -> Result<Incoming, Error> {
     let mut consumers = Vec::with_capacity(shared.services.len());
-    for (_, spec) in shared.services.values() {
+    for (name, (_, spec)) in &shared.services {
         let consumer = shared
             .broker
             .consume(&spec.name, shared.opts.capacity)
             .await?;
+        if let (Some(a), Ok(mut assignments)) = (consumer.assignment(), shared.assignments.lock()) {
+            assignments.insert(name.clone(), a);
+        }
         // A consumer that ends yields one `Closed` error, so the worker
         // learns that a service lost its consumer instead of going quiet.
         consumers.push(
@@ -675,13 +693,17 @@ async fn decide(shared: &Shared, delivery: &Delivery) -> Disposition {
         call.reply_to.clone(),
     ));
 
+    // Deliveries that did not complete: the broker counts those of this
+    // copy; the attempt number counts the lost attempts of every copy, in
+    // every process (the coordinator's ledger revoked each of them).
+    let lost = delivery.delivery_count.max(attempt.saturating_sub(1));
     let (reply, then) = if let Some(limit) = spec.delivery_limit
-        && delivery.delivery_count >= limit
+        && lost >= limit
     {
         WorkerStats::bump(&stats.error);
         let msg = format!(
             "the call was delivered {} times without completing (it may crash workers); it was moved to `{}`",
-            delivery.delivery_count + 1,
+            lost + 1,
             spec.dead_letter.as_deref().unwrap_or("nowhere")
         );
         warn!(worker = %shared.opts.worker_id, call_id = %call.call_id, "{msg}");

@@ -8,6 +8,8 @@
 //! delivery of a copy to a worker, named by a token the worker draws per
 //! delivery.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -158,6 +160,11 @@ pub enum RequestBody {
         free: u32,
         /// Every call in flight; bodies only for calls not reported before.
         in_flight: Vec<InFlightCall>,
+        /// Where the broker partitions call queues (Kafka): per service, the
+        /// partitions of its queue this worker owns now. The coordinator
+        /// re-issues a dead worker's calls into them.
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        partitions: BTreeMap<String, Vec<u32>>,
     },
     /// May I run this redelivered (or re-issued) copy?
     Resume {

@@ -189,6 +189,9 @@ fn request_bodies() -> Vec<RequestBody> {
             capacity: 8,
             free: 6,
             in_flight: vec![full_in_flight, bare_in_flight],
+            partitions: [("bank".to_owned(), vec![0, 2]), ("mail".to_owned(), vec![])]
+                .into_iter()
+                .collect(),
         },
         RequestBody::Heartbeat {
             services: Vec::new(),
@@ -196,6 +199,7 @@ fn request_bodies() -> Vec<RequestBody> {
             capacity: 0,
             free: 0,
             in_flight: Vec::new(),
+            partitions: Default::default(),
         },
         RequestBody::Heartbeat {
             services: vec!["bank".into()],
@@ -203,6 +207,7 @@ fn request_bodies() -> Vec<RequestBody> {
             capacity: u32::MAX,
             free: u32::MAX,
             in_flight: Vec::new(),
+            partitions: Default::default(),
         },
         RequestBody::Resume {
             req_id: uuid(2),

@@ -23,10 +23,15 @@
 //!    settled with [`Disposition::Requeue`], returns to its queue and is
 //!    delivered again with [`Delivery::redelivered`] set and
 //!    [`Delivery::delivery_count`] one higher. (Kafka: the count is exact
-//!    within one process and carried by a header across a requeue; a message
-//!    that a consumer in another process received and lost may come back
-//!    with `redelivered` unset. callq's `resume` does not rely on the flag:
-//!    the coordinator's ledger knows every attempt.)
+//!    within one process and carried by a header across a requeue. A
+//!    consumer cannot know which records its partition's last owner, in
+//!    another process, received: every record that was already in a
+//!    partition held before when the consumer was assigned it comes with
+//!    `redelivered` set. The flag may thus be set on a message never
+//!    delivered, never missing on one that was; the count is not raised.
+//!    callq's ledger counts attempts across processes; see
+//!    [`Consumer::assignment`] for how a copy is routed past a dead
+//!    consumer's partitions.)
 //! 4. **Delivery limit.** A message of a queue declared with a
 //!    [`QueueSpec::delivery_limit`] of `n` is delivered at most `n + 1`
 //!    times; when it would be redelivered once more it moves to the queue's
@@ -135,6 +140,9 @@ pub struct Message {
     /// Partition key where the broker partitions (Kafka): the session id or
     /// the call id. Brokers without partitions ignore it.
     pub key: Option<String>,
+    /// Where the broker partitions: the partition to publish into, instead
+    /// of the one the key picks. Brokers without partitions ignore it.
+    pub partition: Option<u32>,
 }
 
 impl Message {
@@ -158,6 +166,35 @@ impl Message {
     pub fn key(mut self, key: impl Into<String>) -> Self {
         self.key = Some(key.into());
         self
+    }
+
+    /// Publishes into this partition, where the broker partitions.
+    #[must_use]
+    pub fn partition(mut self, partition: u32) -> Self {
+        self.partition = Some(partition);
+        self
+    }
+}
+
+/// The partitions of its queue that a consumer owns now, kept current by the
+/// adapter as the broker assigns and revokes them. Cheap to clone; every
+/// clone sees the same partitions.
+#[derive(Debug, Clone, Default)]
+pub struct Assignment(std::sync::Arc<std::sync::Mutex<Vec<u32>>>);
+
+impl Assignment {
+    /// The partitions owned now, ascending.
+    pub fn get(&self) -> Vec<u32> {
+        self.0.lock().map(|p| p.clone()).unwrap_or_default()
+    }
+
+    /// Replaces the partitions owned; for adapters.
+    pub fn set(&self, mut partitions: Vec<u32>) {
+        partitions.sort_unstable();
+        partitions.dedup();
+        if let Ok(mut p) = self.0.lock() {
+            *p = partitions;
+        }
     }
 }
 
@@ -360,6 +397,16 @@ pub trait Consumer: Send {
     /// Cancel-safe: dropping the future before it completes loses no
     /// message (callers poll it in `select!` and with `now_or_never`).
     async fn next(&mut self) -> Option<Result<Delivery, Error>>;
+
+    /// Where the broker partitions a queue among its consumers (Kafka): the
+    /// partitions this consumer owns, kept current. A message published
+    /// into one of them with [`Message::partition`] reaches this consumer
+    /// (while it keeps it) without waiting for the broker to move the
+    /// partitions of a consumer that died. `None` where the broker does not
+    /// partition.
+    fn assignment(&self) -> Option<Assignment> {
+        None
+    }
 
     /// Ends the consumer like dropping it does, and returns once the broker
     /// has taken its unsettled deliveries back and will deliver it nothing

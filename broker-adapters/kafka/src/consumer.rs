@@ -17,7 +17,7 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use callq_broker::{Bytes, Consumer, Delivery, Disposition, Error, Headers, QueueSpec};
+use callq_broker::{Assignment, Bytes, Consumer, Delivery, Disposition, Error, Headers, QueueSpec};
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::base_consumer::PartitionQueue;
@@ -37,6 +37,19 @@ use crate::{
 /// consumer's events at least this often.
 const IDLE: Duration = Duration::from_millis(100);
 
+/// How long an assignment waits for each of the broker's answers on a
+/// partition it takes.
+const END_WAIT: Duration = Duration::from_secs(5);
+
+/// The partitions held, as the application sees them.
+fn held(state: &State) -> Vec<u32> {
+    state
+        .parts
+        .keys()
+        .filter_map(|p| u32::try_from(*p).ok())
+        .collect()
+}
+
 /// How long a record whose dead-lettering failed waits before it is tried
 /// again.
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
@@ -48,6 +61,9 @@ pub(crate) struct Record {
     offset: i64,
     /// The assignment it was read under.
     epoch: u64,
+    /// Already in the partition when it was assigned: the last owner may
+    /// have received it.
+    maybe_seen: bool,
     key: Option<Vec<u8>>,
     body: Bytes,
     /// Every header, the adapter's own included.
@@ -58,6 +74,9 @@ pub(crate) struct Record {
 #[derive(Debug)]
 struct Part {
     epoch: u64,
+    /// Records below this offset may have been delivered to the partition's
+    /// last owner.
+    fresh_from: i64,
     track: Track,
     /// Deliveries handed to the application and not settled, with their
     /// delivery count.
@@ -149,6 +168,8 @@ pub(crate) struct Shared {
     stop: AtomicBool,
     /// True once the thread has left the group.
     left: tokio::sync::watch::Sender<bool>,
+    /// The partitions held, for the application.
+    assignment: Assignment,
 }
 
 impl Shared {
@@ -179,6 +200,7 @@ impl Shared {
             state.closed = true;
             state.ready.clear();
         }
+        self.assignment.set(Vec::new());
         self.stop.store(true, Ordering::Release);
         self.wake_all();
     }
@@ -213,6 +235,7 @@ impl Shared {
                 return;
             }
             let epoch = part.epoch;
+            let maybe_seen = offset < part.fresh_from;
             let mut headers = Headers::new();
             if let Some(hs) = message.headers() {
                 for h in hs.iter() {
@@ -224,6 +247,7 @@ impl Shared {
                 partition,
                 offset,
                 epoch,
+                maybe_seen,
                 key: message.key().map(<[u8]>::to_vec),
                 body: Bytes::copy_from_slice(message.payload().unwrap_or_default()),
                 headers,
@@ -270,15 +294,17 @@ impl Shared {
         }
     }
 
-    fn assign(&self, partitions: &[i32]) {
+    /// Takes newly assigned partitions, with their ends at assignment.
+    fn assign(&self, partitions: &[(i32, i64)]) {
         let mut state = lock(&self.state);
-        for p in partitions {
+        for &(p, fresh_from) in partitions {
             state.next_epoch += 1;
             let epoch = state.next_epoch;
             state.parts.insert(
-                *p,
+                p,
                 Part {
                     epoch,
+                    fresh_from,
                     track: Track::default(),
                     in_hand: HashMap::new(),
                     busy: 0,
@@ -286,7 +312,8 @@ impl Shared {
                 },
             );
         }
-        info!(queue = %self.queue, ?partitions, "partitions assigned");
+        self.assignment.set(held(&state));
+        info!(queue = %self.queue, ?partitions, "partitions assigned (partition, fresh from)");
     }
 
     /// Revocation, on the thread: stop handing out, wait (bounded) for the
@@ -349,6 +376,7 @@ impl Shared {
                 unsettled += part.in_hand.len();
             }
         }
+        self.assignment.set(held(&state));
         drop(state);
         info!(
             queue,
@@ -448,6 +476,69 @@ pub(crate) fn log_line(queue: &str, level: RDKafkaLogLevel, fac: &str, line: &st
 }
 
 impl Context {
+    /// Where a newly assigned partition's surely fresh records begin.
+    ///
+    /// Every owner commits an offset when it first gets a partition that has
+    /// none, before it hands out a record. So a partition without a
+    /// committed offset was never held: none of its records was delivered.
+    /// One with a committed offset may have had records past it delivered to
+    /// its last owner, which stopped reading before this assignment: those
+    /// below the partition's end now. Unknown (the broker did not answer),
+    /// every record counts as possibly delivered: that costs a `resume`
+    /// each, never a missing redelivery flag.
+    fn fresh_from(&self, consumer: &BaseConsumer<Self>, partition: i32) -> i64 {
+        let queue = self.shared.queue.as_str();
+        let wait = self.inner.opts.timeout.min(END_WAIT);
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(queue, partition);
+        let committed = match consumer.committed_offsets(tpl, wait) {
+            Ok(c) => c.find_partition(queue, partition).map(|e| e.offset()),
+            Err(e) => {
+                warn!(
+                    queue,
+                    partition,
+                    "reading the committed offset of an assigned partition: {e}; its records all count as possibly delivered before"
+                );
+                return i64::MAX;
+            }
+        };
+        let (low, high) = match consumer.fetch_watermarks(queue, partition, wait) {
+            Ok(w) => w,
+            Err(e) => {
+                warn!(
+                    queue,
+                    partition,
+                    "reading the end of an assigned partition: {e}; its records all count as possibly delivered before"
+                );
+                return i64::MAX;
+            }
+        };
+        if matches!(committed, Some(Offset::Offset(_))) {
+            return high;
+        }
+        // Never held: say so to the next owner before reading anything.
+        let mut first = TopicPartitionList::new();
+        let marked = first
+            .add_partition_offset(queue, partition, Offset::Offset(low))
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                consumer
+                    .commit(&first, CommitMode::Sync)
+                    .map_err(|e| e.to_string())
+            });
+        match marked {
+            Ok(()) => low,
+            Err(e) => {
+                warn!(
+                    queue,
+                    partition,
+                    "marking a partition as held: {e}; its records all count as possibly delivered before"
+                );
+                i64::MAX
+            }
+        }
+    }
+
     /// Splits the queues of newly assigned partitions off the consumer's
     /// queue (before librdkafka starts fetching them), each waking the
     /// thread when records arrive.
@@ -483,7 +574,11 @@ impl ConsumerContext for Context {
         match rebalance {
             Rebalance::Assign(tpl) => {
                 let partitions = partitions(tpl);
-                self.shared.assign(&partitions);
+                let ends: Vec<(i32, i64)> = partitions
+                    .iter()
+                    .map(|&p| (p, self.fresh_from(consumer, p)))
+                    .collect();
+                self.shared.assign(&ends);
                 self.split(&partitions);
             }
             Rebalance::Revoke(tpl) => {
@@ -530,6 +625,7 @@ pub(crate) fn open(inner: Arc<Inner>, queue: &str, prefetch: u16) -> Result<Kafk
         kick: Arc::default(),
         stop: AtomicBool::new(false),
         left,
+        assignment: Assignment::default(),
     });
     let session = millis(opts.session_timeout).max(1);
     let mut config = opts.client_config();
@@ -707,7 +803,14 @@ impl KafkaConsumer {
                     let headers =
                         dead_letter_headers(&visible_headers(&record.headers), "delivery_limit");
                     inner
-                        .send(&dead, record.key.as_deref(), &record.body, &headers, false)
+                        .send(
+                            &dead,
+                            record.key.as_deref(),
+                            None,
+                            &record.body,
+                            &headers,
+                            false,
+                        )
                         .await
                 }
                 None => Ok(()),
@@ -794,7 +897,7 @@ impl Consumer for KafkaConsumer {
                     return Some(Ok(Delivery::new(
                         record.body.clone(),
                         visible_headers(&record.headers),
-                        count > 0,
+                        count > 0 || record.maybe_seen,
                         count,
                         self.queue.clone(),
                         Box::new(settle),
@@ -803,6 +906,10 @@ impl Consumer for KafkaConsumer {
                 None => woken.await,
             }
         }
+    }
+
+    fn assignment(&self) -> Option<Assignment> {
+        Some(self.shared.assignment.clone())
     }
 
     async fn close(self: Box<Self>) {
@@ -887,6 +994,8 @@ impl callq_broker::Settle for KafkaSettle {
                     .send(
                         &self.shared.queue,
                         record.key.as_deref(),
+                        // Its own partition, which this consumer owns.
+                        u32::try_from(record.partition).ok(),
                         &record.body,
                         &headers,
                         false,
@@ -896,7 +1005,14 @@ impl callq_broker::Settle for KafkaSettle {
             Fate::DeadLetter(dead, reason) => {
                 let headers = dead_letter_headers(&visible, &reason);
                 self.inner
-                    .send(&dead, record.key.as_deref(), &record.body, &headers, false)
+                    .send(
+                        &dead,
+                        record.key.as_deref(),
+                        None,
+                        &record.body,
+                        &headers,
+                        false,
+                    )
                     .await
             }
         };

@@ -137,6 +137,11 @@ pub struct Options {
     pub replication: Option<i32>,
     /// The consumer group of a queue is this prefix and the queue's name.
     pub group_prefix: String,
+    /// The topic of a queue is this prefix and the queue's name: clusters
+    /// sharing one Kafka stay apart, as RabbitMQ virtual hosts keep them
+    /// (empty by default: the wire contract's names). Deliveries name the
+    /// topic.
+    pub topic_prefix: String,
     /// The client id the brokers see.
     pub client_id: String,
     /// Every wait on the broker but a publish.
@@ -173,6 +178,7 @@ impl Default for Options {
             partitions: 1,
             replication: None,
             group_prefix: String::new(),
+            topic_prefix: String::new(),
             client_id: "callq".into(),
             timeout: Duration::from_secs(10),
             confirm_timeout: Duration::from_secs(30),
@@ -189,7 +195,7 @@ impl Default for Options {
 impl Options {
     /// Options from a URL: `kafka://host:port[,host:port...][?key=value&...]`
     /// (the `kafka://` may be left out). Keys: `partitions`, `replication`,
-    /// `group_prefix`, `client_id`, `session_timeout_ms`, `revoke_wait_ms`,
+    /// `group_prefix`, `topic_prefix`, `client_id`, `session_timeout_ms`, `revoke_wait_ms`,
     /// `fetch_wait_ms`, `timeout_ms`, `confirm_timeout_ms`; any other key containing a dot is
     /// passed to librdkafka as it is (`security.protocol=SSL`).
     pub fn from_url(url: &str) -> Result<Self, Error> {
@@ -219,6 +225,7 @@ impl Options {
                 }
                 "replication" => opts.replication = Some(value.parse().map_err(|_| bad())?),
                 "group_prefix" => opts.group_prefix = value.to_owned(),
+                "topic_prefix" => opts.topic_prefix = value.to_owned(),
                 "client_id" => opts.client_id = value.to_owned(),
                 "session_timeout_ms" => opts.session_timeout = ms(value)?,
                 "revoke_wait_ms" => opts.revoke_wait = ms(value)?,
@@ -465,14 +472,18 @@ fn produce_error(queue: &str, e: &KafkaError) -> Error {
 fn record<'a>(
     queue: &'a str,
     key: Option<&'a [u8]>,
+    partition: Option<u32>,
     body: &'a [u8],
     headers: &Headers,
 ) -> FutureRecord<'a, [u8], [u8]> {
-    let record = FutureRecord::<[u8], [u8]>::to(queue)
+    let mut record = FutureRecord::<[u8], [u8]>::to(queue)
         .payload(body)
         .headers(kafka_headers(headers));
-    match key {
-        Some(key) => record.key(key),
+    if let Some(key) = key {
+        record = record.key(key);
+    }
+    match partition.and_then(|p| i32::try_from(p).ok()) {
+        Some(p) => record.partition(p),
         None => record,
     }
 }
@@ -642,6 +653,7 @@ impl Inner {
         &self,
         queue: &str,
         key: Option<&[u8]>,
+        partition: Option<u32>,
         body: &[u8],
         headers: &Headers,
         bounded: bool,
@@ -651,7 +663,7 @@ impl Inner {
         } else {
             None
         };
-        let result = self.produce(queue, key, body, headers).await;
+        let result = self.produce(queue, key, partition, body, headers).await;
         if let Some(queue) = bound
             && let Some((b, _)) = lock(&self.bounds).get_mut(&queue)
         {
@@ -664,6 +676,7 @@ impl Inner {
         &self,
         queue: &str,
         key: Option<&[u8]>,
+        partition: Option<u32>,
         body: &[u8],
         headers: &Headers,
     ) -> Result<(), Error> {
@@ -674,7 +687,7 @@ impl Inner {
                 Error::NotConfirmed("too many publishes awaiting delivery reports".into())
             })?
             .map_err(|_| Error::Closed)?;
-        let record = record(queue, key, body, headers);
+        let record = record(queue, key, partition, body, headers);
         let report = match self.producer.send_result(record) {
             Ok(report) => report,
             Err((e, _)) => return Err(produce_error(queue, &e)),
@@ -695,7 +708,7 @@ impl Inner {
         body: &[u8],
         headers: &Headers,
     ) -> Result<(), Error> {
-        let record = record(queue, key, body, headers);
+        let record = record(queue, key, None, body, headers);
         let report = self
             .producer
             .send_result(record)
@@ -824,6 +837,21 @@ impl Inner {
     }
 }
 
+impl KafkaBroker {
+    /// The topic of a queue.
+    fn topic(&self, queue: &str) -> String {
+        format!("{}{queue}", self.inner.opts.topic_prefix)
+    }
+
+    /// A queue's spec with topic names.
+    fn topic_spec(&self, spec: &QueueSpec) -> QueueSpec {
+        let mut spec = spec.clone();
+        spec.name = self.topic(&spec.name);
+        spec.dead_letter = spec.dead_letter.map(|d| self.topic(&d));
+        spec
+    }
+}
+
 #[async_trait]
 impl Broker for KafkaBroker {
     fn kind(&self) -> &'static str {
@@ -832,6 +860,7 @@ impl Broker for KafkaBroker {
 
     async fn declare(&self, spec: &QueueSpec) -> Result<(), Error> {
         let inner = &self.inner;
+        let spec = &self.topic_spec(spec);
         if let Some(dead_spec) = spec.dead_letter_spec()? {
             inner.declare_one(&dead_spec).await?;
             lock(&inner.specs)
@@ -845,10 +874,18 @@ impl Broker for KafkaBroker {
 
     async fn publish(&self, queue: &str, message: Message) -> Result<(), Error> {
         let inner = &self.inner;
+        let queue = &self.topic(queue);
         inner.ensure_exists(queue).await?;
         let key = message.key.as_deref().map(str::as_bytes);
         inner
-            .send(queue, key, &message.body, &message.headers, true)
+            .send(
+                queue,
+                key,
+                message.partition,
+                &message.body,
+                &message.headers,
+                true,
+            )
             .await
     }
 
@@ -859,6 +896,7 @@ impl Broker for KafkaBroker {
             ));
         }
         let inner = &self.inner;
+        let queue = &self.topic(queue);
         inner.ensure_exists(queue).await?;
         // A consumer of this queue that was dropped a moment ago may still
         // be leaving the group: joining now would make this one wait for the
@@ -887,6 +925,7 @@ impl Broker for KafkaBroker {
 
     async fn depth(&self, queue: &str) -> Result<QueueDepth, Error> {
         let inner = &self.inner;
+        let queue = &self.topic(queue);
         inner.ensure_exists(queue).await?;
         let backlog = inner.backlog(queue).await?;
         let unsettled: u64 = inner

@@ -199,3 +199,125 @@ async fn callq_queue_specs_declare_and_redeclare() {
         "a name Kafka cannot take is refused"
     );
 }
+
+/// Two handles on the broker stand for two processes: neither knows what
+/// the other's consumers received.
+async fn broker_with(partitions: i32) -> KafkaBroker {
+    let url = std::env::var("CALLQ_KAFKA_URL")
+        .unwrap_or_else(|_| panic!("CALLQ_KAFKA_URL is not set: run `source scripts/kafka` first"));
+    let mut opts = Options::from_url(&url).unwrap_or_else(|e| panic!("CALLQ_KAFKA_URL={url}: {e}"));
+    opts.session_timeout = Duration::from_secs(2);
+    opts.fetch_wait = Duration::from_millis(10);
+    opts.revoke_wait = Duration::from_secs(1);
+    opts.partitions = partitions;
+    KafkaBroker::connect_with(opts)
+        .await
+        .unwrap_or_else(|e| panic!("Kafka at {url}: {e}"))
+}
+
+/// A record that a consumer in another process received and lost comes
+/// back flagged as a redelivery, though this process never saw it; a
+/// record published after the partition changed hands does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_another_process_received_comes_back_flagged() {
+    let (one, two) = (broker_with(1).await, broker_with(1).await);
+    let queue = unique("flag");
+    one.declare(&QueueSpec::plain(&queue))
+        .await
+        .expect("declare");
+    two.declare(&QueueSpec::plain(&queue))
+        .await
+        .expect("declare");
+    for name in ["done", "lost"] {
+        one.publish(&queue, Message::new(name))
+            .await
+            .expect("publish");
+    }
+    let mut a = one.consume(&queue, 1).await.expect("consume a");
+    let done = next(&mut a, "the first delivery").await;
+    assert!(
+        !done.redelivered,
+        "a partition never held before has only fresh records: {done:?}"
+    );
+    done.settle(Disposition::Ack).await.expect("ack");
+    let lost = next(&mut a, "the second delivery").await;
+    assert_eq!(body(&lost), "lost");
+    assert!(!lost.redelivered, "{lost:?}");
+    a.close().await;
+
+    let mut b = two.consume(&queue, 1).await.expect("consume b");
+    let again = next(&mut b, "the lost one, in the other process").await;
+    assert_eq!(body(&again), "lost", "the acked one came back");
+    assert!(
+        again.redelivered,
+        "the other process's consumer received it: the flag must be set: {again:?}"
+    );
+    again.settle(Disposition::Ack).await.expect("ack");
+    two.publish(&queue, Message::new("later"))
+        .await
+        .expect("publish");
+    let later = next(&mut b, "a record published after the hand-over").await;
+    assert_eq!(body(&later), "later");
+    assert!(!later.redelivered, "{later:?}");
+    later.settle(Disposition::Ack).await.expect("ack");
+    b.close().await;
+}
+
+/// Polls an assignment until `pred` holds; the adapter updates it from its
+/// rebalance callbacks, which signal nothing to the application.
+async fn assigned(what: &str, pred: impl Fn() -> bool) {
+    let until = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !pred() {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "{what}: not within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A consumer's assignment names the partitions it owns, and a message
+/// published into one of them reaches its owner, whatever its key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_into_a_partition_reaches_the_consumer_that_owns_it() {
+    let (one, two) = (broker_with(2).await, broker_with(2).await);
+    let queue = unique("partition");
+    one.declare(&QueueSpec::plain(&queue))
+        .await
+        .expect("declare");
+    two.declare(&QueueSpec::plain(&queue))
+        .await
+        .expect("declare");
+    let mut a = one.consume(&queue, 10).await.expect("consume a");
+    let in_a = a.assignment().expect("Kafka partitions its queues");
+    assigned("a owns both partitions", || in_a.get() == [0, 1]).await;
+    let mut b = two.consume(&queue, 10).await.expect("consume b");
+    let in_b = b.assignment().expect("Kafka partitions its queues");
+    assigned("a and b own one partition each", || {
+        in_a.get().len() == 1 && in_b.get().len() == 1 && in_a.get() != in_b.get()
+    })
+    .await;
+    let target = in_b.get()[0];
+    for i in 0..10 {
+        one.publish(
+            &queue,
+            Message::new(format!("m{i}"))
+                .key(format!("key-{i}"))
+                .partition(target),
+        )
+        .await
+        .expect("publish");
+    }
+    for i in 0..10 {
+        let d = next(&mut b, "a message published into b's partition").await;
+        assert_eq!(body(&d), format!("m{i}"), "in order, all to b");
+        d.settle(Disposition::Ack).await.expect("ack");
+    }
+    let quiet = tokio::time::timeout(QUIET, a.next()).await;
+    assert!(
+        quiet.is_err(),
+        "a got a message of b's partition: {quiet:?}"
+    );
+    a.close().await;
+    b.close().await;
+}
