@@ -8,83 +8,16 @@ mod support;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use callq::chaos::{self, ChaosSpec, Fleet};
-use callq::cluster::ClusterOptions;
+use callq::chaos;
 use callq_node::{Admin, Client, ClientOptions};
 use callq_schemas::protocol::{ClusterStatus, WorkerState};
-use support::{Proc, Vhost, wait_status};
+use support::{Proc, Vhost, Workers, count, load, wait_status};
 
 /// Standbys for both built-in services, as the tests' coordinators keep.
 const STANDBYS: [(&str, &str); 2] = [
     ("CALLQ_COORDINATOR__STANDBY_PER_SERVICE__ECHO", "1"),
     ("CALLQ_COORDINATOR__STANDBY_PER_SERVICE__MAIL", "1"),
 ];
-
-fn count(status: &ClusterStatus, state: WorkerState) -> usize {
-    status.workers.iter().filter(|w| w.state == state).count()
-}
-
-/// Worker processes the test started, killed by the load's schedule.
-struct Workers {
-    procs: HashMap<String, Proc>,
-    admin: Admin,
-    /// Workers never killed.
-    spare: &'static [&'static str],
-}
-
-impl Fleet for Workers {
-    async fn kill_busiest(&mut self) -> anyhow::Result<Option<String>> {
-        // No coordinator to ask (it is being replaced): no kill this time.
-        let Ok(status) = self.admin.status().await else {
-            return Ok(None);
-        };
-        let busiest = status
-            .workers
-            .iter()
-            .filter(|w| w.state == WorkerState::Active && self.procs.contains_key(&w.worker_id))
-            .filter(|w| !self.spare.contains(&w.worker_id.as_str()))
-            .filter(|w| w.free < w.capacity)
-            .max_by_key(|w| w.capacity - w.free);
-        let Some(w) = busiest else {
-            return Ok(None);
-        };
-        let mut proc = self.procs.remove(&w.worker_id).unwrap();
-        eprintln!(
-            "kill -9 {} (pid {}, {} calls in flight)",
-            proc.name,
-            proc.pid(),
-            w.capacity - w.free
-        );
-        proc.kill9();
-        Ok(Some(w.worker_id.clone()))
-    }
-}
-
-fn worker(id: &str, vhost: &Vhost, dir: &std::path::Path, standby: bool) -> Proc {
-    let mut args = vec!["worker", "--services", "echo,mail", "--worker-id", id];
-    if standby {
-        args.push("--standby");
-    }
-    Proc::spawn(id, &args, &vhost.url, dir)
-}
-
-fn load(dir: &std::path::Path, calls: usize, kills: usize) -> ChaosSpec {
-    ChaosSpec {
-        cluster: ClusterOptions::default(),
-        workers: 0,
-        standbys: 0,
-        calls,
-        concurrency: calls,
-        mail_every: 3,
-        work: Duration::from_millis(50),
-        kill_every: Duration::from_millis(700),
-        max_kills: kills,
-        replace_killed: false,
-        timeout: Duration::from_secs(90),
-        outbox: dir.join("mail.outbox"),
-        progress: false,
-    }
-}
 
 /// A coordinator, three workers and a standby; 5,000 calls of `echo.sleep`
 /// and `mail.send` in flight; two workers killed with SIGKILL mid-load.
@@ -96,9 +29,12 @@ async fn two_workers_killed_mid_load_lose_no_call() {
         Proc::spawn_env("coordinator", &["coordinator"], &vhost.url, &dir, &STANDBYS);
     let mut procs = HashMap::new();
     for id in ["w1", "w2", "w3"] {
-        procs.insert(id.to_owned(), worker(id, &vhost, &dir, false));
+        procs.insert(id.to_owned(), support::worker(id, &vhost.url, &dir, false));
     }
-    procs.insert("s1".to_owned(), worker("s1", &vhost, &dir, true));
+    procs.insert(
+        "s1".to_owned(),
+        support::worker("s1", &vhost.url, &dir, true),
+    );
     let broker = support::amqp(&vhost.url).await;
     let admin = Admin::connect(broker.clone(), Duration::from_secs(10))
         .await
@@ -174,7 +110,7 @@ async fn a_coordinator_killed_and_restarted_on_its_store_loses_nothing() {
     let mut first = Proc::spawn("coordinator-1", &["coordinator"], &vhost.url, &dir);
     let mut procs = HashMap::new();
     for id in ["w1", "w2"] {
-        procs.insert(id.to_owned(), worker(id, &vhost, &dir, false));
+        procs.insert(id.to_owned(), support::worker(id, &vhost.url, &dir, false));
     }
     let broker = support::amqp(&vhost.url).await;
     let admin = Admin::connect(broker.clone(), Duration::from_secs(10))

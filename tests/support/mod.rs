@@ -3,9 +3,15 @@
 //! `callq` processes that can be killed for real.
 #![allow(dead_code, clippy::unwrap_used, unreachable_pub)]
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+
+use callq::chaos::{ChaosSpec, Fleet};
+use callq::cluster::ClusterOptions;
+use callq_node::Admin;
+use callq_schemas::protocol::{ClusterStatus, WorkerState};
 
 /// A RabbitMQ virtual host for one test, deleted when dropped.
 pub struct Vhost {
@@ -184,4 +190,73 @@ pub async fn amqp(url: &str) -> std::sync::Arc<dyn callq_broker::Broker> {
             .await
             .unwrap_or_else(|e| panic!("RabbitMQ at {url}: {e}")),
     )
+}
+
+pub fn count(status: &ClusterStatus, state: WorkerState) -> usize {
+    status.workers.iter().filter(|w| w.state == state).count()
+}
+
+/// Worker processes the test started, killed by the load's schedule.
+pub struct Workers {
+    pub procs: HashMap<String, Proc>,
+    pub admin: Admin,
+    /// Workers never killed.
+    pub spare: &'static [&'static str],
+}
+
+impl Fleet for Workers {
+    async fn kill_busiest(&mut self) -> anyhow::Result<Option<String>> {
+        // No coordinator to ask (it is being replaced): no kill this time.
+        let Ok(status) = self.admin.status().await else {
+            return Ok(None);
+        };
+        let busiest = status
+            .workers
+            .iter()
+            .filter(|w| w.state == WorkerState::Active && self.procs.contains_key(&w.worker_id))
+            .filter(|w| !self.spare.contains(&w.worker_id.as_str()))
+            .filter(|w| w.free < w.capacity)
+            .max_by_key(|w| w.capacity - w.free);
+        let Some(w) = busiest else {
+            return Ok(None);
+        };
+        let mut proc = self.procs.remove(&w.worker_id).unwrap();
+        eprintln!(
+            "kill -9 {} (pid {}, {} calls in flight)",
+            proc.name,
+            proc.pid(),
+            w.capacity - w.free
+        );
+        proc.kill9();
+        Ok(Some(w.worker_id.clone()))
+    }
+}
+
+/// A `callq worker` process of `echo` and `mail`.
+pub fn worker(id: &str, broker_url: &str, dir: &Path, standby: bool) -> Proc {
+    let mut args = vec!["worker", "--services", "echo,mail", "--worker-id", id];
+    if standby {
+        args.push("--standby");
+    }
+    Proc::spawn(id, &args, broker_url, dir)
+}
+
+/// The load of the failover tests: `echo.sleep` and every third call a
+/// `mail.send`, 50 ms of work each, a kill every 700 ms.
+pub fn load(dir: &Path, calls: usize, kills: usize) -> ChaosSpec {
+    ChaosSpec {
+        cluster: ClusterOptions::default(),
+        workers: 0,
+        standbys: 0,
+        calls,
+        concurrency: calls,
+        mail_every: 3,
+        work: Duration::from_millis(50),
+        kill_every: Duration::from_millis(700),
+        max_kills: kills,
+        replace_killed: false,
+        timeout: Duration::from_secs(90),
+        outbox: dir.join("mail.outbox"),
+        progress: false,
+    }
 }
