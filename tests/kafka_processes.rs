@@ -14,8 +14,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use callq::chaos;
-use callq_node::{Admin, Client, ClientOptions};
+use callq_broker::{DEFAULT_DELIVERY_LIMIT, dead_queue};
+use callq_node::{Admin, CallOptions, Client, ClientOptions};
 use callq_schemas::protocol::WorkerState;
+use callq_schemas::{Outcome, codes};
+use serde_json::json;
 use support::{Proc, Workers, count, load, wait_status};
 
 /// Partitions of each call topic: one per worker, so that every worker
@@ -140,5 +143,130 @@ async fn two_workers_killed_mid_load_on_kafka_lose_no_call() {
     for proc in fleet.procs.values_mut() {
         assert!(proc.running(), "{} died:\n{}", proc.name, proc.log());
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Calls of the poisoned partition besides the poison call.
+const NEIGHBOURS: usize = 40;
+
+/// A call that crashes every worker process that runs it (`chaos.crash`)
+/// is run no more than the delivery limit allows, then moved to
+/// `callq.dead.chaos`, and its client gets an `error` saying so; the other
+/// calls of its partition (the same session) are served meanwhile. Worker
+/// processes that die are restarted, as a node agent restarts them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_call_is_dead_lettered_and_its_partition_served_meanwhile() {
+    let url = cluster_url("kpoison");
+    let dir = support::temp_dir("kafka-poison");
+    eprintln!("broker {url}, process logs in {}", dir.display());
+    let mut coordinator = Proc::spawn("coordinator", &["coordinator"], &url, &dir);
+    let worker = |id: &str| {
+        Proc::spawn(
+            id,
+            &["worker", "--services", "chaos", "--worker-id", id],
+            &url,
+            &dir,
+        )
+    };
+    let mut procs: Vec<Proc> = (1..=3).map(|i| worker(&format!("kp{i}"))).collect();
+    let broker = kafka(&url).await;
+    let admin = Admin::connect(broker.clone(), Duration::from_secs(30))
+        .await
+        .unwrap();
+    wait_status(&admin, "3 active workers", Duration::from_secs(60), |s| {
+        count(s, WorkerState::Active) == 3
+    })
+    .await;
+    let client = Client::connect(broker.clone(), ClientOptions::default())
+        .await
+        .unwrap();
+    // One session: one partition key for the poison call and its
+    // neighbours.
+    let opts = CallOptions {
+        timeout: Some(Duration::from_secs(150)),
+        session_id: Some("poisoned".into()),
+        ..CallOptions::default()
+    };
+    let started = tokio::time::Instant::now();
+    let poison = {
+        let (client, opts) = (client.clone(), opts.clone());
+        tokio::spawn(async move {
+            let reply = client
+                .call("chaos", "crash", json!({"after_ms": 400}), opts)
+                .await;
+            (reply, started.elapsed())
+        })
+    };
+    let neighbours = {
+        let (client, opts) = (client.clone(), opts.clone());
+        tokio::spawn(async move {
+            let calls = (0..NEIGHBOURS).map(|i| {
+                let (client, opts) = (client.clone(), opts.clone());
+                async move { client.call("chaos", "echo", json!({"i": i}), opts).await }
+            });
+            let replies = futures::future::join_all(calls).await;
+            (replies, started.elapsed())
+        })
+    };
+    // Restart every worker process that dies, until the poison call is
+    // answered. (A process's exit signals nothing to this test but its
+    // status: it is polled.)
+    let mut crashes = 0;
+    while !poison.is_finished() {
+        for p in &mut procs {
+            if !p.running() {
+                crashes += 1;
+                eprintln!("{} died; starting kp.{crashes}", p.name);
+                *p = worker(&format!("kp.{crashes}"));
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(170),
+            "the poison call was not answered in time; coordinator:\n{}",
+            coordinator.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (reply, answered) = poison.await.unwrap();
+    let reply = reply.unwrap();
+    eprintln!(
+        "poison call answered after {:.1} s and {crashes} worker crashes: {reply:?}",
+        answered.as_secs_f64()
+    );
+    assert_eq!(reply.outcome, Outcome::Error, "{reply:?}");
+    assert_eq!(reply.code(), Some(codes::DELIVERY_LIMIT), "{reply:?}");
+    let message = reply
+        .error
+        .as_ref()
+        .map(|e| e.message.clone())
+        .unwrap_or_default();
+    assert!(
+        message.contains(&dead_queue("chaos")),
+        "the error names where the call went: {message}"
+    );
+    assert!(
+        crashes >= DEFAULT_DELIVERY_LIMIT as usize,
+        "the call ran {crashes} times, fewer than the delivery limit ({DEFAULT_DELIVERY_LIMIT})"
+    );
+    let (replies, served) = neighbours.await.unwrap();
+    for r in &replies {
+        let r = r.as_ref().unwrap();
+        assert_eq!(
+            r.outcome,
+            Outcome::Ok,
+            "a neighbour of the poison call: {r:?}"
+        );
+    }
+    assert!(
+        served < answered,
+        "the poison call's neighbours were served after it ({served:?} vs {answered:?})"
+    );
+    eprintln!(
+        "its {NEIGHBOURS} neighbours were all served after {:.1} s",
+        served.as_secs_f64()
+    );
+    let dead = broker.depth(&dead_queue("chaos")).await.unwrap();
+    assert_eq!(dead.ready, 1, "one dead letter: {dead:?}");
+    assert!(coordinator.running(), "{}", coordinator.log());
     let _ = std::fs::remove_dir_all(&dir);
 }

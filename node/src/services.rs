@@ -99,14 +99,36 @@ pub fn mail() -> Service {
     })
 }
 
+/// `chaos`, for fault tests and drills, never for production: `echo`
+/// answers its arguments; `crash` aborts the whole worker process after
+/// `{"after_ms": n}` (at most the sleep limit), as a call that crashes its
+/// worker every time (a poison call) does. A worker serves it only when
+/// `--services` names it.
+pub fn chaos() -> Service {
+    Service::new("chaos")
+        .method("echo", |_ctx, args| async move { Ok(args) })
+        .method("crash", |_ctx, args: Value| async move {
+            let ms = args.get("after_ms").and_then(Value::as_u64).unwrap_or(0);
+            if ms > MAX_SLEEP_MS {
+                return Err(HandlerError::invalid_args(format!(
+                    "after_ms = {ms} is above the limit of {MAX_SLEEP_MS}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            tracing::error!("chaos.crash: aborting the worker process, as asked");
+            std::process::abort()
+        })
+}
+
 /// The names of the built-in services, for `--services`.
-pub const BUILT_IN: &[&str] = &["echo", "mail"];
+pub const BUILT_IN: &[&str] = &["echo", "mail", "chaos"];
 
 /// A built-in service by name.
 pub fn by_name(name: &str) -> Option<Service> {
     match name {
         "echo" => Some(echo()),
         "mail" => Some(mail()),
+        "chaos" => Some(chaos()),
         _ => None,
     }
 }
