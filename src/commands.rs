@@ -413,7 +413,12 @@ pub async fn call(
 pub struct StatusReport {
     /// What the coordinator knows.
     pub cluster: ClusterStatus,
-    /// Ready calls per service queue.
+    /// The broker's kind: `amqp`, `kafka` or `embedded`.
+    #[serde(default)]
+    pub broker: String,
+    /// Per service queue, the calls not yet taken: on RabbitMQ those ready
+    /// for a consumer; on Kafka the consumer group's lag (calls past the
+    /// group's committed offsets: waiting, or taken and not yet finished).
     pub queues: BTreeMap<String, u64>,
 }
 
@@ -443,7 +448,11 @@ pub async fn status(settings: &Settings) -> anyhow::Result<StatusReport> {
             Err(e) => warn!(%queue, "reading the depth: {e}"),
         }
     }
-    Ok(StatusReport { cluster, queues })
+    Ok(StatusReport {
+        cluster,
+        broker: broker.kind().to_owned(),
+        queues,
+    })
 }
 
 /// The status as a table for people.
@@ -487,7 +496,13 @@ pub fn render_status(report: &StatusReport) -> String {
             let _ = writeln!(out, "{service:<24} {have:>8} {wanted:>8}");
         }
     }
-    let _ = writeln!(out, "\n{:<32} {:>8}", "QUEUE", "READY");
+    // Kafka keeps no ready count: what waits is the consumer group's lag.
+    let depth = if report.broker == "kafka" {
+        "LAG"
+    } else {
+        "READY"
+    };
+    let _ = writeln!(out, "\n{:<32} {depth:>8}", "QUEUE");
     for (queue, ready) in &report.queues {
         let _ = writeln!(out, "{queue:<32} {ready:>8}");
     }

@@ -108,7 +108,7 @@ enum Command {
         timeout_ms: u64,
     },
     /// Shows the cluster: workers with state and load, standbys, agents,
-    /// and the depth of the call queues.
+    /// and the depth of the call queues (on Kafka, each consumer group's lag).
     Status {
         /// Print JSON instead of a table.
         #[arg(long)]
