@@ -16,12 +16,15 @@
 //! | [`QueueSpec::transient`] | stored like any topic (stricter than the contract asks) |
 //! | [`QueueSpec::expires`] | the topic's `retention.ms`: messages older than that are deleted whether consumed or not; the topic itself stays (Kafka has no idle-topic deletion) |
 //! | [`Message::key`] | the record key: Kafka's partitioner keeps one key on one partition, in order |
+//! | [`Message::partition`] | the record's partition, chosen instead of the key's (callq's coordinator re-issues a dead worker's call into a live worker's partition) |
+//! | [`Consumer::assignment`] | the partitions the consumer holds, updated by its rebalance callbacks |
+//! | queue names | topic names, after [`Options::topic_prefix`] (none by default) |
 //! | publish | an idempotent producer (`enable.idempotence`, `acks=all`) shared by the broker handle; [`Broker::publish`] returns once the delivery report says the record is stored (the contract's confirm), bounded by [`Options::confirm_timeout`] (`message.timeout.ms`), with at most [`Options::max_in_flight`] publishes awaiting their report |
 //! | consume | a consumer group per queue (id: [`Options::group_prefix`] + queue name), `enable.auto.commit=false` and `enable.auto.offset.store=false`, served by a thread per consumer. Deliveries of one partition are handed out concurrently up to the prefetch, and the adapter commits, per partition, the lowest unfinished offset (see `src/track.rs`): a slow delivery holds the commit back and never loses a later one |
 //! | prefetch | the thread reads records from a queue per partition (split off the consumer's queue) only while the consumer holds fewer than its prefetch; librdkafka fetches ahead into those queues at most `queued.min.messages` (= the prefetch) per partition and `queued.max.messages.kbytes` (1 MiB) in all |
 //! | rebalance | on revocation the adapter stops handing out deliveries of the revoked partitions, waits up to [`Options::revoke_wait`] for those in hand, commits what finished, and lets go; settling one of them later fails with [`Error::LeaseLost`], and whatever was not committed is delivered again to the next owner |
 //! | [`Consumer::close`], drop | the consumer commits what finished and leaves the group (`LeaveGroup`), so the next member takes over at once; its unsettled deliveries are read again by the next owner. A later [`Broker::consume`] of the same queue in this process waits for such a leave |
-//! | [`Delivery::redelivered`](callq_broker::Delivery::redelivered), [`Delivery::delivery_count`](callq_broker::Delivery::delivery_count) | the record's `callq-delivery-count` header (set by a requeue) plus how often this process handed out that record (topic, partition, offset) before, shared by all consumers of one [`KafkaBroker`] and bounded ([`Options::seen_capacity`]) |
+//! | [`Delivery::redelivered`](callq_broker::Delivery::redelivered), [`Delivery::delivery_count`](callq_broker::Delivery::delivery_count) | the count: the record's `callq-delivery-count` header (set by a requeue) plus how often this process handed out that record (topic, partition, offset) before, shared by all consumers of one [`KafkaBroker`] and bounded ([`Options::seen_capacity`]). The flag: a count above 0, or a record that was in the partition when this consumer took it from an earlier owner (below the partition's end then; a partition with no committed offset had no owner, since each owner commits on first taking one) |
 //! | [`Disposition::Ack`] | marks the offset finished; the commit follows within [`COMMIT_INTERVAL`] |
 //! | [`Disposition::Requeue`] | publishes a copy to the same topic (same key, same headers) with `callq-delivery-count` one higher, then marks the original finished: the copy goes to the back of the partition |
 //! | [`Disposition::DeadLetter`] | publishes a copy to the dead-letter topic with [`DEAD_REASON_HEADER`], then marks the original finished; without a dead-letter queue the message is dropped |
@@ -33,12 +36,14 @@
 //!
 //! - **Delivery counts across processes.** A record read again by another
 //!   process (after a crash, or a rebalance to a consumer elsewhere) carries
-//!   only the count of its `callq-delivery-count` header: it may arrive with
-//!   `redelivered = false` and a count too low, and the delivery limit then
-//!   counts from there. callq keeps the cross-process attempt count in the
-//!   coordinator's ledger (`resume`), which does not rely on this flag.
-//!   Within one process (one [`KafkaBroker`]) counts are exact until more
-//!   than [`Options::seen_capacity`] records are in play.
+//!   only the count of its `callq-delivery-count` header: its count may be
+//!   too low, and the delivery limit then counts from there. It does come
+//!   with `redelivered` set (as does every record that waited in a
+//!   partition taken from an earlier owner, delivered or not). callq keeps
+//!   the cross-process attempt count in the coordinator's ledger, and its
+//!   workers apply the delivery limit to it. Within one process (one
+//!   [`KafkaBroker`]) counts are exact until more than
+//!   [`Options::seen_capacity`] records are in play.
 //! - **`max_length` across processes.** Each publishing process enforces the
 //!   bound with its own count; a read older than [`BOUND_READ_AGE`] is renewed,
 //!   so several publishers may together pass the bound by what they publish
