@@ -387,6 +387,23 @@ struct Partitioned {
     published: Mutex<Vec<(String, Option<u32>)>>,
 }
 
+impl Partitioned {
+    /// A bus on it, with a coordinator running.
+    async fn bus() -> (
+        Arc<Self>,
+        Bus,
+        tokio::task::JoinHandle<Result<(), callq_coordinator::Error>>,
+    ) {
+        let broker = Arc::new(Self {
+            inner: EmbeddedBroker::new(),
+            published: Mutex::default(),
+        });
+        let bus = Bus::on(broker.clone()).await;
+        let coordinator = bus.start(MemoryStore::default());
+        (broker, bus, coordinator)
+    }
+}
+
 #[async_trait]
 impl Broker for Partitioned {
     fn kind(&self) -> &'static str {
@@ -416,12 +433,7 @@ impl Broker for Partitioned {
 
 #[tokio::test(start_paused = true)]
 async fn a_dead_worker_s_call_is_reissued_into_a_partition_a_live_worker_owns() {
-    let broker = Arc::new(Partitioned {
-        inner: EmbeddedBroker::new(),
-        published: Mutex::default(),
-    });
-    let bus = Bus::on(broker.clone()).await;
-    let _c = bus.start(MemoryStore::default());
+    let (broker, bus, _c) = Partitioned::bus().await;
     let mut calls = bus.broker.consume(&call_queue("mail"), 10).await.unwrap();
     let (call, body) = call();
     // A owns partition 0 and dies holding the call; B owns 1 and 2 and
@@ -465,12 +477,7 @@ async fn a_dead_worker_s_call_is_reissued_into_a_partition_a_live_worker_owns() 
 
 #[tokio::test(start_paused = true)]
 async fn without_partitions_a_reissue_names_none() {
-    let broker = Arc::new(Partitioned {
-        inner: EmbeddedBroker::new(),
-        published: Mutex::default(),
-    });
-    let bus = Bus::on(broker.clone()).await;
-    let _c = bus.start(MemoryStore::default());
+    let (broker, bus, _c) = Partitioned::bus().await;
     let mut calls = bus.broker.consume(&call_queue("mail"), 10).await.unwrap();
     let (call, body) = call();
     bus.heartbeat("A", vec![in_flight(&call, lease(&call, 1), &body)])

@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use callq::chaos::{ChaosSpec, Fleet};
+use callq::chaos::{self, ChaosReport, ChaosSpec, Fleet};
 use callq::cluster::ClusterOptions;
-use callq_node::Admin;
+use callq_node::{Admin, Client};
 use callq_schemas::protocol::{ClusterStatus, WorkerState};
 
 /// A RabbitMQ virtual host for one test, deleted when dropped.
@@ -259,4 +259,43 @@ pub fn load(dir: &Path, calls: usize, kills: usize) -> ChaosSpec {
         outbox: dir.join("mail.outbox"),
         progress: false,
     }
+}
+
+/// Drives `spec` through `fleet`, prints the report, and checks what every
+/// failover test checks: no violation, every call ended, `kills` workers
+/// killed and seen dead, some call on a killed worker, and a failover pause
+/// measured after each kill, which it prints and returns.
+pub async fn survive(
+    spec: &ChaosSpec,
+    client: &Client,
+    admin: &Admin,
+    fleet: &mut Workers,
+) -> (ChaosReport, Vec<(String, Duration)>) {
+    let report = chaos::drive(spec, client, admin, fleet).await.unwrap();
+    report.print();
+    assert_eq!(report.violations(), Vec::<String>::new());
+    assert_eq!(report.ended.len(), spec.calls, "every call ended");
+    assert_eq!(
+        report.kills.len(),
+        spec.max_kills,
+        "workers killed mid-load"
+    );
+    assert!(
+        report.deaths >= spec.max_kills as u64,
+        "the coordinator saw {} deaths",
+        report.deaths
+    );
+    assert!(
+        report.retried_ok() + report.fatal().len() > 0,
+        "no call was on a killed worker: the kills proved nothing"
+    );
+    let pauses = report.failover_pauses();
+    for (worker, pause) in &pauses {
+        eprintln!(
+            "failover pause after killing {worker}: {:.0} ms",
+            pause.as_secs_f64() * 1000.0
+        );
+    }
+    assert!(!pauses.is_empty(), "no reply of a call on a killed worker");
+    (report, pauses)
 }

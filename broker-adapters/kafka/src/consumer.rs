@@ -799,20 +799,7 @@ impl KafkaConsumer {
         let queue = self.queue.clone();
         tokio::spawn(async move {
             let sent = match spec.and_then(|s| s.dead_letter) {
-                Some(dead) => {
-                    let headers =
-                        dead_letter_headers(&visible_headers(&record.headers), "delivery_limit");
-                    inner
-                        .send(
-                            &dead,
-                            record.key.as_deref(),
-                            None,
-                            &record.body,
-                            &headers,
-                            false,
-                        )
-                        .await
-                }
+                Some(dead) => send_dead(&inner, &dead, &record, "delivery_limit").await,
                 None => Ok(()),
             };
             if let Err(e) = &sent {
@@ -836,6 +823,22 @@ impl KafkaConsumer {
             shared.wake_all();
         });
     }
+}
+
+/// Publishes a confirmed copy of `record` to the dead-letter topic `dead`,
+/// with the reason.
+async fn send_dead(inner: &Inner, dead: &str, record: &Record, reason: &str) -> Result<(), Error> {
+    let headers = dead_letter_headers(&visible_headers(&record.headers), reason);
+    inner
+        .send(
+            dead,
+            record.key.as_deref(),
+            None,
+            &record.body,
+            &headers,
+            false,
+        )
+        .await
 }
 
 fn id(queue: &str, record: &Record) -> RecordId {
@@ -1002,19 +1005,7 @@ impl callq_broker::Settle for KafkaSettle {
                     )
                     .await
             }
-            Fate::DeadLetter(dead, reason) => {
-                let headers = dead_letter_headers(&visible, &reason);
-                self.inner
-                    .send(
-                        &dead,
-                        record.key.as_deref(),
-                        None,
-                        &record.body,
-                        &headers,
-                        false,
-                    )
-                    .await
-            }
+            Fate::DeadLetter(dead, reason) => send_dead(&self.inner, &dead, record, &reason).await,
         };
         match sent {
             Ok(()) => self.finish(),

@@ -215,19 +215,23 @@ async fn broker_with(partitions: i32) -> KafkaBroker {
         .unwrap_or_else(|e| panic!("Kafka at {url}: {e}"))
 }
 
+/// A fresh queue of `partitions` partitions, declared through two handles
+/// that stand for two processes.
+async fn two_processes(test: &str, partitions: i32) -> (KafkaBroker, KafkaBroker, String) {
+    let (one, two) = (broker_with(partitions).await, broker_with(partitions).await);
+    let queue = unique(test);
+    for b in [&one, &two] {
+        b.declare(&QueueSpec::plain(&queue)).await.expect("declare");
+    }
+    (one, two, queue)
+}
+
 /// A record that a consumer in another process received and lost comes
 /// back flagged as a redelivery, though this process never saw it; a
 /// record published after the partition changed hands does not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_another_process_received_comes_back_flagged() {
-    let (one, two) = (broker_with(1).await, broker_with(1).await);
-    let queue = unique("flag");
-    one.declare(&QueueSpec::plain(&queue))
-        .await
-        .expect("declare");
-    two.declare(&QueueSpec::plain(&queue))
-        .await
-        .expect("declare");
+    let (one, two, queue) = two_processes("flag", 1).await;
     for name in ["done", "lost"] {
         one.publish(&queue, Message::new(name))
             .await
@@ -280,14 +284,7 @@ async fn assigned(what: &str, pred: impl Fn() -> bool) {
 /// published into one of them reaches its owner, whatever its key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_into_a_partition_reaches_the_consumer_that_owns_it() {
-    let (one, two) = (broker_with(2).await, broker_with(2).await);
-    let queue = unique("partition");
-    one.declare(&QueueSpec::plain(&queue))
-        .await
-        .expect("declare");
-    two.declare(&QueueSpec::plain(&queue))
-        .await
-        .expect("declare");
+    let (one, two, queue) = two_processes("partition", 2).await;
     let mut a = one.consume(&queue, 10).await.expect("consume a");
     let in_a = a.assignment().expect("Kafka partitions its queues");
     assigned("a owns both partitions", || in_a.get() == [0, 1]).await;
