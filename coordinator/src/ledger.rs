@@ -2,7 +2,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use callq_schemas::protocol::{CompleteDecision, Lease, ResumeDecision, TraceDecision};
+use callq_schemas::protocol::{CompleteDecision, Lease, ResumeDecision, TraceDecision, retryable};
 use callq_schemas::{Reply, Uuid};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
@@ -50,7 +50,9 @@ pub struct CallRecord {
     /// Who holds the current attempt; `None` until a copy claims it.
     pub holder: Option<Holder>,
     /// Traces granted to the current attempt. An attempt with traces is
-    /// never followed by another: losing it fails the call.
+    /// never followed by another, losing it fails the call, unless all of
+    /// them are transactions whose outbox admits one commit per call
+    /// ([`EXACT_TRACE`](callq_schemas::protocol::EXACT_TRACE)).
     pub traces: Vec<String>,
     /// The decision.
     pub state: CallState,
@@ -245,9 +247,10 @@ impl<S: Store> Ledger<S> {
                 // A new delivery of the copy the holder held: the broker says
                 // the holder's lease is gone.
                 let lost = h.worker.clone();
-                if rec.traces.is_empty() {
+                if retryable(&rec.traces) {
                     rec.attempt += 1;
                     rec.unhold();
+                    rec.traces.clear();
                     rec.holder = Some(holder);
                     ResumeDecision::Run {
                         attempt: rec.attempt,
@@ -365,10 +368,11 @@ impl<S: Store> Ledger<S> {
         }
     }
 
-    /// A worker is dead. Each call it held is revoked: a traceless one is
-    /// re-issued as the next attempt (where its body is known; otherwise the
-    /// broker's redelivery claims the next attempt), a traced one fails and
-    /// its client is answered `fatal`.
+    /// A worker is dead. Each call it held is revoked: a traceless one (or
+    /// one whose traces are all exact transactions) is re-issued as the next
+    /// attempt (where its body is known; otherwise the broker's redelivery
+    /// claims the next attempt), a traced one fails and its client is
+    /// answered `fatal`.
     pub fn worker_lost(&mut self, worker: &str, in_flight: &[InFlight]) -> Result<(), Error> {
         let mut bodies: HashMap<Uuid, &InFlight> = HashMap::new();
         for f in in_flight {
@@ -405,9 +409,10 @@ impl<S: Store> Ledger<S> {
             let Some(rec) = self.open.get_mut(&call_id) else {
                 continue;
             };
-            if rec.traces.is_empty() {
+            if retryable(&rec.traces) {
                 rec.attempt += 1;
                 rec.unhold();
+                rec.traces.clear();
                 match bodies.get(&call_id).and_then(|f| f.body.clone()) {
                     Some(body) => self.effects.push(Effect::Reissue {
                         call_id,

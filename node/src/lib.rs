@@ -13,9 +13,11 @@
 
 mod admin;
 mod agent;
+pub mod bank;
 mod client;
 mod handler;
 mod link;
+pub mod pg;
 pub mod services;
 mod worker;
 

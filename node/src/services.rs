@@ -121,13 +121,14 @@ pub fn chaos() -> Service {
 }
 
 /// The names of the built-in services, for `--services`.
-pub const BUILT_IN: &[&str] = &["echo", "mail", "chaos"];
+pub const BUILT_IN: &[&str] = &["echo", "mail", "bank", "chaos"];
 
 /// A built-in service by name.
 pub fn by_name(name: &str) -> Option<Service> {
     match name {
         "echo" => Some(echo()),
         "mail" => Some(mail()),
+        "bank" => Some(crate::bank::bank_from_env()),
         "chaos" => Some(chaos()),
         _ => None,
     }

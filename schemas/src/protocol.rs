@@ -130,6 +130,19 @@ pub struct InFlightCall {
     pub body: Option<String>,
 }
 
+/// The trace of a PostgreSQL transaction made through the context: it
+/// commits with an outbox row whose unique key admits one commit per call,
+/// so an attempt that left only such traces may run again (the next
+/// attempt finds the committed result, or commits in its place). Losing
+/// it never fails the call.
+pub const EXACT_TRACE: &str = "pg.tx";
+
+/// Whether an attempt that left `traces` may be followed by another: it left
+/// none, or only [`EXACT_TRACE`]s.
+pub fn retryable(traces: &[String]) -> bool {
+    traces.iter().all(|t| t == EXACT_TRACE)
+}
+
 /// A request from a worker to the coordinator, on `callq.coordinator`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Request {

@@ -384,3 +384,68 @@ fn a_late_resume_retry_of_a_lease_that_lost_the_call_is_superseded() {
     assert_eq!(rec.holder.unwrap().lease.token, b.token);
     assert_eq!(rec.lost, vec![a.token]);
 }
+
+#[test]
+fn a_dead_worker_s_call_with_only_transaction_traces_runs_again_never_fatal() {
+    use callq_schemas::protocol::EXACT_TRACE;
+    let mut l = ledger();
+    let id = Uuid::now_v7();
+    let a = lease(id, 1);
+    assert_eq!(
+        l.trace(a, 1, "A", EXACT_TRACE, SVC, TO).unwrap(),
+        TraceDecision::Granted
+    );
+    l.commit().unwrap();
+    l.worker_lost("A", &[in_flight(a)]).unwrap();
+    let effects = l.commit().unwrap();
+    assert_eq!(
+        effects,
+        vec![Effect::Reissue {
+            call_id: id,
+            service: SVC.into(),
+            attempt: 2,
+            body: b"{\"the\": \"call\"}".to_vec()
+        }],
+        "the outbox admits one commit per call: the next attempt runs"
+    );
+    // The next attempt traces its own transaction; the lost one is refused.
+    let b = lease(id, 2);
+    assert_eq!(
+        l.resume(b, "B", SVC, TO).unwrap(),
+        ResumeDecision::Run { attempt: 2 }
+    );
+    assert_eq!(
+        l.trace(b, 2, "B", EXACT_TRACE, SVC, TO).unwrap(),
+        TraceDecision::Granted
+    );
+    assert!(matches!(
+        l.trace(a, 1, "A", EXACT_TRACE, SVC, TO).unwrap(),
+        TraceDecision::Refused { .. }
+    ));
+    // Its worker is lost too, and a redelivery of its copy finds the call
+    // open again, not failed.
+    assert_eq!(
+        l.resume(lease(id, 2), "C", SVC, TO).unwrap(),
+        ResumeDecision::Run { attempt: 3 }
+    );
+}
+
+#[test]
+fn a_transaction_trace_beside_another_trace_still_fails_the_call() {
+    use callq_schemas::protocol::EXACT_TRACE;
+    let mut l = ledger();
+    let id = Uuid::now_v7();
+    let a = lease(id, 1);
+    for kind in [EXACT_TRACE, "mail.sent"] {
+        assert_eq!(
+            l.trace(a, 1, "A", kind, SVC, TO).unwrap(),
+            TraceDecision::Granted
+        );
+    }
+    l.worker_lost("A", &[in_flight(a)]).unwrap();
+    let effects = l.commit().unwrap();
+    assert!(
+        matches!(&effects[..], [Effect::AnswerFatal { reply, .. }] if reply.outcome == Outcome::Fatal),
+        "{effects:?}"
+    );
+}

@@ -1,0 +1,254 @@
+//! Exact PostgreSQL transactions through the context (DESIGN.md, call
+//! lifecycle step 5).
+//!
+//! [`Ctx::transaction`] runs the handler's statements in one transaction on
+//! the handler's pool and writes, in the same transaction, a row of the
+//! outbox table `callq_outbox` (`call_id` unique, the attempt, the
+//! transaction's result as `reply`). The row is the proof of the commit:
+//!
+//! - a later attempt of the same call finds it and returns the committed
+//!   result without running the statements again;
+//! - an attempt that would commit after another one did is stopped by the
+//!   unique key, rolls back, and returns the committed result instead;
+//! - a commit whose answer was lost (the connection broke) is settled by
+//!   reading the row back.
+//!
+//! So the statements take effect once, whichever attempts run. The trace
+//! kind of such a transaction is [`PG_TX`].
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, PoolConfig, RecyclingMethod, Runtime, Timeouts};
+use futures::future::BoxFuture;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{GenericClient, NoTls};
+use tracing::{info, warn};
+use uuid::Uuid;
+
+pub use deadpool_postgres::{Pool, Transaction};
+
+use crate::{Ctx, HandlerError};
+
+/// The trace kind of a transaction made through [`Ctx::transaction`]. A
+/// worker lost after leaving only such traces does not fail its call: the
+/// next attempt runs, and its transaction finds the committed result or
+/// commits in its place.
+pub const PG_TX: &str = callq_schemas::protocol::EXACT_TRACE;
+
+/// The database the example services and tests use unless `CALLQ_POSTGRES`
+/// names another.
+pub const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1/test";
+
+/// The outbox table, created when missing.
+pub const OUTBOX_DDL: &str = "create table if not exists callq_outbox (
+    call_id uuid primary key,
+    attempt integer not null check (attempt >= 1),
+    reply jsonb not null,
+    committed_at timestamptz not null default now()
+)";
+
+/// How long a pool waits for a connection, to open one, or to check one.
+const POOL_WAIT: Duration = Duration::from_secs(10);
+
+/// A connection pool on `url` (`postgres://user[:password]@host[:port]/db`)
+/// holding at most `max_size` connections, every wait bounded. Connections
+/// open on first use, so this fails only on a URL it cannot read.
+pub fn pool(url: &str, max_size: usize) -> Result<Pool, HandlerError> {
+    let config: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e| HandlerError::new("postgres_config", format!("`{url}`: {e}")))?;
+    let manager = Manager::from_config(
+        config,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .config(PoolConfig {
+            max_size,
+            timeouts: Timeouts {
+                wait: Some(POOL_WAIT),
+                create: Some(POOL_WAIT),
+                recycle: Some(POOL_WAIT),
+            },
+            ..PoolConfig::default()
+        })
+        .runtime(Runtime::Tokio1)
+        .build()
+        .map_err(|e| HandlerError::new("postgres_config", e.to_string()))
+}
+
+/// Creates the outbox table when it is missing.
+pub async fn migrate(pool: &Pool) -> Result<(), HandlerError> {
+    let client = pool.get().await.map_err(unavailable)?;
+    create_if_missing(&**client, OUTBOX_DDL).await
+}
+
+/// Runs a `create ... if not exists`; a concurrent creation by another
+/// process (PostgreSQL then reports a duplicate) counts as done.
+pub async fn create_if_missing(client: &impl GenericClient, ddl: &str) -> Result<(), HandlerError> {
+    match client.batch_execute(ddl).await {
+        Ok(()) => Ok(()),
+        Err(e)
+            if matches!(
+                e.code(),
+                Some(&SqlState::UNIQUE_VIOLATION | &SqlState::DUPLICATE_TABLE)
+            ) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(db_error(e)),
+    }
+}
+
+/// The committed result of a call, with the attempt that committed it, if
+/// a transaction of the call committed.
+pub async fn committed(
+    client: &impl GenericClient,
+    call_id: Uuid,
+) -> Result<Option<(u32, Value)>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "select attempt, reply from callq_outbox where call_id = $1",
+            &[&call_id],
+        )
+        .await?;
+    Ok(row.map(|r| {
+        let attempt: i32 = r.get(0);
+        (u32::try_from(attempt).unwrap_or(0), r.get(1))
+    }))
+}
+
+fn unavailable(e: impl std::fmt::Display) -> HandlerError {
+    HandlerError::new(
+        "postgres_unavailable",
+        format!("no PostgreSQL connection: {e}"),
+    )
+}
+
+fn db_error(e: tokio_postgres::Error) -> HandlerError {
+    match e.as_db_error() {
+        Some(db) => HandlerError::new(
+            "postgres_error",
+            format!("{} ({})", db.message(), db.code().code()),
+        ),
+        None => unavailable(e),
+    }
+}
+
+fn result_of<T: DeserializeOwned>(call_id: Uuid, reply: Value) -> Result<T, HandlerError> {
+    serde_json::from_value(reply).map_err(|e| {
+        HandlerError::new(
+            "outbox_unreadable",
+            format!("the committed result of call {call_id} does not fit this handler: {e}"),
+        )
+    })
+}
+
+impl From<tokio_postgres::Error> for HandlerError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        db_error(e)
+    }
+}
+
+impl Ctx {
+    /// Runs `statements` in one PostgreSQL transaction on `pool`, exactly
+    /// once for this call however many attempts run it, and returns their
+    /// result, which becomes the call's recorded result: return it from the
+    /// handler.
+    ///
+    /// The context asks the coordinator for the trace [`PG_TX`] first (a
+    /// revoked attempt is refused and runs nothing), writes the outbox row
+    /// with the result in the same transaction, and commits. If an earlier
+    /// attempt already committed, the statements do not run and its result
+    /// is returned. An error from the statements rolls everything back and
+    /// is the handler's error.
+    ///
+    /// ```ignore
+    /// let moved: Value = ctx.transaction(&pool, |tx| Box::pin(async move {
+    ///     tx.execute("update bank_accounts set cents = cents - 5 where id = 'a'", &[]).await?;
+    ///     Ok(json!({"moved": 5}))
+    /// })).await?;
+    /// ```
+    pub async fn transaction<T, F>(&self, pool: &Pool, statements: F) -> Result<T, HandlerError>
+    where
+        T: Serialize + DeserializeOwned + Send,
+        F: for<'t> FnOnce(&'t Transaction<'t>) -> BoxFuture<'t, Result<T, HandlerError>> + Send,
+    {
+        let mut client = pool.get().await.map_err(unavailable)?;
+        let call_id = self.call_id;
+        // An attempt after a committed one returns its result.
+        match committed(&**client, call_id).await {
+            Ok(Some((attempt, reply))) => {
+                info!(%call_id, attempt, "the call's transaction committed before: its result stands");
+                return result_of(call_id, reply);
+            }
+            Ok(None) => {}
+            Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => {
+                create_if_missing(&**client, OUTBOX_DDL).await?;
+            }
+            Err(e) => return Err(db_error(e)),
+        }
+        self.trace(PG_TX).await?;
+        let tx = client.transaction().await.map_err(db_error)?;
+        let value = statements(&tx).await?;
+        let reply = serde_json::to_value(&value).map_err(|e| {
+            HandlerError::new(
+                "result_unserializable",
+                format!("the transaction's result cannot be recorded: {e}"),
+            )
+        })?;
+        let attempt = i32::try_from(self.attempt).unwrap_or(i32::MAX);
+        let written = tx
+            .execute(
+                "insert into callq_outbox (call_id, attempt, reply) values ($1, $2, $3) \
+                 on conflict (call_id) do nothing",
+                &[&call_id, &attempt, &reply],
+            )
+            .await
+            .map_err(db_error)?;
+        if written == 0 {
+            // Another attempt committed while this one ran: its result
+            // stands; this one leaves nothing.
+            drop(tx);
+            warn!(%call_id, attempt = self.attempt, "another attempt of the call committed first; this one rolls back");
+            return match committed(&**client, call_id).await.map_err(db_error)? {
+                Some((_, reply)) => result_of(call_id, reply),
+                None => Err(HandlerError::new(
+                    "outbox_lost",
+                    format!("call {call_id}'s outbox row vanished"),
+                )),
+            };
+        }
+        match tx.commit().await {
+            Ok(()) => Ok(value),
+            Err(e) => {
+                // The answer to the commit may be lost with the connection:
+                // the outbox says whether it happened.
+                let settled = match pool.get().await {
+                    Ok(c) => committed(&**c, call_id).await.ok().flatten(),
+                    Err(_) => None,
+                };
+                match settled {
+                    Some((a, reply)) if a == self.attempt => {
+                        info!(%call_id, "the commit's answer was lost, but the outbox shows it committed");
+                        result_of(call_id, reply)
+                    }
+                    Some((_, reply)) => result_of(call_id, reply),
+                    None => Err(HandlerError::new(
+                        "postgres_commit_unknown",
+                        format!(
+                            "the commit of call {call_id}'s transaction was not confirmed ({e}) \
+                             and the outbox could not be read: its row in callq_outbox tells \
+                             whether it took effect"
+                        ),
+                    )),
+                }
+            }
+        }
+    }
+}
