@@ -17,7 +17,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use callq_broker::{Broker, call_queue};
 use callq_broker_amqp::AmqpBroker;
-use callq_coordinator::{Coordinator, CoordinatorOptions, Ledger, RedbStore};
+use callq_coordinator::{Coordinator, CoordinatorOptions, Ledger, PgStore, RedbStore};
 use callq_node::{
     Admin, Agent, AgentOptions, CallOptions, Client, ClientOptions, Processes, Worker,
     WorkerOptions, WorkerSpec, services,
@@ -67,6 +67,16 @@ pub struct CoordinatorSettings {
     /// The ledger file (redb). A second coordinator on the same file waits
     /// until the first is gone, then takes over.
     pub store: PathBuf,
+    /// Keep the ledger in PostgreSQL instead (`postgres://...`), for
+    /// coordinators on several hosts: one leads under a lease, the others
+    /// stand by and take over when it lapses.
+    pub postgres: Option<String>,
+    /// The cluster's name in PostgreSQL: coordinators of one cluster share
+    /// it; clusters sharing a database keep apart by it.
+    pub cluster: String,
+    /// How long a leader's lease runs without renewal (milliseconds): a
+    /// standby takes over within this (plus a poll) after the leader dies.
+    pub lease_ms: u64,
     /// Heartbeats, failure detection, standbys.
     #[serde(flatten)]
     pub options: CoordinatorOptions,
@@ -76,6 +86,9 @@ impl Default for CoordinatorSettings {
     fn default() -> Self {
         Self {
             store: PathBuf::from("callq-ledger.redb"),
+            postgres: None,
+            cluster: "callq".into(),
+            lease_ms: 2_000,
             options: CoordinatorOptions::default(),
         }
     }
@@ -198,6 +211,9 @@ pub fn stop_when_stdin_closes(shutdown: CancellationToken) {
 /// RabbitMQ the request queue has a single active consumer, so a second
 /// coordinator stands by until the first is gone.
 pub async fn coordinator(settings: &Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    if let Some(url) = &settings.coordinator.postgres {
+        return coordinator_on_postgres(settings, url, shutdown).await;
+    }
     let path = &settings.coordinator.store;
     let mut waiting = false;
     let store = loop {
@@ -223,6 +239,56 @@ pub async fn coordinator(settings: &Settings, shutdown: CancellationToken) -> an
         .run(shutdown)
         .await
         .context("the coordinator stopped")
+}
+
+/// `callq coordinator` with its ledger in PostgreSQL: stands by until it
+/// takes the cluster's lease, leads until it loses it (then stands by
+/// again), until stopped.
+async fn coordinator_on_postgres(
+    settings: &Settings,
+    url: &str,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let c = &settings.coordinator;
+    let lease = Duration::from_millis(c.lease_ms.max(100));
+    let holder = format!(
+        "{}:{}",
+        std::env::var("HOSTNAME").unwrap_or_else(|_| "host".into()),
+        std::process::id()
+    );
+    let poll = lease / 4;
+    loop {
+        let mut waiting = false;
+        let store = loop {
+            match PgStore::acquire(url, &c.cluster, &holder, lease).await {
+                Ok(Some(store)) => break store,
+                Ok(None) if !waiting => {
+                    info!(cluster = %c.cluster, "another coordinator leads: standing by");
+                    waiting = true;
+                }
+                Ok(None) => {}
+                Err(e) => warn!(cluster = %c.cluster, "taking the lease: {e}"),
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                () = tokio::time::sleep(poll) => {}
+            }
+        };
+        let epoch = store.epoch();
+        let ledger = Ledger::open(store).context("reading the call ledger")?;
+        let broker = connect(settings, "coordinator").await?;
+        info!(cluster = %c.cluster, epoch, open_calls = ledger.open_calls(), "coordinator leading");
+        match Coordinator::new(c.options.clone(), broker, ledger)
+            .run(shutdown.clone())
+            .await
+        {
+            Ok(()) => return Ok(()),
+            Err(e @ callq_coordinator::Error::Fenced(_)) => {
+                warn!(cluster = %c.cluster, epoch, "lost the lead: {e}; standing by");
+            }
+            Err(e) => return Err(e).context("the coordinator stopped"),
+        }
+    }
 }
 
 /// What `callq worker` runs.

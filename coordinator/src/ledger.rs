@@ -488,6 +488,11 @@ impl<S: Store> Ledger<S> {
         Ok(std::mem::take(&mut self.effects))
     }
 
+    /// Keeps the store's write lease, where it has one.
+    pub fn renew(&mut self) -> Result<(), Error> {
+        self.store.renew()
+    }
+
     /// Calls not yet decided.
     pub fn open_calls(&self) -> usize {
         self.open

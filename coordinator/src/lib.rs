@@ -20,10 +20,12 @@
 #![forbid(unsafe_code)]
 
 mod ledger;
+mod pg_store;
 mod service;
 mod store;
 
 pub use ledger::{CallRecord, CallState, Effect, Holder, InFlight, Ledger};
+pub use pg_store::{PG_MIGRATION, PgStore};
 pub use service::{Coordinator, CoordinatorOptions};
 pub use store::{MemoryStore, RedbStore, Store};
 
@@ -38,6 +40,10 @@ pub enum Error {
     /// Another coordinator has the store open.
     #[error("another coordinator holds the store {0}")]
     StoreInUse(String),
+    /// Another coordinator took the lease: this one may no longer write,
+    /// and nothing it decided since is announced.
+    #[error("fenced: {0}")]
+    Fenced(String),
     /// The broker failed.
     #[error(transparent)]
     Broker(#[from] callq_broker::Error),

@@ -158,6 +158,9 @@ impl<S: Store> Coordinator<S> {
                 biased;
                 () = shutdown.cancelled() => return Ok(()),
                 _ = tick.tick() => {
+                    // A leader whose lease went to another coordinator (it
+                    // was paused, or cut off) stops before it reads more.
+                    self.ledger.renew()?;
                     // What workers sent before the tick counts: a heartbeat or
                     // a completion already queued is read before judging.
                     let ready = self.ready(&mut requests);

@@ -21,6 +21,11 @@ pub trait Store: Send + Sync {
     /// Every record whose call is not yet decided, for a coordinator that
     /// starts (or takes over) to rebuild its memory.
     fn open_calls(&self) -> Result<Vec<(Uuid, CallRecord)>, Error>;
+    /// Keeps this coordinator's right to write, where the store grants it
+    /// by a lease ([`Error::Fenced`] once it is lost). Called every tick.
+    fn renew(&mut self) -> Result<(), Error> {
+        Ok(())
+    }
 }
 
 const CALLS: TableDefinition<'_, u128, &[u8]> = TableDefinition::new("calls");

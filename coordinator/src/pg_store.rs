@@ -1,0 +1,288 @@
+//! The ledger's store on PostgreSQL, for coordinators on several hosts.
+//!
+//! Coordinators of one cluster share two tables (created when missing,
+//! [`PG_MIGRATION`]): `callq_leader`, one row per cluster holding the leader's
+//! lease (epoch, holder, expiry), and `callq_calls`, the call records. A
+//! coordinator becomes leader by taking an expired lease, which raises the
+//! epoch ([`PgStore::acquire`]); it keeps the lease by renewing it
+//! ([`Store::renew`]) well before it expires. Every write of the leader
+//! runs in a transaction that first extends the lease *for its own epoch*:
+//! once another coordinator has taken the lease, the old leader's writes
+//! change nothing and fail with [`Error::Fenced`], however long it was
+//! paused. The ledger is read back from `callq_calls` when a coordinator
+//! takes over.
+//!
+//! The ledger's store is synchronous (one group commit per batch, on the
+//! coordinator's one task): this store blocks its runtime thread for each
+//! round trip, which needs tokio's multi-threaded runtime.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::runtime::Handle;
+use tokio_postgres::{Client, NoTls};
+use tracing::{info, warn};
+use uuid::Uuid;
+
+use crate::{CallRecord, CallState, Error, Store};
+
+/// The tables, created when missing.
+pub const PG_MIGRATION: &str = "
+create table if not exists callq_leader (
+    cluster text primary key,
+    epoch bigint not null,
+    holder text not null,
+    expires_at timestamptz not null
+);
+create table if not exists callq_calls (
+    cluster text not null,
+    call_id uuid not null,
+    open boolean not null,
+    record jsonb not null,
+    epoch bigint not null,
+    primary key (cluster, call_id)
+);
+create index if not exists callq_calls_open on callq_calls (cluster) where open;
+";
+
+/// How long one round trip to PostgreSQL may take.
+const ROUND_TRIP: Duration = Duration::from_secs(5);
+
+fn pg_err(e: impl std::fmt::Display) -> Error {
+    Error::Store(format!("PostgreSQL: {e}"))
+}
+
+/// The call ledger's records in PostgreSQL, written under a leader lease.
+pub struct PgStore {
+    client: Client,
+    handle: Handle,
+    cluster: String,
+    holder: String,
+    epoch: i64,
+    lease: Duration,
+    /// When the lease was last extended (the start of that round trip).
+    renewed: Instant,
+}
+
+/// Connects to `url` with a bounded wait; the connection runs on a task.
+async fn connect(url: &str) -> Result<Client, Error> {
+    let (client, connection) =
+        tokio::time::timeout(ROUND_TRIP, tokio_postgres::connect(url, NoTls))
+            .await
+            .map_err(|_| pg_err(format!("no connection within {ROUND_TRIP:?}")))?
+            .map_err(pg_err)?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            warn!("the coordinator's PostgreSQL connection ended: {e}");
+        }
+    });
+    Ok(client)
+}
+
+async fn bounded<T>(
+    what: &str,
+    f: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, Error> {
+    tokio::time::timeout(ROUND_TRIP, f)
+        .await
+        .map_err(|_| pg_err(format!("{what}: no answer within {ROUND_TRIP:?}")))?
+        .map_err(|e| pg_err(format!("{what}: {e}")))
+}
+
+impl PgStore {
+    /// Tries to become the leader of `cluster`: takes the lease if no
+    /// coordinator holds it or its holder let it expire, raising the epoch.
+    /// `None` while another coordinator's lease runs.
+    pub async fn acquire(
+        url: &str,
+        cluster: &str,
+        holder: &str,
+        lease: Duration,
+    ) -> Result<Option<Self>, Error> {
+        let client = connect(url).await?;
+        bounded("creating the tables", client.batch_execute(PG_MIGRATION))
+            .await
+            .or_else(|e| {
+                // Coordinators starting at once race to create the tables.
+                if e.to_string().contains("duplicate key")
+                    || e.to_string().contains("already exists")
+                {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })?;
+        let renewed = Instant::now();
+        let ms = lease.as_secs_f64() * 1000.0;
+        let row = bounded(
+            "taking the lease",
+            client.query_opt(
+                "insert into callq_leader (cluster, epoch, holder, expires_at) \
+                 values ($1, 1, $2, now() + $3::float8 * interval '1 millisecond') \
+                 on conflict (cluster) do update \
+                 set epoch = callq_leader.epoch + 1, holder = excluded.holder, \
+                     expires_at = excluded.expires_at \
+                 where callq_leader.expires_at < now() \
+                 returning epoch",
+                &[&cluster, &holder, &ms],
+            ),
+        )
+        .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let epoch: i64 = row.get(0);
+        info!(cluster, holder, epoch, "took the coordinator lease");
+        Ok(Some(Self {
+            client,
+            handle: Handle::current(),
+            cluster: cluster.to_owned(),
+            holder: holder.to_owned(),
+            epoch,
+            lease,
+            renewed,
+        }))
+    }
+
+    /// The epoch of this leadership.
+    pub fn epoch(&self) -> i64 {
+        self.epoch
+    }
+
+    /// Runs `f` to completion from synchronous code on the runtime.
+    fn block<T>(&self, f: impl std::future::Future<Output = T>) -> T {
+        tokio::task::block_in_place(|| self.handle.block_on(f))
+    }
+
+    fn fenced(&self) -> Error {
+        Error::Fenced(format!(
+            "coordinator `{}` lost the lease of cluster `{}` (its epoch {} is superseded)",
+            self.holder, self.cluster, self.epoch
+        ))
+    }
+}
+
+/// Extends the lease of `epoch` (in a transaction, or alone); `false` when
+/// another coordinator holds the lease now.
+async fn extend(
+    client: &impl tokio_postgres::GenericClient,
+    cluster: &str,
+    epoch: i64,
+    lease: Duration,
+) -> Result<bool, Error> {
+    let ms = lease.as_secs_f64() * 1000.0;
+    let n = bounded(
+        "extending the lease",
+        client.execute(
+            "update callq_leader set expires_at = now() + $3::float8 * interval '1 millisecond' \
+             where cluster = $1 and epoch = $2",
+            &[&cluster, &epoch, &ms],
+        ),
+    )
+    .await?;
+    Ok(n == 1)
+}
+
+impl Store for PgStore {
+    fn get(&self, call_id: Uuid) -> Result<Option<CallRecord>, Error> {
+        let row = self.block(bounded(
+            "reading a call",
+            self.client.query_opt(
+                "select record from callq_calls where cluster = $1 and call_id = $2",
+                &[&self.cluster, &call_id],
+            ),
+        ))?;
+        row.map(|r| {
+            serde_json::from_value::<CallRecord>(r.get(0))
+                .map_err(|e| Error::Corrupt(e.to_string()))
+        })
+        .transpose()
+    }
+
+    fn put_all(&mut self, records: &[(Uuid, &CallRecord)]) -> Result<(), Error> {
+        let mut ids = Vec::with_capacity(records.len());
+        let mut open = Vec::with_capacity(records.len());
+        let mut bodies = Vec::with_capacity(records.len());
+        for (id, r) in records {
+            ids.push(*id);
+            open.push(matches!(r.state, CallState::Open));
+            bodies.push(serde_json::to_value(r).map_err(pg_err)?);
+        }
+        let started = Instant::now();
+        let handle = self.handle.clone();
+        let (cluster, epoch, lease) = (self.cluster.as_str(), self.epoch, self.lease);
+        let client = &mut self.client;
+        let written = tokio::task::block_in_place(|| {
+            handle.block_on(async {
+                let tx = bounded("beginning", client.transaction()).await?;
+                // The fence: the lease row of this epoch, locked for the
+                // transaction. A newer leader's epoch makes it vanish.
+                if !extend(&tx, cluster, epoch, lease).await? {
+                    return Ok(false);
+                }
+                bounded(
+                    "writing calls",
+                    tx.execute(
+                        "insert into callq_calls (cluster, call_id, open, record, epoch) \
+                         select $1::text, u.id, u.o, u.r, $5::bigint \
+                         from unnest($2::uuid[], $3::bool[], $4::jsonb[]) as u(id, o, r) \
+                         on conflict (cluster, call_id) do update \
+                         set open = excluded.open, record = excluded.record, epoch = excluded.epoch",
+                        &[&cluster, &ids, &open, &bodies, &epoch],
+                    ),
+                )
+                .await?;
+                bounded("committing", tx.commit()).await?;
+                Ok::<_, Error>(true)
+            })
+        })?;
+        if !written {
+            return Err(self.fenced());
+        }
+        self.renewed = started;
+        Ok(())
+    }
+
+    fn open_calls(&self) -> Result<Vec<(Uuid, CallRecord)>, Error> {
+        let rows = self.block(bounded(
+            "reading the open calls",
+            self.client.query(
+                "select call_id, record from callq_calls where cluster = $1 and open",
+                &[&self.cluster],
+            ),
+        ))?;
+        rows.into_iter()
+            .map(|r| {
+                let id: Uuid = r.get(0);
+                let record: Value = r.get(1);
+                serde_json::from_value::<CallRecord>(record)
+                    .map(|rec| (id, rec))
+                    .map_err(|e| Error::Corrupt(e.to_string()))
+            })
+            .collect()
+    }
+
+    fn renew(&mut self) -> Result<(), Error> {
+        if self.renewed.elapsed() < self.lease / 4 {
+            return Ok(());
+        }
+        let started = Instant::now();
+        match self.block(extend(&self.client, &self.cluster, self.epoch, self.lease)) {
+            Ok(true) => {
+                self.renewed = started;
+                Ok(())
+            }
+            Ok(false) => Err(self.fenced()),
+            // Unreachable for longer than the lease: another coordinator
+            // may hold it now; stop acting as leader.
+            Err(e) if self.renewed.elapsed() >= self.lease => Err(Error::Fenced(format!(
+                "the lease could not be renewed within {:?}: {e}",
+                self.lease
+            ))),
+            Err(e) => {
+                warn!("renewing the coordinator lease: {e}; trying again");
+                Ok(())
+            }
+        }
+    }
+}

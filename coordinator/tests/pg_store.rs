@@ -1,0 +1,98 @@
+//! The ledger's PostgreSQL store on a real PostgreSQL (`CALLQ_POSTGRES`,
+//! default `postgres://postgres@127.0.0.1/test`; `scripts/services` makes
+//! sure it runs): the leader lease, and the fencing of an old leader.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::time::{Duration, Instant};
+
+use callq_coordinator::{CallRecord, CallState, Error, PgStore, Store};
+use uuid::Uuid;
+
+fn url() -> String {
+    std::env::var("CALLQ_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1/test".to_owned())
+}
+
+fn record(attempt: u32) -> CallRecord {
+    CallRecord {
+        service: "mail".into(),
+        reply_to: Some("callq.reply.c".into()),
+        attempt,
+        holder: None,
+        traces: vec!["mail.sent".into()],
+        state: CallState::Open,
+        lost: Vec::new(),
+    }
+}
+
+const LEASE: Duration = Duration::from_millis(500);
+
+/// Waits (bounded) for `who` to take the lease once the current one runs
+/// out: the expiry is the database's clock, which signals nothing.
+async fn take_over(cluster: &str, who: &str) -> PgStore {
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(s) = PgStore::acquire(&url(), cluster, who, LEASE).await.unwrap() {
+            return s;
+        }
+        assert!(Instant::now() < until, "{who} never got the lease");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_leader_s_writes_are_refused_once_another_took_the_lease() {
+    let cluster = format!("test-{}", Uuid::now_v7().simple());
+    let mut a = PgStore::acquire(&url(), &cluster, "a", LEASE)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL at {}: {e} (scripts/services starts it)", url()))
+        .expect("the first coordinator takes the lease");
+    assert!(
+        PgStore::acquire(&url(), &cluster, "b", LEASE)
+            .await
+            .unwrap()
+            .is_none(),
+        "the lease is a's while it runs"
+    );
+    let (x, y) = (Uuid::now_v7(), Uuid::now_v7());
+    a.put_all(&[(x, &record(1))]).unwrap();
+
+    // a stops renewing (as if paused); b takes over with a higher epoch.
+    let mut b = take_over(&cluster, "b").await;
+    assert_eq!(b.epoch(), a.epoch() + 1);
+    assert_eq!(
+        b.open_calls().unwrap(),
+        vec![(x, record(1))],
+        "the new leader reads the ledger back"
+    );
+
+    // a wakes up: its writes change nothing.
+    let refused = a.put_all(&[(x, &record(7)), (y, &record(1))]);
+    assert!(matches!(refused, Err(Error::Fenced(_))), "{refused:?}");
+    assert!(matches!(a.renew(), Err(Error::Fenced(_))));
+    assert_eq!(
+        b.get(x).unwrap(),
+        Some(record(1)),
+        "a's late write did not land"
+    );
+    assert_eq!(b.get(y).unwrap(), None);
+
+    // b writes and keeps the lease.
+    let mut done = record(2);
+    done.state = CallState::Done { reply: None };
+    b.put_all(&[(x, &done)]).unwrap();
+    b.renew().unwrap();
+    assert_eq!(
+        b.open_calls().unwrap(),
+        vec![],
+        "decided calls leave the open set"
+    );
+    assert_eq!(b.get(x).unwrap(), Some(done));
+    assert!(
+        PgStore::acquire(&url(), &cluster, "a", LEASE)
+            .await
+            .unwrap()
+            .is_none(),
+        "b's lease runs: nobody else takes it"
+    );
+}

@@ -1,0 +1,185 @@
+//! Coordinators on several hosts: two `callq coordinator` processes share
+//! a ledger in PostgreSQL (`CALLQ_POSTGRES`, default
+//! `postgres://postgres@127.0.0.1/test`) on a real RabbitMQ; one leads under
+//! a lease, the other stands by. `scripts/services` makes sure both
+//! services run; without them the tests fail, never skip.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use callq_node::{Admin, CallOptions, Client, ClientOptions};
+use callq_schemas::Outcome;
+use callq_schemas::protocol::WorkerState;
+use support::{Proc, Vhost, Workers, count, load, wait_status};
+
+fn postgres() -> String {
+    std::env::var("CALLQ_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1/test".to_owned())
+}
+
+/// A coordinator of the vhost's cluster, its ledger in PostgreSQL.
+fn coordinator(name: &str, vhost: &Vhost, dir: &std::path::Path) -> Proc {
+    let pg = postgres();
+    Proc::spawn_env(
+        name,
+        &["coordinator"],
+        &vhost.url,
+        dir,
+        &[
+            ("CALLQ_COORDINATOR__POSTGRES", pg.as_str()),
+            ("CALLQ_COORDINATOR__CLUSTER", vhost.name.as_str()),
+            ("CALLQ_COORDINATOR__LEASE_MS", "1000"),
+        ],
+    )
+}
+
+/// Waits (bounded) until `proc`'s log holds `needle`: a process's log is
+/// the only signal it gives of its state.
+fn wait_log(proc: &Proc, needle: &str, timeout: Duration) {
+    let until = Instant::now() + timeout;
+    while !proc.log().contains(needle) {
+        assert!(
+            Instant::now() < until,
+            "{} never logged `{needle}`:\n{}",
+            proc.name,
+            proc.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Two coordinators, two workers, 2,000 calls in flight; the leader killed
+/// with SIGKILL mid-load (and a worker too, so that the new leader has the
+/// old one's decisions to honour): the other takes over, and no call is
+/// lost, doubled or wrongly fatal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_standby_coordinator_takes_over_when_the_leader_is_killed() {
+    let vhost = Vhost::create("pgcoord");
+    let dir = support::temp_dir("pgcoord");
+    let mut first = coordinator("coordinator-1", &vhost, &dir);
+    wait_log(&first, "coordinator leading", Duration::from_secs(30));
+    let mut second = coordinator("coordinator-2", &vhost, &dir);
+    wait_log(&second, "standing by", Duration::from_secs(30));
+    let mut procs = HashMap::new();
+    for id in ["w1", "w2"] {
+        procs.insert(id.to_owned(), support::worker(id, &vhost.url, &dir, false));
+    }
+    let broker = support::amqp(&vhost.url).await;
+    let admin = Admin::connect(broker.clone(), Duration::from_secs(10))
+        .await
+        .unwrap();
+    wait_status(&admin, "2 active workers", Duration::from_secs(30), |s| {
+        count(s, WorkerState::Active) == 2
+    })
+    .await;
+    let client = Client::connect(broker.clone(), ClientOptions::default())
+        .await
+        .unwrap();
+    let spec = load(&dir, 2_000, 1);
+    let load = {
+        let client = client.clone();
+        let admin = Admin::connect(broker.clone(), Duration::from_secs(10))
+            .await
+            .unwrap();
+        let mut fleet = Workers {
+            procs,
+            admin: Admin::connect(broker.clone(), Duration::from_secs(10))
+                .await
+                .unwrap(),
+            spare: &[],
+        };
+        tokio::spawn(async move {
+            let report = callq::chaos::drive(&spec, &client, &admin, &mut fleet).await;
+            (report, fleet)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    first.kill9();
+    let killed = Instant::now();
+    eprintln!("kill -9 coordinator-1");
+    wait_log(&second, "coordinator leading", Duration::from_secs(30));
+    eprintln!(
+        "coordinator-2 leads {:.0} ms after the kill (lease 1,000 ms)",
+        killed.elapsed().as_secs_f64() * 1000.0
+    );
+    let (report, mut fleet) = load.await.unwrap();
+    let report = report.unwrap();
+    report.print();
+    assert_eq!(report.violations(), Vec::<String>::new());
+    assert_eq!(report.ended.len(), 2_000, "every call ended");
+    assert!(second.running(), "{}", second.log());
+    let reply = client
+        .call(
+            "echo",
+            "echo",
+            serde_json::json!({"after": "takeover"}),
+            CallOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply.outcome, Outcome::Ok, "{reply:?}");
+    for proc in fleet.procs.values_mut() {
+        assert!(proc.running(), "{} died:\n{}", proc.name, proc.log());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The leader paused with SIGSTOP past its lease: the other coordinator
+/// takes the lease; resumed, the old leader's first write (renewing a lease
+/// of an epoch that is gone) is refused, and it stands by. The cluster
+/// serves on under the new leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_leader_is_fenced_when_it_wakes() {
+    let vhost = Vhost::create("pgfence");
+    let dir = support::temp_dir("pgfence");
+    let first = coordinator("coordinator-1", &vhost, &dir);
+    wait_log(&first, "coordinator leading", Duration::from_secs(30));
+    let second = coordinator("coordinator-2", &vhost, &dir);
+    wait_log(&second, "standing by", Duration::from_secs(30));
+    let _worker = support::worker("w1", &vhost.url, &dir, false);
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &first.pid().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig}");
+    };
+    signal("-STOP");
+    eprintln!("kill -STOP coordinator-1");
+    wait_log(&second, "coordinator leading", Duration::from_secs(30));
+    signal("-CONT");
+    eprintln!("kill -CONT coordinator-1");
+    wait_log(&first, "lost the lead", Duration::from_secs(30));
+    assert!(
+        first.log().contains("superseded"),
+        "the old leader's write was refused for its epoch:\n{}",
+        first.log()
+    );
+    let broker = support::amqp(&vhost.url).await;
+    let client = Client::connect(broker, ClientOptions::default())
+        .await
+        .unwrap();
+    let reply = client
+        .call(
+            "mail",
+            "send",
+            serde_json::json!({
+                "outbox": dir.join("fence.outbox").display().to_string(),
+                "to": "a@b",
+                "subject": "after the fence"
+            }),
+            CallOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        reply.outcome,
+        Outcome::Ok,
+        "a traced call, granted by the new leader: {reply:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
