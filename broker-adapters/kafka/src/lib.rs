@@ -741,8 +741,24 @@ impl Inner {
             b.max = max as u64;
             match b.admit(started, BOUND_READ_AGE) {
                 Admit::Yes => return Ok(Some(queue.to_owned())),
-                Admit::Read => Arc::clone(reading),
+                Admit::YesRefresh => None,
+                Admit::Read => Some(Arc::clone(reading)),
             }
+        };
+        let Some(reading) = reading else {
+            // Far from the bound: this publisher renews the stale read, the
+            // others go on meanwhile.
+            let backlog = self.backlog(queue).await;
+            if let Some((b, _)) = lock(&self.bounds).get_mut(queue) {
+                match backlog {
+                    Ok(n) => b.read(n, Instant::now()),
+                    Err(e) => {
+                        debug!(queue, "renewing the backlog count: {e}");
+                        b.refresh_failed();
+                    }
+                }
+            }
+            return Ok(Some(queue.to_owned()));
         };
         let _reading = tokio::time::timeout(self.opts.timeout, reading.lock())
             .await

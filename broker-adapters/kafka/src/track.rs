@@ -160,7 +160,9 @@ impl Seen {
 /// process (commits only shrink the backlog), so a publish is admitted
 /// without a read while the count is below the maximum, and refused only
 /// after a fresh read says the queue is full. Reads older than the
-/// refresh age are renewed, to see other processes' publishes.
+/// refresh age are renewed, to see other processes' publishes: while the
+/// count is below half the maximum, by one publisher while the others go
+/// on; nearer the maximum, before anyone publishes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Bound {
     /// The maximum length.
@@ -171,6 +173,8 @@ pub(crate) struct Bound {
     in_flight: u64,
     /// When the backlog was last read.
     read_at: Option<Instant>,
+    /// A publisher is renewing a stale read while the others go on.
+    refreshing: bool,
 }
 
 /// What [`Bound::admit`] decided.
@@ -178,6 +182,9 @@ pub(crate) struct Bound {
 pub(crate) enum Admit {
     /// Publish: counted as in flight; report the outcome with [`Bound::done`].
     Yes,
+    /// Publish (counted as in flight), and renew the stale read: record it
+    /// with [`Bound::read`], or [`Bound::refresh_failed`].
+    YesRefresh,
     /// Read the backlog first, then call [`Bound::admit_after_read`].
     Read,
 }
@@ -190,6 +197,7 @@ impl Bound {
             count: 0,
             in_flight: 0,
             read_at: None,
+            refreshing: false,
         }
     }
 
@@ -200,12 +208,25 @@ impl Bound {
         let fresh = self
             .read_at
             .is_some_and(|at| now.saturating_duration_since(at) <= max_age);
-        if fresh && self.count.saturating_add(self.in_flight) < self.max {
+        let used = self.count.saturating_add(self.in_flight);
+        if fresh && used < self.max {
             self.in_flight += 1;
             Admit::Yes
+        } else if !fresh && self.read_at.is_some() && used < self.max / 2 {
+            self.in_flight += 1;
+            if std::mem::replace(&mut self.refreshing, true) {
+                Admit::Yes
+            } else {
+                Admit::YesRefresh
+            }
         } else {
             Admit::Read
         }
+    }
+
+    /// A renewal of a stale read failed: the next stale admit tries again.
+    pub(crate) fn refresh_failed(&mut self) {
+        self.refreshing = false;
     }
 
     /// Whether a read made at or after `since` is on record: concurrent
@@ -218,6 +239,7 @@ impl Bound {
     pub(crate) fn read(&mut self, backlog: u64, at: Instant) {
         self.count = backlog;
         self.read_at = Some(at);
+        self.refreshing = false;
     }
 
     /// After a read: admits the publish (counted in flight), or refuses it
@@ -376,5 +398,29 @@ mod tests {
         assert_eq!(b.admit(t0 + Duration::from_secs(2), age), Admit::Read);
         assert!(b.read_since(t0));
         assert!(!b.read_since(t0 + Duration::from_millis(1)));
+    }
+
+    #[test]
+    fn a_stale_read_far_from_the_bound_is_renewed_by_one_publisher_only() {
+        let t0 = Instant::now();
+        let later = t0 + Duration::from_secs(2);
+        let age = Duration::from_secs(1);
+        let mut b = Bound::new(100);
+        b.read(10, t0);
+        assert_eq!(b.admit(later, age), Admit::YesRefresh, "one renews");
+        assert_eq!(b.admit(later, age), Admit::Yes, "the others go on");
+        b.refresh_failed();
+        assert_eq!(b.admit(later, age), Admit::YesRefresh, "tried again");
+        b.read(40, later);
+        assert_eq!(b.admit(later, age), Admit::Yes, "fresh again");
+        // 40 read + 4 in flight: still below half of 100 when stale...
+        let much_later = later + Duration::from_secs(2);
+        assert_eq!(b.admit(much_later, age), Admit::YesRefresh);
+        b.read(60, much_later);
+        // ...but at 60 + 5 in flight, a stale read blocks everyone.
+        assert_eq!(
+            b.admit(much_later + Duration::from_secs(2), age),
+            Admit::Read
+        );
     }
 }
