@@ -14,10 +14,12 @@
 mod admin;
 mod agent;
 pub mod bank;
+pub mod capture;
 mod client;
 mod handler;
 mod link;
 pub mod pg;
+pub mod replay;
 pub mod services;
 mod worker;
 

@@ -1,0 +1,343 @@
+//! Replay of a capture file into handlers, for regression tests against
+//! real traffic: each captured call runs through the given services on an
+//! embedded broker, and its new reply is compared with the captured one.
+//!
+//! ```ignore
+//! let report = replay_into(vec![my_service()], BufReader::new(File::open("echo.jsonl")?),
+//!     ReplayOptions { ignore: vec!["/result/at".into()], ..ReplayOptions::default() }).await?;
+//! report.assert_same();
+//! ```
+//!
+//! Calls run as they were captured (same call id, method and arguments)
+//! with their deadline dropped (a captured deadline is long past) and their
+//! replies sent to the replay. A reply's `attempt` is not compared (the
+//! replay runs each call once).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::BufRead;
+use std::sync::Arc;
+use std::time::Duration;
+
+use callq_broker::{Broker, Disposition, Message, QueueSpec, call_queue};
+use callq_broker_embedded::EmbeddedBroker;
+use callq_schemas::{Call, Limits, Uuid, decode_call};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::capture::{LineError, Reader, Record};
+use crate::{Service, Worker, WorkerOptions};
+
+/// How a replay runs and compares.
+#[derive(Debug, Clone)]
+pub struct ReplayOptions {
+    /// JSON pointers into a reply that are not compared (`/result/at`).
+    pub ignore: Vec<String>,
+    /// Skip lines that cannot be read (each is listed in the report)
+    /// instead of failing on the first.
+    pub skip_bad: bool,
+    /// How long the replay waits for all replies.
+    pub timeout: Duration,
+    /// Calls run at once.
+    pub capacity: u16,
+}
+
+impl Default for ReplayOptions {
+    fn default() -> Self {
+        Self {
+            ignore: Vec::new(),
+            skip_bad: false,
+            timeout: Duration::from_secs(60),
+            capacity: 64,
+        }
+    }
+}
+
+/// One place where a replayed reply differs from the captured one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Difference {
+    /// A JSON pointer into the reply.
+    pub pointer: String,
+    /// The captured value there, if any.
+    pub captured: Option<Value>,
+    /// The replayed value there, if any.
+    pub replayed: Option<Value>,
+}
+
+/// How one captured call fared.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    /// The reply is the captured one.
+    Same,
+    /// The reply differs.
+    Differs(Vec<Difference>),
+    /// The capture holds no reply to compare with; the new one is kept.
+    Uncompared(Value),
+    /// No reply came within the timeout.
+    NoReply,
+    /// The captured call cannot be replayed (not a call envelope).
+    NotReplayable(String),
+}
+
+/// A captured call and its verdict.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Replayed {
+    /// The line of the capture file.
+    pub line: usize,
+    /// The call, where the envelope names one.
+    pub call_id: Option<Uuid>,
+    /// Its service and method, for the report.
+    pub what: String,
+    /// How it fared.
+    pub verdict: Verdict,
+}
+
+/// What a replay found.
+#[derive(Debug, Clone, Default)]
+pub struct ReplayReport {
+    /// Every captured call, in file order.
+    pub calls: Vec<Replayed>,
+    /// Lines skipped (with `skip_bad`).
+    pub skipped: Vec<LineError>,
+}
+
+impl ReplayReport {
+    /// Calls whose replay did not give the captured reply, described.
+    pub fn failures(&self) -> Vec<String> {
+        self.calls
+            .iter()
+            .filter_map(|c| {
+                let head = format!(
+                    "line {} (call {}, {})",
+                    c.line,
+                    c.call_id.map_or("?".into(), |id| id.to_string()),
+                    c.what
+                );
+                match &c.verdict {
+                    Verdict::Same | Verdict::Uncompared(_) => None,
+                    Verdict::NoReply => Some(format!("{head}: no reply")),
+                    Verdict::NotReplayable(why) => Some(format!("{head}: not replayable: {why}")),
+                    Verdict::Differs(diffs) => Some(format!(
+                        "{head}: the reply differs:\n{}",
+                        diffs
+                            .iter()
+                            .map(|d| format!(
+                                "  at {}: captured {}, replayed {}",
+                                if d.pointer.is_empty() {
+                                    "/"
+                                } else {
+                                    &d.pointer
+                                },
+                                shown(d.captured.as_ref()),
+                                shown(d.replayed.as_ref())
+                            ))
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    )),
+                }
+            })
+            .collect()
+    }
+
+    /// Panics with every failure described, if there is one.
+    pub fn assert_same(&self) {
+        let failures = self.failures();
+        assert!(
+            failures.is_empty(),
+            "{} of {} replayed calls did not give the captured reply:\n{}",
+            failures.len(),
+            self.calls.len(),
+            failures.join("\n")
+        );
+    }
+}
+
+fn shown(v: Option<&Value>) -> String {
+    v.map_or_else(|| "nothing".into(), Value::to_string)
+}
+
+/// Why a replay could not run at all.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// A line of the file is bad (and `skip_bad` is off), or the header is.
+    #[error("capture file {0}")]
+    Line(#[from] LineError),
+    /// The embedded broker refused something (a bug).
+    #[error(transparent)]
+    Broker(#[from] callq_broker::Error),
+}
+
+/// Where two JSON values differ, as pointers, skipping `ignore`.
+pub fn differences(captured: &Value, replayed: &Value, ignore: &[String]) -> Vec<Difference> {
+    let mut out = Vec::new();
+    diff_at(
+        String::new(),
+        Some(captured),
+        Some(replayed),
+        ignore,
+        &mut out,
+    );
+    out
+}
+
+fn diff_at(
+    at: String,
+    a: Option<&Value>,
+    b: Option<&Value>,
+    ignore: &[String],
+    out: &mut Vec<Difference>,
+) {
+    if ignore.contains(&at) {
+        return;
+    }
+    match (a, b) {
+        (Some(Value::Object(x)), Some(Value::Object(y))) => {
+            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            for k in keys {
+                let key = k.replace('~', "~0").replace('/', "~1");
+                diff_at(format!("{at}/{key}"), x.get(k), y.get(k), ignore, out);
+            }
+        }
+        (Some(Value::Array(x)), Some(Value::Array(y))) => {
+            for i in 0..x.len().max(y.len()) {
+                diff_at(format!("{at}/{i}"), x.get(i), y.get(i), ignore, out);
+            }
+        }
+        (a, b) if a == b => {}
+        (a, b) => out.push(Difference {
+            pointer: at,
+            captured: a.cloned(),
+            replayed: b.cloned(),
+        }),
+    }
+}
+
+/// Replays the calls of a capture file through `services` and compares
+/// each new reply with the captured one.
+pub async fn replay_into(
+    services: Vec<Service>,
+    input: impl BufRead,
+    opts: ReplayOptions,
+) -> Result<ReplayReport, ReplayError> {
+    let mut report = ReplayReport::default();
+    let mut calls = Vec::new();
+    let mut captured: HashMap<Uuid, Value> = HashMap::new();
+    let mut reader = Reader::new(input)?;
+    while let Some(record) = reader.next() {
+        let line = reader.line();
+        let record = match record {
+            Ok(r) => r,
+            Err(e) if opts.skip_bad => {
+                report.skipped.push(e);
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match record {
+            Record::Call { body, .. } => calls.push((line, body)),
+            Record::Reply { body, .. } => {
+                if let Some(v) = body.json()
+                    && let Some(id) = v
+                        .get("call_id")
+                        .and_then(Value::as_str)
+                        .and_then(|s| s.parse::<Uuid>().ok())
+                {
+                    // The first final reply is the one the client took.
+                    captured.entry(id).or_insert_with(|| v.clone());
+                }
+            }
+        }
+    }
+    let broker: Arc<dyn Broker> = Arc::new(EmbeddedBroker::new());
+    let spec = QueueSpec::replies(&format!("replay-{}", Uuid::now_v7().simple()));
+    broker.declare(&spec).await?;
+    let replies = spec.name;
+    let mut worker = Worker::new(
+        WorkerOptions {
+            worker_id: "replay".into(),
+            capacity: opts.capacity,
+            coordinated: false,
+            ..WorkerOptions::default()
+        },
+        broker.clone(),
+    );
+    let mut declared = HashSet::new();
+    for s in services {
+        declared.insert(s.name().to_owned());
+        broker.declare(&QueueSpec::calls(s.name())).await?;
+        worker = worker.service(s);
+    }
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(worker.run(stop.clone()));
+
+    let limits = Limits::default();
+    let mut waiting: BTreeMap<Uuid, usize> = BTreeMap::new();
+    for (i, (line, body)) in calls.iter().enumerate() {
+        let bytes = body.to_bytes();
+        let (call_id, what, verdict) = match decode_call(&bytes, &limits) {
+            Ok(call) if declared.contains(&call.service) => {
+                let Call { call_id, .. } = call;
+                let what = format!("{}.{}", call.service, call.method);
+                let mut call = call;
+                call.reply_to = Some(replies.clone());
+                call.deadline = None;
+                broker
+                    .publish(
+                        &call_queue(&call.service),
+                        Message::new(call.to_bytes()).key(call_id.to_string()),
+                    )
+                    .await?;
+                waiting.insert(call_id, i);
+                (Some(call_id), what, Verdict::NoReply)
+            }
+            Ok(call) => (
+                Some(call.call_id),
+                format!("{}.{}", call.service, call.method),
+                Verdict::NotReplayable(format!(
+                    "service `{}` is not among the replayed services",
+                    call.service
+                )),
+            ),
+            Err(e) => (None, "?".into(), Verdict::NotReplayable(e.to_string())),
+        };
+        report.calls.push(Replayed {
+            line: *line,
+            call_id,
+            what,
+            verdict,
+        });
+    }
+
+    let mut consumer = broker.consume(&replies, 256).await?;
+    let deadline = tokio::time::Instant::now() + opts.timeout;
+    while !waiting.is_empty() {
+        let next = tokio::time::timeout_at(deadline, consumer.next()).await;
+        let Ok(Some(Ok(delivery))) = next else { break };
+        let reply: Option<Value> = serde_json::from_slice(&delivery.body).ok();
+        let _ = delivery.settle(Disposition::Ack).await;
+        let Some(reply) = reply else { continue };
+        let id = reply
+            .get("call_id")
+            .and_then(Value::as_str)
+            .and_then(|s| s.parse::<Uuid>().ok());
+        let Some(i) = id.and_then(|id| waiting.remove(&id)) else {
+            continue;
+        };
+        let verdict = match id.and_then(|id| captured.get(&id)) {
+            None => Verdict::Uncompared(reply),
+            Some(old) => {
+                let mut ignore = opts.ignore.clone();
+                ignore.push("/attempt".into());
+                let diffs = differences(old, &reply, &ignore);
+                if diffs.is_empty() {
+                    Verdict::Same
+                } else {
+                    Verdict::Differs(diffs)
+                }
+            }
+        };
+        report.calls[i].verdict = verdict;
+    }
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), running).await;
+    Ok(report)
+}
