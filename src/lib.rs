@@ -8,3 +8,4 @@ pub mod cluster;
 pub mod commands;
 pub mod demo;
 pub mod load;
+pub mod replay;

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use callq::commands::{self, Settings};
 use clap::{Parser, Subcommand};
 
@@ -120,6 +121,29 @@ enum Command {
         /// The worker's id, as `callq status` shows it.
         worker: String,
     },
+    /// Publishes the calls of a capture file (docs/REPLAY.md) to a broker
+    /// again, each confirmed, keeping their captured timing or at a rate.
+    Replay {
+        /// The capture file.
+        file: PathBuf,
+        /// The broker URL to publish to (default: the configured broker).
+        #[arg(long)]
+        to: Option<String>,
+        /// Calls per second, instead of the captured timing.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// The captured timing this many times faster: `2x`, `0.5x`.
+        #[arg(long, default_value = "1x")]
+        speed: String,
+        /// Give every call a fresh id, so that the cluster does not take it
+        /// for the captured one.
+        #[arg(long)]
+        new_ids: bool,
+        /// Skip lines that cannot be read (each is reported) instead of
+        /// stopping at the first.
+        #[arg(long)]
+        skip_bad: bool,
+    },
 }
 
 fn main() -> anyhow::Result<ExitCode> {
@@ -129,7 +153,10 @@ fn main() -> anyhow::Result<ExitCode> {
     let default_filter = match cli.command {
         Command::Demo { .. } => "error",
         Command::Coordinator {} | Command::Worker { .. } | Command::Agent { .. } => "info",
-        Command::Call { .. } | Command::Status { .. } | Command::Drain { .. } => "warn",
+        Command::Call { .. }
+        | Command::Status { .. }
+        | Command::Drain { .. }
+        | Command::Replay { .. } => "warn",
     };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -242,6 +269,40 @@ fn main() -> anyhow::Result<ExitCode> {
                 } else {
                     print!("{}", commands::render_status(&report));
                 }
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Replay {
+                file,
+                to,
+                rate,
+                speed,
+                new_ids,
+                skip_bad,
+            } => {
+                let speed: f64 = speed.trim().trim_end_matches('x').parse().map_err(|_| {
+                    anyhow::anyhow!("--speed takes a factor such as 2x, not `{speed}`")
+                })?;
+                let mut settings = settings()?;
+                if let Some(to) = to {
+                    settings.broker = to;
+                }
+                let input = std::fs::File::open(&file)
+                    .with_context(|| format!("opening {}", file.display()))?;
+                let broker = commands::connect(&settings, "replay").await?;
+                let args = callq::replay::ReplayArgs {
+                    rate,
+                    speed,
+                    new_ids,
+                    skip_bad,
+                };
+                let stats =
+                    callq::replay::replay_onto(std::io::BufReader::new(input), broker, &args)
+                        .await?;
+                println!(
+                    "{} calls published, {} bad lines skipped",
+                    stats.published,
+                    stats.skipped.len()
+                );
                 Ok(ExitCode::SUCCESS)
             }
             Command::Drain { worker } => {
