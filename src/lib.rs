@@ -3,6 +3,7 @@
 //! benchmarks.
 #![forbid(unsafe_code)]
 
+pub mod capture;
 pub mod chaos;
 pub mod cluster;
 pub mod commands;

@@ -121,6 +121,28 @@ enum Command {
         /// The worker's id, as `callq status` shows it.
         worker: String,
     },
+    /// Writes the calls published to a service's queue, and the replies to
+    /// them, into a capture file (docs/REPLAY.md), without taking them from
+    /// the workers. RabbitMQ only: needs the firehose tracer on
+    /// (`rabbitmqctl trace_on -p VHOST`).
+    Capture {
+        /// The service whose queue is captured.
+        #[arg(long)]
+        service: String,
+        /// The capture file (default: standard output).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Stop once this many calls and their replies are captured.
+        #[arg(long)]
+        count: Option<usize>,
+        /// Stop after this many milliseconds.
+        #[arg(long)]
+        duration_ms: Option<u64>,
+        /// A JSON pointer to replace by "[redacted]" in every body that has
+        /// it (repeat for more): `--redact /args/card`.
+        #[arg(long)]
+        redact: Vec<String>,
+    },
     /// Publishes the calls of a capture file (docs/REPLAY.md) to a broker
     /// again, each confirmed, keeping their captured timing or at a rate.
     Replay {
@@ -156,7 +178,8 @@ fn main() -> anyhow::Result<ExitCode> {
         Command::Call { .. }
         | Command::Status { .. }
         | Command::Drain { .. }
-        | Command::Replay { .. } => "warn",
+        | Command::Replay { .. }
+        | Command::Capture { .. } => "warn",
     };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -269,6 +292,61 @@ fn main() -> anyhow::Result<ExitCode> {
                 } else {
                     print!("{}", commands::render_status(&report));
                 }
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Capture {
+                service,
+                out,
+                count,
+                duration_ms,
+                redact,
+            } => {
+                anyhow::ensure!(
+                    count.is_some() || duration_ms.is_some(),
+                    "say when to stop: --count N or --duration-ms MS"
+                );
+                let settings = settings()?;
+                anyhow::ensure!(
+                    settings.broker.starts_with("amqp://"),
+                    "capture reads RabbitMQ's firehose tracer: CALLQ_BROKER must be an amqp:// URL \
+                     (capturing from Kafka is not built yet)"
+                );
+                let broker = callq_broker_amqp::AmqpBroker::connect(&settings.broker)
+                    .await
+                    .context("connecting to RabbitMQ")?;
+                let args = callq::capture::CaptureArgs {
+                    service,
+                    count,
+                    duration: duration_ms.map(Duration::from_millis),
+                    redact,
+                    reply_grace: Duration::from_secs(10),
+                };
+                let ready = || {
+                    eprintln!(
+                        "capturing (the firehose tracer must be on: rabbitmqctl trace_on -p VHOST)"
+                    )
+                };
+                let stats = match &out {
+                    Some(path) => {
+                        let file = std::fs::File::create(path)
+                            .with_context(|| format!("creating {}", path.display()))?;
+                        callq::capture::capture(
+                            &broker,
+                            &args,
+                            std::io::BufWriter::new(file),
+                            ready,
+                        )
+                        .await?
+                    }
+                    None => {
+                        callq::capture::capture(&broker, &args, std::io::stdout().lock(), ready)
+                            .await?
+                    }
+                };
+                eprintln!(
+                    "captured {} calls and {} replies",
+                    stats.calls, stats.replies
+                );
                 Ok(ExitCode::SUCCESS)
             }
             Command::Replay {

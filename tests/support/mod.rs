@@ -21,7 +21,8 @@ pub struct Vhost {
     pub url: String,
 }
 
-fn rabbitmqctl(args: &[&str]) {
+/// Runs `rabbitmqctl -q args..`; panics with its output when it fails.
+pub fn rabbitmqctl(args: &[&str]) {
     let out = Command::new("rabbitmqctl")
         .arg("-q")
         .args(args)

@@ -25,6 +25,9 @@
 //! registers again.
 #![forbid(unsafe_code)]
 
+mod tap;
+pub use tap::{TRACE_EXCHANGE, Tap, Tapped};
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
