@@ -22,142 +22,35 @@
 //! (add `-- --calls N` to change the pipelined size).
 #![allow(missing_docs)]
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
-use callq::load::{self, LoadReport, LoadSpec};
-use callq_broker::{Broker, QueueSpec};
-use callq_broker_amqp::AmqpBroker;
-use callq_coordinator::{Coordinator, CoordinatorOptions, Ledger, MemoryStore};
-use callq_node::{Admin, Client, ClientOptions, Worker, WorkerOptions, services};
-use callq_schemas::{Call, Outcome};
+use callq::load::LoadReport;
+use callq_node::{Admin, Client, ClientOptions};
 use futures::StreamExt;
-use hdrhistogram::Histogram;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
-use serde_json::{Value, json};
+use support::{
+    CALLS, CallqEcho, Cpu, InFlight, PIPELINE, Piped, RawEcho, SERIAL, Vhost, WARM_UP, amqp,
+    envelope, histogram, rabbitmq_pid, record, run_load, spec,
+};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-/// Calls (or messages) in flight in the pipelined runs, and the worker's
-/// capacity.
-const PIPELINE: usize = 256;
-/// Round trips one at a time, after `WARM_UP` unmeasured ones.
-const SERIAL: usize = 2_000;
-const WARM_UP: usize = 200;
-/// Pipelined calls or messages, unless `--calls N`.
-const CALLS: usize = 20_000;
-/// The design's targets.
-const P50_TARGET: f64 = 1.15;
-const THROUGHPUT_TARGET: f64 = 0.8;
+/// The design's target for a worker process's resident memory.
 const IDLE_RSS_TARGET_MIB: f64 = 20.0;
 
-fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 60_000_000, 3).expect("constant bounds are valid")
-}
-
-fn record(h: &mut Histogram<u64>, took: Duration) {
-    h.saturating_record(u64::try_from(took.as_micros()).unwrap_or(u64::MAX).max(1));
-}
-
-fn verdict(pass: bool) -> &'static str {
-    if pass { "PASS" } else { "MISS" }
-}
-
-/// The arguments of every call: the call envelope comes to about 300 bytes.
-fn args() -> Value {
-    json!({"hello": "callq", "n": 42, "pad": "x".repeat(80)})
-}
-
-/// A callq call envelope as the client publishes it, used as the raw
-/// baseline's body so that both carry the same bytes.
-fn envelope() -> Vec<u8> {
-    let mut call = Call::new("echo", "echo", args());
-    call.reply_to = Some(format!(
-        "callq.reply.client-{}",
-        uuid::Uuid::now_v7().simple()
-    ));
-    call.deadline = Some(time::OffsetDateTime::now_utc());
-    call.to_bytes()
-}
-
 // ---------------------------------------------------------------------------
-// The virtual host and the processes, removed however the run ends.
-
-struct Vhost {
-    name: String,
-}
-
-fn rabbitmqctl(args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new("rabbitmqctl")
-        .arg("-q")
-        .args(args)
-        .output()
-        .context("running rabbitmqctl (is RabbitMQ installed here?)")?;
-    ensure!(
-        out.status.success(),
-        "rabbitmqctl {}: {}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-impl Vhost {
-    fn create() -> anyhow::Result<Self> {
-        let name = format!("callq-bench-{}", uuid::Uuid::now_v7().simple());
-        rabbitmqctl(&["add_vhost", &name])?;
-        let vhost = Self { name };
-        rabbitmqctl(&[
-            "set_permissions",
-            "-p",
-            &vhost.name,
-            "guest",
-            ".*",
-            ".*",
-            ".*",
-        ])?;
-        Ok(vhost)
-    }
-
-    /// The connections to this virtual host whose name starts with `name`
-    /// (the adapter names them `<name> (consume)` and `<name> (publish)`).
-    fn connections(&self, name: &str) -> anyhow::Result<usize> {
-        let listed = rabbitmqctl(&[
-            "list_connections",
-            "--no-table-headers",
-            "vhost",
-            "client_properties",
-        ])?;
-        let vhost = format!("{}\t", self.name);
-        let named = format!("{{\"connection_name\",\"{name}");
-        Ok(listed
-            .lines()
-            .filter(|l| l.starts_with(&vhost) && l.contains(&named))
-            .count())
-    }
-
-    fn url(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:5672/{}", self.name)
-    }
-}
-
-impl Drop for Vhost {
-    fn drop(&mut self) {
-        if let Err(e) = rabbitmqctl(&["delete_vhost", &self.name]) {
-            eprintln!("could not delete the virtual host {}: {e:#}", self.name);
-        }
-    }
-}
+// The processes, removed however the run ends.
 
 /// A child process, killed and reaped when dropped.
 struct Process {
@@ -228,70 +121,6 @@ fn proc_status(pid: u32, field: &str) -> anyhow::Result<f64> {
 /// A `VmRSS` or `VmHWM` line of `/proc/<pid>/status` (in kB), in MiB.
 fn proc_status_mib(pid: u32, field: &str) -> anyhow::Result<f64> {
     Ok(proc_status(pid, field)? / 1024.0)
-}
-
-/// Clock ticks per second of `/proc/<pid>/stat` (`USER_HZ`, 100 on Linux).
-const TICKS_PER_SECOND: f64 = 100.0;
-
-/// CPU seconds (user + system, all threads) a process used so far.
-fn cpu_seconds(pid: &str) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // After the command name in parentheses: field 3 (state) onwards;
-    // utime and stime are fields 14 and 15.
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) / TICKS_PER_SECOND)
-}
-
-/// RabbitMQ's Erlang VM, found by its command name.
-fn broker_pid() -> Option<String> {
-    static PID: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    PID.get_or_init(|| {
-        std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-            let pid = e.file_name().to_str()?.parse::<u32>().ok()?.to_string();
-            let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
-            (comm.trim() == "beam.smp").then_some(pid)
-        })
-    })
-    .clone()
-}
-
-/// CPU used by this process (requester and responder, or client, worker
-/// and coordinator) and by RabbitMQ.
-#[derive(Debug, Clone, Copy, Default)]
-struct Cpu {
-    bench: f64,
-    broker: f64,
-}
-
-impl Cpu {
-    fn now() -> Self {
-        Self {
-            bench: cpu_seconds("self").unwrap_or(f64::NAN),
-            broker: broker_pid()
-                .and_then(|pid| cpu_seconds(&pid))
-                .unwrap_or(f64::NAN),
-        }
-    }
-
-    /// CPU microseconds per message since `start`.
-    fn per_message_since(start: Self, messages: usize) -> Self {
-        let now = Self::now();
-        let n = messages as f64 / 1e6;
-        Self {
-            bench: (now.bench - start.bench) / n,
-            broker: (now.broker - start.broker) / n,
-        }
-    }
-}
-
-/// A pipelined run: its rate, its latency if measured per call, and its
-/// CPU per message.
-struct Piped {
-    rate: f64,
-    latency: Option<Histogram<u64>>,
-    cpu: Cpu,
 }
 
 // ---------------------------------------------------------------------------
@@ -415,10 +244,7 @@ async fn responder(url: &str, requests: &str, replies: &str) -> anyhow::Result<(
 
 struct Raw {
     body_bytes: usize,
-    serial: Histogram<u64>,
-    serial_rate: f64,
-    one_way: Piped,
-    request_reply: Piped,
+    echo: RawEcho,
 }
 
 async fn raw(url: &str, calls: usize) -> anyhow::Result<Raw> {
@@ -472,7 +298,7 @@ async fn raw(url: &str, calls: usize) -> anyhow::Result<Raw> {
             u16::try_from(PIPELINE)?,
         )
         .await?;
-        let (start, cpu) = (Instant::now(), Cpu::now());
+        let (start, cpu) = (Instant::now(), Cpu::now(rabbitmq_pid()));
         let consumed = tokio::spawn(async move {
             for _ in 0..calls {
                 let d = incoming.next().await.context("consumer ended")??;
@@ -499,7 +325,7 @@ async fn raw(url: &str, calls: usize) -> anyhow::Result<Raw> {
         Piped {
             rate: calls as f64 / start.elapsed().as_secs_f64(),
             latency: None,
-            cpu: Cpu::per_message_since(cpu, calls),
+            cpu: Cpu::per_message_since(cpu, rabbitmq_pid(), calls),
         }
     };
 
@@ -507,35 +333,16 @@ async fn raw(url: &str, calls: usize) -> anyhow::Result<Raw> {
     // Each request carries its sequence number as correlation id, which the
     // responder copies to the reply: the latency is exact per request.
     let request_reply = {
-        let window = Arc::new(Semaphore::new(PIPELINE));
-        let sent_at = Arc::new(std::sync::Mutex::new(Vec::with_capacity(calls)));
-        let failed = Arc::new(AtomicU64::new(0));
-        let (start, cpu) = (Instant::now(), Cpu::now());
+        let in_flight = InFlight::start(calls, rabbitmq_pid());
         let publisher = {
-            let (ch, window, body, sent_at, failed) = (
-                ch.clone(),
-                window.clone(),
-                body.clone(),
-                sent_at.clone(),
-                failed.clone(),
-            );
-            tokio::spawn(async move {
-                for seq in 0..calls {
-                    window.acquire().await?.forget();
-                    sent_at
-                        .lock()
-                        .map_err(|_| anyhow::anyhow!("poisoned"))?
-                        .push(Instant::now());
+            let (ch, body) = (ch.clone(), body.clone());
+            in_flight.publisher(calls, move |seq| {
+                let (ch, body) = (ch.clone(), body.clone());
+                async move {
                     let confirm =
                         publish(&ch, "bench.raw.requests", &body, properties(Some(seq))).await?;
-                    let failed = failed.clone();
-                    tokio::spawn(async move {
-                        if confirmed(confirm).await.is_err() {
-                            failed.fetch_add(1, Ordering::Relaxed);
-                        }
-                    });
+                    Ok(confirmed(confirm))
                 }
-                anyhow::Ok(())
             })
         };
         let mut latency = histogram();
@@ -548,148 +355,40 @@ async fn raw(url: &str, calls: usize) -> anyhow::Result<Raw> {
                 .context("a reply without correlation id")?
                 .as_str()
                 .parse()?;
-            let t = sent_at
-                .lock()
-                .map_err(|_| anyhow::anyhow!("poisoned"))?
-                .get(seq)
-                .copied()
-                .context("a reply to a request not sent")?;
-            record(&mut latency, t.elapsed());
+            record(&mut latency, in_flight.took(seq)?);
             d.acker.ack(BasicAckOptions::default()).await?;
-            window.add_permits(1);
+            in_flight.release();
         }
-        let rate = calls as f64 / start.elapsed().as_secs_f64();
-        let cpu = Cpu::per_message_since(cpu, calls);
-        publisher.await??;
-        ensure!(
-            failed.load(Ordering::Relaxed) == 0,
-            "raw publishes not confirmed"
-        );
-        Piped {
-            rate,
-            latency: Some(latency),
-            cpu,
-        }
+        in_flight
+            .finish(
+                calls,
+                rabbitmq_pid(),
+                latency,
+                publisher,
+                "raw publishes not confirmed",
+            )
+            .await?
     };
     let _ = conn.close(200, "done".into()).await;
     Ok(Raw {
         body_bytes: body.len(),
-        serial,
-        serial_rate,
-        one_way,
-        request_reply,
+        echo: RawEcho {
+            serial,
+            serial_rate,
+            one_way,
+            request_reply,
+        },
     })
 }
 
 // ---------------------------------------------------------------------------
 // 2. callq on the same broker.
 
-fn spec(calls: usize, concurrency: usize) -> LoadSpec {
-    LoadSpec {
-        service: "echo".into(),
-        method: "echo".into(),
-        args: args(),
-        calls,
-        concurrency,
-        timeout: Duration::from_secs(60),
-        progress: false,
-    }
-}
-
-/// Runs the load and insists every call came back `ok`.
-async fn run_load(client: &Client, spec: &LoadSpec) -> anyhow::Result<LoadReport> {
-    let report = load::run(client, spec).await;
-    let ok = report.count(Outcome::Ok);
-    ensure!(
-        ok == spec.calls as u64 && report.failed == 0,
-        "{} of {} calls ok, {} failed: {:?}",
-        ok,
-        spec.calls,
-        report.failed,
-        report.outcomes
-    );
-    Ok(report)
-}
-
-async fn amqp(url: &str, role: &str) -> anyhow::Result<Arc<dyn Broker>> {
-    let opts = callq_broker_amqp::Options {
-        url: url.to_owned(),
-        name: format!("callq bench {role}"),
-        ..callq_broker_amqp::Options::default()
-    };
-    Ok(Arc::new(AmqpBroker::connect_with(opts).await?))
-}
-
-/// Runs the pipelined load and measures its CPU.
-async fn piped(client: &Client, calls: usize) -> anyhow::Result<Piped> {
-    let cpu = Cpu::now();
-    let report = run_load(client, &spec(calls, PIPELINE)).await?;
-    Ok(Piped {
-        rate: report.rate(),
-        cpu: Cpu::per_message_since(cpu, calls),
-        latency: Some(report.latency),
-    })
-}
-
-struct Callq {
-    serial: LoadReport,
-    pipelined: Piped,
-    /// The same load on a worker without its coordinator link.
-    uncoordinated: Piped,
-}
-
-fn bench_worker(id: &str, coordinated: bool, broker: Arc<dyn Broker>) -> anyhow::Result<Worker> {
-    Ok(Worker::new(
-        WorkerOptions {
-            worker_id: id.into(),
-            capacity: u16::try_from(PIPELINE)?,
-            coordinated,
-            ..WorkerOptions::default()
-        },
-        broker,
-    )
-    .service(services::echo()))
-}
-
-async fn callq_in_process(url: &str, calls: usize) -> anyhow::Result<Callq> {
-    let shutdown = CancellationToken::new();
-    let coordinator_broker = amqp(url, "coordinator").await?;
-    coordinator_broker
-        .declare(&QueueSpec::coordinator())
-        .await?;
-    let coordinator = Coordinator::new(
-        CoordinatorOptions::default(),
-        coordinator_broker,
-        Ledger::open(MemoryStore::default())?,
-    );
-    let coordinator = tokio::spawn(coordinator.run(shutdown.clone()));
-    let worker = bench_worker("bench-in-process", true, amqp(url, "worker").await?)?;
-    worker.declare().await?;
-    let stop_worker = shutdown.child_token();
-    let worker = tokio::spawn(worker.run(stop_worker.clone()));
-    let client = Client::connect(amqp(url, "client").await?, ClientOptions::default()).await?;
-
-    run_load(&client, &spec(WARM_UP, 1)).await?;
-    let serial = run_load(&client, &spec(SERIAL, 1)).await?;
-    let pipelined = piped(&client, calls).await?;
-
-    // The same load on a worker without the coordinator link (no
-    // heartbeats, no flight reports, no completions): what the link costs.
-    stop_worker.cancel();
-    worker.await??;
-    let worker = bench_worker("bench-uncoordinated", false, amqp(url, "worker").await?)?;
-    let worker = tokio::spawn(worker.run(shutdown.clone()));
-    run_load(&client, &spec(WARM_UP, PIPELINE)).await?;
-    let uncoordinated = piped(&client, calls).await?;
-
-    shutdown.cancel();
-    worker.await??;
-    coordinator.await??;
-    Ok(Callq {
-        serial,
-        pipelined,
-        uncoordinated,
-    })
+async fn callq_in_process(url: &str, calls: usize) -> anyhow::Result<CallqEcho> {
+    let connect = async |role: &str| amqp(url, role).await;
+    let (echo, ()) =
+        support::callq_echo(connect, "worker", rabbitmq_pid(), calls, async || ()).await?;
+    Ok(echo)
 }
 
 // ---------------------------------------------------------------------------
@@ -793,42 +492,8 @@ async fn worker_rss(bin: &Path, vhost: &Vhost, calls: usize) -> anyhow::Result<R
 
 // ---------------------------------------------------------------------------
 
-fn ms(h: &Histogram<u64>, q: f64) -> f64 {
-    h.value_at_quantile(q) as f64 / 1000.0
-}
-
-/// One line of the table: percentiles, mean, the share of round trips
-/// over 30 ms (where a stall of about 40 ms shows), the rate, and for the
-/// pipelined runs the CPU per message of this process and of RabbitMQ.
-fn row(label: &str, latency: Option<&Histogram<u64>>, rate: f64, cpu: Option<Cpu>) {
-    let latency = match latency {
-        Some(h) => format!(
-            "{:>8.3} {:>8.3} {:>8.3} {:>6.1}%",
-            ms(h, 0.5),
-            ms(h, 0.99),
-            h.mean() / 1000.0,
-            100.0 * (1.0 - h.quantile_below(30_000))
-        ),
-        None => format!("{:>8} {:>8} {:>8} {:>7}", "-", "-", "-", "-"),
-    };
-    let cpu = match cpu {
-        Some(c) => format!("{:>8.0} {:>8.0}", c.bench, c.broker),
-        None => format!("{:>8} {:>8}", "-", "-"),
-    };
-    println!("{label:<46} {latency} {rate:>8.0} {cpu}");
-}
-
-fn piped_row(label: &str, p: &Piped) {
-    row(label, p.latency.as_ref(), p.rate, Some(p.cpu));
-}
-
 fn main() -> anyhow::Result<()> {
-    let calls: usize = std::env::args()
-        .skip_while(|a| a != "--calls")
-        .nth(1)
-        .map(|n| n.parse())
-        .transpose()?
-        .unwrap_or(CALLS);
+    let calls = support::calls_arg(CALLS)?;
     let bin = callq_binary()?;
     if !bin.is_file() {
         eprintln!(
@@ -840,9 +505,7 @@ fn main() -> anyhow::Result<()> {
     }
     let vhost = Vhost::create()?;
     let url = vhost.url();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = support::runtime()?;
     let started = Instant::now();
     let figures = runtime.block_on(async {
         let raw = raw(&url, calls).await.context("the raw baseline")?;
@@ -864,61 +527,19 @@ fn main() -> anyhow::Result<()> {
          {calls} messages/calls pipelined with {PIPELINE} in flight",
         raw.body_bytes
     );
-    println!(
-        "{:<46} {:>8} {:>8} {:>8} {:>7} {:>8} {:>8} {:>8}",
-        "", "p50 ms", "p99 ms", "mean ms", ">30 ms", "per s", "bench us", "rabbit us"
-    );
-    row(
-        "raw request/reply, 1 in flight",
-        Some(&raw.serial),
-        raw.serial_rate,
-        None,
-    );
-    row(
-        "callq echo.echo, 1 in flight",
-        Some(&callq.serial.latency),
-        callq.serial.rate(),
-        None,
-    );
-    piped_row(
+    support::echo_table(
+        "rabbit us",
+        "RabbitMQ",
         &format!("raw one-way publish+consume, {PIPELINE} confirms"),
-        &raw.one_way,
+        &raw.echo,
+        &callq,
     );
-    piped_row(
-        &format!("raw request/reply, {PIPELINE} in flight"),
-        &raw.request_reply,
-    );
-    piped_row(
-        &format!("callq echo.echo, {PIPELINE} in flight"),
-        &callq.pipelined,
-    );
-    piped_row(
-        &format!("callq, worker without coordinator, {PIPELINE}"),
-        &callq.uncoordinated,
-    );
-    println!(
-        "(bench us, rabbit us: CPU microseconds per message or call of this process and of RabbitMQ)"
-    );
-    let p50 = callq.serial.percentile_ms(0.5) / ms(&raw.serial, 0.5);
-    let one_way = callq.pipelined.rate / raw.one_way.rate;
-    let like = callq.pipelined.rate / raw.request_reply.rate;
-    println!(
-        "ratio callq/raw round-trip p50: {p50:.2}x (target <= {P50_TARGET}) {}",
-        verdict(p50 <= P50_TARGET)
-    );
-    println!(
-        "ratio callq calls/s / raw one-way msgs/s: {one_way:.2}x (target >= {THROUGHPUT_TARGET}) {}",
-        verdict(one_way >= THROUGHPUT_TARGET)
-    );
-    println!(
-        "ratio callq calls/s / raw request/reply/s (like for like): {like:.2}x (target >= {THROUGHPUT_TARGET}) {}",
-        verdict(like >= THROUGHPUT_TARGET)
-    );
+    support::echo_ratios(&raw.echo, &callq);
     println!(
         "worker process RSS: idle {:.1} MiB (target <= {IDLE_RSS_TARGET_MIB} MiB) {}; \
          under load max {:.1} MiB (VmHWM {:.1} MiB) while it served {:.0} calls/s",
         rss.idle_mib,
-        verdict(rss.idle_mib <= IDLE_RSS_TARGET_MIB),
+        support::verdict(rss.idle_mib <= IDLE_RSS_TARGET_MIB),
         rss.load_max_mib,
         rss.peak_mib,
         rss.load.rate()

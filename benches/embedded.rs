@@ -4,6 +4,8 @@
 //! `cargo bench --bench embedded` (add `-- --calls N` to change the size).
 #![allow(missing_docs)]
 
+mod support;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,7 +13,6 @@ use callq::load::{self, LoadSpec};
 use callq_broker::{Broker, Disposition, Message, QueueSpec};
 use callq_broker_embedded::EmbeddedBroker;
 use callq_node::{Client, ClientOptions, Worker, WorkerOptions, services};
-use hdrhistogram::Histogram;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -23,10 +24,6 @@ struct Figures {
     p50_ms: f64,
     p99_ms: f64,
     rate: f64,
-}
-
-fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 60_000_000, 3).expect("constant bounds are valid")
 }
 
 /// The raw broker: a responder copies each request to the reply queue and
@@ -66,7 +63,7 @@ async fn raw(calls: usize) -> (Figures, Figures) {
         .expect("consume");
     let body = serde_json::to_vec(&json!({"hello": "callq", "n": 42})).expect("json");
 
-    let mut latency = histogram();
+    let mut latency = support::histogram();
     for _ in 0..calls / 10 {
         let t = Instant::now();
         broker
@@ -75,13 +72,11 @@ async fn raw(calls: usize) -> (Figures, Figures) {
             .expect("publish");
         let d = replies.next().await.expect("open").expect("reply");
         d.settle(Disposition::Ack).await.expect("ack");
-        latency
-            .record(t.elapsed().as_micros() as u64)
-            .expect("record");
+        support::record(&mut latency, t.elapsed());
     }
     let serial = Figures {
-        p50_ms: latency.value_at_quantile(0.5) as f64 / 1000.0,
-        p99_ms: latency.value_at_quantile(0.99) as f64 / 1000.0,
+        p50_ms: support::ms(&latency, 0.5),
+        p99_ms: support::ms(&latency, 0.99),
         rate: latency.len() as f64 / (latency.mean() * latency.len() as f64 / 1e6),
     };
 

@@ -38,17 +38,14 @@
 //! are left behind (tansu's memory storage forgets them when it stops).
 #![allow(missing_docs)]
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+mod support;
+
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail, ensure};
-use callq::load::{self, LoadReport, LoadSpec};
-use callq_broker::{Broker, QueueSpec};
+use callq_broker::Broker;
 use callq_broker_kafka::{KafkaBroker, Options};
-use callq_coordinator::{Coordinator, CoordinatorOptions, Ledger, MemoryStore};
-use callq_node::{Client, ClientOptions, Worker, WorkerOptions, services};
-use callq_schemas::{Call, Outcome};
 use hdrhistogram::Histogram;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -57,22 +54,13 @@ use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message as _};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use serde_json::{Value, json};
+use support::{
+    CALLS, CallqEcho, Cpu, InFlight, PIPELINE, Piped, RawEcho, SERIAL, WARM_UP, envelope,
+    histogram, ms, record,
+};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-
-/// Calls (or messages) in flight in the pipelined runs, and the worker's
-/// capacity.
-const PIPELINE: usize = 256;
-/// Round trips one at a time, after `WARM_UP` unmeasured ones.
-const SERIAL: usize = 2_000;
-const WARM_UP: usize = 200;
-/// Pipelined calls or messages, unless `--calls N`.
-const CALLS: usize = 20_000;
-/// The design's targets.
-const P50_TARGET: f64 = 1.15;
-const THROUGHPUT_TARGET: f64 = 0.8;
 
 /// The bound of every wait on the broker: a delivery report
 /// (`message.timeout.ms`), a record, a topic's creation.
@@ -85,35 +73,6 @@ const FETCH_WAIT_MS: u64 = 10;
 /// The group session of every consumer (`session_timeout_ms`): tansu
 /// accepts less than Kafka's 6 s minimum.
 const SESSION_TIMEOUT_MS: u64 = 2_000;
-
-fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 60_000_000, 3).expect("constant bounds are valid")
-}
-
-fn record(h: &mut Histogram<u64>, took: Duration) {
-    h.saturating_record(u64::try_from(took.as_micros()).unwrap_or(u64::MAX).max(1));
-}
-
-fn verdict(pass: bool) -> &'static str {
-    if pass { "PASS" } else { "MISS" }
-}
-
-/// The arguments of every call: the call envelope comes to about 300 bytes.
-fn args() -> Value {
-    json!({"hello": "callq", "n": 42, "pad": "x".repeat(80)})
-}
-
-/// A callq call envelope as the client publishes it, used as the raw
-/// baseline's body so that both carry the same bytes.
-fn envelope() -> Vec<u8> {
-    let mut call = Call::new("echo", "echo", args());
-    call.reply_to = Some(format!(
-        "callq.reply.client-{}",
-        uuid::Uuid::now_v7().simple()
-    ));
-    call.deadline = Some(time::OffsetDateTime::now_utc());
-    call.to_bytes()
-}
 
 // ---------------------------------------------------------------------------
 // The run's broker: its URL, its prefix, the broker process.
@@ -169,37 +128,13 @@ impl Run {
     }
 }
 
-/// Clock ticks per second of `/proc/<pid>/stat` (`USER_HZ`, 100 on Linux).
-const TICKS_PER_SECOND: f64 = 100.0;
-
-/// CPU seconds (user + system, all threads) a process used so far.
-fn cpu_seconds(pid: &str) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // After the command name in parentheses: field 3 (state) onwards;
-    // utime and stime are fields 14 and 15.
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) / TICKS_PER_SECOND)
-}
-
 /// The broker's process, found by its command name (`tansu`): the one whose
 /// command line names the URL's port, else the only one.
-fn broker_pid(bootstrap: &str) -> Option<String> {
+fn broker_pid(bootstrap: &str) -> Option<&'static str> {
     static PID: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     PID.get_or_init(|| {
         let port = bootstrap.split(',').next()?.rsplit_once(':')?.1.to_owned();
-        let tansus: Vec<(String, String)> = std::fs::read_dir("/proc")
-            .ok()?
-            .flatten()
-            .filter_map(|e| {
-                let pid = e.file_name().to_str()?.parse::<u32>().ok()?.to_string();
-                let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
-                (comm.trim() == "tansu").then_some(())?;
-                let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
-                Some((pid, String::from_utf8_lossy(&cmdline).replace('\0', " ")))
-            })
-            .collect();
+        let tansus = support::processes_named("tansu");
         let on_port = format!(":{port}");
         match tansus.iter().find(|(_, cmd)| cmd.contains(&on_port)) {
             Some((pid, _)) => Some(pid.clone()),
@@ -207,46 +142,7 @@ fn broker_pid(bootstrap: &str) -> Option<String> {
             None => None,
         }
     })
-    .clone()
-}
-
-/// CPU used by this process (requester and responder, or client, worker
-/// and coordinator) and by the broker.
-#[derive(Debug, Clone, Copy, Default)]
-struct Cpu {
-    bench: f64,
-    broker: f64,
-}
-
-impl Cpu {
-    fn now(bootstrap: &str) -> Self {
-        Self {
-            bench: cpu_seconds("self").unwrap_or(f64::NAN),
-            broker: broker_pid(bootstrap)
-                .and_then(|pid| cpu_seconds(&pid))
-                .unwrap_or(f64::NAN),
-        }
-    }
-
-    /// CPU in percent of one core since `start`, `elapsed` ago.
-    fn percent_since(start: Self, bootstrap: &str, elapsed: Duration) -> Self {
-        let now = Self::now(bootstrap);
-        let s = elapsed.as_secs_f64() / 100.0;
-        Self {
-            bench: (now.bench - start.bench) / s,
-            broker: (now.broker - start.broker) / s,
-        }
-    }
-
-    /// CPU microseconds per message since `start`.
-    fn per_message_since(start: Self, bootstrap: &str, messages: usize) -> Self {
-        let now = Self::now(bootstrap);
-        let n = messages as f64 / 1e6;
-        Self {
-            bench: (now.bench - start.bench) / n,
-            broker: (now.broker - start.broker) / n,
-        }
-    }
+    .as_deref()
 }
 
 /// How long the idle measurements last.
@@ -256,17 +152,10 @@ const IDLE: Duration = Duration::from_secs(3);
 /// consumers' fetches (each held `fetch.wait.max.ms` by tansu), heartbeats
 /// and commits cost by themselves.
 async fn idle_cpu(bootstrap: &str) -> Cpu {
-    let (start, t) = (Cpu::now(bootstrap), Instant::now());
+    let broker = broker_pid(bootstrap);
+    let (start, t) = (Cpu::now(broker), Instant::now());
     tokio::time::sleep(IDLE).await;
-    Cpu::percent_since(start, bootstrap, t.elapsed())
-}
-
-/// A pipelined run: its rate, its latency if measured per call, and its
-/// CPU per message.
-struct Piped {
-    rate: f64,
-    latency: Option<Histogram<u64>>,
-    cpu: Cpu,
+    Cpu::percent_since(start, broker, t.elapsed())
 }
 
 // ---------------------------------------------------------------------------
@@ -503,13 +392,10 @@ fn responder(
 
 struct Raw {
     body_bytes: usize,
-    serial: Histogram<u64>,
+    echo: RawEcho,
     /// From produce to delivery report, within the serial round trips.
     serial_report: Histogram<u64>,
     idle: Cpu,
-    serial_rate: f64,
-    one_way: Piped,
-    request_reply: Piped,
 }
 
 async fn raw(run: &Run, calls: usize) -> anyhow::Result<Raw> {
@@ -568,7 +454,7 @@ async fn raw(run: &Run, calls: usize) -> anyhow::Result<Raw> {
         let mut commits = Commits::new(&one_way_topic);
         commits.finished(&incoming, m.offset())?;
         drop(m);
-        let (start, cpu) = (Instant::now(), Cpu::now(bootstrap));
+        let (start, cpu) = (Instant::now(), Cpu::now(broker_pid(bootstrap)));
         let consumed = tokio::spawn(async move {
             for _ in 0..calls {
                 let m = next(&incoming, "one-way record").await?;
@@ -598,7 +484,7 @@ async fn raw(run: &Run, calls: usize) -> anyhow::Result<Raw> {
         Piped {
             rate: calls as f64 / start.elapsed().as_secs_f64(),
             latency: None,
-            cpu: Cpu::per_message_since(cpu, bootstrap, calls),
+            cpu: Cpu::per_message_since(cpu, broker_pid(bootstrap), calls),
         }
     };
 
@@ -606,39 +492,12 @@ async fn raw(run: &Run, calls: usize) -> anyhow::Result<Raw> {
     // Each request carries its sequence number as key, which the responder
     // copies to the reply: the latency is exact per request.
     let request_reply = {
-        let window = Arc::new(Semaphore::new(PIPELINE));
-        let sent_at = Arc::new(Mutex::new(Vec::with_capacity(calls)));
-        let failed = Arc::new(AtomicU64::new(0));
-        let (start, cpu) = (Instant::now(), Cpu::now(bootstrap));
+        let in_flight = InFlight::start(calls, broker_pid(bootstrap));
         let publisher = {
-            let (producer, requests, window, body, sent_at, failed) = (
-                producer.clone(),
-                requests.clone(),
-                window.clone(),
-                body.clone(),
-                sent_at.clone(),
-                failed.clone(),
-            );
-            tokio::spawn(async move {
-                for seq in 0..calls {
-                    tokio::time::timeout(WAIT, window.acquire())
-                        .await
-                        .map_err(|_| anyhow!("no raw reply within {WAIT:?}"))??
-                        .forget();
-                    sent_at
-                        .lock()
-                        .map_err(|_| anyhow!("poisoned"))?
-                        .push(Instant::now());
-                    let report = send(&producer, &requests, seq.to_string().as_bytes(), &body)?;
-                    let failed = failed.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = delivered(report).await {
-                            eprintln!("a raw request: {e:#}");
-                            failed.fetch_add(1, Ordering::Relaxed);
-                        }
-                    });
-                }
-                anyhow::Ok(())
+            let (producer, requests, body) = (producer.clone(), requests.clone(), body.clone());
+            in_flight.publisher(calls, move |seq| {
+                let report = send(&producer, &requests, seq.to_string().as_bytes(), &body);
+                async move { Ok(delivered(report?)) }
             })
         };
         let mut latency = histogram();
@@ -647,28 +506,19 @@ async fn raw(run: &Run, calls: usize) -> anyhow::Result<Raw> {
             let seq: usize = std::str::from_utf8(m.key().context("a reply without key")?)?
                 .parse()
                 .context("a reply's key")?;
-            let t = sent_at
-                .lock()
-                .map_err(|_| anyhow!("poisoned"))?
-                .get(seq)
-                .copied()
-                .context("a reply to a request not sent")?;
-            record(&mut latency, t.elapsed());
+            record(&mut latency, in_flight.took(seq)?);
             reply_commits.finished(&reply_consumer, m.offset())?;
-            window.add_permits(1);
+            in_flight.release();
         }
-        let rate = calls as f64 / start.elapsed().as_secs_f64();
-        let cpu = Cpu::per_message_since(cpu, bootstrap, calls);
-        publisher.await??;
-        ensure!(
-            failed.load(Ordering::Relaxed) == 0,
-            "raw requests not stored"
-        );
-        Piped {
-            rate,
-            latency: Some(latency),
-            cpu,
-        }
+        in_flight
+            .finish(
+                calls,
+                broker_pid(bootstrap),
+                latency,
+                publisher,
+                "raw requests not stored",
+            )
+            .await?
     };
     reply_commits.send(&reply_consumer, CommitMode::Async)?;
     close(reply_consumer).await;
@@ -679,44 +529,19 @@ async fn raw(run: &Run, calls: usize) -> anyhow::Result<Raw> {
         .context("the raw responder")?;
     Ok(Raw {
         body_bytes: body.len(),
-        serial,
+        echo: RawEcho {
+            serial,
+            serial_rate,
+            one_way,
+            request_reply,
+        },
         serial_report,
         idle,
-        serial_rate,
-        one_way,
-        request_reply,
     })
 }
 
 // ---------------------------------------------------------------------------
 // 2. callq on the same broker.
-
-fn spec(calls: usize, concurrency: usize) -> LoadSpec {
-    LoadSpec {
-        service: "echo".into(),
-        method: "echo".into(),
-        args: args(),
-        calls,
-        concurrency,
-        timeout: Duration::from_secs(60),
-        progress: false,
-    }
-}
-
-/// Runs the load and insists every call came back `ok`.
-async fn run_load(client: &Client, spec: &LoadSpec) -> anyhow::Result<LoadReport> {
-    let report = load::run(client, spec).await;
-    let ok = report.count(Outcome::Ok);
-    ensure!(
-        ok == spec.calls as u64 && report.failed == 0,
-        "{} of {} calls ok, {} failed: {:?}",
-        ok,
-        spec.calls,
-        report.failed,
-        report.outcomes
-    );
-    Ok(report)
-}
 
 async fn kafka(run: &Run, role: &str) -> anyhow::Result<Arc<dyn Broker>> {
     let url = run.party_url(role);
@@ -725,137 +550,22 @@ async fn kafka(run: &Run, role: &str) -> anyhow::Result<Arc<dyn Broker>> {
     )?))
 }
 
-/// Runs the pipelined load and measures its CPU.
-async fn piped(client: &Client, bootstrap: &str, calls: usize) -> anyhow::Result<Piped> {
-    let cpu = Cpu::now(bootstrap);
-    let report = run_load(client, &spec(calls, PIPELINE)).await?;
-    Ok(Piped {
-        rate: report.rate(),
-        cpu: Cpu::per_message_since(cpu, bootstrap, calls),
-        latency: Some(report.latency),
-    })
-}
-
-struct Callq {
-    idle: Cpu,
-    serial: LoadReport,
-    pipelined: Piped,
-    /// The same load on a worker without its coordinator link.
-    uncoordinated: Piped,
-}
-
-fn bench_worker(id: &str, coordinated: bool, broker: Arc<dyn Broker>) -> anyhow::Result<Worker> {
-    Ok(Worker::new(
-        WorkerOptions {
-            worker_id: id.into(),
-            capacity: u16::try_from(PIPELINE)?,
-            coordinated,
-            ..WorkerOptions::default()
-        },
-        broker,
-    )
-    .service(services::echo()))
-}
-
-/// Waits for a task the shutdown token ends, no longer than `WAIT`.
-async fn stopped<T>(what: &str, task: JoinHandle<Result<(), T>>) -> anyhow::Result<()>
-where
-    anyhow::Error: From<T>,
-{
-    tokio::time::timeout(WAIT, task)
-        .await
-        .map_err(|_| anyhow!("the {what} did not stop within {WAIT:?}"))??
-        .map_err(anyhow::Error::from)
-        .with_context(|| format!("the {what}"))
-}
-
-async fn callq_in_process(run: &Run, calls: usize) -> anyhow::Result<Callq> {
+/// callq's runs, and the CPU its parties and the broker use while idle
+/// (measured after the warm-up). The uncoordinated worker joins the call
+/// topic's group as the first one leaves.
+async fn callq_in_process(run: &Run, calls: usize) -> anyhow::Result<(CallqEcho, Cpu)> {
     let bootstrap = run.opts.bootstrap.as_str();
-    let shutdown = CancellationToken::new();
-    let coordinator_broker = kafka(run, "coordinator").await?;
-    coordinator_broker
-        .declare(&QueueSpec::coordinator())
-        .await?;
-    let coordinator = Coordinator::new(
-        CoordinatorOptions::default(),
-        coordinator_broker,
-        Ledger::open(MemoryStore::default())?,
-    );
-    let coordinator = tokio::spawn(coordinator.run(shutdown.clone()));
-    let worker = bench_worker("bench-in-process", true, kafka(run, "worker").await?)?;
-    worker.declare().await?;
-    let stop_worker = shutdown.child_token();
-    let worker = tokio::spawn(worker.run(stop_worker.clone()));
-    let client = Client::connect(kafka(run, "client").await?, ClientOptions::default()).await?;
-
-    run_load(&client, &spec(WARM_UP, 1)).await?;
-    let idle = idle_cpu(bootstrap).await;
-    let serial = run_load(&client, &spec(SERIAL, 1)).await?;
-    let pipelined = piped(&client, bootstrap, calls).await?;
-
-    // The same load on a worker without the coordinator link (no
-    // heartbeats, no flight reports, no completions): what the link costs.
-    // The new worker joins the call topic's group as the old one leaves.
-    stop_worker.cancel();
-    stopped("worker", worker).await?;
-    let worker = bench_worker("bench-uncoordinated", false, kafka(run, "worker-2").await?)?;
-    let worker = tokio::spawn(worker.run(shutdown.clone()));
-    run_load(&client, &spec(WARM_UP, PIPELINE)).await?;
-    let uncoordinated = piped(&client, bootstrap, calls).await?;
-
-    shutdown.cancel();
-    stopped("uncoordinated worker", worker).await?;
-    stopped("coordinator", coordinator).await?;
-    Ok(Callq {
-        idle,
-        serial,
-        pipelined,
-        uncoordinated,
-    })
+    let connect = async |role: &str| kafka(run, role).await;
+    let idle = async || idle_cpu(bootstrap).await;
+    support::callq_echo(connect, "worker-2", broker_pid(bootstrap), calls, idle).await
 }
 
 // ---------------------------------------------------------------------------
 
-fn ms(h: &Histogram<u64>, q: f64) -> f64 {
-    h.value_at_quantile(q) as f64 / 1000.0
-}
-
-/// One line of the table: percentiles, mean, the share of round trips
-/// over 30 ms, the rate, and for the pipelined runs the CPU per message of
-/// this process and of the broker.
-fn row(label: &str, latency: Option<&Histogram<u64>>, rate: f64, cpu: Option<Cpu>) {
-    let latency = match latency {
-        Some(h) => format!(
-            "{:>8.3} {:>8.3} {:>8.3} {:>6.1}%",
-            ms(h, 0.5),
-            ms(h, 0.99),
-            h.mean() / 1000.0,
-            100.0 * (1.0 - h.quantile_below(30_000))
-        ),
-        None => format!("{:>8} {:>8} {:>8} {:>7}", "-", "-", "-", "-"),
-    };
-    let cpu = match cpu {
-        Some(c) => format!("{:>8.0} {:>8.0}", c.bench, c.broker),
-        None => format!("{:>8} {:>8}", "-", "-"),
-    };
-    println!("{label:<46} {latency} {rate:>8.0} {cpu}");
-}
-
-fn piped_row(label: &str, p: &Piped) {
-    row(label, p.latency.as_ref(), p.rate, Some(p.cpu));
-}
-
 fn main() -> anyhow::Result<()> {
-    let calls: usize = std::env::args()
-        .skip_while(|a| a != "--calls")
-        .nth(1)
-        .map(|n| n.parse())
-        .transpose()?
-        .unwrap_or(CALLS);
+    let calls = support::calls_arg(CALLS)?;
     let run = Run::from_env()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = support::runtime()?;
     let started = Instant::now();
     let figures = runtime.block_on(async {
         let raw = raw(&run, calls).await.context("the raw baseline")?;
@@ -865,7 +575,7 @@ fn main() -> anyhow::Result<()> {
         anyhow::Ok((raw, callq))
     });
     runtime.shutdown_timeout(Duration::from_secs(2));
-    let (raw, callq) = figures?;
+    let (raw, (callq, callq_idle)) = figures?;
 
     let broker = match broker_pid(&run.opts.bootstrap) {
         Some(pid) => format!("tansu pid {pid}"),
@@ -878,40 +588,12 @@ fn main() -> anyhow::Result<()> {
          {calls} messages/calls pipelined with {PIPELINE} in flight",
         run.opts.bootstrap, run.prefix, raw.body_bytes
     );
-    println!(
-        "{:<46} {:>8} {:>8} {:>8} {:>7} {:>8} {:>8} {:>8}",
-        "", "p50 ms", "p99 ms", "mean ms", ">30 ms", "per s", "bench us", "broker us"
-    );
-    row(
-        "raw request/reply, 1 in flight",
-        Some(&raw.serial),
-        raw.serial_rate,
-        None,
-    );
-    row(
-        "callq echo.echo, 1 in flight",
-        Some(&callq.serial.latency),
-        callq.serial.rate(),
-        None,
-    );
-    piped_row(
+    support::echo_table(
+        "broker us",
+        "the broker",
         &format!("raw one-way produce+consume, {PIPELINE} reports"),
-        &raw.one_way,
-    );
-    piped_row(
-        &format!("raw request/reply, {PIPELINE} in flight"),
-        &raw.request_reply,
-    );
-    piped_row(
-        &format!("callq echo.echo, {PIPELINE} in flight"),
-        &callq.pipelined,
-    );
-    piped_row(
-        &format!("callq, worker without coordinator, {PIPELINE}"),
-        &callq.uncoordinated,
-    );
-    println!(
-        "(bench us, broker us: CPU microseconds per message or call of this process and of the broker)"
+        &raw.echo,
+        &callq,
     );
     println!(
         "raw produce -> delivery report, 1 in flight: p50 {:.3} ms, p99 {:.3} ms (twice in each round trip)",
@@ -921,23 +603,9 @@ fn main() -> anyhow::Result<()> {
     println!(
         "idle for {IDLE:?}, CPU in % of a core: raw requester and responder {:.1}% + broker {:.1}%; \
          callq coordinator, worker and client {:.1}% + broker {:.1}%",
-        raw.idle.bench, raw.idle.broker, callq.idle.bench, callq.idle.broker
+        raw.idle.bench, raw.idle.broker, callq_idle.bench, callq_idle.broker
     );
-    let p50 = callq.serial.percentile_ms(0.5) / ms(&raw.serial, 0.5);
-    let one_way = callq.pipelined.rate / raw.one_way.rate;
-    let like = callq.pipelined.rate / raw.request_reply.rate;
-    println!(
-        "ratio callq/raw round-trip p50: {p50:.2}x (target <= {P50_TARGET}) {}",
-        verdict(p50 <= P50_TARGET)
-    );
-    println!(
-        "ratio callq calls/s / raw one-way msgs/s: {one_way:.2}x (target >= {THROUGHPUT_TARGET}) {}",
-        verdict(one_way >= THROUGHPUT_TARGET)
-    );
-    println!(
-        "ratio callq calls/s / raw request/reply/s (like for like): {like:.2}x (target >= {THROUGHPUT_TARGET}) {}",
-        verdict(like >= THROUGHPUT_TARGET)
-    );
+    support::echo_ratios(&raw.echo, &callq);
     println!("total {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
 }

@@ -12,6 +12,8 @@
 //! `cargo bench --bench slow_paths` (add `-- --calls N` to change the size).
 #![allow(missing_docs)]
 
+mod support;
+
 use std::time::Instant;
 
 use callq::cluster::{ClusterOptions, LocalCluster};
@@ -58,7 +60,7 @@ async fn measure(broker: &dyn Broker, path: Path, calls: usize) -> Histogram<u64
         .expect("declare");
     let replies = reply_queue(&client);
     let mut consumer = broker.consume(&replies, 16).await.expect("consume");
-    let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+    let mut h = support::histogram();
     for _ in 0..calls {
         let method = if matches!(path, Path::Trace) {
             "traced"
@@ -81,11 +83,7 @@ async fn measure(broker: &dyn Broker, path: Path, calls: usize) -> Histogram<u64
             .await
             .expect("reply")
             .expect("reply delivery");
-        h.saturating_record(
-            u64::try_from(t.elapsed().as_micros())
-                .unwrap_or(u64::MAX)
-                .max(1),
-        );
+        support::record(&mut h, t.elapsed());
         let reply = decode_reply(&d.body, &Limits::default()).expect("reply decodes");
         assert_eq!(reply.outcome, Outcome::Ok, "{reply:?}");
         d.settle(Disposition::Ack).await.expect("ack");
@@ -94,15 +92,8 @@ async fn measure(broker: &dyn Broker, path: Path, calls: usize) -> Histogram<u64
 }
 
 fn main() -> anyhow::Result<()> {
-    let calls: usize = std::env::args()
-        .skip_while(|a| a != "--calls")
-        .nth(1)
-        .map(|n| n.parse())
-        .transpose()?
-        .unwrap_or(2_000);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let calls = support::calls_arg(2_000)?;
+    let runtime = support::runtime()?;
     runtime.block_on(async {
         let dir = std::env::temp_dir().join(format!("callq-bench-{}", uuid::Uuid::now_v7()));
         std::fs::create_dir_all(&dir)?;
@@ -120,7 +111,7 @@ fn main() -> anyhow::Result<()> {
         let mut fast_p50 = 0.0;
         for path in [Path::Fast, Path::Trace, Path::Resume] {
             let h = measure(broker.as_ref(), path, calls).await;
-            let p50 = h.value_at_quantile(0.5) as f64 / 1000.0;
+            let p50 = support::ms(&h, 0.5);
             if matches!(path, Path::Fast) {
                 fast_p50 = p50;
             }
@@ -128,7 +119,7 @@ fn main() -> anyhow::Result<()> {
                 "  {:<34} p50 {:>7.3} ms  p99 {:>7.3} ms  mean {:>7.3} ms  ({:.1}x the fast path's p50)",
                 path.name(),
                 p50,
-                h.value_at_quantile(0.99) as f64 / 1000.0,
+                support::ms(&h, 0.99),
                 h.mean() / 1000.0,
                 p50 / fast_p50.max(1e-9)
             );
