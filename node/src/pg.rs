@@ -179,21 +179,25 @@ impl Ctx {
         T: Serialize + DeserializeOwned + Send,
         F: for<'t> FnOnce(&'t Transaction<'t>) -> BoxFuture<'t, Result<T, HandlerError>> + Send,
     {
-        let mut client = pool.get().await.map_err(unavailable)?;
         let call_id = self.call_id;
-        // An attempt after a committed one returns its result.
-        match committed(&**client, call_id).await {
-            Ok(Some((attempt, reply))) => {
-                info!(%call_id, attempt, "the call's transaction committed before: its result stands");
-                return result_of(call_id, reply);
+        {
+            let client = pool.get().await.map_err(unavailable)?;
+            // An attempt after a committed one returns its result.
+            match committed(&**client, call_id).await {
+                Ok(Some((attempt, reply))) => {
+                    info!(%call_id, attempt, "the call's transaction committed before: its result stands");
+                    return result_of(call_id, reply);
+                }
+                Ok(None) => {}
+                Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => {
+                    create_if_missing(&**client, OUTBOX_DDL).await?;
+                }
+                Err(e) => return Err(db_error(e)),
             }
-            Ok(None) => {}
-            Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => {
-                create_if_missing(&**client, OUTBOX_DDL).await?;
-            }
-            Err(e) => return Err(db_error(e)),
         }
+        // The grant is awaited without holding a connection of the pool.
         self.trace(PG_TX).await?;
+        let mut client = pool.get().await.map_err(unavailable)?;
         let tx = client.transaction().await.map_err(db_error)?;
         let value = statements(&tx).await?;
         let reply = serde_json::to_value(&value).map_err(|e| {
