@@ -7,13 +7,11 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use callq_node::{Admin, CallOptions, Client, ClientOptions};
+use callq_node::{CallOptions, Client, ClientOptions};
 use callq_schemas::Outcome;
-use callq_schemas::protocol::WorkerState;
-use support::{Proc, Vhost, Workers, count, load, wait_status};
+use support::{Proc, Vhost, load};
 
 fn postgres() -> String {
     std::env::var("CALLQ_POSTGRES")
@@ -63,39 +61,8 @@ async fn the_standby_coordinator_takes_over_when_the_leader_is_killed() {
     wait_log(&first, "coordinator leading", Duration::from_secs(30));
     let mut second = coordinator("coordinator-2", &vhost, &dir);
     wait_log(&second, "standing by", Duration::from_secs(30));
-    let mut procs = HashMap::new();
-    for id in ["w1", "w2"] {
-        procs.insert(id.to_owned(), support::worker(id, &vhost.url, &dir, false));
-    }
-    let broker = support::amqp(&vhost.url).await;
-    let admin = Admin::connect(broker.clone(), Duration::from_secs(10))
-        .await
-        .unwrap();
-    wait_status(&admin, "2 active workers", Duration::from_secs(30), |s| {
-        count(s, WorkerState::Active) == 2
-    })
-    .await;
-    let client = Client::connect(broker.clone(), ClientOptions::default())
-        .await
-        .unwrap();
-    let spec = load(&dir, 2_000, 1);
-    let load = {
-        let client = client.clone();
-        let admin = Admin::connect(broker.clone(), Duration::from_secs(10))
-            .await
-            .unwrap();
-        let mut fleet = Workers {
-            procs,
-            admin: Admin::connect(broker.clone(), Duration::from_secs(10))
-                .await
-                .unwrap(),
-            spare: &[],
-        };
-        tokio::spawn(async move {
-            let report = callq::chaos::drive(&spec, &client, &admin, &mut fleet).await;
-            (report, fleet)
-        })
-    };
+    let (procs, broker, client) = support::two_workers(&vhost, &dir).await;
+    let load = support::load_in_background(load(&dir, 2_000, 1), &client, &broker, procs).await;
     tokio::time::sleep(Duration::from_millis(400)).await;
     first.kill9();
     let killed = Instant::now();

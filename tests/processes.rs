@@ -8,7 +8,6 @@ mod support;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use callq::chaos;
 use callq_node::{Admin, Client, ClientOptions};
 use callq_schemas::protocol::{ClusterStatus, WorkerState};
 use support::{Proc, Vhost, Workers, count, load, wait_status};
@@ -84,43 +83,12 @@ async fn a_coordinator_killed_and_restarted_on_its_store_loses_nothing() {
     let vhost = Vhost::create("coord");
     let dir = support::temp_dir("coord");
     let mut first = Proc::spawn("coordinator-1", &["coordinator"], &vhost.url, &dir);
-    let mut procs = HashMap::new();
-    for id in ["w1", "w2"] {
-        procs.insert(id.to_owned(), support::worker(id, &vhost.url, &dir, false));
-    }
-    let broker = support::amqp(&vhost.url).await;
-    let admin = Admin::connect(broker.clone(), Duration::from_secs(10))
-        .await
-        .unwrap();
-    wait_status(&admin, "2 active workers", Duration::from_secs(30), |s| {
-        count(s, WorkerState::Active) == 2
-    })
-    .await;
-    let client = Client::connect(broker.clone(), ClientOptions::default())
-        .await
-        .unwrap();
+    let (procs, broker, client) = support::two_workers(&vhost, &dir).await;
 
     // The load runs while the coordinator is killed and a new one starts; a
     // worker is killed too, so that the new coordinator has decisions of
     // the old one to honour (traces granted, calls completed).
-    let spec = load(&dir, 2_000, 1);
-    let load = {
-        let client = client.clone();
-        let admin = Admin::connect(broker.clone(), Duration::from_secs(10))
-            .await
-            .unwrap();
-        let mut fleet = Workers {
-            procs,
-            admin: Admin::connect(broker.clone(), Duration::from_secs(10))
-                .await
-                .unwrap(),
-            spare: &[],
-        };
-        tokio::spawn(async move {
-            let report = chaos::drive(&spec, &client, &admin, &mut fleet).await;
-            (report, fleet)
-        })
-    };
+    let load = support::load_in_background(load(&dir, 2_000, 1), &client, &broker, procs).await;
     tokio::time::sleep(Duration::from_millis(400)).await;
     first.kill9();
     eprintln!("kill -9 coordinator-1");

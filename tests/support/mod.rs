@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use callq::chaos::{self, ChaosReport, ChaosSpec, Fleet};
 use callq::cluster::ClusterOptions;
-use callq_node::{Admin, Client};
+use callq_node::{Admin, Client, ClientOptions};
 use callq_schemas::protocol::{ClusterStatus, WorkerState};
 
 /// A RabbitMQ virtual host for one test, deleted when dropped.
@@ -299,4 +299,57 @@ pub async fn survive(
     }
     assert!(!pauses.is_empty(), "no reply of a call on a killed worker");
     (report, pauses)
+}
+
+/// Two workers of `echo` and `mail` on `vhost`, once the coordinator sees
+/// them active, a broker connection and a client on it.
+pub async fn two_workers(
+    vhost: &Vhost,
+    dir: &Path,
+) -> (
+    HashMap<String, Proc>,
+    std::sync::Arc<dyn callq_broker::Broker>,
+    Client,
+) {
+    let mut procs = HashMap::new();
+    for id in ["w1", "w2"] {
+        procs.insert(id.to_owned(), worker(id, &vhost.url, dir, false));
+    }
+    let broker = amqp(&vhost.url).await;
+    let admin = Admin::connect(broker.clone(), Duration::from_secs(10))
+        .await
+        .unwrap();
+    wait_status(&admin, "2 active workers", Duration::from_secs(30), |s| {
+        count(s, WorkerState::Active) == 2
+    })
+    .await;
+    let client = Client::connect(broker.clone(), ClientOptions::default())
+        .await
+        .unwrap();
+    (procs, broker, client)
+}
+
+/// Runs the load of `spec` in the background, `procs` its fleet; the load
+/// and the fleet ask the coordinator on connections of their own.
+pub async fn load_in_background(
+    spec: ChaosSpec,
+    client: &Client,
+    broker: &std::sync::Arc<dyn callq_broker::Broker>,
+    procs: HashMap<String, Proc>,
+) -> tokio::task::JoinHandle<(anyhow::Result<ChaosReport>, Workers)> {
+    let client = client.clone();
+    let admin = Admin::connect(broker.clone(), Duration::from_secs(10))
+        .await
+        .unwrap();
+    let mut fleet = Workers {
+        procs,
+        admin: Admin::connect(broker.clone(), Duration::from_secs(10))
+            .await
+            .unwrap(),
+        spare: &[],
+    };
+    tokio::spawn(async move {
+        let report = chaos::drive(&spec, &client, &admin, &mut fleet).await;
+        (report, fleet)
+    })
 }
