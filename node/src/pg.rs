@@ -53,13 +53,31 @@ pub const OUTBOX_DDL: &str = "create table if not exists callq_outbox (
 /// How long a pool waits for a connection, to open one, or to check one.
 const POOL_WAIT: Duration = Duration::from_secs(10);
 
+/// How long PostgreSQL lets one statement run (`statement_timeout`).
+const STATEMENT_WAIT: Duration = Duration::from_secs(30);
+
 /// A connection pool on `url` (`postgres://user[:password]@host[:port]/db`)
 /// holding at most `max_size` connections, every wait bounded. Connections
 /// open on first use, so this fails only on a URL it cannot read.
 pub fn pool(url: &str, max_size: usize) -> Result<Pool, HandlerError> {
-    let config: tokio_postgres::Config = url
+    let mut config: tokio_postgres::Config = url
         .parse()
         .map_err(|e| HandlerError::new("postgres_config", format!("`{url}`: {e}")))?;
+    // Every wait on the server is bounded: opening a connection, each
+    // statement (unless the URL sets its own options), and a connection
+    // whose peer went silent (TCP keepalives).
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(POOL_WAIT);
+    }
+    if config.get_options().is_none() {
+        config.options(format!(
+            "-c statement_timeout={}",
+            STATEMENT_WAIT.as_millis()
+        ));
+    }
+    config
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(10));
     let manager = Manager::from_config(
         config,
         NoTls,

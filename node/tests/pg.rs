@@ -82,6 +82,16 @@ async fn a_transfer_runs_once_however_often_its_call_runs() {
         (70, 30)
     );
     assert_eq!(outbox_rows(&pool, ctx.call_id()).await, 1);
+    // The pool bounds every statement.
+    let limit: String = pool
+        .get()
+        .await
+        .unwrap()
+        .query_one("show statement_timeout", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(limit, "30s");
 }
 
 #[tokio::test]
