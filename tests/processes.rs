@@ -93,32 +93,13 @@ async fn a_coordinator_killed_and_restarted_on_its_store_loses_nothing() {
     first.kill9();
     eprintln!("kill -9 coordinator-1");
     let mut second = Proc::spawn("coordinator-2", &["coordinator"], &vhost.url, &dir);
-    let (report, mut fleet) = load.await.unwrap();
-    let report = report.unwrap();
-    report.print();
-
-    assert_eq!(report.violations(), Vec::<String>::new());
-    assert_eq!(report.ended.len(), 2_000, "every call ended");
+    support::served_on(load, 2_000, &client).await;
     assert!(second.running(), "{}", second.log());
     assert!(
         second.log().contains("call ledger opened"),
         "the second coordinator opened the first one's store:\n{}",
         second.log()
     );
-    // It serves on: a call after the whole affair.
-    let reply = client
-        .call(
-            "echo",
-            "echo",
-            serde_json::json!({"after": "restart"}),
-            callq_node::CallOptions::default(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(reply.outcome, callq_schemas::Outcome::Ok, "{reply:?}");
-    for proc in fleet.procs.values_mut() {
-        assert!(proc.running(), "{} died:\n{}", proc.name, proc.log());
-    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

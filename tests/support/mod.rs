@@ -353,3 +353,31 @@ pub async fn load_in_background(
         (report, fleet)
     })
 }
+
+/// Awaits the background load and checks that the cluster came through:
+/// no violation, every one of `calls` ended, a call made afterwards is
+/// answered `ok`, and no worker of the fleet died.
+pub async fn served_on(
+    load: tokio::task::JoinHandle<(anyhow::Result<ChaosReport>, Workers)>,
+    calls: usize,
+    client: &Client,
+) {
+    let (report, mut fleet) = load.await.unwrap();
+    let report = report.unwrap();
+    report.print();
+    assert_eq!(report.violations(), Vec::<String>::new());
+    assert_eq!(report.ended.len(), calls, "every call ended");
+    let reply = client
+        .call(
+            "echo",
+            "echo",
+            serde_json::json!({"after": "the failure"}),
+            callq_node::CallOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply.outcome, callq_schemas::Outcome::Ok, "{reply:?}");
+    for proc in fleet.procs.values_mut() {
+        assert!(proc.running(), "{} died:\n{}", proc.name, proc.log());
+    }
+}
