@@ -10,6 +10,7 @@ use anyhow::Context as _;
 use callq_broker::{Broker, QueueSpec};
 use callq_broker_embedded::EmbeddedBroker;
 use callq_coordinator::{Coordinator, CoordinatorOptions, Ledger, Store};
+use callq_node::faults::Faults;
 use callq_node::{
     Admin, Client, ClientOptions, Service, Worker, WorkerOptions, WorkerStats, services,
 };
@@ -139,8 +140,28 @@ impl LocalCluster {
         services: Vec<Service>,
         standby: bool,
     ) -> anyhow::Result<()> {
-        let opts = self.worker_options(id, standby);
-        let mut worker = Worker::new(opts, self.broker.clone());
+        let worker = Worker::new(self.worker_options(id, standby), self.broker.clone());
+        self.spawn_built(id, services, worker).await
+    }
+
+    /// Starts a worker of the given services that crashes where `plan` says
+    /// (fault-injection tests, see [`callq_node::faults`]).
+    pub async fn spawn_faulty(
+        &mut self,
+        id: &str,
+        services: Vec<Service>,
+        plan: Arc<dyn Faults>,
+    ) -> anyhow::Result<()> {
+        let worker = Worker::new(self.worker_options(id, false), self.broker.clone()).faults(plan);
+        self.spawn_built(id, services, worker).await
+    }
+
+    async fn spawn_built(
+        &mut self,
+        id: &str,
+        services: Vec<Service>,
+        mut worker: Worker,
+    ) -> anyhow::Result<()> {
         for service in services {
             worker = worker.service(service);
         }

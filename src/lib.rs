@@ -7,6 +7,7 @@ pub mod capture;
 pub mod chaos;
 pub mod cluster;
 pub mod commands;
+pub mod crashes;
 pub mod demo;
 pub mod load;
 pub mod replay;

@@ -165,6 +165,35 @@ enum Command {
         /// stopping at the first.
         #[arg(long)]
         skip_bad: bool,
+        /// Instead of publishing, run the calls through these built-in
+        /// services in this process and compare each reply with the
+        /// captured one: `--into echo,mail`.
+        #[arg(long, value_delimiter = ',', conflicts_with_all = ["to", "rate", "new_ids"])]
+        into: Vec<String>,
+        /// With --into: kill the worker of every call that asks for a
+        /// trace, before the request (the call is retried transparently).
+        #[arg(long, requires = "into", conflicts_with_all = ["kill_after_trace", "kill_before_reply", "kill_random"])]
+        kill_before_trace: bool,
+        /// With --into: kill the worker of every call granted a trace,
+        /// right after the grant (the call ends `fatal`).
+        #[arg(long, requires = "into", conflicts_with_all = ["kill_before_reply", "kill_random"])]
+        kill_after_trace: bool,
+        /// With --into: kill the worker of every call once its handler
+        /// returned, before the outcome is sent.
+        #[arg(long, requires = "into", conflicts_with = "kill_random")]
+        kill_before_reply: bool,
+        /// With --into: each call draws from SEED and its id whether and
+        /// where its worker dies; the same seed gives the same run.
+        #[arg(long, value_name = "SEED", requires = "into")]
+        kill_random: Option<u64>,
+        /// With a --kill option: workers running at once (each runs one
+        /// call at a time).
+        #[arg(long, requires = "into", default_value_t = 4)]
+        workers: usize,
+        /// With --into: a JSON pointer into the reply left out of the
+        /// comparison (repeat for more): `--ignore /result/at`.
+        #[arg(long, requires = "into")]
+        ignore: Vec<String>,
     },
 }
 
@@ -356,7 +385,46 @@ fn main() -> anyhow::Result<ExitCode> {
                 speed,
                 new_ids,
                 skip_bad,
+                into,
+                kill_before_trace,
+                kill_after_trace,
+                kill_before_reply,
+                kill_random,
+                workers,
+                ignore,
             } => {
+                if !into.is_empty() {
+                    use callq::crashes::CrashMode;
+                    let mode = match (
+                        kill_before_trace,
+                        kill_after_trace,
+                        kill_before_reply,
+                        kill_random,
+                    ) {
+                        (true, ..) => Some(CrashMode::BeforeTrace),
+                        (_, true, ..) => Some(CrashMode::AfterTrace),
+                        (_, _, true, _) => Some(CrashMode::BeforeReply),
+                        (.., Some(seed)) => Some(CrashMode::Random { seed }),
+                        _ => None,
+                    };
+                    let input = std::fs::File::open(&file)
+                        .with_context(|| format!("opening {}", file.display()))?;
+                    let into = callq::replay::IntoArgs {
+                        services: into,
+                        mode,
+                        workers,
+                        ignore,
+                        skip_bad,
+                    };
+                    let (text, passed) =
+                        callq::replay::into_services(std::io::BufReader::new(input), &into).await?;
+                    print!("{text}");
+                    return Ok(if passed {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(1)
+                    });
+                }
                 let speed: f64 = speed.trim().trim_end_matches('x').parse().map_err(|_| {
                     anyhow::anyhow!("--speed takes a factor such as 2x, not `{speed}`")
                 })?;

@@ -9,6 +9,8 @@ use serde_json::Value;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use crate::faults::{CrashPoint, CrashSite};
+
 /// The future a handler returns.
 pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<Value, HandlerError>> + Send>>;
 
@@ -53,6 +55,8 @@ pub struct Ctx {
     pub(crate) traceparent: Option<String>,
     /// The attempt's standing with the coordinator; `None` in tests.
     pub(crate) standing: Option<Arc<crate::link::Attempt>>,
+    /// The worker's crash plan, in fault-injection tests.
+    pub(crate) crash: Option<crate::faults::Crash>,
 }
 
 impl Ctx {
@@ -101,9 +105,28 @@ impl Ctx {
     ///
     /// In a context made by [`Ctx::for_test`] every trace is granted.
     pub async fn trace(&self, kind: &str) -> Result<(), HandlerError> {
-        match &self.standing {
-            Some(s) => s.trace(kind).await,
-            None => Ok(()),
+        let Some(standing) = &self.standing else {
+            return Ok(());
+        };
+        self.crash_point(CrashPoint::BeforeTrace, Some(kind)).await;
+        standing.trace(kind).await?;
+        self.crash_point(CrashPoint::AfterTrace, Some(kind)).await;
+        Ok(())
+    }
+
+    /// Lets the worker's crash plan (if any) kill the worker here.
+    pub(crate) async fn crash_point(&self, point: CrashPoint, trace: Option<&str>) {
+        if let (Some(crash), Some(standing)) = (&self.crash, &self.standing) {
+            let granted = standing.traces();
+            crash
+                .at(CrashSite {
+                    point,
+                    call_id: self.call_id,
+                    attempt: self.attempt,
+                    trace,
+                    granted: &granted,
+                })
+                .await;
         }
     }
 
@@ -119,6 +142,7 @@ impl Ctx {
             deadline: None,
             traceparent: None,
             standing: None,
+            crash: None,
         }
     }
 }

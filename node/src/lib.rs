@@ -16,6 +16,7 @@ mod agent;
 pub mod bank;
 pub mod capture;
 mod client;
+pub mod faults;
 mod handler;
 mod link;
 pub mod pg;
@@ -51,6 +52,9 @@ pub enum Error {
     /// The coordinator answered something that does not fit the question.
     #[error("unexpected answer from the coordinator: {0}")]
     Protocol(String),
+    /// The worker's crash plan killed it (fault-injection tests).
+    #[error("the worker was crashed on purpose by its fault plan")]
+    Crashed,
     /// The configuration is not usable.
     #[error("invalid configuration: {0}")]
     Config(String),

@@ -24,7 +24,7 @@ use callq_schemas::{Call, Limits, Uuid, decode_call};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::capture::{LineError, Reader, Record};
+use crate::capture::{Body, LineError, Reader, Record};
 use crate::{Service, Worker, WorkerOptions};
 
 /// How a replay runs and compares.
@@ -211,6 +211,102 @@ fn diff_at(
     }
 }
 
+/// The calls and replies of a capture file, read for a replay.
+#[derive(Debug, Clone, Default)]
+pub struct Capture {
+    /// The call records: their line and body, in file order.
+    pub calls: Vec<(usize, Body)>,
+    /// The first final reply captured for each call.
+    pub replies: HashMap<Uuid, Value>,
+    /// Lines skipped (with `skip_bad`).
+    pub skipped: Vec<LineError>,
+}
+
+impl Capture {
+    /// Reads a capture file; with `skip_bad`, a bad line is listed in
+    /// `skipped` instead of ending the read.
+    pub fn read(input: impl BufRead, skip_bad: bool) -> Result<Self, LineError> {
+        let mut capture = Self::default();
+        let mut reader = Reader::new(input)?;
+        while let Some(record) = reader.next() {
+            let line = reader.line();
+            let record = match record {
+                Ok(r) => r,
+                Err(e) if skip_bad => {
+                    capture.skipped.push(e);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            match record {
+                Record::Call { body, .. } => capture.calls.push((line, body)),
+                Record::Reply { body, .. } => {
+                    if let Some(v) = body.json()
+                        && let Some(id) = v
+                            .get("call_id")
+                            .and_then(Value::as_str)
+                            .and_then(|s| s.parse::<Uuid>().ok())
+                    {
+                        // The first final reply is the one the client took.
+                        capture.replies.entry(id).or_insert_with(|| v.clone());
+                    }
+                }
+            }
+        }
+        Ok(capture)
+    }
+
+    /// How a replayed reply compares with the captured one, skipping the
+    /// `ignore` pointers and the attempt.
+    pub fn verdict(&self, reply: Value, ignore: &[String]) -> Verdict {
+        let id = reply
+            .get("call_id")
+            .and_then(Value::as_str)
+            .and_then(|s| s.parse::<Uuid>().ok());
+        match id.and_then(|id| self.replies.get(&id)) {
+            None => Verdict::Uncompared(reply),
+            Some(old) => {
+                let mut ignore = ignore.to_vec();
+                ignore.push("/attempt".into());
+                let diffs = differences(old, &reply, &ignore);
+                if diffs.is_empty() {
+                    Verdict::Same
+                } else {
+                    Verdict::Differs(diffs)
+                }
+            }
+        }
+    }
+}
+
+/// A captured call made ready to run again: its id and name, and the call
+/// with its replies sent to `reply_to` and its deadline dropped; or why it
+/// cannot run here.
+pub fn prepare(
+    body: &Body,
+    declared: &HashSet<String>,
+    reply_to: &str,
+) -> (Option<Uuid>, String, Result<Call, String>) {
+    match decode_call(&body.to_bytes(), &Limits::default()) {
+        Ok(call) if declared.contains(&call.service) => {
+            let what = format!("{}.{}", call.service, call.method);
+            let mut call = call;
+            call.reply_to = Some(reply_to.to_owned());
+            call.deadline = None;
+            (Some(call.call_id), what, Ok(call))
+        }
+        Ok(call) => (
+            Some(call.call_id),
+            format!("{}.{}", call.service, call.method),
+            Err(format!(
+                "service `{}` is not among the replayed services",
+                call.service
+            )),
+        ),
+        Err(e) => (None, "?".into(), Err(e.to_string())),
+    }
+}
+
 /// Replays the calls of a capture file through `services` and compares
 /// each new reply with the captured one.
 pub async fn replay_into(
@@ -218,35 +314,11 @@ pub async fn replay_into(
     input: impl BufRead,
     opts: ReplayOptions,
 ) -> Result<ReplayReport, ReplayError> {
-    let mut report = ReplayReport::default();
-    let mut calls = Vec::new();
-    let mut captured: HashMap<Uuid, Value> = HashMap::new();
-    let mut reader = Reader::new(input)?;
-    while let Some(record) = reader.next() {
-        let line = reader.line();
-        let record = match record {
-            Ok(r) => r,
-            Err(e) if opts.skip_bad => {
-                report.skipped.push(e);
-                continue;
-            }
-            Err(e) => return Err(e.into()),
-        };
-        match record {
-            Record::Call { body, .. } => calls.push((line, body)),
-            Record::Reply { body, .. } => {
-                if let Some(v) = body.json()
-                    && let Some(id) = v
-                        .get("call_id")
-                        .and_then(Value::as_str)
-                        .and_then(|s| s.parse::<Uuid>().ok())
-                {
-                    // The first final reply is the one the client took.
-                    captured.entry(id).or_insert_with(|| v.clone());
-                }
-            }
-        }
-    }
+    let capture = Capture::read(input, opts.skip_bad)?;
+    let mut report = ReplayReport {
+        skipped: capture.skipped.clone(),
+        ..ReplayReport::default()
+    };
     let broker: Arc<dyn Broker> = Arc::new(EmbeddedBroker::new());
     let spec = QueueSpec::replies(&format!("replay-{}", Uuid::now_v7().simple()));
     broker.declare(&spec).await?;
@@ -269,35 +341,21 @@ pub async fn replay_into(
     let stop = CancellationToken::new();
     let running = tokio::spawn(worker.run(stop.clone()));
 
-    let limits = Limits::default();
     let mut waiting: BTreeMap<Uuid, usize> = BTreeMap::new();
-    for (i, (line, body)) in calls.iter().enumerate() {
-        let bytes = body.to_bytes();
-        let (call_id, what, verdict) = match decode_call(&bytes, &limits) {
-            Ok(call) if declared.contains(&call.service) => {
-                let Call { call_id, .. } = call;
-                let what = format!("{}.{}", call.service, call.method);
-                let mut call = call;
-                call.reply_to = Some(replies.clone());
-                call.deadline = None;
+    for (i, (line, body)) in capture.calls.iter().enumerate() {
+        let (call_id, what, call) = prepare(body, &declared, &replies);
+        let verdict = match call {
+            Ok(call) => {
                 broker
                     .publish(
                         &call_queue(&call.service),
-                        Message::new(call.to_bytes()).key(call_id.to_string()),
+                        Message::new(call.to_bytes()).key(call.call_id.to_string()),
                     )
                     .await?;
-                waiting.insert(call_id, i);
-                (Some(call_id), what, Verdict::NoReply)
+                waiting.insert(call.call_id, i);
+                Verdict::NoReply
             }
-            Ok(call) => (
-                Some(call.call_id),
-                format!("{}.{}", call.service, call.method),
-                Verdict::NotReplayable(format!(
-                    "service `{}` is not among the replayed services",
-                    call.service
-                )),
-            ),
-            Err(e) => (None, "?".into(), Verdict::NotReplayable(e.to_string())),
+            Err(why) => Verdict::NotReplayable(why),
         };
         report.calls.push(Replayed {
             line: *line,
@@ -322,20 +380,7 @@ pub async fn replay_into(
         let Some(i) = id.and_then(|id| waiting.remove(&id)) else {
             continue;
         };
-        let verdict = match id.and_then(|id| captured.get(&id)) {
-            None => Verdict::Uncompared(reply),
-            Some(old) => {
-                let mut ignore = opts.ignore.clone();
-                ignore.push("/attempt".into());
-                let diffs = differences(old, &reply, &ignore);
-                if diffs.is_empty() {
-                    Verdict::Same
-                } else {
-                    Verdict::Differs(diffs)
-                }
-            }
-        };
-        report.calls[i].verdict = verdict;
+        report.calls[i].verdict = capture.verdict(reply, &opts.ignore);
     }
     stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), running).await;

@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 use uuid::Uuid;
 
+use crate::faults::{Crash, CrashPoint, CrashSite, Faults};
 use crate::link::{Abort, Attempt, Link, Order};
 use crate::{Ctx, Error, Service};
 
@@ -155,6 +156,7 @@ pub struct Worker {
     broker: Arc<dyn Broker>,
     services: HashMap<String, Service>,
     stats: Arc<WorkerStats>,
+    faults: Option<Arc<dyn Faults>>,
 }
 
 /// A call in flight, as heartbeats report it.
@@ -186,6 +188,7 @@ struct Shared {
     assignments: Mutex<BTreeMap<String, Assignment>>,
     state: Mutex<WorkerState>,
     completions: Option<mpsc::Sender<Outgoing>>,
+    crash: Option<Crash>,
 }
 
 /// Aborts a background task when the worker's future is dropped.
@@ -207,7 +210,16 @@ impl Worker {
             broker,
             services: HashMap::new(),
             stats: Arc::default(),
+            faults: None,
         }
+    }
+
+    /// Gives the worker a crash plan, for fault-injection tests: the worker
+    /// dies wherever the plan says (see [`Faults`]).
+    #[must_use]
+    pub fn faults(mut self, plan: Arc<dyn Faults>) -> Self {
+        self.faults = Some(plan);
+        self
     }
 
     /// Adds a service.
@@ -244,8 +256,26 @@ impl Worker {
     ///
     /// Dropping the returned future instead kills the worker on the spot:
     /// its calls stop at their next await point, its heartbeats stop, and the
-    /// broker returns their deliveries to the queues.
-    pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
+    /// broker returns their deliveries to the queues. A worker with a crash
+    /// plan does the same where the plan says, and returns
+    /// [`Error::Crashed`].
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), Error> {
+        let Some(crash) = self.faults.take().map(Crash::new) else {
+            return self.serve(shutdown, None).await;
+        };
+        let switch = crash.switch.clone();
+        let id = self.opts.worker_id.clone();
+        tokio::select! {
+            biased;
+            () = switch.cancelled() => {
+                warn!(worker = %id, "worker crashed by its fault plan");
+                Err(Error::Crashed)
+            }
+            ended = self.serve(shutdown, Some(crash)) => ended,
+        }
+    }
+
+    async fn serve(self, shutdown: CancellationToken, crash: Option<Crash>) -> Result<(), Error> {
         if self.services.is_empty() {
             return Err(Error::Config("a worker needs at least one service".into()));
         }
@@ -296,6 +326,7 @@ impl Worker {
                 WorkerState::Active
             }),
             completions,
+            crash,
         });
         let outbox_task = match (link, outgoing) {
             (Some(link), Some(rx)) => {
@@ -726,6 +757,7 @@ async fn decide(shared: &Shared, delivery: &Delivery) -> Disposition {
             deadline: call.deadline,
             traceparent: call.traceparent,
             standing: Some(standing.clone()),
+            crash: shared.crash.clone(),
         };
         let reply = run_handler(
             shared,
@@ -748,7 +780,20 @@ async fn decide(shared: &Shared, delivery: &Delivery) -> Disposition {
                 return Disposition::Requeue;
             }
             Some(Abort::Unreachable) => return Disposition::Requeue,
-            None => (reply, Disposition::Ack),
+            None => {
+                if let Some(crash) = &shared.crash {
+                    crash
+                        .at(CrashSite {
+                            point: CrashPoint::BeforeReply,
+                            call_id: call.call_id,
+                            attempt,
+                            trace: None,
+                            granted: &standing.traces(),
+                        })
+                        .await;
+                }
+                (reply, Disposition::Ack)
+            }
         }
     };
     let reply_to = call.reply_to.as_deref();
