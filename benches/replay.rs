@@ -11,7 +11,7 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use callq_node::capture::{Body, Record, Writer};
+use callq_node::capture::{Body, Origin, Record, Writer};
 use callq_node::replay::{ReplayOptions, replay_into};
 use callq_node::services;
 use callq_schemas::{Call, Reply};
@@ -28,6 +28,7 @@ fn main() -> anyhow::Result<()> {
         );
         call.reply_to = Some("callq.reply.shop".into());
         w.write(&Record::Call {
+            origin: Origin::default(),
             at_ms: i as u64,
             attempt: 1,
             headers: BTreeMap::new(),
@@ -35,6 +36,7 @@ fn main() -> anyhow::Result<()> {
         })?;
         let reply = Reply::ok(call.call_id, 1, call.args.clone());
         w.write(&Record::Reply {
+            origin: Origin::default(),
             at_ms: i as u64,
             body: Body::of(&reply.to_bytes()),
         })?;

@@ -1,16 +1,19 @@
 //! `callq capture --service S`: writes the calls published to a service's
 //! queue and the replies to them into a capture file, without taking them
-//! from the workers (RabbitMQ's firehose tracer, see
-//! [`callq_broker_amqp::Tap`]).
+//! from the workers: through RabbitMQ's firehose tracer
+//! ([`callq_broker_amqp::AmqpTap`]), a Kafka consumer group of its own over
+//! an offset or time range ([`callq_broker_kafka::KafkaTap`]), or an
+//! embedded broker's tap ([`callq_broker_embedded::EmbeddedTap`]).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io::Write;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use callq_broker::{ATTEMPT_HEADER, call_queue};
+use callq_broker::{ATTEMPT_HEADER, Tap, TapEvent, call_queue};
 use callq_broker_amqp::AmqpBroker;
-use callq_node::capture::{Body, Record, Writer};
+use callq_broker_kafka::{KafkaBroker, TapFrom, TapRange};
+use callq_node::capture::{Body, Origin, Record, Writer};
 use serde_json::Value;
 use tokio::time::Instant;
 
@@ -53,20 +56,111 @@ fn redacted(mut body: Body, redact: &[String]) -> Body {
     body
 }
 
-/// Captures from `broker` into `out` until the count or the duration is
-/// reached; `ready` is called once the tap is open.
+/// Reads `--from` and `--until`: `None` when neither is given.
+pub fn parse_range(from: Option<&str>, until: Option<&str>) -> anyhow::Result<Option<TapRange>> {
+    let time = |t: &str, what: &str| -> anyhow::Result<i64> {
+        let at = time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+            .with_context(|| {
+                format!("{what} takes an RFC 3339 time such as 2026-11-22T10:00:00Z, not `{t}`")
+            })?;
+        Ok(i64::try_from(at.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX))
+    };
+    let Some(from) = from else {
+        anyhow::ensure!(until.is_none(), "--until needs --from");
+        return Ok(None);
+    };
+    let from = match from {
+        "end" => TapFrom::End,
+        "beginning" => TapFrom::Beginning,
+        other => match other.strip_prefix("offset:") {
+            Some(n) => TapFrom::Offset(
+                n.parse()
+                    .with_context(|| format!("--from offset:N takes a whole number, not `{n}`"))?,
+            ),
+            None => TapFrom::Time(time(other, "--from")?),
+        },
+    };
+    let until_ms = until.map(|u| time(u, "--until")).transpose()?;
+    anyhow::ensure!(
+        until_ms.is_none() || from != TapFrom::End,
+        "--until needs a --from in the past"
+    );
+    Ok(Some(TapRange { from, until_ms }))
+}
+
+/// Opens the tap `settings.broker` offers: RabbitMQ's firehose tracer, a
+/// Kafka consumer group of its own over `range`, or (for tests and the
+/// demo) an embedded broker's own tap.
+pub async fn open_tap(
+    broker_url: &str,
+    service: &str,
+    range: Option<TapRange>,
+) -> anyhow::Result<Box<dyn Tap>> {
+    if broker_url.starts_with("amqp://") || broker_url.starts_with("amqps://") {
+        anyhow::ensure!(
+            range.is_none(),
+            "--from and --until read a range of a Kafka topic; RabbitMQ's queues keep no history to read"
+        );
+        let broker = AmqpBroker::connect(broker_url)
+            .await
+            .context("connecting to RabbitMQ")?;
+        let tap = broker
+            .tap(TAP_BOUND)
+            .await
+            .context("opening a tap on RabbitMQ's firehose tracer")?;
+        // The tap holds its own channel; the connection lives as long.
+        Ok(Box::new(Holding(tap, broker)))
+    } else if broker_url.starts_with("kafka://") {
+        let broker = KafkaBroker::connect(broker_url)
+            .await
+            .context("connecting to Kafka")?;
+        let range = range.unwrap_or(TapRange {
+            from: TapFrom::End,
+            until_ms: None,
+        });
+        let tap = broker
+            .tap(&call_queue(service), range, TAP_BOUND)
+            .await
+            .with_context(|| format!("opening a tap on the topic of {}", call_queue(service)))?;
+        Ok(Box::new(Holding(tap, broker)))
+    } else {
+        anyhow::bail!(
+            "capture reads RabbitMQ (amqp://) or Kafka (kafka://), not `{broker_url}`; \
+             an embedded broker is tapped in its own process (EmbeddedBroker::tap)"
+        )
+    }
+}
+
+/// A tap and the broker connection it lives on.
+struct Holding<T, B>(T, B);
+
+#[async_trait::async_trait]
+impl<T: Tap, B: Send> Tap for Holding<T, B> {
+    async fn next(&mut self) -> Option<Result<TapEvent, callq_broker::Error>> {
+        self.0.next().await
+    }
+    fn follow(&mut self, queue: &str, since_ms: Option<i64>) {
+        self.0.follow(queue, since_ms);
+    }
+}
+
+/// Replies kept while their call has not been read yet, at most.
+const EARLY_REPLIES: usize = 10_000;
+
+/// How far before a call its reply queue is read from: replies come after
+/// their call, and publishers' clocks drift.
+const REPLY_SLACK_MS: i64 = 60_000;
+
+/// Captures from `tap` into `out` until the count or the duration is
+/// reached, or a range tap's range is read and its calls are answered;
+/// `broker` names the broker in the file's header.
 pub async fn capture(
-    broker: &AmqpBroker,
+    tap: &mut dyn Tap,
+    broker: &str,
     args: &CaptureArgs,
     out: impl Write,
-    ready: impl FnOnce(),
 ) -> anyhow::Result<CaptureStats> {
-    let mut tap = broker
-        .tap(TAP_BOUND)
-        .await
-        .context("opening a tap on RabbitMQ's firehose tracer")?;
-    let mut file = Writer::new(out, "amqp", &args.service)?;
-    ready();
+    let mut file = Writer::new(out, broker, &args.service)?;
     let queue = call_queue(&args.service);
     let started = Instant::now();
     let end = args.duration.map(|d| started + d);
@@ -74,15 +168,18 @@ pub async fn capture(
     let mut calls: HashSet<String> = HashSet::new();
     let mut answered: HashSet<String> = HashSet::new();
     let mut grace_until: Option<Instant> = None;
+    let mut range_read = false;
+    // Replies read before their call: a log broker reads the reply queue
+    // and the call queue apart, so a reply may come first.
+    let mut early: HashMap<String, Record> = HashMap::new();
+    let mut early_order: VecDeque<String> = VecDeque::new();
     loop {
         let stop = match (end, grace_until) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        if let Some(n) = args.count
-            && stats.calls >= n
-            && calls.iter().all(|id| answered.contains(id))
-        {
+        let enough = args.count.is_some_and(|n| stats.calls >= n) || range_read;
+        if enough && calls.iter().all(|id| answered.contains(id)) {
             break;
         }
         let next = match stop {
@@ -92,19 +189,29 @@ pub async fn capture(
             },
             None => tap.next().await,
         };
-        let Some(t) = next else {
-            anyhow::bail!("the tap's connection to RabbitMQ ended");
+        let t = match next {
+            Some(Ok(TapEvent::Message(t))) => t,
+            Some(Ok(TapEvent::RangeEnd)) => {
+                range_read = true;
+                grace_until.get_or_insert(Instant::now() + args.reply_grace);
+                continue;
+            }
+            Some(Err(e)) => return Err(e).context("the tap's connection to the broker ended"),
+            None => anyhow::bail!("the tap closed"),
         };
         let at_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        let id_of = |bytes: &[u8]| -> Option<String> {
-            serde_json::from_slice::<Value>(bytes)
-                .ok()?
-                .get("call_id")?
-                .as_str()
-                .map(str::to_owned)
+        let origin = Origin {
+            ts_ms: t.timestamp_ms,
+            partition: t.partition,
+            offset: t.offset,
         };
-        if t.exchange.is_empty() && t.routing_key == queue {
-            if args.count.is_some_and(|n| stats.calls >= n) {
+        let json: Option<Value> = serde_json::from_slice(&t.body).ok();
+        let id = json
+            .as_ref()
+            .and_then(|v| v.get("call_id")?.as_str())
+            .map(str::to_owned);
+        if t.queue == queue {
+            if enough {
                 continue;
             }
             let attempt = t
@@ -112,31 +219,58 @@ pub async fn capture(
                 .get(ATTEMPT_HEADER)
                 .and_then(|a| a.parse().ok())
                 .unwrap_or(1);
-            if let Some(id) = id_of(&t.body) {
-                calls.insert(id);
+            if let Some(id) = &id {
+                calls.insert(id.clone());
+            }
+            if let Some(reply_to) = json.as_ref().and_then(|v| v.get("reply_to")?.as_str()) {
+                tap.follow(
+                    reply_to,
+                    t.timestamp_ms.map(|ts| ts.saturating_sub(REPLY_SLACK_MS)),
+                );
             }
             let headers: BTreeMap<String, String> = t.headers.into_iter().collect();
             file.write(&Record::Call {
+                origin,
                 at_ms,
                 attempt,
                 headers,
                 body: redacted(Body::of(&t.body), &args.redact),
             })?;
             stats.calls += 1;
+            if let Some(id) = id
+                && let Some(reply) = early.remove(&id)
+            {
+                answered.insert(id);
+                file.write(&reply)?;
+                stats.replies += 1;
+            }
             if args.count.is_some_and(|n| stats.calls >= n) {
                 grace_until = Some(Instant::now() + args.reply_grace);
             }
-        } else if let Some(id) = id_of(&t.body)
-            && calls.contains(&id)
-            && t.routing_key != queue
-            && t.body.windows(9).any(|w| w == b"\"outcome\"")
+        } else if let Some(id) = id
+            && json.as_ref().is_some_and(|v| v.get("outcome").is_some())
         {
-            answered.insert(id);
-            file.write(&Record::Reply {
+            let reply = Record::Reply {
+                origin,
                 at_ms,
                 body: redacted(Body::of(&t.body), &args.redact),
-            })?;
-            stats.replies += 1;
+            };
+            if calls.contains(&id) {
+                // A decided call's reply may come again; the first is the
+                // one the client took.
+                if answered.insert(id) {
+                    file.write(&reply)?;
+                    stats.replies += 1;
+                }
+            } else if !early.contains_key(&id) {
+                if early_order.len() >= EARLY_REPLIES
+                    && let Some(old) = early_order.pop_front()
+                {
+                    early.remove(&old);
+                }
+                early_order.push_back(id.clone());
+                early.insert(id, reply);
+            }
         }
     }
     file.finish()?;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use callq_broker::{Broker, QueueSpec};
-use callq_broker_embedded::EmbeddedBroker;
+use callq_broker_embedded::{EmbeddedBroker, EmbeddedTap};
 use callq_coordinator::{Coordinator, CoordinatorOptions, Ledger, Store};
 use callq_node::faults::Faults;
 use callq_node::{
@@ -52,6 +52,7 @@ struct Running {
 pub struct LocalCluster {
     /// The broker every part shares.
     pub broker: Arc<dyn Broker>,
+    embedded: EmbeddedBroker,
     opts: ClusterOptions,
     shutdown: CancellationToken,
     coordinator: Option<JoinHandle<Result<(), callq_coordinator::Error>>>,
@@ -63,12 +64,14 @@ pub struct LocalCluster {
 impl LocalCluster {
     /// A cluster with a coordinator over `store` and no workers yet.
     pub async fn start<S: Store + 'static>(opts: ClusterOptions, store: S) -> anyhow::Result<Self> {
-        let broker: Arc<dyn Broker> = Arc::new(EmbeddedBroker::new());
+        let embedded = EmbeddedBroker::new();
+        let broker: Arc<dyn Broker> = Arc::new(embedded.clone());
         // Declared before anything runs, so that requests sent before the
         // coordinator's task starts wait in the queue.
         broker.declare(&QueueSpec::coordinator()).await?;
         let mut cluster = Self {
             broker,
+            embedded,
             opts,
             shutdown: CancellationToken::new(),
             coordinator: None,
@@ -210,6 +213,11 @@ impl LocalCluster {
     /// The counters of every worker ever started.
     pub fn all_stats(&self) -> &BTreeMap<String, Arc<WorkerStats>> {
         &self.all_stats
+    }
+
+    /// A tap on everything published in the cluster (for `capture`).
+    pub fn tap(&self, bound: usize) -> EmbeddedTap {
+        self.embedded.tap(bound)
     }
 
     /// A client of the cluster.

@@ -142,6 +142,17 @@ enum Command {
         /// it (repeat for more): `--redact /args/card`.
         #[arg(long)]
         redact: Vec<String>,
+        /// On Kafka, where to start reading the service's topic: `end` (the
+        /// default: what is published from now on), `beginning`,
+        /// `offset:N` (in every partition) or an RFC 3339 time. A start in
+        /// the past reads up to where the topic ended when the capture
+        /// began, then waits for the replies.
+        #[arg(long)]
+        from: Option<String>,
+        /// On Kafka, with --from: stop at the first call after this RFC 3339
+        /// time.
+        #[arg(long, requires = "from")]
+        until: Option<String>,
     },
     /// Publishes the calls of a capture file (docs/REPLAY.md) to a broker
     /// again, each confirmed, keeping their captured timing or at a rate.
@@ -329,20 +340,19 @@ fn main() -> anyhow::Result<ExitCode> {
                 count,
                 duration_ms,
                 redact,
+                from,
+                until,
             } => {
+                let range = callq::capture::parse_range(from.as_deref(), until.as_deref())?;
+                let bounded = range.is_some_and(|r| r.from != callq_broker_kafka::TapFrom::End);
                 anyhow::ensure!(
-                    count.is_some() || duration_ms.is_some(),
-                    "say when to stop: --count N or --duration-ms MS"
+                    count.is_some() || duration_ms.is_some() || bounded,
+                    "say when to stop: --count N, --duration-ms MS, or (on Kafka) a --from in the past"
                 );
                 let settings = settings()?;
-                anyhow::ensure!(
-                    settings.broker.starts_with("amqp://"),
-                    "capture reads RabbitMQ's firehose tracer: CALLQ_BROKER must be an amqp:// URL \
-                     (capturing from Kafka is not built yet)"
-                );
-                let broker = callq_broker_amqp::AmqpBroker::connect(&settings.broker)
-                    .await
-                    .context("connecting to RabbitMQ")?;
+                let mut tap =
+                    callq::capture::open_tap(&settings.broker, &service, range).await?;
+                let kind = settings.broker.split("://").next().unwrap_or("?").to_owned();
                 let args = callq::capture::CaptureArgs {
                     service,
                     count,
@@ -350,26 +360,33 @@ fn main() -> anyhow::Result<ExitCode> {
                     redact,
                     reply_grace: Duration::from_secs(10),
                 };
-                let ready = || {
+                if kind.starts_with("amqp") {
                     eprintln!(
                         "capturing (the firehose tracer must be on: rabbitmqctl trace_on -p VHOST)"
-                    )
-                };
+                    );
+                } else {
+                    eprintln!("capturing");
+                }
                 let stats = match &out {
                     Some(path) => {
                         let file = std::fs::File::create(path)
                             .with_context(|| format!("creating {}", path.display()))?;
                         callq::capture::capture(
-                            &broker,
+                            tap.as_mut(),
+                            &kind,
                             &args,
                             std::io::BufWriter::new(file),
-                            ready,
                         )
                         .await?
                     }
                     None => {
-                        callq::capture::capture(&broker, &args, std::io::stdout().lock(), ready)
-                            .await?
+                        callq::capture::capture(
+                            tap.as_mut(),
+                            &kind,
+                            &args,
+                            std::io::stdout().lock(),
+                        )
+                        .await?
                     }
                 };
                 eprintln!(

@@ -80,6 +80,7 @@ pub async fn replay_onto(
             attempt,
             headers,
             body,
+            ..
         } = record
         else {
             continue;

@@ -103,6 +103,17 @@ async fn a_capture_holds_every_call_and_reply_and_replays_the_same() {
     let text = std::fs::read_to_string(&file).unwrap();
     assert!(!text.contains("4111"), "the card number was redacted");
     assert_eq!(text.lines().count(), 1 + 2 * CALLS);
+    // Each record has the publish time the message carried, to the second.
+    let now_ms = time::OffsetDateTime::now_utc().unix_timestamp() * 1000;
+    for record in callq_node::capture::Reader::new(text.as_bytes()).unwrap() {
+        let (callq_node::capture::Record::Call { origin, .. }
+        | callq_node::capture::Record::Reply { origin, .. }) = record.unwrap();
+        let ts = origin.ts_ms.expect("a timestamp");
+        assert!(
+            (now_ms - 120_000..=now_ms + 1000).contains(&ts),
+            "{ts} vs {now_ms}"
+        );
+    }
 
     let report = replay_into(
         vec![services::echo()],

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use callq::crashes::{CrashMode, CrashOptions, CrashReport, replay_with_crashes};
-use callq_node::capture::{Body, Record, Writer};
+use callq_node::capture::{Body, Origin, Record, Writer};
 use callq_node::faults::CrashPoint;
 use callq_node::{HandlerError, Service};
 use callq_schemas::{Call, Reply, Uuid, protocol};
@@ -76,6 +76,7 @@ fn capture() -> Vec<u8> {
         };
         let call = Call::new("shop", method, json!({ "n": n }));
         w.write(&Record::Call {
+            origin: Origin::default(),
             at_ms: n,
             attempt: 1,
             headers: BTreeMap::new(),
@@ -83,6 +84,7 @@ fn capture() -> Vec<u8> {
         })
         .unwrap();
         w.write(&Record::Reply {
+            origin: Origin::default(),
             at_ms: n,
             body: Body::of(&Reply::ok(call.call_id, 1, result).to_bytes()),
         })
@@ -278,6 +280,7 @@ fn the_command_line_replays_with_crashes_repeatably() {
             )
         };
         w.write(&Record::Call {
+            origin: Origin::default(),
             at_ms: i,
             attempt: 1,
             headers: BTreeMap::new(),
@@ -285,6 +288,7 @@ fn the_command_line_replays_with_crashes_repeatably() {
         })
         .unwrap();
         w.write(&Record::Reply {
+            origin: Origin::default(),
             at_ms: i,
             body: Body::of(&Reply::ok(call.call_id, 1, result).to_bytes()),
         })

@@ -10,7 +10,6 @@
 mod support;
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use callq::chaos;
@@ -19,33 +18,14 @@ use callq_node::{Admin, CallOptions, Client, ClientOptions};
 use callq_schemas::protocol::WorkerState;
 use callq_schemas::{Outcome, codes};
 use serde_json::json;
-use support::{Proc, Workers, count, load, wait_status};
+use support::{Proc, Workers, count, kafka, load, wait_status};
 
 /// Partitions of each call topic: one per worker, so that every worker
 /// owns one.
 const PARTITIONS: usize = 3;
 
-/// A broker URL of the test's own: `CALLQ_KAFKA_URL` with topics and groups
-/// prefixed, `PARTITIONS` partitions per topic, and short group sessions
-/// (tansu accepts them; they bound how long a killed worker's partitions
-/// wait for the rebalance, which the failover must not wait for anyway).
 fn cluster_url(tag: &str) -> String {
-    let base = std::env::var("CALLQ_KAFKA_URL")
-        .expect("CALLQ_KAFKA_URL is not set: run `source scripts/kafka` (scripts/test does)");
-    let sep = if base.contains('?') { '&' } else { '?' };
-    let run = uuid::Uuid::now_v7().simple();
-    format!(
-        "{base}{sep}partitions={PARTITIONS}&session_timeout_ms=2000&fetch_wait_ms=10\
-         &topic_prefix={tag}-{run}.&group_prefix={tag}-{run}."
-    )
-}
-
-async fn kafka(url: &str) -> Arc<dyn callq_broker::Broker> {
-    Arc::new(
-        callq_broker_kafka::KafkaBroker::connect(url)
-            .await
-            .unwrap_or_else(|e| panic!("Kafka at {url}: {e}")),
-    )
+    support::kafka_url(tag, PARTITIONS)
 }
 
 /// A coordinator and three workers on Kafka; 5,000 calls of `echo.sleep`

@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use callq_broker::{Disposition, QueueSpec};
-use callq_node::capture::{Body, Record, Writer};
+use callq_node::capture::{Body, Origin, Record, Writer};
 use callq_schemas::{Call, Reply, decode_reply};
 use serde_json::json;
 use support::{Proc, Vhost};
@@ -40,6 +40,7 @@ async fn a_replay_with_new_ids_gets_the_captured_outcomes() {
         call.reply_to = Some(replies.name.clone());
         originals.insert(call.call_id);
         w.write(&Record::Call {
+            origin: Origin::default(),
             at_ms: i * 5,
             attempt: 1,
             headers: BTreeMap::new(),
@@ -53,6 +54,7 @@ async fn a_replay_with_new_ids_gets_the_captured_outcomes() {
         };
         *captured.entry(format!("{:?}", reply.outcome)).or_insert(0) += 1;
         w.write(&Record::Reply {
+            origin: Origin::default(),
             at_ms: i * 5 + 1,
             body: Body::of(&reply.to_bytes()),
         })

@@ -10,7 +10,9 @@
 //! {"type": "reply", "at_ms": 15, "body": {"v": 1, "call_id": "…", "attempt": 1, "outcome": "ok", "result": {}}}
 //! ```
 //!
-//! `at_ms` is the time since the capture started; `body` is the envelope as
+//! `at_ms` is the time since the capture started; `ts_ms` the broker's
+//! timestamp where it keeps one, and `partition` and `offset` where the
+//! message was on Kafka (each absent when unknown); `body` is the envelope as
 //! JSON, or, for a body that is not JSON (bad input is traffic too), its
 //! text in `body_text`. [`Reader`] names the line of anything it cannot
 //! read and can skip such lines.
@@ -52,6 +54,9 @@ pub enum Record {
         /// The body.
         #[serde(flatten)]
         body: Body,
+        /// Where and when the broker held it.
+        #[serde(flatten)]
+        origin: Origin,
     },
     /// A reply, as a worker sent it.
     Reply {
@@ -60,7 +65,26 @@ pub enum Record {
         /// The body.
         #[serde(flatten)]
         body: Body,
+        /// Where and when the broker held it.
+        #[serde(flatten)]
+        origin: Origin,
     },
+}
+
+/// Where and when the broker held a captured message, as far as it tells.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Origin {
+    /// The broker's timestamp, in milliseconds since the Unix epoch: the
+    /// record timestamp on Kafka, the publish time on the embedded broker,
+    /// the publisher's `timestamp` property (whole seconds) on RabbitMQ.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ts_ms: Option<i64>,
+    /// The partition, on Kafka.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<u32>,
+    /// The offset in the partition, on Kafka.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<i64>,
 }
 
 fn one() -> u32 {
@@ -233,12 +257,18 @@ mod tests {
     fn a_file_round_trips_and_bad_lines_are_named() {
         let mut w = Writer::new(Vec::new(), "embedded", "echo").unwrap();
         let call = Record::Call {
+            origin: Origin {
+                ts_ms: Some(1_700_000_000_123),
+                partition: Some(2),
+                offset: Some(41),
+            },
             at_ms: 3,
             attempt: 1,
             headers: BTreeMap::new(),
             body: Body::Body(json!({"v": 1, "method": "echo"})),
         };
         let bad_input = Record::Call {
+            origin: Origin::default(),
             at_ms: 4,
             attempt: 2,
             headers: [("x".to_owned(), "y".to_owned())].into(),

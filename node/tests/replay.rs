@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use callq_node::capture::{Body, Record, Writer};
+use callq_node::capture::{Body, Origin, Record, Writer};
 use callq_node::replay::{ReplayError, ReplayOptions, Verdict, replay_into};
 use callq_node::{Service, services};
 use callq_schemas::{Call, Reply};
@@ -22,6 +22,7 @@ fn capture() -> (Vec<u8>, Vec<Call>) {
         // Long past at replay time: the replay drops it.
         call.deadline = Some(time::OffsetDateTime::UNIX_EPOCH);
         w.write(&Record::Call {
+            origin: Origin::default(),
             at_ms: i as u64,
             attempt: 1,
             headers: BTreeMap::new(),
@@ -30,6 +31,7 @@ fn capture() -> (Vec<u8>, Vec<Call>) {
         .unwrap();
         let reply = Reply::ok(call.call_id, 1, call.args.clone());
         w.write(&Record::Reply {
+            origin: Origin::default(),
             at_ms: i as u64 + 1,
             body: Body::of(&reply.to_bytes()),
         })

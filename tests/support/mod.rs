@@ -381,3 +381,28 @@ pub async fn served_on(
         assert!(proc.running(), "{} died:\n{}", proc.name, proc.log());
     }
 }
+
+/// A Kafka broker URL of a test's own: `CALLQ_KAFKA_URL` with topics and
+/// groups prefixed, `partitions` partitions per topic, and short group
+/// sessions (tansu accepts them; they bound how long a killed worker's
+/// partitions wait for the rebalance, which the failover must not wait for
+/// anyway).
+pub fn kafka_url(tag: &str, partitions: usize) -> String {
+    let base = std::env::var("CALLQ_KAFKA_URL")
+        .expect("CALLQ_KAFKA_URL is not set: run `source scripts/kafka` (scripts/test does)");
+    let sep = if base.contains('?') { '&' } else { '?' };
+    let run = uuid::Uuid::now_v7().simple();
+    format!(
+        "{base}{sep}partitions={partitions}&session_timeout_ms=2000&fetch_wait_ms=10\
+         &topic_prefix={tag}-{run}.&group_prefix={tag}-{run}."
+    )
+}
+
+/// A client's broker on the Kafka cluster at `url`.
+pub async fn kafka(url: &str) -> std::sync::Arc<dyn callq_broker::Broker> {
+    std::sync::Arc::new(
+        callq_broker_kafka::KafkaBroker::connect(url)
+            .await
+            .unwrap_or_else(|e| panic!("Kafka at {url}: {e}")),
+    )
+}

@@ -26,7 +26,7 @@
 #![forbid(unsafe_code)]
 
 mod tap;
-pub use tap::{TRACE_EXCHANGE, Tap, Tapped};
+pub use tap::{AmqpTap, TRACE_EXCHANGE};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -507,9 +507,14 @@ fn properties(headers: &Headers) -> BasicProperties {
             AMQPValue::LongString(LongString::from(v.as_bytes().to_vec())),
         );
     }
+    // AMQP timestamps are whole seconds; RabbitMQ keeps none of its own.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     BasicProperties::default()
         .with_delivery_mode(2)
         .with_content_type("application/json".into())
+        .with_timestamp(now)
         .with_headers(table)
 }
 

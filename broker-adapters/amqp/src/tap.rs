@@ -18,35 +18,25 @@ use lapin::types::{AMQPValue, FieldTable};
 use tokio::sync::mpsc;
 
 use crate::{AmqpBroker, text_of};
-use callq_broker::{Bytes, Error, Headers};
+use async_trait::async_trait;
+use callq_broker::{Bytes, Error, Headers, Tap, TapEvent, Tapped};
 
 /// The exchange RabbitMQ's firehose tracer publishes to.
 pub const TRACE_EXCHANGE: &str = "amq.rabbitmq.trace";
 
-/// A copy of one published message.
-#[derive(Debug, Clone)]
-pub struct Tapped {
-    /// The exchange it was published to (`""`: the default exchange, which
-    /// routes to the queue its routing key names).
-    pub exchange: String,
-    /// Its routing key: the queue, for the default exchange.
-    pub routing_key: String,
-    /// Its headers.
-    pub headers: Headers,
-    /// Its body.
-    pub body: Bytes,
-}
-
 /// Copies of published messages, in publish order per publisher.
-pub struct Tap {
+pub struct AmqpTap {
     rx: mpsc::Receiver<Tapped>,
     _task: tokio::task::JoinHandle<()>,
 }
 
-impl Tap {
-    /// The next copy; `None` once the tap's connection is gone.
-    pub async fn next(&mut self) -> Option<Tapped> {
-        self.rx.recv().await
+#[async_trait]
+impl Tap for AmqpTap {
+    async fn next(&mut self) -> Option<Result<TapEvent, Error>> {
+        match self.rx.recv().await {
+            Some(t) => Some(Ok(TapEvent::Message(t))),
+            None => Some(Err(Error::Closed)),
+        }
     }
 }
 
@@ -57,7 +47,7 @@ fn table_text(table: &FieldTable, key: &str) -> Option<String> {
 impl AmqpBroker {
     /// Opens a tap of at most `bound` copies waiting, on the firehose
     /// tracer of this broker's virtual host.
-    pub async fn tap(&self, bound: usize) -> Result<Tap, Error> {
+    pub async fn tap(&self, bound: usize) -> Result<AmqpTap, Error> {
         let inner = &self.inner;
         let ch = inner.channel().await?;
         let mut args = FieldTable::default();
@@ -138,11 +128,32 @@ impl AmqpBroker {
                         }
                     }
                 }
+                // Messages to the default exchange go to the queue their
+                // routing key names; others are named `exchange/key`.
+                let queue = if exchange.is_empty() {
+                    routing_key
+                } else {
+                    format!("{exchange}/{routing_key}")
+                };
+                let timestamp_ms = match trace.inner().get("properties") {
+                    Some(AMQPValue::FieldTable(props)) => match props.inner().get("timestamp") {
+                        // The tracer writes it as a plain integer.
+                        Some(AMQPValue::Timestamp(secs)) => i64::try_from(*secs).ok(),
+                        Some(AMQPValue::LongInt(secs)) => Some(i64::from(*secs)),
+                        Some(AMQPValue::LongUInt(secs)) => Some(i64::from(*secs)),
+                        Some(AMQPValue::LongLongInt(secs)) => Some(*secs),
+                        _ => None,
+                    }
+                    .map(|secs| secs.saturating_mul(1000)),
+                    _ => None,
+                };
                 let tapped = Tapped {
-                    exchange,
-                    routing_key,
+                    queue,
                     headers,
                     body: Bytes::from(delivery.data.clone()),
+                    timestamp_ms,
+                    partition: None,
+                    offset: None,
                 };
                 let _ = delivery.acker.ack(BasicAckOptions::default()).await;
                 if tx.send(tapped).await.is_err() {
@@ -150,6 +161,6 @@ impl AmqpBroker {
                 }
             }
         });
-        Ok(Tap { rx, _task: task })
+        Ok(AmqpTap { rx, _task: task })
     }
 }

@@ -68,6 +68,52 @@ pub use bytes::Bytes;
 /// them (AMQP table entries, Kafka record headers).
 pub type Headers = BTreeMap<String, String>;
 
+/// A copy of a published message, read by a tap without taking it from any
+/// consumer (`callq capture`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tapped {
+    /// The queue it was published to.
+    pub queue: String,
+    /// Its headers.
+    pub headers: Headers,
+    /// Its body.
+    pub body: Bytes,
+    /// The broker's timestamp of the message, in milliseconds since the Unix
+    /// epoch, where the broker keeps one (Kafka's record timestamp).
+    pub timestamp_ms: Option<i64>,
+    /// Its partition, on a partitioned broker.
+    pub partition: Option<u32>,
+    /// Its offset in the partition, on a log broker.
+    pub offset: Option<i64>,
+}
+
+/// What a tap yields.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TapEvent {
+    /// A copy of a message.
+    Message(Tapped),
+    /// A tap over a bounded range of a log (Kafka) has read the watched
+    /// queue's range; copies of the queues it follows may still come.
+    RangeEnd,
+}
+
+/// A tap: copies of what is published, in publish order per publisher.
+/// Capturing through it never changes what consumers receive; a tap that
+/// falls too far behind loses copies (its own queue is bounded), never
+/// messages.
+#[async_trait]
+pub trait Tap: Send {
+    /// The next copy; `None` once the tap is closed.
+    async fn next(&mut self) -> Option<Result<TapEvent, Error>>;
+
+    /// Also copy what is published to `queue` from `since_ms` on (a call
+    /// names it as its `reply_to`). A tap that sees every queue anyway
+    /// ignores it.
+    fn follow(&mut self, queue: &str, since_ms: Option<i64>) {
+        let _ = (queue, since_ms);
+    }
+}
+
 /// The header that carries the attempt number of a call (absent means 1).
 pub const ATTEMPT_HEADER: &str = "callq-attempt";
 

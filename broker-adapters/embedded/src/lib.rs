@@ -53,14 +53,15 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::pin::pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use async_trait::async_trait;
 use callq_broker::{
     Broker, Bytes, Consumer, DEAD_REASON_HEADER, Delivery, Disposition, Error, Headers, Message,
-    QueueDepth, QueueSpec, Settle,
+    QueueDepth, QueueSpec, Settle, Tap, TapEvent, Tapped,
 };
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc};
 
 /// Messages a queue declared without [`QueueSpec::max_length`] holds at most,
 /// unless [`Options::default_max_length`] says otherwise.
@@ -112,6 +113,23 @@ impl std::fmt::Debug for EmbeddedBroker {
 struct Inner {
     options: Options,
     queues: RwLock<HashMap<String, Arc<Queue>>>,
+    /// Open taps, each a bounded queue of copies; `tapped` says whether
+    /// there is one, so that a publish without taps does not lock.
+    taps: Mutex<Vec<mpsc::Sender<Tapped>>>,
+    tapped: AtomicBool,
+}
+
+/// Copies of every message published to an [`EmbeddedBroker`], taken as it
+/// is stored, for `callq capture`.
+pub struct EmbeddedTap {
+    rx: mpsc::Receiver<Tapped>,
+}
+
+#[async_trait]
+impl Tap for EmbeddedTap {
+    async fn next(&mut self) -> Option<Result<TapEvent, Error>> {
+        self.rx.recv().await.map(|t| Ok(TapEvent::Message(t)))
+    }
 }
 
 impl EmbeddedBroker {
@@ -125,8 +143,55 @@ impl EmbeddedBroker {
         Self {
             inner: Arc::new(Inner {
                 options,
-                queues: RwLock::default(),
+                ..Inner::default()
             }),
+        }
+    }
+
+    /// Opens a tap: a copy of every message published from now on, at most
+    /// `bound` waiting. When the tap falls that far behind, it misses
+    /// copies; the queues and their consumers never notice.
+    pub fn tap(&self, bound: usize) -> EmbeddedTap {
+        let (tx, rx) = mpsc::channel(bound.max(1));
+        self.inner
+            .taps
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(tx);
+        self.inner.tapped.store(true, Ordering::Release);
+        EmbeddedTap { rx }
+    }
+
+    fn copy_to_taps(&self, queue: &str, message: &Message) {
+        let mut taps = self
+            .inner
+            .taps
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let timestamp_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()
+            .and_then(|d| i64::try_from(d.as_millis()).ok());
+        taps.retain(|tap| {
+            let copy = Tapped {
+                queue: queue.to_owned(),
+                headers: message.headers.clone(),
+                body: message.body.clone(),
+                timestamp_ms,
+                partition: None,
+                offset: None,
+            };
+            match tap.try_send(copy) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    tracing::warn!(queue, "a tap is full: its capture misses a copy");
+                    true
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            }
+        });
+        if taps.is_empty() {
+            self.inner.tapped.store(false, Ordering::Release);
         }
     }
 
@@ -194,7 +259,13 @@ impl Broker for EmbeddedBroker {
     }
 
     async fn publish(&self, queue: &str, message: Message) -> Result<(), Error> {
-        self.queue(queue)?.publish(message)
+        if !self.inner.tapped.load(Ordering::Acquire) {
+            return self.queue(queue)?.publish(message);
+        }
+        let copy = message.clone();
+        self.queue(queue)?.publish(message)?;
+        self.copy_to_taps(queue, &copy);
+        Ok(())
     }
 
     async fn consume(&self, queue: &str, prefetch: u16) -> Result<Box<dyn Consumer>, Error> {

@@ -86,7 +86,10 @@
 #![forbid(unsafe_code)]
 
 mod consumer;
+mod tap;
 mod track;
+
+pub use tap::{KafkaTap, TapFrom, TapRange};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
