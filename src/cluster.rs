@@ -28,6 +28,8 @@ pub struct ClusterOptions {
     pub capacity: u16,
     /// Standbys the coordinator keeps per reserved service.
     pub standby_per_service: BTreeMap<String, u32>,
+    /// How long a session may go unused before it expires.
+    pub session_idle: Duration,
 }
 
 impl Default for ClusterOptions {
@@ -38,6 +40,7 @@ impl Default for ClusterOptions {
             dead_after: defaults.dead_after,
             capacity: 64,
             standby_per_service: BTreeMap::new(),
+            session_idle: defaults.session_idle,
         }
     }
 }
@@ -89,6 +92,7 @@ impl LocalCluster {
                 heartbeat_interval: self.opts.heartbeat_interval,
                 dead_after: self.opts.dead_after,
                 standby_per_service: self.opts.standby_per_service.clone(),
+                session_idle: self.opts.session_idle,
                 ..CoordinatorOptions::default()
             },
             self.broker.clone(),

@@ -75,6 +75,7 @@ async fn cluster(standby: &[(&str, u32)]) -> LocalCluster {
             .iter()
             .map(|(s, n)| ((*s).to_owned(), *n))
             .collect::<BTreeMap<_, _>>(),
+        ..ClusterOptions::default()
     };
     LocalCluster::start(opts, MemoryStore::default())
         .await

@@ -2,9 +2,12 @@
 
 use std::collections::{HashMap, HashSet};
 
-use callq_schemas::protocol::{CompleteDecision, Lease, ResumeDecision, TraceDecision, retryable};
-use callq_schemas::{Reply, Uuid};
+use callq_schemas::protocol::{
+    CompleteDecision, Lease, ResumeDecision, SessionState, SessionWrite, TraceDecision, retryable,
+};
+use callq_schemas::{Reply, Uuid, codes};
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 use tracing::{info, warn};
 
 use crate::{Error, Store};
@@ -63,6 +66,48 @@ pub struct CallRecord {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lost: Vec<Uuid>,
 }
+
+/// Where a session is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionLife {
+    /// Live.
+    Open,
+    /// Idle past its expiry; its data is gone.
+    Expired,
+    /// Closed by a call; its data is gone.
+    Closed,
+}
+
+/// A session's data, versioned, in the coordinator's store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    /// One more with each committed write.
+    pub version: u64,
+    /// The data.
+    #[serde(default)]
+    pub data: Map<String, Value>,
+    /// Where it is in its life.
+    pub life: SessionLife,
+    /// Its last use, in milliseconds since the Unix epoch. Reads move it in
+    /// memory and write it only when the stored value is a quarter of the
+    /// expiry old, so that reads cost no write.
+    pub used_ms: i64,
+}
+
+impl SessionRecord {
+    fn new(now_ms: i64) -> Self {
+        Self {
+            version: 0,
+            data: Map::new(),
+            life: SessionLife::Open,
+            used_ms: now_ms,
+        }
+    }
+}
+
+/// Sessions the ledger keeps in memory at most (the store has them all).
+const SESSIONS_CACHED: usize = 100_000;
 
 /// Lost leases a record remembers.
 const LOST_LEASES_KEPT: usize = 16;
@@ -133,6 +178,13 @@ pub enum Effect {
         /// The `fatal` reply.
         reply: Reply,
     },
+    /// Tell the workers that cache a session that it changed.
+    SessionChanged {
+        /// The session.
+        session_id: String,
+        /// Its version now.
+        version: u64,
+    },
 }
 
 /// The call ledger over a durable [`Store`].
@@ -147,6 +199,9 @@ pub struct Ledger<S: Store> {
     open: HashMap<Uuid, CallRecord>,
     dirty: HashSet<Uuid>,
     effects: Vec<Effect>,
+    sessions: HashMap<String, SessionRecord>,
+    dirty_sessions: HashSet<String>,
+    session_idle_ms: i64,
 }
 
 impl<S: Store> Ledger<S> {
@@ -159,7 +214,139 @@ impl<S: Store> Ledger<S> {
             open,
             dirty: HashSet::new(),
             effects: Vec::new(),
+            sessions: HashMap::new(),
+            dirty_sessions: HashSet::new(),
+            session_idle_ms: 30 * 60 * 1000,
         })
+    }
+
+    /// Sessions idle this long expire (30 minutes unless set).
+    pub fn set_session_idle(&mut self, idle: std::time::Duration) {
+        self.session_idle_ms = i64::try_from(idle.as_millis()).unwrap_or(i64::MAX).max(1);
+    }
+
+    /// The session, loaded into memory.
+    fn load_session(&mut self, id: &str) -> Result<Option<&mut SessionRecord>, Error> {
+        if !self.sessions.contains_key(id)
+            && let Some(r) = self.store.get_session(id)?
+        {
+            if self.sessions.len() >= SESSIONS_CACHED {
+                // Forget a clean one; the store has it.
+                let clean = self
+                    .sessions
+                    .keys()
+                    .find(|k| !self.dirty_sessions.contains(*k))
+                    .cloned();
+                if let Some(k) = clean {
+                    self.sessions.remove(&k);
+                }
+            }
+            self.sessions.insert(id.to_owned(), r);
+        }
+        Ok(self.sessions.get_mut(id))
+    }
+
+    /// A session as a worker reads it at `now_ms`: its data when the worker
+    /// does not `have` its version. A session idle past its expiry expires
+    /// here.
+    pub fn session(
+        &mut self,
+        id: &str,
+        have: Option<u64>,
+        now_ms: i64,
+    ) -> Result<SessionState, Error> {
+        let idle = self.session_idle_ms;
+        let Some(rec) = self.load_session(id)? else {
+            return Ok(SessionState::Open {
+                version: 0,
+                data: (have != Some(0)).then(Map::new),
+            });
+        };
+        let state = match rec.life {
+            SessionLife::Expired => SessionState::Expired,
+            SessionLife::Closed => SessionState::Closed,
+            SessionLife::Open if now_ms - rec.used_ms > idle => {
+                rec.life = SessionLife::Expired;
+                rec.data.clear();
+                self.dirty_sessions.insert(id.to_owned());
+                return Ok(SessionState::Expired);
+            }
+            SessionLife::Open => {
+                let persist = now_ms - rec.used_ms > idle / 4;
+                rec.used_ms = now_ms;
+                let state = SessionState::Open {
+                    version: rec.version,
+                    data: (have != Some(rec.version)).then(|| rec.data.clone()),
+                };
+                if persist {
+                    self.dirty_sessions.insert(id.to_owned());
+                }
+                state
+            }
+        };
+        Ok(state)
+    }
+
+    /// Whether `write` can commit at `now_ms`: `Err((code, reason))` if not.
+    fn session_check(
+        &mut self,
+        write: &SessionWrite,
+        now_ms: i64,
+    ) -> Result<Result<(), (String, String)>, Error> {
+        let idle = self.session_idle_ms;
+        let id = write.session_id.as_str();
+        let (life, version, used) = match self.load_session(id)? {
+            Some(r) => (r.life, r.version, r.used_ms),
+            None => (SessionLife::Open, 0, now_ms),
+        };
+        let refused = |code: &str, reason: String| Ok(Err((code.to_owned(), reason)));
+        match life {
+            SessionLife::Expired => {
+                refused(codes::SESSION_EXPIRED, format!("session `{id}` expired"))
+            }
+            SessionLife::Closed => {
+                refused(codes::SESSION_CLOSED, format!("session `{id}` was closed"))
+            }
+            SessionLife::Open if now_ms - used > idle => {
+                self.session(id, None, now_ms)?;
+                refused(codes::SESSION_EXPIRED, format!("session `{id}` expired"))
+            }
+            SessionLife::Open if version != write.base => refused(
+                codes::SESSION_CONFLICT,
+                format!(
+                    "session `{id}` is at version {version}; the attempt read version {}",
+                    write.base
+                ),
+            ),
+            SessionLife::Open => Ok(Ok(())),
+        }
+    }
+
+    /// Applies a checked write.
+    fn session_apply(&mut self, write: &SessionWrite, now_ms: i64) {
+        let id = write.session_id.clone();
+        let rec = self
+            .sessions
+            .entry(id.clone())
+            .or_insert_with(|| SessionRecord::new(now_ms));
+        for (k, v) in &write.set {
+            if v.is_null() {
+                rec.data.remove(k);
+            } else {
+                rec.data.insert(k.clone(), v.clone());
+            }
+        }
+        rec.version += 1;
+        rec.used_ms = now_ms;
+        if write.close {
+            rec.life = SessionLife::Closed;
+            rec.data.clear();
+        }
+        self.effects.push(Effect::SessionChanged {
+            session_id: id.clone(),
+            version: rec.version,
+        });
+        self.dirty_sessions.insert(id);
     }
 
     /// The store, for tests and status.
@@ -329,16 +516,50 @@ impl<S: Store> Ledger<S> {
     }
 
     /// A worker reports that `attempt` completed with `reply` (synchronously
-    /// when it has traces, batched otherwise).
+    /// when it has traces or session writes, batched otherwise). A session
+    /// write commits with the completion, or neither does.
     pub fn complete(
         &mut self,
         lease: Lease,
         attempt: u32,
         reply: Option<Reply>,
+        session: Option<&SessionWrite>,
+        now_ms: i64,
     ) -> Result<CompleteDecision, Error> {
         let call_id = lease.call_id;
-        let Some(rec) = self.load(call_id)? else {
-            // A fast-path call that never left the fast path: nothing to record.
+        let known = self.load(call_id)?.is_some();
+        if !known {
+            let Some(write) = session else {
+                // A fast-path call that never left the fast path: nothing to record.
+                return Ok(CompleteDecision::Accepted);
+            };
+            if attempt != 1 || lease.copy != 1 {
+                return Ok(CompleteDecision::Refused {
+                    reason: format!("attempt {attempt} of call {call_id} was never issued"),
+                });
+            }
+            if let Err((code, reason)) = self.session_check(write, now_ms)? {
+                return Ok(CompleteDecision::SessionRefused { code, reason });
+            }
+            // The call gets its record, decided, so that a later copy is
+            // answered from it rather than run (and counted) again.
+            let mut record = CallRecord::open(
+                "",
+                None,
+                attempt,
+                Holder {
+                    worker: String::new(),
+                    lease,
+                },
+                Vec::new(),
+            );
+            record.state = CallState::Done { reply };
+            record.holder = None;
+            self.put(call_id, record);
+            self.session_apply(write, now_ms);
+            return Ok(CompleteDecision::Accepted);
+        }
+        let Some(rec) = self.open.get(&call_id) else {
             return Ok(CompleteDecision::Accepted);
         };
         let holds = rec.attempt == attempt
@@ -348,7 +569,15 @@ impl<S: Store> Ledger<S> {
                 .is_some_and(|h| h.lease.token == lease.token);
         match &rec.state {
             CallState::Open if holds => {
-                rec.state = CallState::Done { reply };
+                if let Some(write) = session {
+                    if let Err((code, reason)) = self.session_check(write, now_ms)? {
+                        return Ok(CompleteDecision::SessionRefused { code, reason });
+                    }
+                    self.session_apply(write, now_ms);
+                }
+                if let Some(rec) = self.open.get_mut(&call_id) {
+                    rec.state = CallState::Done { reply };
+                }
                 self.dirty.insert(call_id);
                 Ok(CompleteDecision::Accepted)
             }
@@ -455,18 +684,27 @@ impl<S: Store> Ledger<S> {
     /// then returns the effects to carry out. On error nothing is durable,
     /// the memory is rolled back, and no decision may be announced.
     pub fn commit(&mut self) -> Result<Vec<Effect>, Error> {
-        if self.dirty.is_empty() {
+        if self.dirty.is_empty() && self.dirty_sessions.is_empty() {
             return Ok(std::mem::take(&mut self.effects));
         }
         let ids: Vec<Uuid> = self.dirty.drain().collect();
+        let session_ids: Vec<String> = self.dirty_sessions.drain().collect();
         let batch: Vec<(Uuid, &CallRecord)> = ids
             .iter()
             .filter_map(|id| self.open.get(id).map(|r| (*id, r)))
             .collect();
-        if let Err(e) = self.store.put_all(&batch) {
+        let sessions: Vec<(&str, &SessionRecord)> = session_ids
+            .iter()
+            .filter_map(|id| self.sessions.get(id).map(|r| (id.as_str(), r)))
+            .collect();
+        if let Err(e) = self.store.put_all(&batch, &sessions) {
             self.effects.clear();
             for id in &ids {
                 self.open.remove(id);
+            }
+            for id in &session_ids {
+                // Read back from the store when next asked.
+                self.sessions.remove(id);
             }
             for (id, r) in self.store.open_calls()? {
                 if ids.contains(&id) {

@@ -24,7 +24,9 @@ mod pg_store;
 mod service;
 mod store;
 
-pub use ledger::{CallRecord, CallState, Effect, Holder, InFlight, Ledger};
+pub use ledger::{
+    CallRecord, CallState, Effect, Holder, InFlight, Ledger, SessionLife, SessionRecord,
+};
 pub use pg_store::{PG_MIGRATION, PgStore};
 pub use service::{Coordinator, CoordinatorOptions};
 pub use store::{MemoryStore, RedbStore, Store};

@@ -24,7 +24,7 @@ use tokio_postgres::{Client, NoTls};
 use tracing::{info, warn};
 use uuid::Uuid;
 
-use crate::{CallRecord, CallState, Error, Store};
+use crate::{CallRecord, CallState, Error, SessionRecord, Store};
 
 /// The tables, created when missing.
 pub const PG_MIGRATION: &str = "
@@ -43,6 +43,12 @@ create table if not exists callq_calls (
     primary key (cluster, call_id)
 );
 create index if not exists callq_calls_open on callq_calls (cluster) where open;
+create table if not exists callq_sessions (
+    cluster text not null,
+    session_id text not null,
+    record jsonb not null,
+    primary key (cluster, session_id)
+);
 ";
 
 /// How long one round trip to PostgreSQL may take.
@@ -199,7 +205,31 @@ impl Store for PgStore {
         .transpose()
     }
 
-    fn put_all(&mut self, records: &[(Uuid, &CallRecord)]) -> Result<(), Error> {
+    fn get_session(&self, session_id: &str) -> Result<Option<SessionRecord>, Error> {
+        let row = self.block(bounded(
+            "reading a session",
+            self.client.query_opt(
+                "select record from callq_sessions where cluster = $1 and session_id = $2",
+                &[&self.cluster, &session_id],
+            ),
+        ))?;
+        row.map(|r| {
+            serde_json::from_value::<SessionRecord>(r.get(0))
+                .map_err(|e| Error::Corrupt(e.to_string()))
+        })
+        .transpose()
+    }
+
+    fn put_all(
+        &mut self,
+        records: &[(Uuid, &CallRecord)],
+        sessions: &[(&str, &SessionRecord)],
+    ) -> Result<(), Error> {
+        let session_ids: Vec<&str> = sessions.iter().map(|(id, _)| *id).collect();
+        let session_bodies = sessions
+            .iter()
+            .map(|(_, s)| serde_json::to_value(s).map_err(pg_err))
+            .collect::<Result<Vec<Value>, Error>>()?;
         let mut ids = Vec::with_capacity(records.len());
         let mut open = Vec::with_capacity(records.len());
         let mut bodies = Vec::with_capacity(records.len());
@@ -232,6 +262,19 @@ impl Store for PgStore {
                     ),
                 )
                 .await?;
+                if !session_ids.is_empty() {
+                    bounded(
+                        "writing sessions",
+                        tx.execute(
+                            "insert into callq_sessions (cluster, session_id, record) \
+                             select $1::text, u.id, u.r \
+                             from unnest($2::text[], $3::jsonb[]) as u(id, r) \
+                             on conflict (cluster, session_id) do update set record = excluded.record",
+                            &[&cluster, &session_ids, &session_bodies],
+                        ),
+                    )
+                    .await?;
+                }
                 bounded("committing", tx.commit()).await?;
                 Ok::<_, Error>(true)
             })

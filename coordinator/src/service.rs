@@ -1,7 +1,7 @@
 //! The coordinator service: requests on the bus, group commit, failure
 //! detection.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +18,7 @@ use futures::{FutureExt, StreamExt, stream};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{Effect, Error, InFlight, Ledger, Store};
 
@@ -45,6 +45,9 @@ pub struct CoordinatorOptions {
     /// Standby workers to keep per reserved service; services not named
     /// here have none.
     pub standby_per_service: BTreeMap<String, u32>,
+    /// How long a session may go unused before it expires.
+    #[serde(with = "millis")]
+    pub session_idle: Duration,
 }
 
 impl Default for CoordinatorOptions {
@@ -54,6 +57,7 @@ impl Default for CoordinatorOptions {
             dead_after: 4,
             batch_max: 256,
             standby_per_service: BTreeMap::new(),
+            session_idle: Duration::from_secs(30 * 60),
             limits: Limits {
                 max_bytes: 64 * 1024 * 1024,
                 max_depth: 128,
@@ -123,11 +127,22 @@ pub struct Coordinator<S: Store> {
     promotions: u64,
     /// Since when the request queue has had a backlog, if it has.
     behind_since: Option<Instant>,
+    /// The wall clock when `started` was taken, in milliseconds since the
+    /// Unix epoch: session times are this plus the (tokio) time since.
+    epoch_ms: i64,
+    /// Workers that read each session since it last changed: they hear of
+    /// its next change.
+    session_readers: HashMap<String, HashSet<String>>,
 }
+
+/// Sessions whose readers are tracked, at most; past that the tracking
+/// starts afresh (workers validate their cache on every call anyway).
+const SESSIONS_TRACKED: usize = 100_000;
 
 impl<S: Store> Coordinator<S> {
     /// A coordinator over a ledger (opened from its store).
-    pub fn new(opts: CoordinatorOptions, broker: Arc<dyn Broker>, ledger: Ledger<S>) -> Self {
+    pub fn new(opts: CoordinatorOptions, broker: Arc<dyn Broker>, mut ledger: Ledger<S>) -> Self {
+        ledger.set_session_idle(opts.session_idle);
         Self {
             opts,
             broker,
@@ -139,7 +154,15 @@ impl<S: Store> Coordinator<S> {
             deaths: 0,
             promotions: 0,
             behind_since: None,
+            epoch_ms: wall_ms(),
+            session_readers: HashMap::new(),
         }
+    }
+
+    /// Now, for sessions, in milliseconds since the Unix epoch.
+    fn now_ms(&self) -> i64 {
+        self.epoch_ms
+            .saturating_add(i64::try_from(self.started.elapsed().as_millis()).unwrap_or(i64::MAX))
     }
 
     /// Serves until `shutdown` is cancelled.
@@ -147,6 +170,7 @@ impl<S: Store> Coordinator<S> {
         self.broker.declare(&QueueSpec::coordinator()).await?;
         self.broker.declare(&QueueSpec::heartbeats()).await?;
         self.started = Instant::now();
+        self.epoch_ms = wall_ms();
         let prefetch = self.opts.batch_max.max(1);
         let mut requests = self.broker.consume(COORDINATOR_QUEUE, prefetch).await?;
         let mut beats = self.broker.consume(HEARTBEAT_QUEUE, prefetch).await?;
@@ -422,15 +446,38 @@ impl<S: Store> Coordinator<S> {
                 lease,
                 attempt,
                 reply,
+                session,
             } => {
                 self.landed(&worker, lease.call_id);
-                let decision = self.ledger.complete(lease, attempt, reply)?;
+                let now = self.now_ms();
+                let decision =
+                    self.ledger
+                        .complete(lease, attempt, reply, session.as_ref(), now)?;
                 answer(AnswerBody::Complete { req_id, decision });
+            }
+            RequestBody::Session {
+                req_id,
+                session_id,
+                have,
+            } => {
+                let now = self.now_ms();
+                let state = self.ledger.session(&session_id, have, now)?;
+                if self.session_readers.len() >= SESSIONS_TRACKED {
+                    self.session_readers.clear();
+                }
+                self.session_readers
+                    .entry(session_id)
+                    .or_default()
+                    .insert(worker.clone());
+                answer(AnswerBody::Session { req_id, state });
             }
             RequestBody::Completed { calls } => {
                 for c in calls {
                     self.landed(&worker, c.lease.call_id);
-                    let decision = self.ledger.complete(c.lease, c.attempt, c.reply)?;
+                    let now = self.now_ms();
+                    let decision = self
+                        .ledger
+                        .complete(c.lease, c.attempt, c.reply, None, now)?;
                     if !matches!(decision, CompleteDecision::Accepted) {
                         info!(worker, call_id = %c.lease.call_id, ?decision, "a revoked attempt completed; ignored");
                     }
@@ -677,7 +724,42 @@ impl<S: Store> Coordinator<S> {
 
     /// Publishes re-issues and fatal answers of durable decisions, their
     /// confirms pipelined.
-    async fn carry_out(&self, effects: Vec<Effect>) {
+    async fn carry_out(&mut self, effects: Vec<Effect>) {
+        // A changed session's readers hear of it (and are forgotten until
+        // they read it again).
+        let mut publishes = Vec::new();
+        let mut effects = effects;
+        effects.retain(|e| match e {
+            Effect::SessionChanged {
+                session_id,
+                version,
+            } => {
+                for reader in self.session_readers.remove(session_id).unwrap_or_default() {
+                    if let Some(w) = self.workers.get(&reader) {
+                        let body = AnswerBody::SessionChanged {
+                            session_id: session_id.clone(),
+                            version: *version,
+                        };
+                        publishes.push((w.queue.clone(), Answer { v: 1, body }));
+                    }
+                }
+                false
+            }
+            _ => true,
+        });
+        let this = &*self;
+        stream::iter(publishes)
+            .for_each_concurrent(IN_FLIGHT, |(to, answer)| async move {
+                let publish = this.broker.publish(&to, Message::new(answer.to_bytes()));
+                // A hint: a worker checks the version with every call anyway.
+                if let Err(e) = tokio::time::timeout(PUBLISH_TIMEOUT, publish)
+                    .await
+                    .unwrap_or(Err(callq_broker::Error::Timeout(PUBLISH_TIMEOUT)))
+                {
+                    debug!(to, "a session change notice was not sent: {e}");
+                }
+            })
+            .await;
         stream::iter(effects)
             .for_each_concurrent(IN_FLIGHT, |effect| self.carry_out_one(effect))
             .await;
@@ -740,6 +822,7 @@ impl<S: Store> Coordinator<S> {
                 };
                 (call_queue(&service), message)
             }
+            Effect::SessionChanged { .. } => return,
             Effect::AnswerFatal { reply_to, reply } => {
                 warn!(call_id = %reply.call_id, "answering fatal: {}", reply.error.as_ref().map(|e| e.message.as_str()).unwrap_or_default());
                 (
@@ -768,6 +851,12 @@ impl<S: Store> Coordinator<S> {
             }
         }
     }
+}
+
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 fn decode_request(body: &[u8], limits: &Limits) -> Result<Request, String> {

@@ -6,7 +6,7 @@ use std::path::Path;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use uuid::Uuid;
 
-use crate::{CallRecord, CallState, Error};
+use crate::{CallRecord, CallState, Error, SessionRecord};
 
 /// Where the ledger keeps its records.
 ///
@@ -16,8 +16,15 @@ use crate::{CallRecord, CallState, Error};
 pub trait Store: Send + Sync {
     /// One record, if the call is known.
     fn get(&self, call_id: Uuid) -> Result<Option<CallRecord>, Error>;
-    /// Writes a batch of records in one durable, atomic transaction.
-    fn put_all(&mut self, records: &[(Uuid, &CallRecord)]) -> Result<(), Error>;
+    /// One session, if it was ever written.
+    fn get_session(&self, session_id: &str) -> Result<Option<SessionRecord>, Error>;
+    /// Writes a batch of call records and sessions in one durable, atomic
+    /// transaction.
+    fn put_all(
+        &mut self,
+        records: &[(Uuid, &CallRecord)],
+        sessions: &[(&str, &SessionRecord)],
+    ) -> Result<(), Error>;
     /// Every record whose call is not yet decided, for a coordinator that
     /// starts (or takes over) to rebuild its memory.
     fn open_calls(&self) -> Result<Vec<(Uuid, CallRecord)>, Error>;
@@ -30,6 +37,7 @@ pub trait Store: Send + Sync {
 
 const CALLS: TableDefinition<'_, u128, &[u8]> = TableDefinition::new("calls");
 const OPEN: TableDefinition<'_, u128, ()> = TableDefinition::new("open_calls");
+const SESSIONS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("sessions");
 
 /// The embedded store (redb): one file, one write transaction per batch,
 /// fsynced before it returns.
@@ -52,6 +60,7 @@ impl RedbStore {
         let tx = db.begin_write().map_err(store_err)?;
         tx.open_table(CALLS).map_err(store_err)?;
         tx.open_table(OPEN).map_err(store_err)?;
+        tx.open_table(SESSIONS).map_err(store_err)?;
         tx.commit().map_err(store_err)?;
         Ok(Self { db })
     }
@@ -69,9 +78,27 @@ impl Store for RedbStore {
         found.map(|v| decode(v.value())).transpose()
     }
 
-    fn put_all(&mut self, records: &[(Uuid, &CallRecord)]) -> Result<(), Error> {
+    fn get_session(&self, session_id: &str) -> Result<Option<SessionRecord>, Error> {
+        let tx = self.db.begin_read().map_err(store_err)?;
+        let table = tx.open_table(SESSIONS).map_err(store_err)?;
+        let found = table.get(session_id).map_err(store_err)?;
+        found
+            .map(|v| serde_json::from_slice(v.value()).map_err(|e| Error::Corrupt(e.to_string())))
+            .transpose()
+    }
+
+    fn put_all(
+        &mut self,
+        records: &[(Uuid, &CallRecord)],
+        sessions: &[(&str, &SessionRecord)],
+    ) -> Result<(), Error> {
         let tx = self.db.begin_write().map_err(store_err)?;
         {
+            let mut table = tx.open_table(SESSIONS).map_err(store_err)?;
+            for (id, session) in sessions {
+                let bytes = serde_json::to_vec(session).map_err(store_err)?;
+                table.insert(*id, bytes.as_slice()).map_err(store_err)?;
+            }
             let mut calls = tx.open_table(CALLS).map_err(store_err)?;
             let mut open = tx.open_table(OPEN).map_err(store_err)?;
             for (id, record) in records {
@@ -110,6 +137,7 @@ impl Store for RedbStore {
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     records: HashMap<Uuid, CallRecord>,
+    sessions: HashMap<String, SessionRecord>,
     /// Transactions committed so far.
     pub transactions: usize,
     /// When set, the next `put_all` fails (and the flag clears).
@@ -121,12 +149,23 @@ impl Store for MemoryStore {
         Ok(self.records.get(&call_id).cloned())
     }
 
-    fn put_all(&mut self, records: &[(Uuid, &CallRecord)]) -> Result<(), Error> {
+    fn get_session(&self, session_id: &str) -> Result<Option<SessionRecord>, Error> {
+        Ok(self.sessions.get(session_id).cloned())
+    }
+
+    fn put_all(
+        &mut self,
+        records: &[(Uuid, &CallRecord)],
+        sessions: &[(&str, &SessionRecord)],
+    ) -> Result<(), Error> {
         if std::mem::take(&mut self.fail_next) {
             return Err(Error::Store("injected failure".into()));
         }
         for (id, r) in records {
             self.records.insert(*id, (*r).clone());
+        }
+        for (id, s) in sessions {
+            self.sessions.insert((*id).to_owned(), (*s).clone());
         }
         self.transactions += 1;
         Ok(())

@@ -55,7 +55,7 @@ async fn an_old_leader_s_writes_are_refused_once_another_took_the_lease() {
         "the lease is a's while it runs"
     );
     let (x, y) = (Uuid::now_v7(), Uuid::now_v7());
-    a.put_all(&[(x, &record(1))]).unwrap();
+    a.put_all(&[(x, &record(1))], &[]).unwrap();
 
     // a stops renewing (as if paused); b takes over with a higher epoch.
     let mut b = take_over(&cluster, "b").await;
@@ -67,7 +67,7 @@ async fn an_old_leader_s_writes_are_refused_once_another_took_the_lease() {
     );
 
     // a wakes up: its writes change nothing.
-    let refused = a.put_all(&[(x, &record(7)), (y, &record(1))]);
+    let refused = a.put_all(&[(x, &record(7)), (y, &record(1))], &[]);
     assert!(matches!(refused, Err(Error::Fenced(_))), "{refused:?}");
     assert!(matches!(a.renew(), Err(Error::Fenced(_))));
     assert_eq!(
@@ -80,7 +80,7 @@ async fn an_old_leader_s_writes_are_refused_once_another_took_the_lease() {
     // b writes and keeps the lease.
     let mut done = record(2);
     done.state = CallState::Done { reply: None };
-    b.put_all(&[(x, &done)]).unwrap();
+    b.put_all(&[(x, &done)], &[]).unwrap();
     b.renew().unwrap();
     assert_eq!(
         b.open_calls().unwrap(),
@@ -95,4 +95,30 @@ async fn an_old_leader_s_writes_are_refused_once_another_took_the_lease() {
             .is_none(),
         "b's lease runs: nobody else takes it"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_are_written_with_the_calls_and_read_back_by_the_next_leader() {
+    use callq_coordinator::{SessionLife, SessionRecord};
+    let cluster = format!("test-{}", Uuid::now_v7().simple());
+    let mut a = take_over(&cluster, "a").await;
+    let mut data = serde_json::Map::new();
+    data.insert("value".into(), serde_json::json!(12));
+    let session = SessionRecord {
+        version: 3,
+        data,
+        life: SessionLife::Open,
+        used_ms: 1_700_000_000_000,
+    };
+    let x = Uuid::now_v7();
+    a.put_all(&[(x, &record(1))], &[("s1", &session)]).unwrap();
+    assert_eq!(a.get_session("s1").unwrap(), Some(session.clone()));
+    assert_eq!(a.get_session("s2").unwrap(), None);
+    drop(a);
+    // The next leader (after the lease ran out) reads the same session; a
+    // cluster of another name does not see it.
+    let b = take_over(&cluster, "b").await;
+    assert_eq!(b.get_session("s1").unwrap(), Some(session));
+    let other = take_over(&format!("{cluster}-other"), "c").await;
+    assert_eq!(other.get_session("s1").unwrap(), None);
 }

@@ -57,6 +57,8 @@ pub struct Ctx {
     pub(crate) standing: Option<Arc<crate::link::Attempt>>,
     /// The worker's crash plan, in fault-injection tests.
     pub(crate) crash: Option<crate::faults::Crash>,
+    /// The call's session, when it names one and a coordinator keeps it.
+    pub(crate) session: Option<Arc<crate::session::CallSession>>,
 }
 
 impl Ctx {
@@ -143,6 +145,7 @@ impl Ctx {
             traceparent: None,
             standing: None,
             crash: None,
+            session: None,
         }
     }
 }

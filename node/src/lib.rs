@@ -22,12 +22,14 @@ mod link;
 pub mod pg;
 pub mod replay;
 pub mod services;
+mod session;
 mod worker;
 
 pub use admin::Admin;
 pub use agent::{Agent, AgentOptions, AgentStats, InProcess, Launcher, Processes, WorkerSpec};
 pub use client::{CallOptions, Client, ClientOptions};
 pub use handler::{Ctx, HandlerError, HandlerFuture, Service};
+pub use session::Session;
 pub use worker::{Worker, WorkerOptions, WorkerStats};
 
 /// What can go wrong in the node.

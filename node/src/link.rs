@@ -25,6 +25,8 @@ pub(crate) enum Order {
     Drain,
     /// To a node agent: start a standby worker of these services.
     StartStandby(Vec<String>),
+    /// A session changed: cached versions below this one are stale.
+    SessionChanged(String, u64),
 }
 
 /// The coordinator did not answer within the worker's patience.
@@ -73,7 +75,7 @@ impl Link {
             .await
             .map_err(|_| Error::Timeout(patience))??;
         let waiters: Arc<Waiters> = Arc::default();
-        let (orders_tx, orders) = mpsc::channel(16);
+        let (orders_tx, orders) = mpsc::channel(1024);
         let reader = tokio::spawn(read_answers(
             consumer,
             waiters.clone(),
@@ -171,9 +173,13 @@ fn req_id(answer: &AnswerBody) -> Option<Uuid> {
         AnswerBody::Resume { req_id, .. }
         | AnswerBody::Trace { req_id, .. }
         | AnswerBody::Complete { req_id, .. }
+        | AnswerBody::Session { req_id, .. }
         | AnswerBody::Draining { req_id, .. }
         | AnswerBody::Status { req_id, .. } => Some(*req_id),
-        AnswerBody::Promote {} | AnswerBody::Drain {} | AnswerBody::StartStandby { .. } => None,
+        AnswerBody::Promote {}
+        | AnswerBody::Drain {}
+        | AnswerBody::StartStandby { .. }
+        | AnswerBody::SessionChanged { .. } => None,
     }
 }
 
@@ -217,6 +223,14 @@ fn route(answer: AnswerBody, waiters: &Waiters, orders: &mpsc::Sender<Order>, wo
         AnswerBody::Promote {} => Order::Promote,
         AnswerBody::Drain {} => Order::Drain,
         AnswerBody::StartStandby { services } => Order::StartStandby(services),
+        AnswerBody::SessionChanged {
+            session_id,
+            version,
+        } => {
+            // A hint: the worker checks the version with every call anyway.
+            let _ = orders.try_send(Order::SessionChanged(session_id, version));
+            return;
+        }
         other => {
             warn!(worker = %worker_id, "unexpected coordinator message dropped: {other:?}");
             return;

@@ -120,8 +120,36 @@ pub fn chaos() -> Service {
         })
 }
 
+/// `counter`: a counter kept in the call's session data. `add` adds
+/// `{"n": <integer>}` and returns `{"value": <the new value>}`; `get` returns
+/// `{"value": ..}` (0 for a new session); `close` closes the session.
+pub fn counter() -> Service {
+    let value = |s: &crate::Session| s.get("value").and_then(|v| v.as_i64()).unwrap_or(0);
+    Service::new("counter")
+        .method("add", move |ctx, args: Value| async move {
+            let n = args
+                .get("n")
+                .and_then(Value::as_i64)
+                .ok_or_else(|| HandlerError::invalid_args("add needs {\"n\": <integer>}"))?;
+            let session = ctx.session().await?;
+            let sum = value(&session)
+                .checked_add(n)
+                .ok_or_else(|| HandlerError::invalid_args("the counter would overflow"))?;
+            session.set("value", json!(sum));
+            Ok(json!({ "value": sum }))
+        })
+        .method("get", move |ctx, _args: Value| async move {
+            let session = ctx.session().await?;
+            Ok(json!({ "value": value(&session), "version": session.version() }))
+        })
+        .method("close", |ctx, _args: Value| async move {
+            ctx.session().await?.close();
+            Ok(json!({ "closed": true }))
+        })
+}
+
 /// The names of the built-in services, for `--services`.
-pub const BUILT_IN: &[&str] = &["echo", "mail", "bank", "chaos"];
+pub const BUILT_IN: &[&str] = &["echo", "mail", "bank", "chaos", "counter"];
 
 /// A built-in service by name.
 pub fn by_name(name: &str) -> Option<Service> {
@@ -130,6 +158,7 @@ pub fn by_name(name: &str) -> Option<Service> {
         "mail" => Some(mail()),
         "bank" => Some(crate::bank::bank_from_env()),
         "chaos" => Some(chaos()),
+        "counter" => Some(counter()),
         _ => None,
     }
 }

@@ -27,6 +27,7 @@ use uuid::Uuid;
 
 use crate::faults::{Crash, CrashPoint, CrashSite, Faults};
 use crate::link::{Abort, Attempt, Link, Order};
+use crate::session::{CallSession, SessionCache};
 use crate::{Ctx, Error, Service};
 
 /// How a worker runs.
@@ -173,6 +174,10 @@ struct Flight {
 /// A completion on its way to the coordinator, and who waits for it.
 type Outgoing = (Completion, oneshot::Sender<()>);
 
+/// Runs of one attempt at most when its session write keeps meeting newer
+/// versions; then the call answers `session_conflict`.
+const SESSION_RUNS: u32 = 16;
+
 /// Bodies one heartbeat carries at most, in bytes; the rest wait for the
 /// next beat.
 const HEARTBEAT_BODY_BUDGET: usize = 8 * 1024 * 1024;
@@ -189,6 +194,7 @@ struct Shared {
     state: Mutex<WorkerState>,
     completions: Option<mpsc::Sender<Outgoing>>,
     crash: Option<Crash>,
+    sessions: Arc<SessionCache>,
 }
 
 /// Aborts a background task when the worker's future is dropped.
@@ -327,6 +333,7 @@ impl Worker {
             }),
             completions,
             crash,
+            sessions: Arc::default(),
         });
         let outbox_task = match (link, outgoing) {
             (Some(link), Some(rx)) => {
@@ -364,6 +371,7 @@ impl Worker {
                         break Ok(());
                     }
                     Order::StartStandby(_) => {}
+                    Order::SessionChanged(id, version) => shared.sessions.changed(&id, version),
                 },
                 Some(joined) = calls.join_next(), if !calls.is_empty() => {
                     if let Err(e) = joined {
@@ -389,6 +397,9 @@ impl Worker {
         // Drain: the consumers stay open (they hold the leases of the calls in
         // flight) until those calls are settled or abandoned; heartbeats go on.
         shared.set_state(WorkerState::Draining);
+        // Its sessions go back to the store: another worker reads them from
+        // there (and the coordinator forgets this one with its `leave`).
+        shared.sessions.clear();
         info!(worker = %shared.opts.worker_id, in_flight = calls.len(), "worker draining");
         let finish = async { while calls.join_next().await.is_some() {} };
         if tokio::time::timeout(shared.opts.drain_timeout, finish)
@@ -615,7 +626,7 @@ impl Drop for FlightGuard<'_> {
 async fn decide(shared: &Shared, delivery: &Delivery) -> Disposition {
     let stats = &shared.stats;
     let limits = &shared.opts.limits;
-    let call = match decode_call(&delivery.body, limits) {
+    let mut call = match decode_call(&delivery.body, limits) {
         Ok(call) => call,
         Err(e) => {
             WorkerStats::bump(&stats.bad_request);
@@ -747,52 +758,133 @@ async fn decide(shared: &Shared, delivery: &Delivery) -> Disposition {
         WorkerStats::bump(&stats.expired);
         (Reply::expired(call.call_id, attempt), Disposition::Ack)
     } else {
-        let ctx = Ctx {
-            call_id: call.call_id,
-            attempt,
-            service: service.name_arc(),
-            method: call.method.clone(),
-            session_id: call.session_id,
-            idempotency_key: call.idempotency_key,
-            deadline: call.deadline,
-            traceparent: call.traceparent,
-            standing: Some(standing.clone()),
-            crash: shared.crash.clone(),
+        let session = match (&call.session_id, &shared.link) {
+            (Some(id), Some(link)) => Some(Arc::new(CallSession::new(
+                id.clone(),
+                shared.sessions.clone(),
+                link.clone(),
+            ))),
+            _ => None,
         };
-        let reply = run_handler(
-            shared,
-            service,
-            &call.method,
-            call.call_id,
-            attempt,
-            ctx,
-            call.args,
-        )
-        .await;
-        match standing.aborted() {
-            Some(Abort::Revoked(reason)) => {
-                WorkerStats::bump(&stats.revoked);
-                info!(worker = %shared.opts.worker_id, call_id = %call.call_id, attempt, "attempt revoked, its result is dropped: {reason}");
-                // The delivery goes back rather than away: the revocation
-                // may have produced no other copy (a re-issue needs the
-                // body), and `resume` on the redelivery runs it, or drops
-                // it where another copy holds or decided the call.
-                return Disposition::Requeue;
-            }
-            Some(Abort::Unreachable) => return Disposition::Requeue,
-            None => {
-                if let Some(crash) = &shared.crash {
-                    crash
-                        .at(CrashSite {
-                            point: CrashPoint::BeforeReply,
-                            call_id: call.call_id,
-                            attempt,
-                            trace: None,
-                            granted: &standing.traces(),
-                        })
-                        .await;
+        let mut runs = 0;
+        loop {
+            runs += 1;
+            let ctx = Ctx {
+                call_id: call.call_id,
+                attempt,
+                service: service.name_arc(),
+                method: call.method.clone(),
+                session_id: call.session_id.clone(),
+                idempotency_key: call.idempotency_key.clone(),
+                deadline: call.deadline,
+                traceparent: call.traceparent.clone(),
+                standing: Some(standing.clone()),
+                crash: shared.crash.clone(),
+                session: session.clone(),
+            };
+            // A call with a session may run again on fresher data.
+            let args = if session.is_some() {
+                call.args.clone()
+            } else {
+                std::mem::take(&mut call.args)
+            };
+            let reply = run_handler(
+                shared,
+                service,
+                &call.method,
+                call.call_id,
+                attempt,
+                ctx,
+                args,
+            )
+            .await;
+            match standing.aborted() {
+                Some(Abort::Revoked(reason)) => {
+                    WorkerStats::bump(&stats.revoked);
+                    info!(worker = %shared.opts.worker_id, call_id = %call.call_id, attempt, "attempt revoked, its result is dropped: {reason}");
+                    // The delivery goes back rather than away: the revocation
+                    // may have produced no other copy (a re-issue needs the
+                    // body), and `resume` on the redelivery runs it, or drops
+                    // it where another copy holds or decided the call.
+                    return Disposition::Requeue;
                 }
-                (reply, Disposition::Ack)
+                Some(Abort::Unreachable) => return Disposition::Requeue,
+                None => {}
+            }
+            if let Some(crash) = &shared.crash {
+                crash
+                    .at(CrashSite {
+                        point: CrashPoint::BeforeReply,
+                        call_id: call.call_id,
+                        attempt,
+                        trace: None,
+                        granted: &standing.traces(),
+                    })
+                    .await;
+            }
+            let (Some(session), Some(link)) = (&session, &shared.link) else {
+                break (reply, Disposition::Ack);
+            };
+            let Some(write) = session.write() else {
+                break (reply, Disposition::Ack);
+            };
+            // The session write commits with the completion, before the
+            // reply goes out.
+            let asked = link
+                .ask(|req_id| RequestBody::Complete {
+                    req_id,
+                    lease,
+                    attempt,
+                    reply: Some(reply.clone()),
+                    session: Some(write.clone()),
+                })
+                .await;
+            let reply_to = call.reply_to.as_deref();
+            match asked {
+                Ok(AnswerBody::Complete {
+                    decision: CompleteDecision::Accepted,
+                    ..
+                }) => {
+                    session.committed(&write);
+                    WorkerStats::add(&stats.traces, standing.traces().len());
+                    return then_if_sent(
+                        publish_reply(shared, reply_to, &reply).await,
+                        Disposition::Ack,
+                    );
+                }
+                Ok(AnswerBody::Complete {
+                    decision: CompleteDecision::SessionRefused { code, reason },
+                    ..
+                }) => {
+                    session.reset();
+                    if code == codes::SESSION_CONFLICT
+                        && runs < SESSION_RUNS
+                        && callq_schemas::protocol::retryable(&standing.traces())
+                    {
+                        debug!(worker = %shared.opts.worker_id, call_id = %call.call_id, "{reason}: running the call again");
+                        continue;
+                    }
+                    break (
+                        Reply::error(call.call_id, attempt, &code, reason),
+                        Disposition::Ack,
+                    );
+                }
+                Ok(AnswerBody::Complete {
+                    decision: CompleteDecision::Fatal { reply },
+                    ..
+                }) => {
+                    WorkerStats::bump(&stats.revoked);
+                    return publish_reply(shared, reply_to, &reply).await;
+                }
+                Ok(other) => {
+                    WorkerStats::bump(&stats.revoked);
+                    warn!(worker = %shared.opts.worker_id, call_id = %call.call_id, "session write not committed ({other:?}); the delivery goes back for `resume` to settle");
+                    return Disposition::Requeue;
+                }
+                Err(e) => {
+                    warn!(worker = %shared.opts.worker_id, call_id = %call.call_id, "completion not answered, returning the call to its queue: {e}");
+                    return Disposition::Requeue;
+                }
             }
         }
     };
@@ -812,6 +904,7 @@ async fn decide(shared: &Shared, delivery: &Delivery) -> Disposition {
                 lease,
                 attempt,
                 reply: Some(reply.clone()),
+                session: None,
             })
             .await;
         return match asked {

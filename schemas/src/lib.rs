@@ -44,4 +44,14 @@ pub mod codes {
     /// The coordinator refused (or did not answer) a trace: the attempt was
     /// revoked, and the handler must leave nothing.
     pub const TRACE_REFUSED: &str = "trace_refused";
+    /// The call's session expired (idle too long): its data is gone.
+    pub const SESSION_EXPIRED: &str = "session_expired";
+    /// The call's session was closed: its data is gone.
+    pub const SESSION_CLOSED: &str = "session_closed";
+    /// Another call changed the session since this one read it, too often
+    /// for it to be run again.
+    pub const SESSION_CONFLICT: &str = "session_conflict";
+    /// The call used session data but names no `session_id`, or the worker
+    /// has no coordinator to keep sessions.
+    pub const NO_SESSION: &str = "no_session";
 }

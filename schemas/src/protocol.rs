@@ -87,6 +87,50 @@ pub enum CompleteDecision {
         /// Why, for logs.
         reason: String,
     },
+    /// The session data the attempt wrote was not committed, and nothing
+    /// else was: `session_conflict` (another call changed the session since
+    /// it was read: run again on the new data), `session_expired` or
+    /// `session_closed`.
+    SessionRefused {
+        /// The error code.
+        code: String,
+        /// Why, for a person.
+        reason: String,
+    },
+}
+
+/// Session data an attempt writes: keys set (JSON `null` removes one) over
+/// the version it read, committed atomically or not at all.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionWrite {
+    /// The session.
+    pub session_id: String,
+    /// The version the attempt read; the commit fails if it moved.
+    pub base: u64,
+    /// The keys written.
+    #[serde(default)]
+    pub set: serde_json::Map<String, serde_json::Value>,
+    /// Close the session once written.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub close: bool,
+}
+
+/// A session as the store holds it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum SessionState {
+    /// Live; a session never written is live at version 0 with no data.
+    Open {
+        /// Its version: one more with each committed write.
+        version: u64,
+        /// Its data, left out when the asker has this version already.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        data: Option<serde_json::Map<String, serde_json::Value>>,
+    },
+    /// Idle past its expiry: its data is gone.
+    Expired,
+    /// Closed by a call: its data is gone.
+    Closed,
 }
 
 /// A worker's state in the cluster registry.
@@ -218,6 +262,21 @@ pub enum RequestBody {
         /// The reply, recorded for later copies.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reply: Option<Reply>,
+        /// Session data the attempt wrote, committed with the completion
+        /// or not at all.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        session: Option<SessionWrite>,
+    },
+    /// What is the session's data now? (Only when it is newer than the
+    /// version the worker has.)
+    Session {
+        /// Matches the answer to the request.
+        req_id: Uuid,
+        /// The session.
+        session_id: String,
+        /// The version the worker's cache holds.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        have: Option<u64>,
     },
     /// These attempts completed without traces (sent in batches, before
     /// their deliveries are acked). Needs no answer.
@@ -330,6 +389,21 @@ pub enum AnswerBody {
         req_id: Uuid,
         /// The decision.
         decision: CompleteDecision,
+    },
+    /// The answer to `session`.
+    Session {
+        /// The request's id.
+        req_id: Uuid,
+        /// The session.
+        state: SessionState,
+    },
+    /// A session's data changed: a worker that caches an older version
+    /// drops it.
+    SessionChanged {
+        /// The session.
+        session_id: String,
+        /// Its version now.
+        version: u64,
     },
     /// A standby worker starts consuming now.
     Promote {},

@@ -17,7 +17,8 @@ use std::path::{Path, PathBuf};
 
 use callq_schemas::protocol::{
     Answer, AnswerBody, ClusterStatus, CompleteDecision, Completion, InFlightCall, Lease, Request,
-    RequestBody, ResumeDecision, TraceDecision, WorkerState, WorkerStatus,
+    RequestBody, ResumeDecision, SessionState, SessionWrite, TraceDecision, WorkerState,
+    WorkerStatus,
 };
 use callq_schemas::{Call, Reply, Uuid};
 use jsonschema::{Registry, Resource, Validator};
@@ -161,6 +162,14 @@ fn fatal_reply() -> Reply {
     Reply::fatal(uuid(1), 1, "lost", vec!["mail.sent".into()])
 }
 
+/// A JSON object, for session data.
+fn object(v: Value) -> serde_json::Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        other => panic!("not an object: {other}"),
+    }
+}
+
 fn call_text() -> String {
     let mut call = Call::new("bank", "transfer", json!({"cents": 500}));
     call.reply_to = Some("callq.reply.shop-1".into());
@@ -242,12 +251,41 @@ fn request_bodies() -> Vec<RequestBody> {
             lease: lease(1),
             attempt: 2,
             reply: Some(ok_reply()),
+            session: Some(SessionWrite {
+                session_id: "cart-42".into(),
+                base: 6,
+                set: object(json!({"items": [1, 2], "coupon": null, "total": {"cents": 500}})),
+                close: true,
+            }),
         },
         RequestBody::Complete {
             req_id: uuid(7),
             lease: lease(1),
             attempt: 2,
             reply: None,
+            session: None,
+        },
+        RequestBody::Complete {
+            req_id: uuid(10),
+            lease: lease(2),
+            attempt: 1,
+            reply: None,
+            session: Some(SessionWrite {
+                session_id: "cart-43".into(),
+                base: 0,
+                set: serde_json::Map::new(),
+                close: false,
+            }),
+        },
+        RequestBody::Session {
+            req_id: uuid(11),
+            session_id: "cart-42".into(),
+            have: Some(6),
+        },
+        RequestBody::Session {
+            req_id: uuid(12),
+            session_id: "cart-43".into(),
+            have: None,
         },
         RequestBody::Completed {
             calls: vec![
@@ -278,7 +316,7 @@ fn request_bodies() -> Vec<RequestBody> {
 }
 
 /// Every variant of `AnswerBody`, and within them every variant of each
-/// decision, with and without their options.
+/// decision and of the session state, with and without their options.
 fn answer_bodies() -> Vec<AnswerBody> {
     let resume = |decision| AnswerBody::Resume {
         req_id: uuid(2),
@@ -291,6 +329,10 @@ fn answer_bodies() -> Vec<AnswerBody> {
     let complete = |decision| AnswerBody::Complete {
         req_id: uuid(6),
         decision,
+    };
+    let session = |state| AnswerBody::Session {
+        req_id: uuid(11),
+        state,
     };
     let status = ClusterStatus {
         workers: vec![
@@ -338,6 +380,28 @@ fn answer_bodies() -> Vec<AnswerBody> {
         complete(CompleteDecision::Refused {
             reason: "not the current attempt".into(),
         }),
+        complete(CompleteDecision::SessionRefused {
+            code: "session_conflict".into(),
+            reason: "session cart-42 is at version 7, not 6".into(),
+        }),
+        session(SessionState::Open {
+            version: 7,
+            data: Some(object(json!({"items": [1, 2, 3], "note": null}))),
+        }),
+        session(SessionState::Open {
+            version: 0,
+            data: Some(serde_json::Map::new()),
+        }),
+        session(SessionState::Open {
+            version: u64::MAX,
+            data: None,
+        }),
+        session(SessionState::Expired),
+        session(SessionState::Closed),
+        AnswerBody::SessionChanged {
+            session_id: "cart-42".into(),
+            version: 7,
+        },
         AnswerBody::Promote {},
         AnswerBody::Drain {},
         AnswerBody::Draining {
@@ -412,7 +476,8 @@ struct Site {
 
 /// Every object of every sample that a `$defs` entry describes: the
 /// variant's own fields (at the root, beside the common ones), decisions,
-/// leases, calls in flight, completions, the cluster status and its workers.
+/// session states, session writes, leases, calls in flight, completions, the
+/// cluster status and its workers.
 fn sites() -> Vec<Site> {
     let mut sites = Vec::new();
     for side in [Side::Request, Side::Answer] {
@@ -433,6 +498,14 @@ fn sites() -> Vec<Site> {
             if let Some(decision) = body.get("decision") {
                 let name = decision["decision"].as_str().unwrap();
                 add("/decision".into(), format!("{tag}_decision.{name}"));
+            }
+            // A session's state (a heartbeat's `state` is a string).
+            if let Some(state) = body.get("state").filter(|s| s.is_object()) {
+                let name = state["state"].as_str().unwrap();
+                add("/state".into(), format!("session_state.{name}"));
+            }
+            if body.get("session").is_some() {
+                add("/session".into(), "session_write".into());
             }
             for (i, _) in body["in_flight"]
                 .as_array()
@@ -465,14 +538,13 @@ impl Site {
     }
 
     /// The fields the `$defs` entry describes: the object's keys but the
-    /// common ones (at the root) and the decision's tag.
+    /// common ones (at the root) and the tag of a decision or session state.
     fn fields(&self) -> Vec<(String, &Value)> {
-        let skip: &[&str] = if self.at.is_empty() {
-            self.side.common()
-        } else if self.at == "/decision" {
-            &["decision"]
-        } else {
-            &[]
+        let skip: &[&str] = match self.at.as_str() {
+            "" => self.side.common(),
+            "/decision" => &["decision"],
+            "/state" => &["state"],
+            _ => &[],
         };
         self.object()
             .iter()
@@ -629,7 +701,7 @@ fn protocol_schema_files_are_valid_json_schema_2020_12() {
 
     // The definitions both files carry are the same.
     let (request, answer) = (schema(REQUEST), schema(ANSWER));
-    for def in ["worker_state", "uuid", "u32"] {
+    for def in ["worker_state", "uuid", "u32", "u64"] {
         assert_eq!(request["$defs"][def], answer["$defs"][def], "$defs/{def}");
     }
     // The UUID pattern is the reply schema's.
@@ -698,6 +770,15 @@ fn every_variant_of_the_serde_types_validates() {
         decisions("complete"),
         tagged_variants::<CompleteDecision>("decision")
     );
+    let session_states: Vec<Value> = answers()
+        .into_iter()
+        .filter(|a| a["type"] == "session")
+        .map(|a| a["state"].clone())
+        .collect();
+    assert_eq!(
+        tags_of(&session_states, "state"),
+        tagged_variants::<SessionState>("state")
+    );
     let states: BTreeSet<String> = requests()
         .iter()
         .filter_map(|r| r["state"].as_str().map(str::to_owned))
@@ -709,6 +790,16 @@ fn every_variant_of_the_serde_types_validates() {
 }
 
 // ---------------------------------------------------------------- (d) ----
+
+/// Fields the types always write but serde reads as a default when they are
+/// absent, by side, `$defs` entry and field: the schema leaves them optional,
+/// as serde does (and says in their description that they are always
+/// written). `missing_fields_agree_with_serde` checks that both accept a body
+/// without them.
+const ALWAYS_WRITTEN_BUT_OPTIONAL: &[(Side, &str, &str)] = &[
+    // `#[serde(default)]` without `skip_serializing_if`.
+    (Side::Request, "session_write", "set"),
+];
 
 /// Per side and `$defs` entry: the fields written anywhere, and the fields
 /// written (not null) everywhere.
@@ -734,31 +825,38 @@ fn the_schemas_name_every_field_and_variant_of_the_serde_types() {
         strings(&answer["properties"]["type"]["enum"]),
         tagged_variants::<AnswerBody>("type")
     );
-    for (def, variants) in [
+    // The internally tagged enums inside answers: a `$defs` entry that
+    // dispatches on the tag to one `$defs` entry per variant.
+    let tagged_defs = [
         (
             "resume_decision",
+            "decision",
             tagged_variants::<ResumeDecision>("decision"),
         ),
         (
             "trace_decision",
+            "decision",
             tagged_variants::<TraceDecision>("decision"),
         ),
         (
             "complete_decision",
+            "decision",
             tagged_variants::<CompleteDecision>("decision"),
         ),
-    ] {
+        (
+            "session_state",
+            "state",
+            tagged_variants::<SessionState>("state"),
+        ),
+    ];
+    for (def, tag, variants) in &tagged_defs {
         let d = &answer["$defs"][def];
-        assert_eq!(
-            strings(&d["properties"]["decision"]["enum"]),
-            variants,
-            "{def}"
-        );
-        assert_eq!(strings(&d["required"]), ["decision"], "{def}");
+        assert_eq!(&strings(&d["properties"][tag]["enum"]), variants, "{def}");
+        assert_eq!(strings(&d["required"]), [*tag], "{def}");
         let branches = d["allOf"].as_array().unwrap();
         assert_eq!(branches.len(), variants.len(), "{def}");
         for (name, branch) in variants.iter().zip(branches) {
-            assert_eq!(branch["if"]["properties"]["decision"]["const"], *name);
+            assert_eq!(branch["if"]["properties"][tag]["const"], *name);
             assert_eq!(branch["then"]["$ref"], format!("#/$defs/{def}.{name}"));
         }
     }
@@ -794,6 +892,16 @@ fn the_schemas_name_every_field_and_variant_of_the_serde_types() {
             Some(r) => r.intersection(&present).cloned().collect(),
         });
     }
+    for &(side, def, field) in ALWAYS_WRITTEN_BUT_OPTIONAL {
+        let always = seen
+            .get_mut(&(side, def.to_owned()))
+            .and_then(|e| e.1.as_mut());
+        let always = always.unwrap_or_else(|| panic!("{side:?}: no sample of `$defs/{def}`"));
+        assert!(
+            always.remove(field),
+            "{side:?} `$defs/{def}`: `{field}` is not always written"
+        );
+    }
     for ((side, def), (written, always)) in &seen {
         let d = &of(*side)["$defs"][def];
         assert!(d.is_object(), "{side:?}: no `$defs/{def}`");
@@ -811,7 +919,8 @@ fn the_schemas_name_every_field_and_variant_of_the_serde_types() {
     // And every `$defs` entry with fields was seen.
     for side in [Side::Request, Side::Answer] {
         for (def, d) in of(side)["$defs"].as_object().unwrap() {
-            let has_fields = d.get("properties").is_some() && !def.ends_with("_decision");
+            let dispatch = tagged_defs.iter().any(|(t, _, _)| t == def);
+            let has_fields = d.get("properties").is_some() && !dispatch;
             assert!(
                 !has_fields || seen.contains_key(&(side, def.clone())),
                 "{side:?}: `$defs/{def}` describes no sample"
@@ -946,6 +1055,60 @@ fn bad_requests_are_rejected_by_the_schema_and_by_serde() {
         (
             "complete reply attempt: -1",
             set(R, "complete", "/reply/attempt", json!(-1)),
+        ),
+        (
+            "complete session: a string",
+            set(R, "complete", "/session", json!("cart-42")),
+        ),
+        (
+            "complete session session_id: 5",
+            set(R, "complete", "/session/session_id", json!(5)),
+        ),
+        (
+            "complete session base: -1",
+            set(R, "complete", "/session/base", json!(-1)),
+        ),
+        (
+            "complete session base: \"6\"",
+            set(R, "complete", "/session/base", json!("6")),
+        ),
+        (
+            "complete session set: an array",
+            set(R, "complete", "/session/set", json!([["items", 3]])),
+        ),
+        (
+            "complete session set: null",
+            set(R, "complete", "/session/set", Value::Null),
+        ),
+        (
+            "complete session close: null",
+            set(R, "complete", "/session/close", Value::Null),
+        ),
+        (
+            "complete session close: \"yes\"",
+            set(R, "complete", "/session/close", json!("yes")),
+        ),
+        (
+            "session req_id: not a UUID",
+            set(R, "session", "/req_id", json!("s-1")),
+        ),
+        (
+            "session session_id: null",
+            set(R, "session", "/session_id", Value::Null),
+        ),
+        (
+            "session session_id: 42",
+            set(R, "session", "/session_id", json!(42)),
+        ),
+        ("session have: -1", set(R, "session", "/have", json!(-1))),
+        ("session have: 1.5", set(R, "session", "/have", json!(1.5))),
+        (
+            "session have: \"6\"",
+            set(R, "session", "/have", json!("6")),
+        ),
+        (
+            "session have: above u64",
+            set(R, "session", "/have", json!(2e19)),
         ),
         (
             "completed calls: an object",
@@ -1106,6 +1269,72 @@ fn bad_answers_are_rejected_by_the_schema_and_by_serde() {
             ),
         ),
         (
+            "session_refused code: null",
+            set(
+                A,
+                "complete",
+                "/decision",
+                json!({"decision": "session_refused", "code": null, "reason": "x"}),
+            ),
+        ),
+        (
+            "session_refused without reason",
+            set(
+                A,
+                "complete",
+                "/decision",
+                json!({"decision": "session_refused", "code": "session_closed"}),
+            ),
+        ),
+        (
+            "session state: a string",
+            set(A, "session", "/state", json!("open")),
+        ),
+        (
+            "session state without its tag",
+            unset(A, "session", "/state/state"),
+        ),
+        (
+            "unknown session state",
+            set(A, "session", "/state/state", json!("lost")),
+        ),
+        (
+            "session state in CamelCase",
+            set(A, "session", "/state/state", json!("Open")),
+        ),
+        (
+            "a complete decision as a session state",
+            set(A, "session", "/state", json!({"decision": "accepted"})),
+        ),
+        (
+            "open version: -1",
+            set(A, "session", "/state/version", json!(-1)),
+        ),
+        (
+            "open version: \"7\"",
+            set(A, "session", "/state/version", json!("7")),
+        ),
+        (
+            "open data: an array",
+            set(A, "session", "/state/data", json!([1])),
+        ),
+        (
+            "open data: a string",
+            set(A, "session", "/state/data", json!("{}")),
+        ),
+        (
+            "session_changed version: -1",
+            set(A, "session_changed", "/version", json!(-1)),
+        ),
+        (
+            "session_changed version: null",
+            set(A, "session_changed", "/version", Value::Null),
+        ),
+        (
+            "session_changed session_id: 5",
+            set(A, "session_changed", "/session_id", json!(5)),
+        ),
+        (
             "draining found: \"yes\"",
             set(A, "draining", "/found", json!("yes")),
         ),
@@ -1248,6 +1477,21 @@ fn odd_but_valid_bodies_are_accepted_by_both() {
             set(R, "heartbeat", "/capacity", json!(u32::MAX)),
         ),
         (
+            R,
+            "a session write with close: false",
+            set(R, "complete", "/session/close", json!(false)),
+        ),
+        (
+            R,
+            "a session write with an unknown field",
+            set(R, "complete", "/session/extra", json!(1)),
+        ),
+        (
+            R,
+            "have u64::MAX",
+            set(R, "session", "/have", json!(u64::MAX)),
+        ),
+        (
             A,
             "done without reply",
             set(A, "resume", "/decision", json!({"decision": "done"})),
@@ -1260,6 +1504,21 @@ fn odd_but_valid_bodies_are_accepted_by_both() {
                 "trace",
                 "/decision",
                 json!({"decision": "granted", "x": 1}),
+            ),
+        ),
+        (
+            A,
+            "expired with an unknown field",
+            set(A, "session", "/state", json!({"state": "expired", "x": 1})),
+        ),
+        (
+            A,
+            "open data with values of every JSON type",
+            set(
+                A,
+                "session",
+                "/state/data",
+                json!({"a": null, "b": true, "c": 1.5, "d": "x", "e": [], "f": {}}),
             ),
         ),
         (
@@ -1359,6 +1618,8 @@ fn exceptions() -> Vec<Exception> {
         ("heartbeat", "/in_flight/0/reply_to"),
         ("heartbeat", "/in_flight/0/body"),
         ("completed", "/calls/0/reply"),
+        ("complete", "/session"),
+        ("session", "/have"),
     ] {
         list.push(Exception {
             side: R,
@@ -1370,6 +1631,14 @@ fn exceptions() -> Vec<Exception> {
                   instead, and the schema says so.",
         });
     }
+    list.push(Exception {
+        side: A,
+        name: "session /state/data: null".into(),
+        body: set(A, "session", "/state/data", Value::Null),
+        schema_accepts: false,
+        serde_accepts: true,
+        why: "as for the null Option fields of requests.",
+    });
     list
 }
 

@@ -66,7 +66,7 @@ fn a_dead_worker_s_traceless_call_is_reissued_and_runs_once() {
     );
     let reply = Reply::ok(id, 2, json!("sent"));
     assert_eq!(
-        l.complete(b, 2, Some(reply.clone())).unwrap(),
+        l.complete(b, 2, Some(reply.clone()), None, 0).unwrap(),
         CompleteDecision::Accepted
     );
     l.commit().unwrap();
@@ -165,7 +165,7 @@ fn a_dead_worker_s_traced_call_fails_once_and_stays_failed() {
         }
     );
     assert_eq!(
-        l.complete(a, 1, None).unwrap(),
+        l.complete(a, 1, None, None, 0).unwrap(),
         CompleteDecision::Fatal {
             reply: reply.clone()
         }
@@ -221,7 +221,7 @@ fn a_hung_worker_s_late_trace_and_completion_are_refused() {
         TraceDecision::Refused { .. }
     ));
     assert!(matches!(
-        l.complete(a, 1, None).unwrap(),
+        l.complete(a, 1, None, None, 0).unwrap(),
         CompleteDecision::Refused { .. }
     ));
     // A stale lease on the current attempt number is refused too.
@@ -233,7 +233,10 @@ fn a_hung_worker_s_late_trace_and_completion_are_refused() {
         l.trace(forged, 2, "A", "x", SVC, TO).unwrap(),
         TraceDecision::Refused { .. }
     ));
-    assert_eq!(l.complete(b, 2, None).unwrap(), CompleteDecision::Accepted);
+    assert_eq!(
+        l.complete(b, 2, None, None, 0).unwrap(),
+        CompleteDecision::Accepted
+    );
 }
 
 #[test]
@@ -265,7 +268,7 @@ fn first_traces_need_the_original_copy() {
         TraceDecision::Refused { .. }
     ));
     assert_eq!(
-        l.complete(lease(id, 1), 1, None).unwrap(),
+        l.complete(lease(id, 1), 1, None, None, 0).unwrap(),
         CompleteDecision::Accepted,
         "fast path: nothing to record"
     );
@@ -319,7 +322,7 @@ fn decisions_survive_a_restart_of_the_coordinator() {
         l.trace(oa, 1, "B", "mail.sent", SVC, TO).unwrap();
         let d = lease(done, 1);
         l.trace(d, 1, "B", "pg.tx", SVC, TO).unwrap();
-        l.complete(d, 1, Some(Reply::ok(done, 1, json!(7))))
+        l.complete(d, 1, Some(Reply::ok(done, 1, json!(7))), None, 0)
             .unwrap();
         l.worker_lost("A", &[in_flight(fa)]).unwrap();
         let effects = l.commit().unwrap();
@@ -448,4 +451,53 @@ fn a_transaction_trace_beside_another_trace_still_fails_the_call() {
         matches!(&effects[..], [Effect::AnswerFatal { reply, .. }] if reply.outcome == Outcome::Fatal),
         "{effects:?}"
     );
+}
+
+#[test]
+fn a_session_write_commits_with_its_completion_once_and_only_on_its_version() {
+    use callq_schemas::protocol::{SessionState, SessionWrite};
+    let mut l = Ledger::open(MemoryStore::default()).unwrap();
+    let write = |base: u64, n: i64| SessionWrite {
+        session_id: "s".into(),
+        base,
+        set: [("value".to_owned(), json!(n))].into_iter().collect(),
+        close: false,
+    };
+    let (x, y) = (Uuid::now_v7(), Uuid::now_v7());
+    let ok = |id| Some(Reply::ok(id, 1, json!(1)));
+    assert_eq!(
+        l.complete(lease(x, 1), 1, ok(x), Some(&write(0, 5)), 0)
+            .unwrap(),
+        CompleteDecision::Accepted
+    );
+    // Another call read version 0 too: refused, nothing written.
+    assert!(matches!(
+        l.complete(lease(y, 1), 1, ok(y), Some(&write(0, 9)), 0).unwrap(),
+        CompleteDecision::SessionRefused { code, .. } if code == "session_conflict"
+    ));
+    l.commit().unwrap();
+    let SessionState::Open { version, data } = l.session("s", None, 1).unwrap() else {
+        panic!("open")
+    };
+    assert_eq!((version, data.unwrap()["value"].clone()), (1, json!(5)));
+    // The cache at version 1 gets no data back.
+    assert_eq!(
+        l.session("s", Some(1), 2).unwrap(),
+        SessionState::Open {
+            version: 1,
+            data: None
+        }
+    );
+    // x's record says done: a later copy is answered, not run and counted.
+    assert!(matches!(
+        l.resume(lease(x, 2), "w2", "counter", None).unwrap(),
+        ResumeDecision::Done { .. }
+    ));
+    // Idle past the expiry, the session is gone.
+    l.set_session_idle(std::time::Duration::from_millis(10));
+    assert_eq!(l.session("s", Some(1), 100).unwrap(), SessionState::Expired);
+    assert!(matches!(
+        l.complete(lease(y, 1), 1, ok(y), Some(&write(1, 9)), 100).unwrap(),
+        CompleteDecision::SessionRefused { code, .. } if code == "session_expired"
+    ));
 }
