@@ -276,3 +276,101 @@ async fn an_idle_session_expires_and_a_closed_one_is_gone() {
         .unwrap();
     assert_eq!(reply.error.unwrap().code, "no_session");
 }
+
+/// Crashes its worker right after a flush is granted.
+struct CrashAfterFlush;
+
+impl Faults for CrashAfterFlush {
+    fn crash(&self, site: &CrashSite<'_>) -> bool {
+        site.point == CrashPoint::AfterTrace && site.trace == Some("session.flush")
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_flushed_write_is_seen_before_its_call_ends_and_losing_the_call_then_is_fatal() {
+    let release = Arc::new(tokio::sync::Notify::new());
+    let hold = |name: &str, release: Arc<tokio::sync::Notify>| {
+        Service::new(name).method("hold", move |ctx, args: Value| {
+            let release = release.clone();
+            async move {
+                let session = ctx.session().await?;
+                session.set("held", args["n"].clone());
+                session.flush().await?;
+                release.notified().await;
+                session.set("done", json!(true));
+                Ok(json!({ "held": args["n"] }))
+            }
+        })
+    };
+    let peek = Service::new("peek").method("peek", |ctx, _args: Value| async move {
+        let session = ctx.session().await?;
+        Ok(json!({ "held": session.get("held"), "done": session.get("done"), "version": session.version() }))
+    });
+    let mut cluster = cluster(&[]).await;
+    cluster
+        .spawn_with("w-hold", vec![hold("cart", release.clone())], false)
+        .await
+        .unwrap();
+    cluster
+        .spawn_with("w-peek", vec![peek], false)
+        .await
+        .unwrap();
+    let client = cluster.client().await.unwrap();
+    let holding = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            client
+                .call("cart", "hold", json!({ "n": 3 }), on("c1"))
+                .await
+                .unwrap()
+        })
+    };
+    let peek = |session: &'static str| {
+        let client = client.clone();
+        async move {
+            let reply = client
+                .call("peek", "peek", json!({}), on(session))
+                .await
+                .unwrap();
+            assert_eq!(reply.outcome, Outcome::Ok, "{reply:?}");
+            reply.result.unwrap()
+        }
+    };
+    // The flushed write shows while the call still runs.
+    let mut seen = peek("c1").await;
+    while seen["held"] != json!(3) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        seen = peek("c1").await;
+    }
+    assert_eq!(
+        (seen["done"].clone(), seen["version"].clone()),
+        (Value::Null, json!(1))
+    );
+    release.notify_one();
+    assert_eq!(holding.await.unwrap().outcome, Outcome::Ok);
+    let after = peek("c1").await;
+    assert_eq!(
+        (after["done"].clone(), after["version"].clone()),
+        (json!(true), json!(2))
+    );
+
+    // A worker lost after its flush: the call is fatal, the flushed data stays.
+    cluster
+        .spawn_faulty(
+            "w-crash",
+            vec![hold("cart2", release.clone())],
+            Arc::new(CrashAfterFlush),
+        )
+        .await
+        .unwrap();
+    let reply = client
+        .call("cart2", "hold", json!({ "n": 9 }), on("c2"))
+        .await
+        .unwrap();
+    assert_eq!(reply.outcome, Outcome::Fatal, "{reply:?}");
+    assert_eq!(
+        reply.error.unwrap().traces,
+        vec!["session.flush".to_owned()]
+    );
+    assert_eq!(peek("c2").await["held"], json!(9));
+}

@@ -459,7 +459,9 @@ impl<S: Store> Ledger<S> {
         Ok(decision)
     }
 
-    /// A worker asks to leave a trace of `kind` from `attempt`.
+    /// A worker asks to leave a trace of `kind` from `attempt`; a session
+    /// write commits with the grant, or neither happens.
+    #[allow(clippy::too_many_arguments)]
     pub fn trace(
         &mut self,
         lease: Lease,
@@ -468,10 +470,43 @@ impl<S: Store> Ledger<S> {
         kind: &str,
         service: &str,
         reply_to: Option<&str>,
+        session: Option<&SessionWrite>,
+        now_ms: i64,
     ) -> Result<TraceDecision, Error> {
         let call_id = lease.call_id;
-        let Some(rec) = self.load(call_id)? else {
-            if attempt == 1 && lease.copy == 1 {
+        let grant = match self.load(call_id)? {
+            None if attempt == 1 && lease.copy == 1 => None,
+            None => {
+                return Ok(refused(format!(
+                    "attempt {attempt} of call {call_id} was never issued: resume first"
+                )));
+            }
+            Some(rec) => {
+                let holds = rec.attempt == attempt
+                    && rec
+                        .holder
+                        .as_ref()
+                        .is_some_and(|h| h.lease.token == lease.token);
+                match rec.state {
+                    CallState::Open if holds => Some(()),
+                    CallState::Open => {
+                        return Ok(refused(format!(
+                            "attempt {attempt} was revoked; the current attempt is {}",
+                            rec.attempt
+                        )));
+                    }
+                    _ => return Ok(refused("the call is already decided".into())),
+                }
+            }
+        };
+        if let Some(write) = session {
+            if let Err((code, reason)) = self.session_check(write, now_ms)? {
+                return Ok(TraceDecision::SessionRefused { code, reason });
+            }
+            self.session_apply(write, now_ms);
+        }
+        match grant {
+            None => {
                 // The fast path's first trace: the call gets its record now.
                 self.put(
                     call_id,
@@ -486,33 +521,19 @@ impl<S: Store> Ledger<S> {
                         vec![kind.to_owned()],
                     ),
                 );
-                return Ok(TraceDecision::Granted);
             }
-            return Ok(refused(format!(
-                "attempt {attempt} of call {call_id} was never issued: resume first"
-            )));
-        };
-        let holds = rec.attempt == attempt
-            && rec
-                .holder
-                .as_ref()
-                .is_some_and(|h| h.lease.token == lease.token);
-        match rec.state {
-            CallState::Open if holds => {
-                // Kinds, each once: a worker asking again after a lost
-                // answer must not list the same effect twice.
-                if !rec.traces.iter().any(|t| t == kind) {
+            Some(()) => {
+                if let Some(rec) = self.open.get_mut(&call_id)
+                    && !rec.traces.iter().any(|t| t == kind)
+                {
+                    // Kinds, each once: a worker asking again after a lost
+                    // answer must not list the same effect twice.
                     rec.traces.push(kind.to_owned());
                     self.dirty.insert(call_id);
                 }
-                Ok(TraceDecision::Granted)
             }
-            CallState::Open => Ok(refused(format!(
-                "attempt {attempt} was revoked; the current attempt is {}",
-                rec.attempt
-            ))),
-            _ => Ok(refused("the call is already decided".into())),
         }
+        Ok(TraceDecision::Granted)
     }
 
     /// A worker reports that `attempt` completed with `reply` (synchronously

@@ -159,6 +159,14 @@ impl<S: Store> Coordinator<S> {
         }
     }
 
+    /// A worker that left or died caches no session any more.
+    fn forget_reader(&mut self, worker: &str) {
+        self.session_readers.retain(|_, readers| {
+            readers.remove(worker);
+            !readers.is_empty()
+        });
+    }
+
     /// Now, for sessions, in milliseconds since the Unix epoch.
     fn now_ms(&self) -> i64 {
         self.epoch_ms
@@ -430,7 +438,9 @@ impl<S: Store> Coordinator<S> {
                 kind,
                 service,
                 call_reply_to,
+                session,
             } => {
+                let now = self.now_ms();
                 let decision = self.ledger.trace(
                     lease,
                     attempt,
@@ -438,6 +448,8 @@ impl<S: Store> Coordinator<S> {
                     &kind,
                     &service,
                     call_reply_to.as_deref(),
+                    session.as_ref(),
+                    now,
                 )?;
                 answer(AnswerBody::Trace { req_id, decision });
             }
@@ -486,6 +498,8 @@ impl<S: Store> Coordinator<S> {
             RequestBody::Leave {} => {
                 if self.workers.remove(&worker).is_some() {
                     info!(worker, "worker left");
+                    // Its sessions are back with the store.
+                    self.forget_reader(&worker);
                 }
                 if self.agents.remove(&worker).is_some() {
                     info!(agent = worker, "node agent left");
@@ -696,6 +710,7 @@ impl<S: Store> Coordinator<S> {
             if let Some(w) = self.workers.remove(&id) {
                 warn!(worker = id, services = ?w.services, in_flight = w.in_flight.len(), "worker dead: no heartbeat for {silence:?}");
                 self.deaths += 1;
+                self.forget_reader(&id);
                 let calls: Vec<InFlight> = w.in_flight.values().cloned().collect();
                 if let Err(e) = self.ledger.worker_lost(&id, &calls) {
                     error!(worker = id, "revoking a dead worker's calls: {e}");

@@ -242,6 +242,7 @@ async fn a_dead_worker_s_traced_call_is_answered_fatal_and_stays_fatal() {
             kind: "mail.sent".into(),
             service: "mail".into(),
             call_reply_to: call.reply_to.clone(),
+            session: None,
         },
     )
     .await;
@@ -273,6 +274,7 @@ async fn a_dead_worker_s_traced_call_is_answered_fatal_and_stays_fatal() {
             kind: "mail.sent".into(),
             service: "mail".into(),
             call_reply_to: None,
+            session: None,
         },
     )
     .await;
@@ -307,6 +309,7 @@ async fn decisions_survive_a_coordinator_restart() {
             kind: "mail.sent".into(),
             service: "mail".into(),
             call_reply_to: call.reply_to.clone(),
+            session: None,
         },
     )
     .await;

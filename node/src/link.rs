@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use callq_broker::{Broker, COORDINATOR_QUEUE, Disposition, HEARTBEAT_QUEUE, Message, QueueSpec};
 use callq_schemas::codes;
-use callq_schemas::protocol::{Answer, AnswerBody, Lease, Request, RequestBody, TraceDecision};
+use callq_schemas::protocol::{
+    Answer, AnswerBody, Lease, Request, RequestBody, SessionWrite, TraceDecision,
+};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
@@ -325,6 +327,17 @@ impl Attempt {
 
     /// Asks for a grant to leave a trace of `kind`.
     pub(crate) async fn trace(&self, kind: &str) -> Result<(), HandlerError> {
+        self.trace_with(kind, None).await
+    }
+
+    /// Asks for a grant to leave a trace of `kind`, committing `session`
+    /// with it. A refused session write is the handler's error; the attempt
+    /// goes on.
+    pub(crate) async fn trace_with(
+        &self,
+        kind: &str,
+        session: Option<SessionWrite>,
+    ) -> Result<(), HandlerError> {
         if let Some(why) = self.aborted() {
             return Err(self.stop(why));
         }
@@ -337,6 +350,7 @@ impl Attempt {
                     kind: kind.to_owned(),
                     service: self.service.clone(),
                     call_reply_to: self.reply_to.clone(),
+                    session: session.clone(),
                 })
                 .await;
             match asked {
@@ -344,6 +358,10 @@ impl Attempt {
                     decision: TraceDecision::Granted,
                     ..
                 }) => {}
+                Ok(AnswerBody::Trace {
+                    decision: TraceDecision::SessionRefused { code, reason },
+                    ..
+                }) => return Err(HandlerError::new(code, reason)),
                 Ok(AnswerBody::Trace {
                     decision: TraceDecision::Refused { reason },
                     ..

@@ -275,6 +275,7 @@ impl CallSession {
 #[derive(Debug, Clone)]
 pub struct Session {
     inner: Arc<CallSession>,
+    ctx: Ctx,
 }
 
 impl Session {
@@ -316,6 +317,43 @@ impl Session {
     pub fn close(&self) {
         self.inner.with(|l| l.close = true);
     }
+
+    /// Commits the writes made so far now, before the call completes, so
+    /// that other calls see them. This is a trace (`session.flush`): were
+    /// the worker lost from here on, the call would end `fatal` instead of
+    /// running again. Nothing written, nothing to do. Errors as
+    /// [`Ctx::trace`], and `session_conflict` when another call moved the
+    /// session since this one read it (nothing is written then).
+    pub async fn flush(&self) -> Result<(), HandlerError> {
+        let Some(write) = self.inner.write() else {
+            return Ok(());
+        };
+        let Some(standing) = &self.ctx.standing else {
+            return Ok(());
+        };
+        let kind = callq_schemas::protocol::SESSION_FLUSH;
+        self.ctx
+            .crash_point(crate::faults::CrashPoint::BeforeTrace, Some(kind))
+            .await;
+        standing.trace_with(kind, Some(write.clone())).await?;
+        self.inner.committed(&write);
+        self.inner.with(|l| {
+            l.version = write.base + 1;
+            let mut data = (*l.data).clone();
+            for (k, v) in std::mem::take(&mut l.writes) {
+                if v.is_null() {
+                    data.remove(&k);
+                } else {
+                    data.insert(k, v);
+                }
+            }
+            l.data = Arc::new(data);
+        });
+        self.ctx
+            .crash_point(crate::faults::CrashPoint::AfterTrace, Some(kind))
+            .await;
+        Ok(())
+    }
 }
 
 impl Ctx {
@@ -339,6 +377,7 @@ impl Ctx {
         inner.load().await?;
         Ok(Session {
             inner: inner.clone(),
+            ctx: self.clone(),
         })
     }
 }

@@ -68,6 +68,15 @@ pub enum TraceDecision {
         /// Why, for logs.
         reason: String,
     },
+    /// The session write the trace carried was not committed, and the trace
+    /// not granted (`session_conflict`, `session_expired`,
+    /// `session_closed`); the attempt goes on.
+    SessionRefused {
+        /// The error code.
+        code: String,
+        /// Why, for a person.
+        reason: String,
+    },
 }
 
 /// The answer to a synchronous `complete` (an attempt with traces).
@@ -181,6 +190,10 @@ pub struct InFlightCall {
 /// it never fails the call.
 pub const EXACT_TRACE: &str = "pg.tx";
 
+/// The trace of a session write made visible before the call completes
+/// (`Session::flush`).
+pub const SESSION_FLUSH: &str = "session.flush";
+
 /// Whether an attempt that left `traces` may be followed by another: it left
 /// none, or only [`EXACT_TRACE`]s.
 pub fn retryable(traces: &[String]) -> bool {
@@ -250,6 +263,10 @@ pub enum RequestBody {
         /// Where the client waits.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         call_reply_to: Option<String>,
+        /// Session data committed with the grant (`session.flush`), or
+        /// neither is.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        session: Option<SessionWrite>,
     },
     /// This attempt completed with this reply.
     Complete {

@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 
 use callq_schemas::protocol::{
     Answer, AnswerBody, ClusterStatus, CompleteDecision, Completion, InFlightCall, Lease, Request,
-    RequestBody, ResumeDecision, SessionState, SessionWrite, TraceDecision, WorkerState,
-    WorkerStatus,
+    RequestBody, ResumeDecision, SESSION_FLUSH, SessionState, SessionWrite, TraceDecision,
+    WorkerState, WorkerStatus,
 };
 use callq_schemas::{Call, Reply, Uuid};
 use jsonschema::{Registry, Resource, Validator};
@@ -234,9 +234,24 @@ fn request_bodies() -> Vec<RequestBody> {
             req_id: uuid(4),
             lease: lease(1),
             attempt: 2,
+            kind: SESSION_FLUSH.into(),
+            service: "bank".into(),
+            call_reply_to: Some("callq.reply.shop-1".into()),
+            session: Some(SessionWrite {
+                session_id: "cart-42".into(),
+                base: 6,
+                set: object(json!({"items": [1, 2], "coupon": null})),
+                close: true,
+            }),
+        },
+        RequestBody::Trace {
+            req_id: uuid(13),
+            lease: lease(1),
+            attempt: 2,
             kind: "mail.sent".into(),
             service: "bank".into(),
             call_reply_to: Some("callq.reply.shop-1".into()),
+            session: None,
         },
         RequestBody::Trace {
             req_id: uuid(5),
@@ -245,6 +260,21 @@ fn request_bodies() -> Vec<RequestBody> {
             kind: "db.commit".into(),
             service: "bank".into(),
             call_reply_to: None,
+            session: None,
+        },
+        RequestBody::Trace {
+            req_id: uuid(14),
+            lease: lease(2),
+            attempt: 1,
+            kind: SESSION_FLUSH.into(),
+            service: "bank".into(),
+            call_reply_to: None,
+            session: Some(SessionWrite {
+                session_id: "cart-43".into(),
+                base: 0,
+                set: serde_json::Map::new(),
+                close: false,
+            }),
         },
         RequestBody::Complete {
             req_id: uuid(6),
@@ -372,6 +402,10 @@ fn answer_bodies() -> Vec<AnswerBody> {
         trace(TraceDecision::Granted),
         trace(TraceDecision::Refused {
             reason: "attempt 2 was revoked".into(),
+        }),
+        trace(TraceDecision::SessionRefused {
+            code: "session_expired".into(),
+            reason: "session cart-42 expired".into(),
         }),
         complete(CompleteDecision::Accepted),
         complete(CompleteDecision::Fatal {
@@ -1037,6 +1071,34 @@ fn bad_requests_are_rejected_by_the_schema_and_by_serde() {
         ("trace attempt: -1", set(R, "trace", "/attempt", json!(-1))),
         ("trace kind: 1", set(R, "trace", "/kind", json!(1))),
         (
+            "trace session: a string",
+            set(R, "trace", "/session", json!("cart-42")),
+        ),
+        (
+            "trace session: an array",
+            set(R, "trace", "/session", json!([])),
+        ),
+        (
+            "trace session session_id: null",
+            set(R, "trace", "/session/session_id", Value::Null),
+        ),
+        (
+            "trace session base: -1",
+            set(R, "trace", "/session/base", json!(-1)),
+        ),
+        (
+            "trace session base: above u64",
+            set(R, "trace", "/session/base", json!(2e19)),
+        ),
+        (
+            "trace session set: a string",
+            set(R, "trace", "/session/set", json!("items=3")),
+        ),
+        (
+            "trace session close: 1",
+            set(R, "trace", "/session/close", json!(1)),
+        ),
+        (
             "complete attempt: -1",
             set(R, "complete", "/attempt", json!(-1)),
         ),
@@ -1258,6 +1320,37 @@ fn bad_answers_are_rejected_by_the_schema_and_by_serde() {
                 "/decision",
                 json!({"decision": "refused", "reason": 5}),
             ),
+        ),
+        (
+            "trace session_refused code: 5",
+            set(
+                A,
+                "trace",
+                "/decision",
+                json!({"decision": "session_refused", "code": 5, "reason": "x"}),
+            ),
+        ),
+        (
+            "trace session_refused without code",
+            set(
+                A,
+                "trace",
+                "/decision",
+                json!({"decision": "session_refused", "reason": "x"}),
+            ),
+        ),
+        (
+            "trace session_refused reason: null",
+            set(
+                A,
+                "trace",
+                "/decision",
+                json!({"decision": "session_refused", "code": "session_closed", "reason": null}),
+            ),
+        ),
+        (
+            "a complete decision in a trace answer",
+            set(A, "trace", "/decision", json!({"decision": "accepted"})),
         ),
         (
             "complete fatal reply: outcome maybe",
@@ -1488,6 +1581,16 @@ fn odd_but_valid_bodies_are_accepted_by_both() {
         ),
         (
             R,
+            "a trace's session write without set",
+            unset(R, "trace", "/session/set"),
+        ),
+        (
+            R,
+            "a trace's session write with an unknown field",
+            set(R, "trace", "/session/extra", json!(1)),
+        ),
+        (
+            R,
             "have u64::MAX",
             set(R, "session", "/have", json!(u64::MAX)),
         ),
@@ -1619,6 +1722,7 @@ fn exceptions() -> Vec<Exception> {
         ("heartbeat", "/in_flight/0/body"),
         ("completed", "/calls/0/reply"),
         ("complete", "/session"),
+        ("trace", "/session"),
         ("session", "/have"),
     ] {
         list.push(Exception {

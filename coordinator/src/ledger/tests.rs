@@ -57,11 +57,11 @@ fn a_dead_worker_s_traceless_call_is_reissued_and_runs_once() {
         ResumeDecision::Superseded { attempt: 2 }
     );
     assert!(matches!(
-        l.trace(a, 1, "A", "mail.sent", SVC, TO).unwrap(),
+        l.trace(a, 1, "A", "mail.sent", SVC, TO, None, 0).unwrap(),
         TraceDecision::Refused { .. }
     ));
     assert_eq!(
-        l.trace(b, 2, "B", "mail.sent", SVC, TO).unwrap(),
+        l.trace(b, 2, "B", "mail.sent", SVC, TO, None, 0).unwrap(),
         TraceDecision::Granted
     );
     let reply = Reply::ok(id, 2, json!("sent"));
@@ -120,11 +120,11 @@ fn a_redelivery_before_the_death_is_noticed_runs_the_next_attempt() {
     l.worker_lost("A", &[in_flight(a)]).unwrap();
     assert_eq!(l.commit().unwrap(), vec![]);
     assert!(matches!(
-        l.trace(a, 1, "A", "mail.sent", SVC, TO).unwrap(),
+        l.trace(a, 1, "A", "mail.sent", SVC, TO, None, 0).unwrap(),
         TraceDecision::Refused { .. }
     ));
     assert_eq!(
-        l.trace(b, 2, "B", "mail.sent", SVC, TO).unwrap(),
+        l.trace(b, 2, "B", "mail.sent", SVC, TO, None, 0).unwrap(),
         TraceDecision::Granted
     );
 }
@@ -135,14 +135,14 @@ fn a_dead_worker_s_traced_call_fails_once_and_stays_failed() {
     let id = Uuid::now_v7();
     let a = lease(id, 1);
     assert_eq!(
-        l.trace(a, 1, "A", "mail.sent", SVC, TO).unwrap(),
+        l.trace(a, 1, "A", "mail.sent", SVC, TO, None, 0).unwrap(),
         TraceDecision::Granted
     );
     l.commit().unwrap();
     // The worker asks again (its first answer was lost): granted, and the
     // effect is still listed once.
     assert_eq!(
-        l.trace(a, 1, "A", "mail.sent", SVC, TO).unwrap(),
+        l.trace(a, 1, "A", "mail.sent", SVC, TO, None, 0).unwrap(),
         TraceDecision::Granted
     );
     l.commit().unwrap();
@@ -171,7 +171,7 @@ fn a_dead_worker_s_traced_call_fails_once_and_stays_failed() {
         }
     );
     assert!(matches!(
-        l.trace(a, 1, "A", "mail.sent", SVC, TO).unwrap(),
+        l.trace(a, 1, "A", "mail.sent", SVC, TO, None, 0).unwrap(),
         TraceDecision::Refused { .. }
     ));
     // Announced once: resuming the failed call queues no second answer.
@@ -184,7 +184,7 @@ fn a_redelivery_of_a_traced_copy_fails_the_call() {
     let id = Uuid::now_v7();
     let a = lease(id, 1);
     assert_eq!(
-        l.trace(a, 1, "A", "mail.sent", SVC, TO).unwrap(),
+        l.trace(a, 1, "A", "mail.sent", SVC, TO, None, 0).unwrap(),
         TraceDecision::Granted
     );
     l.commit().unwrap();
@@ -217,7 +217,7 @@ fn a_hung_worker_s_late_trace_and_completion_are_refused() {
     );
     // A wakes up.
     assert!(matches!(
-        l.trace(a, 1, "A", "mail.sent", SVC, TO).unwrap(),
+        l.trace(a, 1, "A", "mail.sent", SVC, TO, None, 0).unwrap(),
         TraceDecision::Refused { .. }
     ));
     assert!(matches!(
@@ -230,7 +230,7 @@ fn a_hung_worker_s_late_trace_and_completion_are_refused() {
         ..b
     };
     assert!(matches!(
-        l.trace(forged, 2, "A", "x", SVC, TO).unwrap(),
+        l.trace(forged, 2, "A", "x", SVC, TO, None, 0).unwrap(),
         TraceDecision::Refused { .. }
     ));
     assert_eq!(
@@ -264,7 +264,8 @@ fn first_traces_need_the_original_copy() {
     let mut l = ledger();
     let id = Uuid::now_v7();
     assert!(matches!(
-        l.trace(lease(id, 3), 3, "A", "x", SVC, TO).unwrap(),
+        l.trace(lease(id, 3), 3, "A", "x", SVC, TO, None, 0)
+            .unwrap(),
         TraceDecision::Refused { .. }
     ));
     assert_eq!(
@@ -280,7 +281,8 @@ fn a_batch_of_decisions_is_one_transaction() {
     let mut l = ledger();
     for _ in 0..50 {
         let id = Uuid::now_v7();
-        l.trace(lease(id, 1), 1, "A", "x", SVC, TO).unwrap();
+        l.trace(lease(id, 1), 1, "A", "x", SVC, TO, None, 0)
+            .unwrap();
     }
     l.commit().unwrap();
     assert_eq!(l.store().transactions, 1);
@@ -295,7 +297,7 @@ fn a_failed_commit_announces_nothing_and_rolls_back() {
     let mut l = ledger();
     let id = Uuid::now_v7();
     let a = lease(id, 1);
-    l.trace(a, 1, "A", "mail.sent", SVC, TO).unwrap();
+    l.trace(a, 1, "A", "mail.sent", SVC, TO, None, 0).unwrap();
     l.commit().unwrap();
     l.worker_lost("A", &[in_flight(a)]).unwrap();
     l.store.fail_next = true;
@@ -318,10 +320,10 @@ fn decisions_survive_a_restart_of_the_coordinator() {
     let (fa, oa) = (lease(failed, 1), lease(open, 1));
     let fatal = {
         let mut l = Ledger::open(RedbStore::open(&path).unwrap()).unwrap();
-        l.trace(fa, 1, "A", "mail.sent", SVC, TO).unwrap();
-        l.trace(oa, 1, "B", "mail.sent", SVC, TO).unwrap();
+        l.trace(fa, 1, "A", "mail.sent", SVC, TO, None, 0).unwrap();
+        l.trace(oa, 1, "B", "mail.sent", SVC, TO, None, 0).unwrap();
         let d = lease(done, 1);
-        l.trace(d, 1, "B", "pg.tx", SVC, TO).unwrap();
+        l.trace(d, 1, "B", "pg.tx", SVC, TO, None, 0).unwrap();
         l.complete(d, 1, Some(Reply::ok(done, 1, json!(7))), None, 0)
             .unwrap();
         l.worker_lost("A", &[in_flight(fa)]).unwrap();
@@ -380,7 +382,7 @@ fn a_late_resume_retry_of_a_lease_that_lost_the_call_is_superseded() {
         ResumeDecision::Superseded { attempt: 3 }
     );
     assert_eq!(
-        l.trace(b, 3, "B", "mail.sent", SVC, TO).unwrap(),
+        l.trace(b, 3, "B", "mail.sent", SVC, TO, None, 0).unwrap(),
         TraceDecision::Granted
     );
     let rec = l.record(id).unwrap().unwrap();
@@ -395,7 +397,7 @@ fn a_dead_worker_s_call_with_only_transaction_traces_runs_again_never_fatal() {
     let id = Uuid::now_v7();
     let a = lease(id, 1);
     assert_eq!(
-        l.trace(a, 1, "A", EXACT_TRACE, SVC, TO).unwrap(),
+        l.trace(a, 1, "A", EXACT_TRACE, SVC, TO, None, 0).unwrap(),
         TraceDecision::Granted
     );
     l.commit().unwrap();
@@ -418,11 +420,11 @@ fn a_dead_worker_s_call_with_only_transaction_traces_runs_again_never_fatal() {
         ResumeDecision::Run { attempt: 2 }
     );
     assert_eq!(
-        l.trace(b, 2, "B", EXACT_TRACE, SVC, TO).unwrap(),
+        l.trace(b, 2, "B", EXACT_TRACE, SVC, TO, None, 0).unwrap(),
         TraceDecision::Granted
     );
     assert!(matches!(
-        l.trace(a, 1, "A", EXACT_TRACE, SVC, TO).unwrap(),
+        l.trace(a, 1, "A", EXACT_TRACE, SVC, TO, None, 0).unwrap(),
         TraceDecision::Refused { .. }
     ));
     // Its worker is lost too, and a redelivery of its copy finds the call
@@ -441,7 +443,7 @@ fn a_transaction_trace_beside_another_trace_still_fails_the_call() {
     let a = lease(id, 1);
     for kind in [EXACT_TRACE, "mail.sent"] {
         assert_eq!(
-            l.trace(a, 1, "A", kind, SVC, TO).unwrap(),
+            l.trace(a, 1, "A", kind, SVC, TO, None, 0).unwrap(),
             TraceDecision::Granted
         );
     }
