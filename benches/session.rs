@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use callq::cluster::{ClusterOptions, LocalCluster};
-use callq_coordinator::RedbStore;
+use callq_coordinator::{MemoryStore, RedbStore};
 use callq_node::{CallOptions, Client};
 use callq_schemas::Outcome;
 use futures::StreamExt;
@@ -92,6 +92,20 @@ fn main() -> anyhow::Result<()> {
             "ratio counter.add/echo.echo round-trip p50: {:.2}x; calls/s: {:.2}x",
             counter_p50 / echo_p50,
             counter_rate / echo_rate
+        );
+        cluster.shutdown().await?;
+        // The same on a store in memory: the protocol's part without the
+        // store's fsync.
+        let mut cluster =
+            LocalCluster::start(ClusterOptions::default(), MemoryStore::default()).await?;
+        cluster.spawn_worker("w1", &["counter"], false).await?;
+        let client = cluster.client().await?;
+        println!("(memory store, no fsync)");
+        let (p50, rate) = measure(&client, "counter", calls).await?;
+        println!(
+            "ratio counter.add (memory store)/echo.echo round-trip p50: {:.2}x; calls/s: {:.2}x",
+            p50 / echo_p50,
+            rate / echo_rate
         );
         cluster.shutdown().await
     })?;

@@ -80,7 +80,7 @@ async fn the_standby_coordinator_takes_over_when_the_leader_is_killed() {
 /// The leader paused with SIGSTOP past its lease: the other coordinator
 /// takes the lease; resumed, the old leader's first write (renewing a lease
 /// of an epoch that is gone) is refused, and it stands by. The cluster
-/// serves on under the new leader.
+/// serves on under the new leader, with the session data the old one wrote.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_leader_is_fenced_when_it_wakes() {
     let vhost = Vhost::create("pgfence");
@@ -89,7 +89,39 @@ async fn a_paused_leader_is_fenced_when_it_wakes() {
     wait_log(&first, "coordinator leading", Duration::from_secs(30));
     let second = coordinator("coordinator-2", &vhost, &dir);
     wait_log(&second, "standing by", Duration::from_secs(30));
-    let _worker = support::worker("w1", &vhost.url, &dir, false);
+    let _worker = Proc::spawn(
+        "w1",
+        &["worker", "--services", "echo,mail,counter", "--worker-id", "w1"],
+        &vhost.url,
+        &dir,
+    );
+    let broker = support::amqp(&vhost.url).await;
+    let client = Client::connect(broker, ClientOptions::default())
+        .await
+        .unwrap();
+    let add = |n: i64| {
+        let client = client.clone();
+        async move {
+            let reply = client
+                .call(
+                    "counter",
+                    "add",
+                    serde_json::json!({ "n": n }),
+                    CallOptions {
+                        session_id: Some("pg-session".into()),
+                        timeout: Some(Duration::from_secs(60)),
+                        ..CallOptions::default()
+                    },
+                )
+                .await
+                .unwrap();
+            assert_eq!(reply.outcome, Outcome::Ok, "{reply:?}");
+            reply.result.unwrap()["value"].as_i64().unwrap()
+        }
+    };
+    for _ in 0..3 {
+        add(5).await;
+    }
     let signal = |sig: &str| {
         let ok = std::process::Command::new("kill")
             .args([sig, &first.pid().to_string()])
@@ -109,10 +141,8 @@ async fn a_paused_leader_is_fenced_when_it_wakes() {
         "the old leader's write was refused for its epoch:\n{}",
         first.log()
     );
-    let broker = support::amqp(&vhost.url).await;
-    let client = Client::connect(broker, ClientOptions::default())
-        .await
-        .unwrap();
+    // The session the old leader wrote, read and written by the new one.
+    assert_eq!(add(1).await, 16);
     let reply = client
         .call(
             "mail",
