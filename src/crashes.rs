@@ -30,7 +30,7 @@ use callq_coordinator::MemoryStore;
 use callq_node::Service;
 use callq_node::capture::LineError;
 use callq_node::faults::{CrashPoint, CrashSite, Faults};
-use callq_node::replay::{Capture, Verdict, prepare};
+use callq_node::replay::{Capture, Verdict, describe, prepare};
 use callq_schemas::{Uuid, protocol};
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -252,31 +252,10 @@ impl CrashedCall {
 
     /// How the call's reply differs from the captured one, if it does.
     fn difference(&self) -> Option<String> {
-        let head = self.head();
         match self.verdict.as_ref()? {
-            Verdict::Same | Verdict::Uncompared(_) | Verdict::NoReply => None,
-            Verdict::NotReplayable(why) => Some(format!("{head}: not replayable: {why}")),
-            Verdict::Differs(diffs) => Some(format!(
-                "{head}: the reply differs:\n{}",
-                diffs
-                    .iter()
-                    .map(|d| format!(
-                        "  at {}: captured {}, replayed {}",
-                        if d.pointer.is_empty() {
-                            "/"
-                        } else {
-                            &d.pointer
-                        },
-                        d.captured
-                            .as_ref()
-                            .map_or("nothing".into(), Value::to_string),
-                        d.replayed
-                            .as_ref()
-                            .map_or("nothing".into(), Value::to_string)
-                    ))
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            )),
+            // Counted among the violations.
+            Verdict::NoReply => None,
+            verdict => describe(&self.head(), verdict),
         }
     }
 }

@@ -91,7 +91,13 @@ async fn a_paused_leader_is_fenced_when_it_wakes() {
     wait_log(&second, "standing by", Duration::from_secs(30));
     let _worker = Proc::spawn(
         "w1",
-        &["worker", "--services", "echo,mail,counter", "--worker-id", "w1"],
+        &[
+            "worker",
+            "--services",
+            "echo,mail,counter",
+            "--worker-id",
+            "w1",
+        ],
         &vhost.url,
         &dir,
     );

@@ -112,28 +112,7 @@ impl ReplayReport {
                     c.call_id.map_or("?".into(), |id| id.to_string()),
                     c.what
                 );
-                match &c.verdict {
-                    Verdict::Same | Verdict::Uncompared(_) => None,
-                    Verdict::NoReply => Some(format!("{head}: no reply")),
-                    Verdict::NotReplayable(why) => Some(format!("{head}: not replayable: {why}")),
-                    Verdict::Differs(diffs) => Some(format!(
-                        "{head}: the reply differs:\n{}",
-                        diffs
-                            .iter()
-                            .map(|d| format!(
-                                "  at {}: captured {}, replayed {}",
-                                if d.pointer.is_empty() {
-                                    "/"
-                                } else {
-                                    &d.pointer
-                                },
-                                shown(d.captured.as_ref()),
-                                shown(d.replayed.as_ref())
-                            ))
-                            .collect::<Vec<_>>()
-                            .join("\n")
-                    )),
-                }
+                describe(&head, &c.verdict)
             })
             .collect()
     }
@@ -148,6 +127,33 @@ impl ReplayReport {
             self.calls.len(),
             failures.join("\n")
         );
+    }
+}
+
+/// What went wrong with the call `head` names, if its verdict is a
+/// failure: no reply, not replayable, or each difference by JSON pointer.
+pub fn describe(head: &str, verdict: &Verdict) -> Option<String> {
+    match verdict {
+        Verdict::Same | Verdict::Uncompared(_) => None,
+        Verdict::NoReply => Some(format!("{head}: no reply")),
+        Verdict::NotReplayable(why) => Some(format!("{head}: not replayable: {why}")),
+        Verdict::Differs(diffs) => Some(format!(
+            "{head}: the reply differs:\n{}",
+            diffs
+                .iter()
+                .map(|d| format!(
+                    "  at {}: captured {}, replayed {}",
+                    if d.pointer.is_empty() {
+                        "/"
+                    } else {
+                        &d.pointer
+                    },
+                    shown(d.captured.as_ref()),
+                    shown(d.replayed.as_ref())
+                ))
+                .collect::<Vec<_>>()
+                .join("\n")
+        )),
     }
 }
 
