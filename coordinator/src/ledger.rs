@@ -96,6 +96,11 @@ pub struct SessionRecord {
 }
 
 impl SessionRecord {
+    /// Live, and last used before `before_ms`.
+    pub fn idle_since(&self, before_ms: i64) -> bool {
+        self.life == SessionLife::Open && self.used_ms < before_ms
+    }
+
     fn new(now_ms: i64) -> Self {
         Self {
             version: 0,
@@ -285,6 +290,24 @@ impl<S: Store> Ledger<S> {
             }
         };
         Ok(state)
+    }
+
+    /// Expires sessions idle past the expiry at `now_ms` (at most `max` of
+    /// them): their data is dropped with the next commit. Returns how many.
+    pub fn sweep_sessions(&mut self, now_ms: i64, max: usize) -> Result<usize, Error> {
+        let before = now_ms.saturating_sub(self.session_idle_ms);
+        let mut expired = 0;
+        for (id, stored) in self.store.idle_sessions(before, max)? {
+            // Memory knows of uses the store has not heard of yet.
+            let rec = self.sessions.entry(id.clone()).or_insert(stored);
+            if rec.idle_since(before) {
+                rec.life = SessionLife::Expired;
+                rec.data.clear();
+                self.dirty_sessions.insert(id);
+                expired += 1;
+            }
+        }
+        Ok(expired)
     }
 
     /// Whether `write` can commit at `now_ms`: `Err((code, reason))` if not.

@@ -220,6 +220,31 @@ impl Store for PgStore {
         .transpose()
     }
 
+    fn idle_sessions(
+        &self,
+        before_ms: i64,
+        max: usize,
+    ) -> Result<Vec<(String, SessionRecord)>, Error> {
+        let limit = i64::try_from(max).unwrap_or(i64::MAX);
+        let rows = self.block(bounded(
+            "reading idle sessions",
+            self.client.query(
+                "select session_id, record from callq_sessions \
+                 where cluster = $1 and record->>'life' = 'open' \
+                 and (record->>'used_ms')::bigint < $2 limit $3",
+                &[&self.cluster, &before_ms, &limit],
+            ),
+        ))?;
+        rows.into_iter()
+            .map(|r| {
+                let id: String = r.get(0);
+                serde_json::from_value::<SessionRecord>(r.get(1))
+                    .map(|rec| (id, rec))
+                    .map_err(|e| Error::Corrupt(e.to_string()))
+            })
+            .collect()
+    }
+
     fn put_all(
         &mut self,
         records: &[(Uuid, &CallRecord)],

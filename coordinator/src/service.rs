@@ -133,7 +133,12 @@ pub struct Coordinator<S: Store> {
     /// Workers that read each session since it last changed: they hear of
     /// its next change.
     session_readers: HashMap<String, HashSet<String>>,
+    /// When idle sessions were last swept.
+    swept: Instant,
 }
+
+/// Sessions one sweep expires at most; the next sweep takes the rest.
+const SWEEP_MAX: usize = 1_000;
 
 /// Sessions whose readers are tracked, at most; past that the tracking
 /// starts afresh (workers validate their cache on every call anyway).
@@ -156,6 +161,7 @@ impl<S: Store> Coordinator<S> {
             behind_since: None,
             epoch_ms: wall_ms(),
             session_readers: HashMap::new(),
+            swept: Instant::now(),
         }
     }
 
@@ -716,6 +722,19 @@ impl<S: Store> Coordinator<S> {
                     error!(worker = id, "revoking a dead worker's calls: {e}");
                 }
                 lost.push((id, w));
+            }
+        }
+        // Idle sessions expire in the background too (a session is also
+        // expired at its next use): every quarter of the expiry, at most a
+        // minute apart.
+        let sweep_every = (self.opts.session_idle / 4).min(Duration::from_secs(60));
+        if self.swept.elapsed() >= sweep_every {
+            self.swept = Instant::now();
+            let now = self.now_ms();
+            match self.ledger.sweep_sessions(now, SWEEP_MAX) {
+                Ok(0) => {}
+                Ok(n) => info!(sessions = n, "idle sessions expired"),
+                Err(e) => warn!("sweeping idle sessions: {e}"),
             }
         }
         match self.ledger.commit() {

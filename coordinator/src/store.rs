@@ -18,6 +18,13 @@ pub trait Store: Send + Sync {
     fn get(&self, call_id: Uuid) -> Result<Option<CallRecord>, Error>;
     /// One session, if it was ever written.
     fn get_session(&self, session_id: &str) -> Result<Option<SessionRecord>, Error>;
+    /// Live sessions last used before `before_ms`, at most `max`: the
+    /// candidates of the expiry sweep.
+    fn idle_sessions(
+        &self,
+        before_ms: i64,
+        max: usize,
+    ) -> Result<Vec<(String, SessionRecord)>, Error>;
     /// Writes a batch of call records and sessions in one durable, atomic
     /// transaction.
     fn put_all(
@@ -87,6 +94,28 @@ impl Store for RedbStore {
             .transpose()
     }
 
+    fn idle_sessions(
+        &self,
+        before_ms: i64,
+        max: usize,
+    ) -> Result<Vec<(String, SessionRecord)>, Error> {
+        let tx = self.db.begin_read().map_err(store_err)?;
+        let table = tx.open_table(SESSIONS).map_err(store_err)?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(store_err)? {
+            if out.len() >= max {
+                break;
+            }
+            let (id, bytes) = entry.map_err(store_err)?;
+            let record: SessionRecord =
+                serde_json::from_slice(bytes.value()).map_err(|e| Error::Corrupt(e.to_string()))?;
+            if record.idle_since(before_ms) {
+                out.push((id.value().to_owned(), record));
+            }
+        }
+        Ok(out)
+    }
+
     fn put_all(
         &mut self,
         records: &[(Uuid, &CallRecord)],
@@ -151,6 +180,20 @@ impl Store for MemoryStore {
 
     fn get_session(&self, session_id: &str) -> Result<Option<SessionRecord>, Error> {
         Ok(self.sessions.get(session_id).cloned())
+    }
+
+    fn idle_sessions(
+        &self,
+        before_ms: i64,
+        max: usize,
+    ) -> Result<Vec<(String, SessionRecord)>, Error> {
+        Ok(self
+            .sessions
+            .iter()
+            .filter(|(_, r)| r.idle_since(before_ms))
+            .take(max)
+            .map(|(id, r)| (id.clone(), r.clone()))
+            .collect())
     }
 
     fn put_all(

@@ -114,6 +114,10 @@ async fn sessions_are_written_with_the_calls_and_read_back_by_the_next_leader() 
     a.put_all(&[(x, &record(1))], &[("s1", &session)]).unwrap();
     assert_eq!(a.get_session("s1").unwrap(), Some(session.clone()));
     assert_eq!(a.get_session("s2").unwrap(), None);
+    // The expiry sweep finds it once it is idle long enough, not before.
+    let idle = a.idle_sessions(session.used_ms + 1, 10).unwrap();
+    assert_eq!(idle, vec![("s1".to_owned(), session.clone())]);
+    assert!(a.idle_sessions(session.used_ms, 10).unwrap().is_empty());
     drop(a);
     // The next leader (after the lease ran out) reads the same session; a
     // cluster of another name does not see it.

@@ -503,3 +503,44 @@ fn a_session_write_commits_with_its_completion_once_and_only_on_its_version() {
         CompleteDecision::SessionRefused { code, .. } if code == "session_expired"
     ));
 }
+
+#[test]
+fn the_sweep_expires_idle_sessions_and_spares_those_in_use() {
+    use callq_schemas::protocol::{SessionState, SessionWrite};
+    let dir = std::env::temp_dir().join(format!("callq-sweep-{}", Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut l = Ledger::open(RedbStore::open(dir.join("l.redb")).unwrap()).unwrap();
+    l.set_session_idle(std::time::Duration::from_millis(1_000));
+    for (i, s) in ["old", "used"].into_iter().enumerate() {
+        let id = Uuid::now_v7();
+        let write = SessionWrite {
+            session_id: s.into(),
+            base: 0,
+            set: [("k".to_owned(), json!(i))].into_iter().collect(),
+            close: false,
+        };
+        l.complete(lease(id, 1), 1, None, Some(&write), 0).unwrap();
+    }
+    l.commit().unwrap();
+    // "used" is read at 900 (in memory only); at 1,500 only "old" is idle.
+    assert!(matches!(
+        l.session("used", None, 900).unwrap(),
+        SessionState::Open { .. }
+    ));
+    assert_eq!(l.sweep_sessions(1_500, 100).unwrap(), 1);
+    l.commit().unwrap();
+    let old = l.store().get_session("old").unwrap().unwrap();
+    assert_eq!((old.life, old.data.len()), (SessionLife::Expired, 0));
+    assert_eq!(
+        l.session("old", None, 1_600).unwrap(),
+        SessionState::Expired
+    );
+    assert!(matches!(
+        l.session("used", Some(1), 1_600).unwrap(),
+        SessionState::Open {
+            version: 1,
+            data: None
+        }
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+}
