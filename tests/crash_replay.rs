@@ -63,21 +63,13 @@ fn shop(effects: &Effects, quote_factor: u64) -> Service {
         })
 }
 
-/// A capture of shop traffic as `shop(_, 3)` answered it: quote, pay and
-/// book calls interleaved, each with its reply.
-fn capture() -> Vec<u8> {
-    let mut w = Writer::new(Vec::new(), "embedded", "shop").unwrap();
-    for i in 0..PER_METHOD * 3 {
-        let n = i as u64;
-        let (method, result) = match i % 3 {
-            0 => ("quote", json!({ "price": n * 3 })),
-            1 => ("pay", json!({ "paid": n })),
-            _ => ("book", json!({ "booked": n })),
-        };
-        let call = Call::new("shop", method, json!({ "n": n }));
+/// A capture file of `calls`, each with its `ok` reply, a millisecond apart.
+fn capture_of(broker: &str, service: &str, calls: Vec<(Call, Value)>) -> Vec<u8> {
+    let mut w = Writer::new(Vec::new(), broker, service).unwrap();
+    for (at_ms, (call, result)) in (0..).zip(calls) {
         w.write(&Record::Call {
             origin: Origin::default(),
-            at_ms: n,
+            at_ms,
             attempt: 1,
             headers: BTreeMap::new(),
             body: Body::of(&call.to_bytes()),
@@ -85,12 +77,28 @@ fn capture() -> Vec<u8> {
         .unwrap();
         w.write(&Record::Reply {
             origin: Origin::default(),
-            at_ms: n,
+            at_ms,
             body: Body::of(&Reply::ok(call.call_id, 1, result).to_bytes()),
         })
         .unwrap();
     }
     w.finish().unwrap()
+}
+
+/// A capture of shop traffic as `shop(_, 3)` answered it: quote, pay and
+/// book calls interleaved, each with its reply.
+fn capture() -> Vec<u8> {
+    let calls = (0..PER_METHOD as u64 * 3)
+        .map(|n| {
+            let (method, result) = match n % 3 {
+                0 => ("quote", json!({ "price": n * 3 })),
+                1 => ("pay", json!({ "paid": n })),
+                _ => ("book", json!({ "booked": n })),
+            };
+            (Call::new("shop", method, json!({ "n": n })), result)
+        })
+        .collect();
+    capture_of("embedded", "shop", calls)
 }
 
 async fn replay(mode: CrashMode, effects: &Effects, quote_factor: u64) -> CrashReport {
@@ -264,38 +272,24 @@ fn the_command_line_replays_with_crashes_repeatably() {
     let dir = std::env::temp_dir().join(format!("callq-crash-replay-{}", Uuid::now_v7()));
     std::fs::create_dir_all(&dir).unwrap();
     let outbox = dir.join("mail.outbox");
-    let mut w = Writer::new(Vec::new(), "amqp", "mail").unwrap();
-    let mut mails = 0;
-    for i in 0..40u64 {
-        let (call, result) = if i % 2 == 0 {
-            let args = json!({ "i": i });
-            (Call::new("echo", "echo", args.clone()), args)
-        } else {
-            mails += 1;
-            let to = format!("user{i}@example.com");
-            let args = json!({ "outbox": outbox, "to": to, "subject": "hello" });
-            (
-                Call::new("mail", "send", args),
-                json!({ "sent": true, "to": to }),
-            )
-        };
-        w.write(&Record::Call {
-            origin: Origin::default(),
-            at_ms: i,
-            attempt: 1,
-            headers: BTreeMap::new(),
-            body: Body::of(&call.to_bytes()),
+    let mails = 20;
+    let calls = (0..2 * mails as u64)
+        .map(|i| {
+            if i % 2 == 0 {
+                let args = json!({ "i": i });
+                (Call::new("echo", "echo", args.clone()), args)
+            } else {
+                let to = format!("user{i}@example.com");
+                let args = json!({ "outbox": outbox, "to": to, "subject": "hello" });
+                (
+                    Call::new("mail", "send", args),
+                    json!({ "sent": true, "to": to }),
+                )
+            }
         })
-        .unwrap();
-        w.write(&Record::Reply {
-            origin: Origin::default(),
-            at_ms: i,
-            body: Body::of(&Reply::ok(call.call_id, 1, result).to_bytes()),
-        })
-        .unwrap();
-    }
+        .collect();
     let file = dir.join("capture.jsonl");
-    std::fs::write(&file, w.finish().unwrap()).unwrap();
+    std::fs::write(&file, capture_of("amqp", "mail", calls)).unwrap();
 
     let run = |extra: &[&str]| {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_callq"))
