@@ -2,7 +2,8 @@
 //! `callq worker` processes serve: a live capture holds every call and reply
 //! with its partition, offset and timestamp and takes nothing from the
 //! workers; captures of a past range (from the beginning, an offset, a time
-//! span) read the same records again and end by themselves.
+//! span) read the same records again and end by themselves. The calls carry
+//! session ids, and each session's calls share a partition.
 //!
 //! Needs the broker that `CALLQ_KAFKA_URL` names (`scripts/test` starts
 //! one); never skips.
@@ -24,20 +25,28 @@ use support::{Proc, count, kafka, wait_status};
 
 const CALLS: usize = 30;
 const PARTITIONS: usize = 3;
+const SESSIONS: usize = 10;
 
-/// The calls of a capture file: (call id, partition, offset, timestamp).
-fn calls_in(file: &[u8]) -> (Vec<(String, u32, i64, i64)>, usize) {
+/// The calls of a capture file: (call id, partition, offset, timestamp,
+/// session).
+type Captured = (String, u32, i64, i64, String);
+
+fn calls_in(file: &[u8]) -> (Vec<Captured>, usize) {
     let reader = Reader::new(file).unwrap();
     assert_eq!(reader.header.broker, "kafka");
     let (mut calls, mut replies) = (Vec::new(), 0);
     for record in reader {
         match record.unwrap() {
-            Record::Call { body, origin, .. } => calls.push((
-                body.json().unwrap()["call_id"].as_str().unwrap().to_owned(),
-                origin.partition.unwrap(),
-                origin.offset.unwrap(),
-                origin.ts_ms.unwrap(),
-            )),
+            Record::Call { body, origin, .. } => {
+                let body = body.json().unwrap();
+                calls.push((
+                    body["call_id"].as_str().unwrap().to_owned(),
+                    origin.partition.unwrap(),
+                    origin.offset.unwrap(),
+                    origin.ts_ms.unwrap(),
+                    body["session_id"].as_str().unwrap_or_default().to_owned(),
+                ));
+            }
             Record::Reply { origin, .. } => {
                 assert!(origin.ts_ms.is_some() && origin.offset.is_some());
                 replies += 1;
@@ -114,8 +123,12 @@ async fn a_kafka_capture_holds_every_call_and_reads_past_ranges_again() {
     // One call at a time: tansu under-reports a partition's end after a
     // batched produce, and the range captures below read up to that end.
     for i in 0..CALLS {
+        let opts = CallOptions {
+            session_id: Some(format!("sess-{}", i % SESSIONS)),
+            ..CallOptions::default()
+        };
         let reply = client
-            .call("echo", "echo", json!({ "i": i }), CallOptions::default())
+            .call("echo", "echo", json!({ "i": i }), opts)
             .await
             .unwrap();
         assert_eq!(reply.outcome, Outcome::Ok, "{reply:?}");
@@ -132,6 +145,17 @@ async fn a_kafka_capture_holds_every_call_and_reads_past_ranges_again() {
         partitions.len() > 1,
         "calls spread over partitions: {partitions:?}"
     );
+    // Session affinity: a session's calls share a partition (the client
+    // keys them by session id), so they meet at one worker.
+    let mut by_session: std::collections::BTreeMap<&str, std::collections::BTreeSet<u32>> =
+        std::collections::BTreeMap::new();
+    for c in &calls {
+        by_session.entry(c.4.as_str()).or_default().insert(c.1);
+    }
+    assert_eq!(by_session.len(), SESSIONS);
+    for (session, parts) in &by_session {
+        assert_eq!(parts.len(), 1, "session {session} on partitions {parts:?}");
+    }
     replay_into(
         vec![services::echo()],
         file.as_slice(),
