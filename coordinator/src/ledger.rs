@@ -101,6 +101,11 @@ impl SessionRecord {
         self.life == SessionLife::Open && self.used_ms < before_ms
     }
 
+    /// Ended (expired or closed), and last used before `before_ms`.
+    pub fn ended_before(&self, before_ms: i64) -> bool {
+        self.life != SessionLife::Open && self.used_ms < before_ms
+    }
+
     fn new(now_ms: i64) -> Self {
         Self {
             version: 0,
@@ -207,6 +212,7 @@ pub struct Ledger<S: Store> {
     sessions: HashMap<String, SessionRecord>,
     dirty_sessions: HashSet<String>,
     session_idle_ms: i64,
+    session_forget_ms: i64,
 }
 
 impl<S: Store> Ledger<S> {
@@ -222,12 +228,19 @@ impl<S: Store> Ledger<S> {
             sessions: HashMap::new(),
             dirty_sessions: HashSet::new(),
             session_idle_ms: 30 * 60 * 1000,
+            session_forget_ms: 7 * 24 * 3600 * 1000,
         })
     }
 
     /// Sessions idle this long expire (30 minutes unless set).
     pub fn set_session_idle(&mut self, idle: std::time::Duration) {
         self.session_idle_ms = i64::try_from(idle.as_millis()).unwrap_or(i64::MAX).max(1);
+    }
+
+    /// Ended sessions are forgotten this long after their last use (7 days
+    /// unless set); until then a call on one is told it ended.
+    pub fn set_session_forget(&mut self, after: std::time::Duration) {
+        self.session_forget_ms = i64::try_from(after.as_millis()).unwrap_or(i64::MAX).max(1);
     }
 
     /// The session, loaded into memory.
@@ -290,6 +303,26 @@ impl<S: Store> Ledger<S> {
             }
         };
         Ok(state)
+    }
+
+    /// Forgets sessions that ended longer ago than the retention at
+    /// `now_ms` (at most `max`); returns how many.
+    pub fn forget_sessions(&mut self, now_ms: i64, max: usize) -> Result<usize, Error> {
+        let before = now_ms.saturating_sub(self.session_forget_ms);
+        let ids: Vec<String> = self
+            .store
+            .ended_sessions(before, max)?
+            .into_iter()
+            .filter(|id| !self.dirty_sessions.contains(id))
+            .collect();
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        self.store.forget_sessions(&ids)?;
+        for id in &ids {
+            self.sessions.remove(id);
+        }
+        Ok(ids.len())
     }
 
     /// Expires sessions idle past the expiry at `now_ms` (at most `max` of

@@ -245,6 +245,33 @@ impl Store for PgStore {
             .collect()
     }
 
+    fn ended_sessions(&self, before_ms: i64, max: usize) -> Result<Vec<String>, Error> {
+        let limit = i64::try_from(max).unwrap_or(i64::MAX);
+        let rows = self.block(bounded(
+            "reading ended sessions",
+            self.client.query(
+                "select session_id from callq_sessions \
+                 where cluster = $1 and record->>'life' <> 'open' \
+                 and (record->>'used_ms')::bigint < $2 limit $3",
+                &[&self.cluster, &before_ms, &limit],
+            ),
+        ))?;
+        Ok(rows.into_iter().map(|r| r.get(0)).collect())
+    }
+
+    fn forget_sessions(&mut self, ids: &[String]) -> Result<(), Error> {
+        // Only tombstones go, whoever leads: nothing live is at stake.
+        self.block(bounded(
+            "forgetting ended sessions",
+            self.client.execute(
+                "delete from callq_sessions where cluster = $1 \
+                 and session_id = any($2) and record->>'life' <> 'open'",
+                &[&self.cluster, &ids],
+            ),
+        ))?;
+        Ok(())
+    }
+
     fn put_all(
         &mut self,
         records: &[(Uuid, &CallRecord)],

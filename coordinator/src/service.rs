@@ -48,6 +48,10 @@ pub struct CoordinatorOptions {
     /// How long a session may go unused before it expires.
     #[serde(with = "millis")]
     pub session_idle: Duration,
+    /// How long an ended (expired or closed) session is remembered, so that
+    /// calls on it are told so, before it is forgotten.
+    #[serde(with = "millis")]
+    pub session_forget: Duration,
 }
 
 impl Default for CoordinatorOptions {
@@ -58,6 +62,7 @@ impl Default for CoordinatorOptions {
             batch_max: 256,
             standby_per_service: BTreeMap::new(),
             session_idle: Duration::from_secs(30 * 60),
+            session_forget: Duration::from_secs(7 * 24 * 3600),
             limits: Limits {
                 max_bytes: 64 * 1024 * 1024,
                 max_depth: 128,
@@ -148,6 +153,7 @@ impl<S: Store> Coordinator<S> {
     /// A coordinator over a ledger (opened from its store).
     pub fn new(opts: CoordinatorOptions, broker: Arc<dyn Broker>, mut ledger: Ledger<S>) -> Self {
         ledger.set_session_idle(opts.session_idle);
+        ledger.set_session_forget(opts.session_forget);
         Self {
             opts,
             broker,
@@ -735,6 +741,11 @@ impl<S: Store> Coordinator<S> {
                 Ok(0) => {}
                 Ok(n) => info!(sessions = n, "idle sessions expired"),
                 Err(e) => warn!("sweeping idle sessions: {e}"),
+            }
+            match self.ledger.forget_sessions(now, SWEEP_MAX) {
+                Ok(0) => {}
+                Ok(n) => info!(sessions = n, "ended sessions forgotten"),
+                Err(e) => warn!("forgetting ended sessions: {e}"),
             }
         }
         match self.ledger.commit() {

@@ -25,6 +25,11 @@ pub trait Store: Send + Sync {
         before_ms: i64,
         max: usize,
     ) -> Result<Vec<(String, SessionRecord)>, Error>;
+    /// Ended sessions (expired or closed) last used before `before_ms`, at
+    /// most `max`: the tombstones the sweep forgets.
+    fn ended_sessions(&self, before_ms: i64, max: usize) -> Result<Vec<String>, Error>;
+    /// Deletes ended sessions for good (a live one named here stays).
+    fn forget_sessions(&mut self, ids: &[String]) -> Result<(), Error>;
     /// Writes a batch of call records and sessions in one durable, atomic
     /// transaction.
     fn put_all(
@@ -116,6 +121,43 @@ impl Store for RedbStore {
         Ok(out)
     }
 
+    fn ended_sessions(&self, before_ms: i64, max: usize) -> Result<Vec<String>, Error> {
+        let tx = self.db.begin_read().map_err(store_err)?;
+        let table = tx.open_table(SESSIONS).map_err(store_err)?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(store_err)? {
+            if out.len() >= max {
+                break;
+            }
+            let (id, bytes) = entry.map_err(store_err)?;
+            let record: SessionRecord =
+                serde_json::from_slice(bytes.value()).map_err(|e| Error::Corrupt(e.to_string()))?;
+            if record.ended_before(before_ms) {
+                out.push(id.value().to_owned());
+            }
+        }
+        Ok(out)
+    }
+
+    fn forget_sessions(&mut self, ids: &[String]) -> Result<(), Error> {
+        let tx = self.db.begin_write().map_err(store_err)?;
+        {
+            let mut table = tx.open_table(SESSIONS).map_err(store_err)?;
+            for id in ids {
+                let ended = match table.get(id.as_str()).map_err(store_err)? {
+                    Some(bytes) => serde_json::from_slice::<SessionRecord>(bytes.value())
+                        .map_err(|e| Error::Corrupt(e.to_string()))?
+                        .ended_before(i64::MAX),
+                    None => false,
+                };
+                if ended {
+                    table.remove(id.as_str()).map_err(store_err)?;
+                }
+            }
+        }
+        tx.commit().map_err(store_err)
+    }
+
     fn put_all(
         &mut self,
         records: &[(Uuid, &CallRecord)],
@@ -194,6 +236,29 @@ impl Store for MemoryStore {
             .take(max)
             .map(|(id, r)| (id.clone(), r.clone()))
             .collect())
+    }
+
+    fn ended_sessions(&self, before_ms: i64, max: usize) -> Result<Vec<String>, Error> {
+        Ok(self
+            .sessions
+            .iter()
+            .filter(|(_, r)| r.ended_before(before_ms))
+            .take(max)
+            .map(|(id, _)| id.clone())
+            .collect())
+    }
+
+    fn forget_sessions(&mut self, ids: &[String]) -> Result<(), Error> {
+        for id in ids {
+            if self
+                .sessions
+                .get(id)
+                .is_some_and(|r| r.ended_before(i64::MAX))
+            {
+                self.sessions.remove(id);
+            }
+        }
+        Ok(())
     }
 
     fn put_all(

@@ -118,6 +118,19 @@ async fn sessions_are_written_with_the_calls_and_read_back_by_the_next_leader() 
     let idle = a.idle_sessions(session.used_ms + 1, 10).unwrap();
     assert_eq!(idle, vec![("s1".to_owned(), session.clone())]);
     assert!(a.idle_sessions(session.used_ms, 10).unwrap().is_empty());
+    // An ended one is found and forgotten; a live one never is.
+    let ended = SessionRecord {
+        life: SessionLife::Expired,
+        data: serde_json::Map::new(),
+        ..session.clone()
+    };
+    a.put_all(&[], &[("gone", &ended)]).unwrap();
+    let found = a.ended_sessions(session.used_ms + 1, 10).unwrap();
+    assert_eq!(found, vec!["gone".to_owned()]);
+    a.forget_sessions(&["gone".to_owned(), "s1".to_owned()])
+        .unwrap();
+    assert_eq!(a.get_session("gone").unwrap(), None);
+    assert!(a.get_session("s1").unwrap().is_some());
     drop(a);
     // The next leader (after the lease ran out) reads the same session; a
     // cluster of another name does not see it.
