@@ -78,6 +78,31 @@ impl RedbStore {
     }
 }
 
+impl RedbStore {
+    /// Up to `max` sessions that `keep` accepts, in key order.
+    fn scan_sessions(
+        &self,
+        max: usize,
+        keep: impl Fn(&SessionRecord) -> bool,
+    ) -> Result<Vec<(String, SessionRecord)>, Error> {
+        let tx = self.db.begin_read().map_err(store_err)?;
+        let table = tx.open_table(SESSIONS).map_err(store_err)?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(store_err)? {
+            if out.len() >= max {
+                break;
+            }
+            let (id, bytes) = entry.map_err(store_err)?;
+            let record: SessionRecord =
+                serde_json::from_slice(bytes.value()).map_err(|e| Error::Corrupt(e.to_string()))?;
+            if keep(&record) {
+                out.push((id.value().to_owned(), record));
+            }
+        }
+        Ok(out)
+    }
+}
+
 fn decode(bytes: &[u8]) -> Result<CallRecord, Error> {
     serde_json::from_slice(bytes).map_err(|e| Error::Corrupt(e.to_string()))
 }
@@ -104,39 +129,12 @@ impl Store for RedbStore {
         before_ms: i64,
         max: usize,
     ) -> Result<Vec<(String, SessionRecord)>, Error> {
-        let tx = self.db.begin_read().map_err(store_err)?;
-        let table = tx.open_table(SESSIONS).map_err(store_err)?;
-        let mut out = Vec::new();
-        for entry in table.iter().map_err(store_err)? {
-            if out.len() >= max {
-                break;
-            }
-            let (id, bytes) = entry.map_err(store_err)?;
-            let record: SessionRecord =
-                serde_json::from_slice(bytes.value()).map_err(|e| Error::Corrupt(e.to_string()))?;
-            if record.idle_since(before_ms) {
-                out.push((id.value().to_owned(), record));
-            }
-        }
-        Ok(out)
+        self.scan_sessions(max, |r| r.idle_since(before_ms))
     }
 
     fn ended_sessions(&self, before_ms: i64, max: usize) -> Result<Vec<String>, Error> {
-        let tx = self.db.begin_read().map_err(store_err)?;
-        let table = tx.open_table(SESSIONS).map_err(store_err)?;
-        let mut out = Vec::new();
-        for entry in table.iter().map_err(store_err)? {
-            if out.len() >= max {
-                break;
-            }
-            let (id, bytes) = entry.map_err(store_err)?;
-            let record: SessionRecord =
-                serde_json::from_slice(bytes.value()).map_err(|e| Error::Corrupt(e.to_string()))?;
-            if record.ended_before(before_ms) {
-                out.push(id.value().to_owned());
-            }
-        }
-        Ok(out)
+        let found = self.scan_sessions(max, |r| r.ended_before(before_ms))?;
+        Ok(found.into_iter().map(|(id, _)| id).collect())
     }
 
     fn forget_sessions(&mut self, ids: &[String]) -> Result<(), Error> {
