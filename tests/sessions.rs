@@ -374,3 +374,38 @@ async fn a_flushed_write_is_seen_before_its_call_ends_and_losing_the_call_then_i
     );
     assert_eq!(peek("c2").await["held"], json!(9));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_session_read_the_coordinator_does_not_answer_is_retried_not_failed() {
+    let dir = std::env::temp_dir().join(format!("callq-sessions-{}", Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let store = || callq_coordinator::RedbStore::open(dir.join("ledger.redb")).unwrap();
+    let mut cluster = LocalCluster::start(ClusterOptions::default(), store())
+        .await
+        .unwrap();
+    cluster
+        .spawn_worker("w1", &["counter"], false)
+        .await
+        .unwrap();
+    let client = cluster.client().await.unwrap();
+    assert_eq!(ok_value(&add(&client, "s", 5).await), 5);
+
+    // The coordinator is gone while the next call reads its session.
+    cluster.kill_coordinator().await;
+    let pending = {
+        let client = client.clone();
+        tokio::spawn(async move { add(&client, "s", 1).await })
+    };
+    // Past the worker's patience (10 s) with the coordinator: the attempt
+    // stops and its call goes back to the queue.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    assert!(
+        !pending.is_finished(),
+        "the call was answered without its session"
+    );
+    cluster.start_coordinator(store()).unwrap();
+    let reply = pending.await.unwrap();
+    assert_eq!(ok_value(&reply), 6, "{reply:?}");
+    drop(cluster);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -308,6 +308,12 @@ impl Attempt {
         self.abort.lock().ok().and_then(|a| a.clone())
     }
 
+    /// The coordinator did not answer a request of this attempt: it stops,
+    /// and its delivery goes back to the queue.
+    pub(crate) fn unreachable(&self) -> HandlerError {
+        self.stop(Abort::Unreachable)
+    }
+
     fn stop(&self, why: Abort) -> HandlerError {
         let err = match &why {
             Abort::Revoked(reason) => HandlerError::new(

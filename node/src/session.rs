@@ -17,6 +17,7 @@ use callq_schemas::codes;
 use callq_schemas::protocol::{AnswerBody, RequestBody, SessionState, SessionWrite};
 use serde_json::{Map, Value};
 use tokio::sync::OwnedMutexGuard;
+use tracing::warn;
 
 use crate::link::Link;
 use crate::{Ctx, HandlerError};
@@ -135,8 +136,9 @@ impl CallSession {
         }
     }
 
-    /// Loads the session, once per run of the handler.
-    async fn load(&self) -> Result<(), HandlerError> {
+    /// Loads the session, once per run of the handler. `Err(None)`: the
+    /// coordinator did not answer.
+    async fn load(&self) -> Result<(), Option<HandlerError>> {
         let mut guard = self.guard.lock().await;
         if self.loaded.lock().is_ok_and(|l| l.is_some()) {
             return Ok(());
@@ -156,16 +158,12 @@ impl CallSession {
         let state = match asked {
             Ok(AnswerBody::Session { state, .. }) => state,
             Ok(other) => {
-                return Err(HandlerError::new(
-                    codes::TRACE_REFUSED,
-                    format!("unexpected answer to a session read: {other:?}"),
-                ));
+                warn!(session = %self.id, "unexpected answer to a session read: {other:?}");
+                return Err(None);
             }
             Err(e) => {
-                return Err(HandlerError::new(
-                    codes::TRACE_REFUSED,
-                    format!("the session could not be read: {e}"),
-                ));
+                warn!(session = %self.id, "the session could not be read: {e}");
+                return Err(None);
             }
         };
         let (version, data) = match state {
@@ -197,11 +195,11 @@ impl CallSession {
             },
             SessionState::Expired => {
                 self.cache.forget(&self.id);
-                return Err(gone(codes::SESSION_EXPIRED, &self.id));
+                return Err(Some(gone(codes::SESSION_EXPIRED, &self.id)));
             }
             SessionState::Closed => {
                 self.cache.forget(&self.id);
-                return Err(gone(codes::SESSION_CLOSED, &self.id));
+                return Err(Some(gone(codes::SESSION_CLOSED, &self.id)));
             }
         };
         if let Ok(mut l) = self.loaded.lock() {
@@ -363,7 +361,9 @@ impl Ctx {
     ///
     /// Errors: `no_session` when the call names no `session_id` or the
     /// worker runs without a coordinator; `session_expired` or
-    /// `session_closed` when the session is gone. Return them with `?`.
+    /// `session_closed` when the session is gone. Return them with `?`. When
+    /// the coordinator does not answer, the attempt stops (as a trace that
+    /// is not answered does): its call goes back to the queue and runs again.
     pub async fn session(&self) -> Result<Session, HandlerError> {
         let Some(inner) = &self.session else {
             return Err(HandlerError::new(
@@ -374,7 +374,16 @@ impl Ctx {
                 },
             ));
         };
-        inner.load().await?;
+        match inner.load().await {
+            Ok(()) => {}
+            Err(Some(gone)) => return Err(gone),
+            Err(None) => {
+                return Err(match &self.standing {
+                    Some(standing) => standing.unreachable(),
+                    None => HandlerError::new(codes::NO_SESSION, "no coordinator answered"),
+                });
+            }
+        }
         Ok(Session {
             inner: inner.clone(),
             ctx: self.clone(),
