@@ -830,21 +830,19 @@ async fn decide(shared: &Shared, delivery: &Delivery) -> Disposition {
             };
             // The session write commits with the completion, before the
             // reply goes out.
-            let asked = link
-                .ask(|req_id| RequestBody::Complete {
-                    req_id,
-                    lease,
-                    attempt,
-                    reply: Some(reply.clone()),
-                    session: Some(write.clone()),
-                })
-                .await;
             let reply_to = call.reply_to.as_deref();
-            match asked {
-                Ok(AnswerBody::Complete {
-                    decision: CompleteDecision::Accepted,
-                    ..
-                }) => {
+            match complete_first(
+                shared,
+                link,
+                lease,
+                attempt,
+                &reply,
+                reply_to,
+                Some(write.clone()),
+            )
+            .await
+            {
+                Ledgered::Accepted => {
                     session.committed(&write);
                     WorkerStats::add(&stats.traces, standing.traces().len());
                     return then_if_sent(
@@ -852,10 +850,8 @@ async fn decide(shared: &Shared, delivery: &Delivery) -> Disposition {
                         Disposition::Ack,
                     );
                 }
-                Ok(AnswerBody::Complete {
-                    decision: CompleteDecision::SessionRefused { code, reason },
-                    ..
-                }) => {
+                Ledgered::Settle(disposition) => return disposition,
+                Ledgered::SessionRefused { code, reason } => {
                     session.reset();
                     if code == codes::SESSION_CONFLICT
                         && runs < SESSION_RUNS
@@ -868,22 +864,6 @@ async fn decide(shared: &Shared, delivery: &Delivery) -> Disposition {
                         Reply::error(call.call_id, attempt, &code, reason),
                         Disposition::Ack,
                     );
-                }
-                Ok(AnswerBody::Complete {
-                    decision: CompleteDecision::Fatal { reply },
-                    ..
-                }) => {
-                    WorkerStats::bump(&stats.revoked);
-                    return publish_reply(shared, reply_to, &reply).await;
-                }
-                Ok(other) => {
-                    WorkerStats::bump(&stats.revoked);
-                    warn!(worker = %shared.opts.worker_id, call_id = %call.call_id, "session write not committed ({other:?}); the delivery goes back for `resume` to settle");
-                    return Disposition::Requeue;
-                }
-                Err(e) => {
-                    warn!(worker = %shared.opts.worker_id, call_id = %call.call_id, "completion not answered, returning the call to its queue: {e}");
-                    return Disposition::Requeue;
                 }
             }
         }
@@ -898,41 +878,10 @@ async fn decide(shared: &Shared, delivery: &Delivery) -> Disposition {
         // An attempt with traces completes synchronously before its reply
         // goes out: the ledger, not a race, says which outcome the client
         // gets.
-        let asked = link
-            .ask(|req_id| RequestBody::Complete {
-                req_id,
-                lease,
-                attempt,
-                reply: Some(reply.clone()),
-                session: None,
-            })
-            .await;
-        return match asked {
-            Ok(AnswerBody::Complete {
-                decision: CompleteDecision::Accepted,
-                ..
-            }) => then_if_sent(publish_reply(shared, reply_to, &reply).await, then),
-            Ok(AnswerBody::Complete {
-                decision: CompleteDecision::Fatal { reply },
-                ..
-            }) => {
-                WorkerStats::bump(&stats.revoked);
-                warn!(worker = %shared.opts.worker_id, call_id = %call.call_id, "the call was decided fatal while it ran; its result is dropped");
-                publish_reply(shared, reply_to, &reply).await
-            }
-            Ok(AnswerBody::Complete { decision, .. }) => {
-                WorkerStats::bump(&stats.revoked);
-                warn!(worker = %shared.opts.worker_id, call_id = %call.call_id, ?decision, "completion refused, the result is dropped; the delivery goes back for `resume` to settle");
-                Disposition::Requeue
-            }
-            Ok(other) => {
-                warn!(worker = %shared.opts.worker_id, call_id = %call.call_id, "unexpected answer to complete: {other:?}");
-                Disposition::Requeue
-            }
-            Err(e) => {
-                warn!(worker = %shared.opts.worker_id, call_id = %call.call_id, "completion not answered, returning the call to its queue: {e}");
-                Disposition::Requeue
-            }
+        return match complete_first(shared, link, lease, attempt, &reply, reply_to, None).await {
+            Ledgered::Accepted => then_if_sent(publish_reply(shared, reply_to, &reply).await, then),
+            Ledgered::Settle(disposition) => disposition,
+            Ledgered::SessionRefused { .. } => Disposition::Requeue,
         };
     }
     let sent = publish_reply(shared, reply_to, &reply).await;
@@ -957,6 +906,69 @@ async fn decide(shared: &Shared, delivery: &Delivery) -> Disposition {
         let _ = tokio::time::timeout(shared.opts.coordinator_patience, handed_on).await;
     }
     then_if_sent(sent, then)
+}
+
+/// What the ledger made of a synchronous completion.
+enum Ledgered {
+    /// Recorded (with the session write, if any): publish the reply.
+    Accepted,
+    /// Not recorded: settle the delivery so (the `fatal` reply the call got
+    /// is published again; a refused or unanswered one goes back for
+    /// `resume`).
+    Settle(Disposition),
+    /// The session write was refused; nothing was recorded.
+    SessionRefused { code: String, reason: String },
+}
+
+/// Completes an attempt with the ledger before its reply goes out: an
+/// attempt with traces, or with a session write.
+async fn complete_first(
+    shared: &Shared,
+    link: &Link,
+    lease: Lease,
+    attempt: u32,
+    reply: &Reply,
+    reply_to: Option<&str>,
+    session: Option<callq_schemas::protocol::SessionWrite>,
+) -> Ledgered {
+    let stats = &shared.stats;
+    let call_id = lease.call_id;
+    let asked = link
+        .ask(|req_id| RequestBody::Complete {
+            req_id,
+            lease,
+            attempt,
+            reply: Some(reply.clone()),
+            session: session.clone(),
+        })
+        .await;
+    let decision = match asked {
+        Ok(AnswerBody::Complete { decision, .. }) => decision,
+        Ok(other) => {
+            warn!(worker = %shared.opts.worker_id, %call_id, "unexpected answer to complete: {other:?}");
+            return Ledgered::Settle(Disposition::Requeue);
+        }
+        Err(e) => {
+            warn!(worker = %shared.opts.worker_id, %call_id, "completion not answered, returning the call to its queue: {e}");
+            return Ledgered::Settle(Disposition::Requeue);
+        }
+    };
+    match decision {
+        CompleteDecision::Accepted => Ledgered::Accepted,
+        CompleteDecision::SessionRefused { code, reason } => {
+            Ledgered::SessionRefused { code, reason }
+        }
+        CompleteDecision::Fatal { reply } => {
+            WorkerStats::bump(&stats.revoked);
+            warn!(worker = %shared.opts.worker_id, %call_id, "the call was decided fatal while it ran; its result is dropped");
+            Ledgered::Settle(publish_reply(shared, reply_to, &reply).await)
+        }
+        decision @ CompleteDecision::Refused { .. } => {
+            WorkerStats::bump(&stats.revoked);
+            warn!(worker = %shared.opts.worker_id, %call_id, ?decision, "completion refused, the result is dropped; the delivery goes back for `resume` to settle");
+            Ledgered::Settle(Disposition::Requeue)
+        }
+    }
 }
 
 /// `then` once the reply went out (or could not be heard); the reply's own
