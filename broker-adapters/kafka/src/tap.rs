@@ -93,6 +93,9 @@ impl Tap for KafkaTap {
     }
 }
 
+/// Tries to follow a topic before the tap gives up on it.
+const FOLLOW_TRIES: u32 = 10;
+
 /// Topics one tap follows at most (reply queues are one per client).
 const MAX_FOLLOWED: usize = 1024;
 
@@ -225,12 +228,31 @@ struct Reader {
 impl Reader {
     fn run(mut self) {
         let mut range_ended = false;
+        let mut retries: Vec<(std::time::Instant, u32, Follow)> = Vec::new();
         while !self.stop.load(Ordering::Acquire) {
-            while let Ok((topic, queue, since)) = self.follows.try_recv() {
-                if let Err(e) = self.follow(&topic, since) {
-                    warn!(queue, "the tap cannot follow `{topic}`: {e}");
-                } else {
-                    self.queues.insert(topic, queue);
+            while let Ok(follow) = self.follows.try_recv() {
+                retries.push((std::time::Instant::now(), 0, follow));
+            }
+            // New topics to follow, and those that failed (a metadata read
+            // that timed out), again a second later, up to 10 times.
+            let now = std::time::Instant::now();
+            let (due, later): (Vec<_>, Vec<_>) =
+                retries.drain(..).partition(|(at, _, _)| *at <= now);
+            retries = later;
+            for (_, tries, (topic, queue, since)) in due {
+                match self.follow(&topic, since) {
+                    Ok(()) => {
+                        self.queues.insert(topic, queue);
+                    }
+                    Err(e) if tries < FOLLOW_TRIES => {
+                        debug!(queue, "the tap cannot follow `{topic}` yet: {e}");
+                        retries.push((
+                            now + Duration::from_secs(1),
+                            tries + 1,
+                            (topic, queue, since),
+                        ));
+                    }
+                    Err(e) => warn!(queue, "the tap gives up following `{topic}`: {e}"),
                 }
             }
             if self.bounded && !range_ended && self.ends.is_empty() {
