@@ -117,6 +117,8 @@ struct Inner {
     /// there is one, so that a publish without taps does not lock.
     taps: Mutex<Vec<mpsc::Sender<Tapped>>>,
     tapped: AtomicBool,
+    /// Copies taps missed, for a warning now and then.
+    missed: std::sync::atomic::AtomicU64,
 }
 
 /// Copies of every message published to an [`EmbeddedBroker`], taken as it
@@ -184,7 +186,14 @@ impl EmbeddedBroker {
             match tap.try_send(copy) {
                 Ok(()) => true,
                 Err(mpsc::error::TrySendError::Full(_)) => {
-                    tracing::warn!(queue, "a tap is full: its capture misses a copy");
+                    let missed = self.inner.missed.fetch_add(1, Ordering::Relaxed);
+                    if missed.is_multiple_of(1000) {
+                        tracing::warn!(
+                            queue,
+                            missed = missed + 1,
+                            "a tap is full: its capture misses copies"
+                        );
+                    }
                     true
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => false,
