@@ -34,7 +34,7 @@ const IN_FLIGHT: usize = 64;
 #[serde(default)]
 pub struct CoordinatorOptions {
     /// How often workers heartbeat; the failure detector ticks as often.
-    #[serde(with = "millis")]
+    #[serde(with = "callq_schemas::millis")]
     pub heartbeat_interval: Duration,
     /// Heartbeat intervals of silence after which a worker is dead.
     pub dead_after: u32,
@@ -46,11 +46,11 @@ pub struct CoordinatorOptions {
     /// here have none.
     pub standby_per_service: BTreeMap<String, u32>,
     /// How long a session may go unused before it expires.
-    #[serde(with = "millis")]
+    #[serde(with = "callq_schemas::millis")]
     pub session_idle: Duration,
     /// How long an ended (expired or closed) session is remembered, so that
     /// calls on it are told so, before it is forgotten.
-    #[serde(with = "millis")]
+    #[serde(with = "callq_schemas::millis")]
     pub session_forget: Duration,
 }
 
@@ -68,18 +68,6 @@ impl Default for CoordinatorOptions {
                 max_depth: 128,
             },
         }
-    }
-}
-
-mod millis {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::Duration;
-
-    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-    }
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        u64::deserialize(d).map(Duration::from_millis)
     }
 }
 
@@ -876,24 +864,11 @@ impl<S: Store> Coordinator<S> {
                 )
             }
         };
-        let mut backoff = Duration::from_millis(10);
-        for attempt in 1..=5 {
-            let publish = self.broker.publish(&to, message.clone());
-            let sent = tokio::time::timeout(PUBLISH_TIMEOUT, publish)
-                .await
-                .unwrap_or(Err(callq_broker::Error::Timeout(PUBLISH_TIMEOUT)));
-            match sent {
-                Ok(()) => break,
-                Err(e) if e.is_transient() && attempt < 5 => {
-                    tokio::time::sleep(backoff).await;
-                    backoff *= 4;
-                }
-                Err(e) => {
-                    // Durable all the same: the next copy's resume learns it.
-                    error!(to, "publishing a decision's effect failed: {e}");
-                    break;
-                }
-            }
+        if let Err(e) =
+            callq_broker::publish_within(self.broker.as_ref(), &to, &message, PUBLISH_TIMEOUT).await
+        {
+            // Durable all the same: the next copy's resume learns it.
+            error!(to, "publishing a decision's effect failed: {e}");
         }
     }
 }

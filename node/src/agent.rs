@@ -16,7 +16,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::link::{Link, Order};
-use crate::worker::millis;
 use crate::{Error, Worker, WorkerOptions, services};
 
 /// Workers of one kind that an agent keeps running.
@@ -55,14 +54,14 @@ pub struct AgentOptions {
     /// services of its workers when empty.
     pub services: Vec<String>,
     /// How often it heartbeats to the coordinator.
-    #[serde(with = "millis")]
+    #[serde(with = "callq_schemas::millis")]
     pub heartbeat_interval: Duration,
     /// The first wait before restarting a crashed worker; it doubles with
     /// each crash in a row of the same worker, up to a minute.
-    #[serde(with = "millis")]
+    #[serde(with = "callq_schemas::millis")]
     pub restart_backoff: Duration,
     /// How long its workers get to drain when the agent stops.
-    #[serde(with = "millis")]
+    #[serde(with = "callq_schemas::millis")]
     pub drain_timeout: Duration,
 }
 

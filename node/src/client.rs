@@ -16,7 +16,6 @@ use tracing::{debug, warn};
 use uuid::Uuid;
 
 use crate::Error;
-use crate::worker::millis;
 
 /// How a client runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -25,7 +24,7 @@ pub struct ClientOptions {
     /// The client's id; its replies arrive on `callq.reply.<client_id>`.
     pub client_id: String,
     /// The timeout of a call that sets none: its deadline is now + this.
-    #[serde(with = "millis")]
+    #[serde(with = "callq_schemas::millis")]
     pub default_timeout: Duration,
     /// Calls in flight at once, at most; further calls wait for a slot.
     pub max_in_flight: usize,
@@ -184,22 +183,10 @@ impl Client {
                 .unwrap_or_else(|| call_id.to_string()),
         );
         let queue = callq_broker::call_queue(&call.service);
-        let mut backoff = Duration::from_millis(5);
-        loop {
-            let sent =
-                tokio::time::timeout_at(give_up, inner.broker.publish(&queue, message.clone()))
-                    .await
-                    .unwrap_or(Err(callq_broker::Error::Timeout(timeout)));
-            match sent {
-                Ok(()) => break,
-                Err(e) if e.is_transient() && tokio::time::Instant::now() + backoff < give_up => {
-                    debug!(%call_id, "publish refused, retrying with the same call id: {e}");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
+        // Retried with the same call id: a copy that was stored after all is
+        // one body under one id, which the cluster runs once.
+        callq_broker::publish_until(inner.broker.as_ref(), &queue, &message, give_up, timeout)
+            .await?;
         match tokio::time::timeout_at(give_up, rx).await {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(_)) => Err(Error::Disconnected),

@@ -43,11 +43,11 @@ pub struct WorkerOptions {
     pub limits: Limits,
     /// How long a graceful shutdown waits for calls in flight before it
     /// abandons them (they return to the queue and run elsewhere).
-    #[serde(with = "millis")]
+    #[serde(with = "callq_schemas::millis")]
     pub drain_timeout: Duration,
     /// How long a reply publish is retried while the broker refuses it
     /// transiently (queue full, no confirm) before the call is requeued.
-    #[serde(with = "millis")]
+    #[serde(with = "callq_schemas::millis")]
     pub reply_retry: Duration,
     /// Whether a coordinator arbitrates this worker's calls (the default).
     /// Without one, redeliveries run without asking, traces are granted
@@ -58,12 +58,12 @@ pub struct WorkerOptions {
     /// consume nothing until the coordinator promotes the worker.
     pub standby: bool,
     /// How often the worker heartbeats to the coordinator.
-    #[serde(with = "millis")]
+    #[serde(with = "callq_schemas::millis")]
     pub heartbeat_interval: Duration,
     /// How long a request to the coordinator (`resume`, `trace`,
     /// `complete`) is tried before the worker gives up on it: the call goes
     /// back to its queue.
-    #[serde(with = "millis")]
+    #[serde(with = "callq_schemas::millis")]
     pub coordinator_patience: Duration,
 }
 
@@ -80,19 +80,6 @@ impl Default for WorkerOptions {
             heartbeat_interval: Duration::from_millis(250),
             coordinator_patience: Duration::from_secs(10),
         }
-    }
-}
-
-pub(crate) mod millis {
-    //! Durations as whole milliseconds in configuration.
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::Duration;
-
-    pub(crate) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-    }
-    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        u64::deserialize(d).map(Duration::from_millis)
     }
 }
 
@@ -1065,30 +1052,19 @@ fn panicked(
 /// receive it (its queue is gone); `Requeue` when the broker kept refusing.
 async fn send_reply(shared: &Shared, to: &str, reply: &Reply) -> Disposition {
     let message = Message::new(reply.to_bytes()).key(reply.call_id.to_string());
-    let give_up = tokio::time::Instant::now() + shared.opts.reply_retry;
-    let mut backoff = Duration::from_millis(5);
-    loop {
-        let sent = tokio::time::timeout_at(give_up, shared.broker.publish(to, message.clone()))
-            .await
-            .unwrap_or(Err(callq_broker::Error::Timeout(shared.opts.reply_retry)));
-        match sent {
-            Ok(()) => return Disposition::Ack,
-            Err(e) if e.is_transient() && tokio::time::Instant::now() + backoff < give_up => {
-                debug!(worker = %shared.opts.worker_id, to, "reply publish refused, retrying: {e}");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-            }
-            Err(e @ callq_broker::Error::NoSuchQueue(_)) => {
-                // Nobody can ever receive it: the outcome stands, unheard.
-                WorkerStats::bump(&shared.stats.reply_failed);
-                warn!(worker = %shared.opts.worker_id, to, call_id = %reply.call_id, "reply cannot be delivered, dropping it: {e}");
-                return Disposition::Ack;
-            }
-            Err(e) => {
-                WorkerStats::bump(&shared.stats.reply_failed);
-                warn!(worker = %shared.opts.worker_id, to, call_id = %reply.call_id, "reply not confirmed, requeueing the call: {e}");
-                return Disposition::Requeue;
-            }
+    let budget = shared.opts.reply_retry;
+    match callq_broker::publish_within(shared.broker.as_ref(), to, &message, budget).await {
+        Ok(()) => Disposition::Ack,
+        Err(e @ callq_broker::Error::NoSuchQueue(_)) => {
+            // Nobody can ever receive it: the outcome stands, unheard.
+            WorkerStats::bump(&shared.stats.reply_failed);
+            warn!(worker = %shared.opts.worker_id, to, call_id = %reply.call_id, "reply cannot be delivered, dropping it: {e}");
+            Disposition::Ack
+        }
+        Err(e) => {
+            WorkerStats::bump(&shared.stats.reply_failed);
+            warn!(worker = %shared.opts.worker_id, to, call_id = %reply.call_id, "reply not confirmed, requeueing the call: {e}");
+            Disposition::Requeue
         }
     }
 }

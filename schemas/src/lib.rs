@@ -16,6 +16,23 @@ mod decode;
 mod envelope;
 pub mod protocol;
 
+pub mod millis {
+    //! Durations as whole milliseconds in configuration files and
+    //! `CALLQ_*` variables: `#[serde(with = "callq_schemas::millis")]`.
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    /// Writes a duration as whole milliseconds.
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    /// Reads whole milliseconds as a duration.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_millis)
+    }
+}
+
 pub use decode::{DecodeError, Limits, Peek, decode_call, decode_reply, peek};
 pub use envelope::{Call, ErrorBody, Outcome, Reply};
 pub use uuid::Uuid;

@@ -64,6 +64,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 pub use bytes::Bytes;
 
+mod retry;
+pub use retry::{Backoff, publish_until, publish_within};
+
 /// Message headers: string keys and string values, as every broker can carry
 /// them (AMQP table entries, Kafka record headers).
 pub type Headers = BTreeMap<String, String>;
