@@ -210,6 +210,7 @@ impl<S: Store> Coordinator<S> {
                     if !full && self.caught_up().await {
                         self.detect_deaths().await;
                     }
+                    self.sweep_sessions().await;
                     self.keep_standbys().await;
                 }
                 next = requests.next() => {
@@ -718,24 +719,6 @@ impl<S: Store> Coordinator<S> {
                 lost.push((id, w));
             }
         }
-        // Idle sessions expire in the background too (a session is also
-        // expired at its next use): every quarter of the expiry, at most a
-        // minute apart.
-        let sweep_every = (self.opts.session_idle / 4).min(Duration::from_secs(60));
-        if self.swept.elapsed() >= sweep_every {
-            self.swept = Instant::now();
-            let now = self.now_ms();
-            match self.ledger.sweep_sessions(now, SWEEP_MAX) {
-                Ok(0) => {}
-                Ok(n) => info!(sessions = n, "idle sessions expired"),
-                Err(e) => warn!("sweeping idle sessions: {e}"),
-            }
-            match self.ledger.forget_sessions(now, SWEEP_MAX) {
-                Ok(0) => {}
-                Ok(n) => info!(sessions = n, "ended sessions forgotten"),
-                Err(e) => warn!("forgetting ended sessions: {e}"),
-            }
-        }
         match self.ledger.commit() {
             Ok(effects) => {
                 let mut orders = Vec::new();
@@ -752,6 +735,33 @@ impl<S: Store> Coordinator<S> {
                     self.workers.insert(id, w);
                 }
             }
+        }
+    }
+
+    /// Expires idle sessions and forgets ended ones, whatever the workers
+    /// do (a session is also expired at its next use): every quarter of
+    /// the expiry, at most a minute apart.
+    async fn sweep_sessions(&mut self) {
+        let sweep_every = (self.opts.session_idle / 4).min(Duration::from_secs(60));
+        if self.swept.elapsed() < sweep_every {
+            return;
+        }
+        self.swept = Instant::now();
+        let now = self.now_ms();
+        match self.ledger.sweep_sessions(now, SWEEP_MAX) {
+            Ok(0) => {}
+            Ok(n) => info!(sessions = n, "idle sessions expired"),
+            Err(e) => warn!("sweeping idle sessions: {e}"),
+        }
+        match self.ledger.forget_sessions(now, SWEEP_MAX) {
+            Ok(0) => {}
+            Ok(n) => info!(sessions = n, "ended sessions forgotten"),
+            Err(e) => warn!("forgetting ended sessions: {e}"),
+        }
+        match self.ledger.commit() {
+            Ok(effects) => self.carry_out(effects).await,
+            // Nothing expired is durable: the next sweep finds them again.
+            Err(e) => error!("committing expired sessions failed: {e}"),
         }
     }
 

@@ -11,10 +11,13 @@ use callq_broker::{
     QueueDepth, QueueSpec, call_queue, worker_queue,
 };
 use callq_broker_embedded::EmbeddedBroker;
-use callq_coordinator::{Coordinator, CoordinatorOptions, Ledger, MemoryStore, RedbStore, Store};
+use callq_coordinator::{
+    CallRecord, Coordinator, CoordinatorOptions, Error, Ledger, MemoryStore, RedbStore,
+    SessionLife, SessionRecord, Store,
+};
 use callq_schemas::protocol::{
-    Answer, AnswerBody, InFlightCall, Lease, Request, RequestBody, ResumeDecision, TraceDecision,
-    WorkerState,
+    Answer, AnswerBody, CompleteDecision, InFlightCall, Lease, Request, RequestBody,
+    ResumeDecision, SessionWrite, TraceDecision, WorkerState,
 };
 use callq_schemas::{Call, Limits, Outcome, Uuid, decode_reply};
 use serde_json::json;
@@ -48,11 +51,15 @@ impl Bus {
         &self,
         store: S,
     ) -> tokio::task::JoinHandle<Result<(), callq_coordinator::Error>> {
-        let c = Coordinator::new(
-            CoordinatorOptions::default(),
-            self.broker.clone(),
-            Ledger::open(store).unwrap(),
-        );
+        self.start_with(CoordinatorOptions::default(), store)
+    }
+
+    fn start_with<S: Store + 'static>(
+        &self,
+        opts: CoordinatorOptions,
+        store: S,
+    ) -> tokio::task::JoinHandle<Result<(), callq_coordinator::Error>> {
+        let c = Coordinator::new(opts, self.broker.clone(), Ledger::open(store).unwrap());
         tokio::spawn(c.run(self.shutdown.clone()))
     }
 
@@ -494,4 +501,122 @@ async fn without_partitions_a_reissue_names_none() {
             .any(|(q, p)| *q == call_queue("mail") && p.is_none()),
         "{published:?}"
     );
+}
+
+/// A memory store the test reads while the coordinator writes to it.
+#[derive(Clone, Default)]
+struct Shared(Arc<Mutex<MemoryStore>>);
+
+impl Shared {
+    fn session(&self, id: &str) -> Option<SessionRecord> {
+        self.0.lock().unwrap().get_session(id).unwrap()
+    }
+}
+
+impl Store for Shared {
+    fn get(&self, call_id: Uuid) -> Result<Option<CallRecord>, Error> {
+        self.0.lock().unwrap().get(call_id)
+    }
+    fn get_session(&self, session_id: &str) -> Result<Option<SessionRecord>, Error> {
+        self.0.lock().unwrap().get_session(session_id)
+    }
+    fn idle_sessions(
+        &self,
+        before_ms: i64,
+        max: usize,
+    ) -> Result<Vec<(String, SessionRecord)>, Error> {
+        self.0.lock().unwrap().idle_sessions(before_ms, max)
+    }
+    fn ended_sessions(&self, before_ms: i64, max: usize) -> Result<Vec<String>, Error> {
+        self.0.lock().unwrap().ended_sessions(before_ms, max)
+    }
+    fn forget_sessions(&mut self, ids: &[String]) -> Result<(), Error> {
+        self.0.lock().unwrap().forget_sessions(ids)
+    }
+    fn put_all(
+        &mut self,
+        records: &[(Uuid, &CallRecord)],
+        sessions: &[(&str, &SessionRecord)],
+    ) -> Result<(), Error> {
+        self.0.lock().unwrap().put_all(records, sessions)
+    }
+    fn open_calls(&self) -> Result<Vec<(Uuid, CallRecord)>, Error> {
+        self.0.lock().unwrap().open_calls()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_sessions_expire_and_ended_ones_are_forgotten_while_every_worker_lives() {
+    let idle = Duration::from_secs(2);
+    let forget = Duration::from_secs(10);
+    let bus = Arc::new(Bus::new().await);
+    let store = Shared::default();
+    let opts = CoordinatorOptions {
+        session_idle: idle,
+        session_forget: forget,
+        ..CoordinatorOptions::default()
+    };
+    let _c = bus.start_with(opts, store.clone());
+    let mut answers = bus.queue(&worker_queue("A")).await;
+    // A healthy cluster: A beats throughout and nobody dies.
+    let beating = {
+        let bus = bus.clone();
+        tokio::spawn(async move {
+            loop {
+                bus.heartbeat("A", Vec::new()).await;
+                tokio::time::sleep(BEAT).await;
+            }
+        })
+    };
+    // Two fast-path calls write a session each; the second closes its own.
+    for (session_id, close) in [("idle", false), ("closed", true)] {
+        let (call, _) = call();
+        let req_id = Uuid::now_v7();
+        let write = SessionWrite {
+            session_id: session_id.into(),
+            base: 0,
+            set: [("n".to_owned(), json!(1))].into_iter().collect(),
+            close,
+        };
+        bus.send(
+            "A",
+            RequestBody::Complete {
+                req_id,
+                lease: lease(&call, 1),
+                attempt: 1,
+                reply: None,
+                session: Some(write),
+            },
+        )
+        .await;
+        assert_eq!(
+            answer(&mut answers).await,
+            AnswerBody::Complete {
+                req_id,
+                decision: CompleteDecision::Accepted
+            }
+        );
+    }
+    assert_eq!(store.session("idle").unwrap().life, SessionLife::Open);
+    assert_eq!(store.session("closed").unwrap().life, SessionLife::Closed);
+
+    // Nobody uses "idle" again: the coordinator expires it on its own.
+    tokio::time::sleep(idle + Duration::from_secs(1)).await;
+    let expired = store.session("idle").expect("a tombstone stays");
+    assert_eq!(
+        (expired.life, expired.data.len()),
+        (SessionLife::Expired, 0),
+        "an idle session expires in the background, its data dropped"
+    );
+    assert!(store.session("closed").is_some(), "not forgotten yet");
+
+    // Past `session_forget`, both tombstones are forgotten.
+    tokio::time::sleep(forget).await;
+    assert_eq!(
+        store.session("closed"),
+        None,
+        "a closed session is forgotten after session_forget"
+    );
+    assert_eq!(store.session("idle"), None, "an expired one too");
+    beating.abort();
 }
