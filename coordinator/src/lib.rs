@@ -13,10 +13,12 @@
 //! commit) and only then hands out the effects and lets the caller answer.
 //!
 //! [`Coordinator`] is the service around it: it consumes the workers'
-//! requests from `callq.coordinator`, applies a batch of them to the ledger,
-//! commits once, and only then answers, re-issues and acks; a failure
-//! detector on heartbeats declares a worker dead after `dead_after`
-//! intervals of silence and revokes its calls.
+//! requests from `callq.coordinator` and their heartbeats from
+//! `callq.heartbeats`, applies a batch of them to the ledger, commits once,
+//! and only then answers, re-issues and acks; a failure detector declares a
+//! worker dead after `dead_after` heartbeat intervals of silence and revokes
+//! its calls, and a standby takes its place; every tick also restores the
+//! standby count and sweeps idle and ended sessions.
 #![forbid(unsafe_code)]
 
 mod ledger;

@@ -1,0 +1,176 @@
+//! The coordinator service, made of parts with one job each:
+//!
+//! - `intake`: the workers' requests and heartbeats read in batches, one
+//!   group commit per batch, answered and acked only once it is durable;
+//! - `requests`: one function per kind of request;
+//! - `registry`: the workers and node agents, as their heartbeats report
+//!   them;
+//! - `detector`: failure detection, who is dead, and revoking their calls;
+//! - `standbys`: promoting a standby for a dead worker, and keeping the
+//!   number of standbys each reserved service should have;
+//! - `notices`: which workers read a session, and the `session_changed`
+//!   notices they get;
+//! - `sweep`: idle sessions expired and ended ones forgotten;
+//! - `effects`: publishing answers, orders, re-issues and `fatal` answers.
+//!
+//! [`Coordinator::run`] serves requests as they arrive and, every
+//! heartbeat interval, takes the steps of a tick: renew the leadership,
+//! drain the requests, detect deaths, sweep sessions, restore standbys.
+
+mod detector;
+mod effects;
+mod intake;
+mod notices;
+mod options;
+mod registry;
+mod requests;
+mod standbys;
+mod sweep;
+
+use std::sync::Arc;
+
+use callq_broker::{Broker, QueueSpec};
+use callq_schemas::protocol::Answer;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::{Error, Ledger, Store};
+use detector::Detector;
+use intake::Inbox;
+use notices::Notices;
+pub use options::CoordinatorOptions;
+use registry::Registry;
+use standbys::Standbys;
+use sweep::Sweeper;
+
+/// Publishes (and acks) the coordinator keeps in flight at once: their
+/// confirms are pipelined instead of awaited one by one.
+const IN_FLIGHT: usize = 64;
+
+/// Answers and orders to send, each with the queue it goes to.
+type Outbox = Vec<(String, Answer)>;
+
+/// The coordinator's clock: tokio time, read as wall-clock milliseconds
+/// for sessions.
+#[derive(Debug)]
+struct Clock {
+    started: Instant,
+    /// The wall clock when `started` was taken, in milliseconds since the
+    /// Unix epoch: session times are this plus the (tokio) time since.
+    epoch_ms: i64,
+}
+
+impl Clock {
+    fn start() -> Self {
+        Self {
+            started: Instant::now(),
+            epoch_ms: wall_ms(),
+        }
+    }
+
+    /// When the coordinator started serving.
+    fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// Now, for sessions, in milliseconds since the Unix epoch.
+    fn now_ms(&self) -> i64 {
+        self.epoch_ms
+            .saturating_add(i64::try_from(self.started.elapsed().as_millis()).unwrap_or(i64::MAX))
+    }
+}
+
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// The coordinator: the call ledger, and the parts of the service around
+/// it.
+pub struct Coordinator<S: Store> {
+    opts: CoordinatorOptions,
+    broker: Arc<dyn Broker>,
+    ledger: Ledger<S>,
+    clock: Clock,
+    registry: Registry,
+    detector: Detector,
+    standbys: Standbys,
+    notices: Notices,
+    sweeper: Sweeper,
+}
+
+impl<S: Store> Coordinator<S> {
+    /// A coordinator over a ledger (opened from its store).
+    pub fn new(opts: CoordinatorOptions, broker: Arc<dyn Broker>, mut ledger: Ledger<S>) -> Self {
+        ledger.set_session_idle(opts.session_idle);
+        ledger.set_session_forget(opts.session_forget);
+        Self {
+            opts,
+            broker,
+            ledger,
+            clock: Clock::start(),
+            registry: Registry::default(),
+            detector: Detector::default(),
+            standbys: Standbys::default(),
+            notices: Notices::default(),
+            sweeper: Sweeper::new(),
+        }
+    }
+
+    /// Serves until `shutdown` is cancelled.
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), Error> {
+        self.broker.declare(&QueueSpec::coordinator()).await?;
+        self.broker.declare(&QueueSpec::heartbeats()).await?;
+        self.clock = Clock::start();
+        let mut inbox = Inbox::open(self.broker.as_ref(), self.opts.batch_max.max(1)).await?;
+        let mut tick = tokio::time::interval(self.opts.heartbeat_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        info!("coordinator serving");
+        loop {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return Ok(()),
+                _ = tick.tick() => self.tick(&mut inbox).await?,
+                next = inbox.requests.next() => {
+                    let first = intake::first(next, "request")?;
+                    self.serve_arrival(first, &mut inbox.requests, &mut inbox.beats).await;
+                }
+                next = inbox.beats.next() => {
+                    let first = intake::first(next, "heartbeat")?;
+                    self.serve_arrival(first, &mut inbox.beats, &mut inbox.requests).await;
+                }
+            }
+        }
+    }
+
+    /// The steps of one tick.
+    async fn tick(&mut self, inbox: &mut Inbox) -> Result<(), Error> {
+        self.renew()?;
+        // What workers sent before the tick counts: a heartbeat or a
+        // completion already queued is read before judging.
+        let full = self.drain_requests(inbox).await;
+        // Silence is judged only when the queues hold no backlog of more
+        // than a batch: a coordinator behind on its requests would take its
+        // own backlog for dead workers.
+        if !full
+            && self
+                .detector
+                .caught_up(self.broker.as_ref(), &self.opts)
+                .await
+        {
+            self.detect_deaths().await;
+        }
+        self.sweep_sessions().await;
+        self.restore_standbys().await;
+        Ok(())
+    }
+
+    /// Keeps the leadership: a leader whose lease went to another
+    /// coordinator (it was paused, or cut off) is fenced, and stops before
+    /// it reads more.
+    fn renew(&mut self) -> Result<(), Error> {
+        self.ledger.renew()
+    }
+}

@@ -1,0 +1,250 @@
+//! Requests: one function per kind of request a worker, node agent or
+//! operator sends, applied to the ledger and the registry. Nothing they
+//! decide is announced before the batch's group commit.
+
+use callq_schemas::protocol::{
+    Answer, AnswerBody, ClusterStatus, CompleteDecision, Completion, Lease, Request, RequestBody,
+    SessionState, SessionWrite, WorkerState,
+};
+use callq_schemas::{Reply, Uuid};
+use tracing::info;
+
+use super::registry::Beat;
+use super::{Coordinator, Outbox};
+use crate::{Error, Store};
+
+impl<S: Store> Coordinator<S> {
+    /// Applies one request; queues its answer, and any order it calls for,
+    /// in `out`. Requests about the cluster's members are taken here, those
+    /// about calls and sessions by [`Self::apply_call`].
+    pub(super) fn apply(&mut self, req: Request, out: &mut Outbox) -> Result<(), Error> {
+        let Request {
+            worker_id: worker,
+            reply_to: to,
+            body,
+            ..
+        } = req;
+        let answer = match body {
+            RequestBody::Heartbeat {
+                services,
+                state,
+                capacity,
+                free,
+                in_flight,
+                partitions,
+            } => {
+                let beat = Beat {
+                    services,
+                    state,
+                    capacity,
+                    free,
+                    in_flight,
+                    partitions,
+                };
+                self.heartbeat(worker, to.clone(), beat)
+            }
+            RequestBody::AgentHeartbeat { services, workers } => {
+                self.registry
+                    .agent_beat(worker, to.clone(), services, workers);
+                None
+            }
+            RequestBody::Leave {} => {
+                self.leave(&worker);
+                None
+            }
+            RequestBody::Drain {
+                req_id,
+                worker: target,
+            } => {
+                let found = self.drain_worker(&target, out);
+                Some(AnswerBody::Draining { req_id, found })
+            }
+            RequestBody::Status { req_id } => Some(AnswerBody::Status {
+                req_id,
+                status: self.status(),
+            }),
+            call => self.apply_call(&worker, call)?,
+        };
+        if let Some(body) = answer {
+            out.push((to, Answer { v: 1, body }));
+        }
+        Ok(())
+    }
+
+    /// Applies a request about a call or a session; returns its answer, if
+    /// it has one.
+    fn apply_call(&mut self, worker: &str, body: RequestBody) -> Result<Option<AnswerBody>, Error> {
+        let answer = match body {
+            RequestBody::Resume {
+                req_id,
+                lease,
+                service,
+                call_reply_to,
+            } => self.resume(worker, req_id, lease, &service, call_reply_to.as_deref())?,
+            RequestBody::Trace {
+                req_id,
+                lease,
+                attempt,
+                kind,
+                service,
+                call_reply_to,
+                session,
+            } => {
+                let now = self.clock.now_ms();
+                let decision = self.ledger.trace(
+                    lease,
+                    attempt,
+                    worker,
+                    &kind,
+                    &service,
+                    call_reply_to.as_deref(),
+                    session.as_ref(),
+                    now,
+                )?;
+                AnswerBody::Trace { req_id, decision }
+            }
+            RequestBody::Complete {
+                req_id,
+                lease,
+                attempt,
+                reply,
+                session,
+            } => {
+                let decision = self.complete(worker, lease, attempt, reply, session.as_ref())?;
+                AnswerBody::Complete { req_id, decision }
+            }
+            RequestBody::Session {
+                req_id,
+                session_id,
+                have,
+            } => {
+                let state = self.read_session(worker, session_id, have)?;
+                AnswerBody::Session { req_id, state }
+            }
+            RequestBody::Completed { calls } => {
+                self.completed(worker, calls)?;
+                return Ok(None);
+            }
+            // Requests about the cluster's members: `apply` takes them.
+            RequestBody::Heartbeat { .. }
+            | RequestBody::AgentHeartbeat { .. }
+            | RequestBody::Leave {}
+            | RequestBody::Drain { .. }
+            | RequestBody::Status { .. } => return Ok(None),
+        };
+        Ok(Some(answer))
+    }
+
+    /// A worker's heartbeat: the registry takes it in (a new standby
+    /// answers a request for one). Returns the order the worker has not
+    /// obeyed yet, to repeat.
+    fn heartbeat(&mut self, worker: String, to: String, beat: Beat) -> Option<AnswerBody> {
+        if !self.registry.has_worker(&worker) {
+            info!(worker, services = ?beat.services, state = ?beat.state, "worker joined");
+            if beat.state == WorkerState::Standby {
+                self.standbys.arrived(&beat.services);
+            }
+        }
+        self.registry.beat(worker, to, beat)
+    }
+
+    /// A worker asks whether to run a redelivered copy, or a copy above
+    /// the first: the ledger arbitrates.
+    fn resume(
+        &mut self,
+        worker: &str,
+        req_id: Uuid,
+        lease: Lease,
+        service: &str,
+        call_reply_to: Option<&str>,
+    ) -> Result<AnswerBody, Error> {
+        let decision = self.ledger.resume(lease, worker, service, call_reply_to)?;
+        Ok(AnswerBody::Resume { req_id, decision })
+    }
+
+    /// A worker completed an attempt (synchronously when it left traces or
+    /// wrote its session, in a batch otherwise): the call is no longer in
+    /// flight there, and the ledger decides whether the completion stands.
+    fn complete(
+        &mut self,
+        worker: &str,
+        lease: Lease,
+        attempt: u32,
+        reply: Option<Reply>,
+        session: Option<&SessionWrite>,
+    ) -> Result<CompleteDecision, Error> {
+        self.registry.landed(worker, lease.call_id);
+        let now = self.clock.now_ms();
+        self.ledger.complete(lease, attempt, reply, session, now)
+    }
+
+    /// A worker's batch of traceless completions, sent after their replies
+    /// were published: each is recorded; one the ledger does not accept
+    /// (its attempt was revoked, or the call was decided otherwise) is only
+    /// logged.
+    fn completed(&mut self, worker: &str, calls: Vec<Completion>) -> Result<(), Error> {
+        for c in calls {
+            let call_id = c.lease.call_id;
+            let decision = self.complete(worker, c.lease, c.attempt, c.reply, None)?;
+            if !matches!(decision, CompleteDecision::Accepted) {
+                info!(worker, %call_id, ?decision, "a revoked attempt completed; ignored");
+            }
+        }
+        Ok(())
+    }
+
+    /// A worker reads a session: the worker hears of its next change.
+    fn read_session(
+        &mut self,
+        worker: &str,
+        session_id: String,
+        have: Option<u64>,
+    ) -> Result<SessionState, Error> {
+        let now = self.clock.now_ms();
+        let state = self.ledger.session(&session_id, have, now)?;
+        self.notices.read(session_id, worker);
+        Ok(state)
+    }
+
+    /// A worker or node agent leaves: off the registry, and a worker off
+    /// the session readers (its sessions are back with the store).
+    fn leave(&mut self, worker: &str) {
+        if self.registry.remove_worker(worker).is_some() {
+            info!(worker, "worker left");
+            self.notices.forget_reader(worker);
+        }
+        if self.registry.remove_agent(worker) {
+            info!(agent = worker, "node agent left");
+        }
+    }
+
+    /// An operator asks a worker to drain: it is marked draining and
+    /// ordered to (the order is repeated until its heartbeats show it
+    /// obeyed). Whether the worker is registered.
+    fn drain_worker(&mut self, target: &str, out: &mut Outbox) -> bool {
+        let Some(queue) = self.registry.drain(target) else {
+            return false;
+        };
+        info!(worker = target, "draining on request");
+        out.push((
+            queue,
+            Answer {
+                v: 1,
+                body: AnswerBody::Drain {},
+            },
+        ));
+        true
+    }
+
+    /// The cluster as `status` shows it.
+    fn status(&self) -> ClusterStatus {
+        ClusterStatus {
+            workers: self.registry.worker_statuses(),
+            agents: self.registry.agent_ids(),
+            standby_per_service: self.opts.standby_per_service.clone(),
+            open_calls: u64::try_from(self.ledger.open_calls()).unwrap_or(u64::MAX),
+            deaths: self.detector.deaths(),
+            promotions: self.standbys.promotions(),
+        }
+    }
+}
