@@ -20,6 +20,7 @@
 //! its calls, and a standby takes its place; every tick also restores the
 //! standby count and sweeps idle and ended sessions.
 #![forbid(unsafe_code)]
+#![warn(clippy::too_many_lines)]
 
 mod ledger;
 mod pg_store;
