@@ -41,7 +41,8 @@ pub enum CallState {
 }
 
 /// What the ledger knows of one call. A call gets a record only when it
-/// leaves the fast path: a trace, a resume, or its worker's death.
+/// leaves the fast path: a trace, a resume, its worker's death, or a
+/// completion that writes a session.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CallRecord {
     /// The service, for re-issues and logs.
@@ -305,7 +306,7 @@ impl<S: Store> Ledger<S> {
         Ok(state)
     }
 
-    /// Forgets sessions that ended longer ago than the retention at
+    /// Forgets ended sessions last used longer ago than the retention at
     /// `now_ms` (at most `max`); returns how many.
     pub fn forget_sessions(&mut self, now_ms: i64, max: usize) -> Result<usize, Error> {
         let before = now_ms.saturating_sub(self.session_forget_ms);

@@ -1,16 +1,18 @@
 //! The ledger's store on PostgreSQL, for coordinators on several hosts.
 //!
-//! Coordinators of one cluster share two tables (created when missing,
+//! Coordinators of one cluster share three tables (created when missing,
 //! [`PG_MIGRATION`]): `callq_leader`, one row per cluster holding the leader's
-//! lease (epoch, holder, expiry), and `callq_calls`, the call records. A
-//! coordinator becomes leader by taking an expired lease, which raises the
-//! epoch ([`PgStore::acquire`]); it keeps the lease by renewing it
-//! ([`Store::renew`]) well before it expires. Every write of the leader
-//! runs in a transaction that first extends the lease *for its own epoch*:
-//! once another coordinator has taken the lease, the old leader's writes
-//! change nothing and fail with [`Error::Fenced`], however long it was
-//! paused. The ledger is read back from `callq_calls` when a coordinator
-//! takes over.
+//! lease (epoch, holder, expiry), `callq_calls`, the call records, and
+//! `callq_sessions`, the sessions. A coordinator becomes leader by taking an
+//! expired lease, which raises the epoch ([`PgStore::acquire`]); it keeps
+//! the lease by renewing it ([`Store::renew`]) well before it expires. Every
+//! write of calls and sessions ([`Store::put_all`]) runs in a transaction
+//! that first extends the lease *for its own epoch*: once another
+//! coordinator has taken the lease, the old leader's writes change nothing
+//! and fail with [`Error::Fenced`], however long it was paused. (Forgetting
+//! ended sessions is not fenced: it deletes only their tombstones.) The
+//! open calls are read back from `callq_calls` when a coordinator takes
+//! over; sessions are read as they are used or swept.
 //!
 //! The ledger's store is synchronous (one group commit per batch, on the
 //! coordinator's one task): this store blocks its runtime thread for each
