@@ -41,9 +41,12 @@ pub fn rabbitmqctl(args: &[&str]) {
 }
 
 impl Vhost {
-    /// Creates `callq-test-<tag>-<uuid>` with all permissions for guest.
+    /// Creates `callq-test-<run>-<tag>-<uuid>` with all permissions for
+    /// guest. `<run>` is `CALLQ_TEST_RUN` (set by scripts/test, which deletes
+    /// its run's vhosts when it ends), or `manual`.
     pub fn create(tag: &str) -> Self {
-        let name = format!("callq-test-{tag}-{}", uuid::Uuid::now_v7().simple());
+        let run = std::env::var("CALLQ_TEST_RUN").unwrap_or_else(|_| "manual".into());
+        let name = format!("callq-test-{run}-{tag}-{}", uuid::Uuid::now_v7().simple());
         rabbitmqctl(&["add_vhost", &name]);
         rabbitmqctl(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"]);
         let url = format!("amqp://guest:guest@127.0.0.1:5672/{name}");
