@@ -1,7 +1,7 @@
 //! The node agent: starts the workers of its host, restarts a crashed one,
 //! and starts standbys when the coordinator asks.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -276,6 +276,21 @@ pub struct Agent {
     stats: Arc<AgentStats>,
 }
 
+/// The workers of a running agent: the slots it keeps and their tasks.
+struct Node {
+    can_start: Vec<String>,
+    /// Live slots by index; a slot whose worker is not restarted is removed
+    /// when that worker ends, so standbys started over a long life do not
+    /// pile up.
+    slots: BTreeMap<usize, Slot>,
+    next_slot: usize,
+    running: JoinSet<Exit>,
+    stop: CancellationToken,
+}
+
+/// Standbys one agent keeps at most, whatever the coordinator asks.
+const MAX_STANDBYS: usize = 64;
+
 /// A slot's worker ended: the slot, how, and how long it ran.
 type Exit = (usize, Result<(), String>, Duration);
 
@@ -304,32 +319,24 @@ impl Agent {
         let patience = self.opts.heartbeat_interval * 40;
         let (link, mut orders) =
             Link::connect(self.broker.clone(), &id, agent_queue(&id), patience).await?;
-        let mut can_start: BTreeSet<String> = self.opts.services.iter().cloned().collect();
-        if can_start.is_empty() {
-            can_start.extend(self.opts.workers.iter().flat_map(|w| w.services.clone()));
-        }
-        let can_start: Vec<String> = can_start.into_iter().collect();
-        let stop = shutdown.child_token();
-        let mut slots: Vec<Slot> = Vec::new();
+        let mut node = Node {
+            can_start: self.can_start(),
+            slots: BTreeMap::new(),
+            next_slot: 0,
+            running: JoinSet::new(),
+            stop: shutdown.child_token(),
+        };
         for spec in &self.opts.workers {
             for _ in 0..spec.count {
-                slots.push(Slot {
-                    name: format!("{id}.w{}", slots.len() + 1),
-                    spec: WorkerSpec {
-                        count: 1,
-                        ..spec.clone()
-                    },
-                    restart: true,
-                    generation: 0,
-                    crashes_in_a_row: 0,
-                });
+                let name = format!("{id}.w{}", node.next_slot + 1);
+                let spec = WorkerSpec {
+                    count: 1,
+                    ..spec.clone()
+                };
+                self.add(&mut node, name, spec, true);
             }
         }
-        let mut running: JoinSet<Exit> = JoinSet::new();
-        for (i, slot) in slots.iter_mut().enumerate() {
-            self.start(slot, i, Duration::ZERO, &stop, &mut running);
-        }
-        info!(agent = %id, workers = slots.len(), services = ?can_start, "node agent serving");
+        info!(agent = %id, workers = node.slots.len(), services = ?node.can_start, "node agent serving");
         let mut tick = tokio::time::interval(self.opts.heartbeat_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -337,79 +344,132 @@ impl Agent {
                 biased;
                 () = shutdown.cancelled() => break,
                 _ = tick.tick() => {
-                    let workers = u32::try_from(running.len()).unwrap_or(u32::MAX);
-                    let beat = RequestBody::AgentHeartbeat { services: can_start.clone(), workers };
+                    let workers = u32::try_from(node.running.len()).unwrap_or(u32::MAX);
+                    let beat = RequestBody::AgentHeartbeat { services: node.can_start.clone(), workers };
                     if let Err(e) = link.beat(beat).await {
                         warn!(agent = %id, "heartbeat not sent: {e}");
                     }
                 }
                 Some(order) = orders.recv() => {
                     if let Order::StartStandby(services) = order {
-                        let unknown: Vec<&String> = services.iter().filter(|s| !can_start.contains(s)).collect();
-                        if !unknown.is_empty() {
-                            warn!(agent = %id, ?unknown, "asked for a standby of services this agent does not run");
-                            continue;
-                        }
-                        info!(agent = %id, ?services, "starting a standby on the coordinator's request");
-                        self.stats.standbys_started.fetch_add(1, Ordering::Relaxed);
-                        slots.push(Slot {
-                            name: format!("{id}.s{}", slots.len() + 1),
-                            spec: WorkerSpec { services, standby: true, count: 1, capacity: capacity() },
-                            restart: false,
-                            generation: 0,
-                            crashes_in_a_row: 0,
-                        });
-                        let i = slots.len() - 1;
-                        self.start(&mut slots[i], i, Duration::ZERO, &stop, &mut running);
+                        self.start_standby(&mut node, services);
                     }
                 }
-                Some(joined) = running.join_next(), if !running.is_empty() => {
-                    self.stats.running.store(running.len() as u64, Ordering::Relaxed);
-                    let (i, ended, ran) = match joined {
-                        Ok(exit) => exit,
-                        Err(e) => {
-                            error!(agent = %id, "a worker task failed: {e}");
-                            continue;
-                        }
-                    };
-                    let slot = &mut slots[i];
-                    match ended {
-                        Ok(()) => {
-                            info!(agent = %id, worker = slot.name, "worker left");
-                            slot.crashes_in_a_row = 0;
-                        }
-                        Err(why) if slot.restart => {
-                            if ran >= STABLE_RUN {
-                                slot.crashes_in_a_row = 0;
-                            }
-                            slot.crashes_in_a_row += 1;
-                            let exp = slot.crashes_in_a_row.saturating_sub(1).min(10);
-                            let delay = (self.opts.restart_backoff * 2u32.pow(exp)).min(Duration::from_secs(60));
-                            warn!(agent = %id, worker = slot.name, "worker crashed ({why}); restarting in {delay:?}");
-                            self.stats.restarted.fetch_add(1, Ordering::Relaxed);
-                            self.start(slot, i, delay, &stop, &mut running);
-                        }
-                        Err(why) => {
-                            warn!(agent = %id, worker = slot.name, "standby crashed ({why}); the coordinator asks again where it needs one");
-                        }
+                Some(joined) = node.running.join_next(), if !node.running.is_empty() => {
+                    self.stats.running.store(node.running.len() as u64, Ordering::Relaxed);
+                    match joined {
+                        Ok(exit) => self.ended(&mut node, exit),
+                        Err(e) => error!(agent = %id, "a worker task failed: {e}"),
                     }
                 }
             }
         }
-        info!(agent = %id, workers = running.len(), "node agent stopping: draining its workers");
-        stop.cancel();
-        let drained = async { while running.join_next().await.is_some() {} };
+        self.drain(node).await;
+        if let Err(e) = link.send(RequestBody::Leave {}).await {
+            warn!(agent = %id, "telling the coordinator this agent leaves: {e}");
+        }
+        Ok(())
+    }
+
+    /// The services this agent may start workers of.
+    fn can_start(&self) -> Vec<String> {
+        let mut can_start: BTreeSet<String> = self.opts.services.iter().cloned().collect();
+        if can_start.is_empty() {
+            can_start.extend(self.opts.workers.iter().flat_map(|w| w.services.clone()));
+        }
+        can_start.into_iter().collect()
+    }
+
+    /// Adds a slot and starts its first worker.
+    fn add(&self, node: &mut Node, name: String, spec: WorkerSpec, restart: bool) {
+        let i = node.next_slot;
+        node.next_slot += 1;
+        let mut slot = Slot {
+            name,
+            spec,
+            restart,
+            generation: 0,
+            crashes_in_a_row: 0,
+        };
+        self.start(&mut slot, i, Duration::ZERO, &node.stop, &mut node.running);
+        node.slots.insert(i, slot);
+    }
+
+    /// Starts a standby on the coordinator's order, within the agent's
+    /// bound on standbys.
+    fn start_standby(&self, node: &mut Node, services: Vec<String>) {
+        let id = &self.opts.agent_id;
+        let unknown: Vec<&String> = services
+            .iter()
+            .filter(|s| !node.can_start.contains(s))
+            .collect();
+        if !unknown.is_empty() {
+            warn!(agent = %id, ?unknown, "asked for a standby of services this agent does not run");
+            return;
+        }
+        let standbys = node.slots.values().filter(|s| !s.restart).count();
+        if standbys >= MAX_STANDBYS {
+            warn!(agent = %id, standbys, "asked for one more standby than this agent keeps ({MAX_STANDBYS}); not starting it");
+            return;
+        }
+        info!(agent = %id, ?services, "starting a standby on the coordinator's request");
+        self.stats.standbys_started.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{id}.s{}", node.next_slot + 1);
+        let spec = WorkerSpec {
+            services,
+            standby: true,
+            count: 1,
+            capacity: capacity(),
+        };
+        self.add(node, name, spec, false);
+    }
+
+    /// A slot's worker ended: restart a configured worker that crashed (with
+    /// backoff); forget a slot whose worker is not restarted.
+    fn ended(&self, node: &mut Node, (i, ended, ran): Exit) {
+        let id = &self.opts.agent_id;
+        let Some(slot) = node.slots.get_mut(&i) else {
+            return;
+        };
+        match ended {
+            Ok(()) => {
+                info!(agent = %id, worker = slot.name, "worker left");
+                slot.crashes_in_a_row = 0;
+            }
+            Err(why) if slot.restart => {
+                if ran >= STABLE_RUN {
+                    slot.crashes_in_a_row = 0;
+                }
+                slot.crashes_in_a_row += 1;
+                let exp = slot.crashes_in_a_row.saturating_sub(1).min(10);
+                let delay =
+                    (self.opts.restart_backoff * 2u32.pow(exp)).min(Duration::from_secs(60));
+                warn!(agent = %id, worker = slot.name, "worker crashed ({why}); restarting in {delay:?}");
+                self.stats.restarted.fetch_add(1, Ordering::Relaxed);
+                self.start(slot, i, delay, &node.stop, &mut node.running);
+                return;
+            }
+            Err(why) => {
+                warn!(agent = %id, worker = slot.name, "standby crashed ({why}); the coordinator asks again where it needs one");
+            }
+        }
+        node.slots.remove(&i);
+    }
+
+    /// Stops every worker and waits for them to drain, within the drain
+    /// timeout.
+    async fn drain(&self, mut node: Node) {
+        let id = &self.opts.agent_id;
+        info!(agent = %id, workers = node.running.len(), "node agent stopping: draining its workers");
+        node.stop.cancel();
+        let drained = async { while node.running.join_next().await.is_some() {} };
         if tokio::time::timeout(self.opts.drain_timeout, drained)
             .await
             .is_err()
         {
             warn!(agent = %id, "workers did not drain in time: killing them");
-            running.shutdown().await;
+            node.running.shutdown().await;
         }
-        if let Err(e) = link.send(RequestBody::Leave {}).await {
-            warn!(agent = %id, "telling the coordinator this agent leaves: {e}");
-        }
-        Ok(())
     }
 
     /// Starts a slot's next generation after `delay`. Each generation gets a

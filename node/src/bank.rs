@@ -75,113 +75,119 @@ pub fn bank(pool: Pool) -> Service {
     let (b1, b2, b3) = (bank.clone(), bank.clone(), bank);
     Service::new("bank")
         .method("open", move |ctx: Ctx, args: Value| {
-            let bank = b1.clone();
-            async move {
-                let account = text(&args, "account")?.to_owned();
-                let cents = cents(&args)?;
-                let pool = bank.pool().await?;
-                ctx.transaction(pool, |tx| {
-                    Box::pin(async move {
-                        let made = tx
-                            .execute(
-                                "insert into bank_accounts (id, cents) values ($1, $2) \
-                                 on conflict (id) do nothing",
-                                &[&account, &cents],
-                            )
-                            .await?;
-                        if made == 0 {
-                            return Err(HandlerError::new(
-                                "account_exists",
-                                format!("account `{account}` exists"),
-                            ));
-                        }
-                        Ok(json!({ "account": account, "cents": cents }))
-                    })
-                })
-                .await
-            }
+            open(b1.clone(), ctx, args)
         })
         .method("transfer", move |ctx: Ctx, args: Value| {
-            let bank = b2.clone();
-            async move {
-                let from = text(&args, "from")?.to_owned();
-                let to = text(&args, "to")?.to_owned();
-                let cents = cents(&args)?;
-                if from == to {
-                    return Err(HandlerError::invalid_args(
-                        "\"from\" and \"to\" must differ",
-                    ));
-                }
-                let pool = bank.pool().await?;
-                ctx.transaction(pool, |tx| {
-                    Box::pin(async move {
-                        // Both rows locked in one order: concurrent
-                        // transfers never deadlock.
-                        let rows = tx
-                            .query(
-                                "select id, cents from bank_accounts where id = any($1) \
-                                 order by id for update",
-                                &[&vec![from.clone(), to.clone()]],
-                            )
-                            .await?;
-                        let balance = |id: &str| {
-                            rows.iter()
-                                .find(|r| r.get::<_, String>(0) == id)
-                                .map(|r| r.get::<_, i64>(1))
-                        };
-                        let missing = [&from, &to].into_iter().find(|id| balance(id).is_none());
-                        if let Some(id) = missing {
-                            return Err(HandlerError::new(
-                                "no_such_account",
-                                format!("no account `{id}`"),
-                            ));
-                        }
-                        let have = balance(&from).unwrap_or_default();
-                        if have < cents {
-                            return Err(HandlerError::new(
-                                "insufficient_funds",
-                                format!("account `{from}` holds {have} cents, not {cents}"),
-                            ));
-                        }
-                        tx.execute(
-                            "update bank_accounts set cents = cents - $2 where id = $1",
-                            &[&from, &cents],
-                        )
-                        .await?;
-                        tx.execute(
-                            "update bank_accounts set cents = cents + $2 where id = $1",
-                            &[&to, &cents],
-                        )
-                        .await?;
-                        Ok(json!({ "from": from, "to": to, "cents": cents }))
-                    })
-                })
-                .await
-            }
+            transfer(b2.clone(), ctx, args)
         })
         .method("balance", move |_ctx: Ctx, args: Value| {
-            let bank = b3.clone();
-            async move {
-                let account = text(&args, "account")?.to_owned();
-                let pool = bank.pool().await?;
-                let client = pool.get().await.map_err(|e| {
-                    HandlerError::new(
-                        "postgres_unavailable",
-                        format!("no PostgreSQL connection: {e}"),
-                    )
-                })?;
-                let row = client
-                    .query_opt("select cents from bank_accounts where id = $1", &[&account])
-                    .await?;
-                match row {
-                    Some(r) => Ok(json!({ "account": account, "cents": r.get::<_, i64>(0) })),
-                    None => Err(HandlerError::new(
-                        "no_such_account",
-                        format!("no account `{account}`"),
-                    )),
-                }
-            }
+            balance(b3.clone(), args)
         })
+}
+
+/// `bank.open`: a new account with a balance.
+async fn open(bank: Arc<Bank>, ctx: Ctx, args: Value) -> Result<Value, HandlerError> {
+    let account = text(&args, "account")?.to_owned();
+    let cents = cents(&args)?;
+    let pool = bank.pool().await?;
+    ctx.transaction(pool, |tx| {
+        Box::pin(async move {
+            let made = tx
+                .execute(
+                    "insert into bank_accounts (id, cents) values ($1, $2) \
+                     on conflict (id) do nothing",
+                    &[&account, &cents],
+                )
+                .await?;
+            if made == 0 {
+                return Err(HandlerError::new(
+                    "account_exists",
+                    format!("account `{account}` exists"),
+                ));
+            }
+            Ok(json!({ "account": account, "cents": cents }))
+        })
+    })
+    .await
+}
+
+/// `bank.transfer`: moves cents between two accounts, exactly once.
+async fn transfer(bank: Arc<Bank>, ctx: Ctx, args: Value) -> Result<Value, HandlerError> {
+    let from = text(&args, "from")?.to_owned();
+    let to = text(&args, "to")?.to_owned();
+    let cents = cents(&args)?;
+    if from == to {
+        return Err(HandlerError::invalid_args(
+            "\"from\" and \"to\" must differ",
+        ));
+    }
+    let pool = bank.pool().await?;
+    ctx.transaction(pool, |tx| {
+        Box::pin(async move {
+            // Both rows locked in one order: concurrent transfers never
+            // deadlock.
+            let rows = tx
+                .query(
+                    "select id, cents from bank_accounts where id = any($1) \
+                     order by id for update",
+                    &[&vec![from.clone(), to.clone()]],
+                )
+                .await?;
+            let balance = |id: &str| {
+                rows.iter()
+                    .find(|r| r.get::<_, String>(0) == id)
+                    .map(|r| r.get::<_, i64>(1))
+            };
+            let missing = [&from, &to].into_iter().find(|id| balance(id).is_none());
+            if let Some(id) = missing {
+                return Err(HandlerError::new(
+                    "no_such_account",
+                    format!("no account `{id}`"),
+                ));
+            }
+            let have = balance(&from).unwrap_or_default();
+            if have < cents {
+                return Err(HandlerError::new(
+                    "insufficient_funds",
+                    format!("account `{from}` holds {have} cents, not {cents}"),
+                ));
+            }
+            tx.execute(
+                "update bank_accounts set cents = cents - $2 where id = $1",
+                &[&from, &cents],
+            )
+            .await?;
+            tx.execute(
+                "update bank_accounts set cents = cents + $2 where id = $1",
+                &[&to, &cents],
+            )
+            .await?;
+            Ok(json!({ "from": from, "to": to, "cents": cents }))
+        })
+    })
+    .await
+}
+
+/// `bank.balance`: an account's balance, read outside any transaction.
+async fn balance(bank: Arc<Bank>, args: Value) -> Result<Value, HandlerError> {
+    let account = text(&args, "account")?.to_owned();
+    let pool = bank.pool().await?;
+    let client = pool.get().await.map_err(|e| {
+        HandlerError::new(
+            "postgres_unavailable",
+            format!("no PostgreSQL connection: {e}"),
+        )
+    })?;
+    let row = client
+        .query_opt("select cents from bank_accounts where id = $1", &[&account])
+        .await?;
+    match row {
+        Some(r) => Ok(json!({ "account": account, "cents": r.get::<_, i64>(0) })),
+        None => Err(HandlerError::new(
+            "no_such_account",
+            format!("no account `{account}`"),
+        )),
+    }
 }
 
 /// The bank service on the database `CALLQ_POSTGRES` names. A URL it cannot

@@ -9,7 +9,7 @@ use serde_json::Value;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::faults::{CrashPoint, CrashSite};
+use crate::probe::{Point, Probed, Site};
 
 /// The future a handler returns.
 pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<Value, HandlerError>> + Send>>;
@@ -55,8 +55,8 @@ pub struct Ctx {
     pub(crate) traceparent: Option<String>,
     /// The attempt's standing with the coordinator; `None` in tests.
     pub(crate) standing: Option<Arc<crate::link::Attempt>>,
-    /// The worker's crash plan, in fault-injection tests.
-    pub(crate) crash: Option<crate::faults::Crash>,
+    /// The worker's probe, if it has one.
+    pub(crate) probe: Option<Probed>,
     /// The call's session, when it names one and a coordinator keeps it.
     pub(crate) session: Option<Arc<crate::session::CallSession>>,
 }
@@ -110,25 +110,24 @@ impl Ctx {
         let Some(standing) = &self.standing else {
             return Ok(());
         };
-        self.crash_point(CrashPoint::BeforeTrace, Some(kind)).await;
+        self.pass(Point::BeforeTrace, Some(kind)).await;
         standing.trace(kind).await?;
-        self.crash_point(CrashPoint::AfterTrace, Some(kind)).await;
+        self.pass(Point::AfterTrace, Some(kind)).await;
         Ok(())
     }
 
-    /// Lets the worker's crash plan (if any) kill the worker here.
-    pub(crate) async fn crash_point(&self, point: CrashPoint, trace: Option<&str>) {
-        if let (Some(crash), Some(standing)) = (&self.crash, &self.standing) {
+    /// Tells the worker's probe (if any) that the call is at `point`.
+    pub(crate) async fn pass(&self, point: Point, trace: Option<&str>) {
+        if let (Some(probe), Some(standing)) = (&self.probe, &self.standing) {
             let granted = standing.traces();
-            crash
-                .at(CrashSite {
-                    point,
-                    call_id: self.call_id,
-                    attempt: self.attempt,
-                    trace,
-                    granted: &granted,
-                })
-                .await;
+            let site = Site {
+                point,
+                call_id: self.call_id,
+                attempt: self.attempt,
+                trace,
+                granted: &granted,
+            };
+            Probed::pass(Some(probe), site).await;
         }
     }
 
@@ -144,7 +143,7 @@ impl Ctx {
             deadline: None,
             traceparent: None,
             standing: None,
-            crash: None,
+            probe: None,
             session: None,
         }
     }

@@ -10,16 +10,17 @@
 //!
 //! Everything here depends on the broker contract (`callq-broker`) only.
 #![forbid(unsafe_code)]
+#![warn(clippy::too_many_lines)]
 
 mod admin;
 mod agent;
 pub mod bank;
 pub mod capture;
 mod client;
-pub mod faults;
 mod handler;
 mod link;
 pub mod pg;
+pub mod probe;
 pub mod replay;
 pub mod services;
 mod session;
@@ -54,9 +55,6 @@ pub enum Error {
     /// The coordinator answered something that does not fit the question.
     #[error("unexpected answer from the coordinator: {0}")]
     Protocol(String),
-    /// The worker's crash plan killed it (fault-injection tests).
-    #[error("the worker was crashed on purpose by its fault plan")]
-    Crashed,
     /// The configuration is not usable.
     #[error("invalid configuration: {0}")]
     Config(String),

@@ -247,7 +247,8 @@ fn route(answer: AnswerBody, waiters: &Waiters, orders: &mpsc::Sender<Order>, wo
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Abort {
     /// The coordinator refused a trace: the attempt was revoked or the call
-    /// is decided. The delivery is acked and dropped.
+    /// is decided. The result is dropped and the delivery goes back to its
+    /// queue: `resume` on the redelivery runs it again or drops it.
     Revoked(String),
     /// The coordinator did not answer a trace: the delivery goes back to the
     /// queue and `resume` decides on the redelivery.

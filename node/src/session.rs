@@ -331,7 +331,7 @@ impl Session {
         };
         let kind = callq_schemas::protocol::SESSION_FLUSH;
         self.ctx
-            .crash_point(crate::faults::CrashPoint::BeforeTrace, Some(kind))
+            .pass(crate::probe::Point::BeforeTrace, Some(kind))
             .await;
         standing.trace_with(kind, Some(write.clone())).await?;
         self.inner.committed(&write);
@@ -348,7 +348,7 @@ impl Session {
             l.data = Arc::new(data);
         });
         self.ctx
-            .crash_point(crate::faults::CrashPoint::AfterTrace, Some(kind))
+            .pass(crate::probe::Point::AfterTrace, Some(kind))
             .await;
         Ok(())
     }

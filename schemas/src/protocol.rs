@@ -44,12 +44,15 @@ pub enum ResumeDecision {
         reply: Option<Reply>,
     },
     /// An earlier attempt left traces and was lost: the coordinator has
-    /// answered the client with this reply. Ack and drop.
+    /// answered the client with this reply. The worker publishes it again
+    /// (the coordinator's copy may have been lost; the client drops
+    /// duplicates), then acks.
     Fatal {
         /// The `fatal` reply the client got.
         reply: Reply,
     },
-    /// Another copy of the call holds the current attempt: ack and drop.
+    /// Another copy of the call holds the current attempt: ack this copy,
+    /// publish nothing.
     Superseded {
         /// The current attempt.
         attempt: u32,
@@ -86,12 +89,14 @@ pub enum CompleteDecision {
     /// Recorded: publish the reply, then ack.
     Accepted,
     /// The attempt was lost before it completed and the client was answered
-    /// `fatal`: do not publish; ack.
+    /// `fatal`: publish this `fatal` reply again (not the attempt's own), then
+    /// ack.
     Fatal {
         /// The `fatal` reply the client got.
         reply: Reply,
     },
-    /// The attempt is not the current one: do not publish; ack.
+    /// The attempt is not the current one: publish nothing; the delivery goes
+    /// back to its queue and `resume` on the redelivery settles it.
     Refused {
         /// Why, for logs.
         reason: String,

@@ -14,6 +14,7 @@
 //! | consume | a channel per consumer, `basic.qos` = prefetch, manual acks; dropping the consumer closes its channel, which returns its unacked deliveries |
 //! | [`Delivery::redelivered`], [`Delivery::delivery_count`] | the `redelivered` flag and the quorum queue's `x-delivery-count` header |
 //! | [`Disposition::Ack`], [`Disposition::Requeue`] | `basic.ack`, `basic.nack` with requeue (counts towards the delivery limit) |
+//! | [`Disposition::Release`] | a confirmed copy in the same queue with the message's own headers and [`RELEASED_HEADER`] = its delivery count (which the count of its deliveries adds to), then `basic.ack`: the copy starts the quorum queue's count afresh and goes to the back |
 //! | [`Disposition::DeadLetter`] | a confirmed copy in the dead-letter queue carrying [`DEAD_REASON_HEADER`], then `basic.ack`; a message the broker dead-letters itself gets the header from its `x-first-death-reason` (`delivery_limit`, `rejected`, ...) |
 //! | [`Broker::depth`] | ready: the `message_count` of a passive declare; unsettled: the deliveries held by this process's consumers (AMQP does not report the others) |
 //!
@@ -36,7 +37,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use callq_broker::{
     Broker, Bytes, Consumer, DEAD_REASON_HEADER, Delivery, Disposition, Error, Headers, Message,
-    QueueDepth, QueueSpec,
+    QueueDepth, QueueSpec, RELEASED_HEADER,
 };
 use deadpool_lapin::{Pool, Runtime};
 use futures::StreamExt;
@@ -536,6 +537,15 @@ fn text_of(v: &AMQPValue) -> Option<String> {
     })
 }
 
+/// Whether RabbitMQ set this header itself (delivery count, death
+/// history), so that a copy of the message must not carry it.
+fn is_broker_header(key: &str) -> bool {
+    key == "x-delivery-count"
+        || key == "x-death"
+        || key.starts_with("x-first-death-")
+        || key.starts_with("x-last-death-")
+}
+
 /// The contract's view of a delivery's headers and delivery count.
 fn delivery_headers(props: &BasicProperties, redelivered: bool) -> (Headers, u32) {
     let mut headers = Headers::new();
@@ -546,10 +556,12 @@ fn delivery_headers(props: &BasicProperties, redelivered: bool) -> (Headers, u32
             }
         }
     }
+    let released: Option<u32> = headers.get(RELEASED_HEADER).and_then(|n| n.parse().ok());
     let count = headers
         .get("x-delivery-count")
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(u32::from(redelivered));
+        .and_then(|n| n.parse::<u32>().ok())
+        .unwrap_or(u32::from(redelivered && released.is_none()))
+        .saturating_add(released.unwrap_or(0));
     if !headers.contains_key(DEAD_REASON_HEADER)
         && let Some(reason) = headers.get("x-first-death-reason").cloned()
     {
@@ -614,7 +626,9 @@ impl Broker for AmqpBroker {
             list.retain(|l| l.strong_count() > 0);
             list.push(Arc::downgrade(&lease));
         }
-        let dead = inner.spec(queue).and_then(|s| s.dead_letter);
+        let spec = inner.spec(queue);
+        let limit = spec.as_ref().and_then(|s| s.delivery_limit);
+        let dead = spec.and_then(|s| s.dead_letter);
         Ok(Box::new(AmqpConsumer {
             inner: Arc::clone(inner),
             channel: ch,
@@ -622,6 +636,7 @@ impl Broker for AmqpBroker {
             lease,
             queue: queue.to_owned(),
             dead,
+            limit,
             ended: false,
         }))
     }
@@ -664,6 +679,9 @@ struct AmqpConsumer {
     lease: Arc<Lease>,
     queue: String,
     dead: Option<String>,
+    /// The queue's delivery limit, which the adapter enforces itself on
+    /// released copies (the quorum queue counts their deliveries afresh).
+    limit: Option<u32>,
     ended: bool,
 }
 
@@ -681,38 +699,56 @@ impl Consumer for AmqpConsumer {
         if self.ended {
             return None;
         }
-        match self.stream.next().await {
-            Some(Ok(d)) => {
-                self.lease.held.fetch_add(1, Ordering::AcqRel);
-                let (headers, count) = delivery_headers(&d.properties, d.redelivered);
-                let body = Bytes::from(d.data);
-                let settle = AmqpSettle {
-                    inner: Arc::clone(&self.inner),
-                    acker: d.acker,
-                    lease: Arc::clone(&self.lease),
-                    dead: self.dead.clone(),
-                    body: body.clone(),
-                    properties: d.properties,
-                };
-                Some(Ok(Delivery::new(
-                    body,
-                    headers,
-                    d.redelivered,
-                    count,
-                    self.queue.clone(),
-                    Box::new(settle),
-                )))
+        loop {
+            let d = match self.stream.next().await {
+                Some(Ok(d)) => d,
+                Some(Err(e)) => {
+                    warn!(queue = %self.queue, at = %self.inner.place, "consumer ended: {e}");
+                    self.end();
+                    return None;
+                }
+                None => {
+                    debug!(queue = %self.queue, "consumer cancelled");
+                    self.end();
+                    return None;
+                }
+            };
+            self.lease.held.fetch_add(1, Ordering::AcqRel);
+            let (headers, count) = delivery_headers(&d.properties, d.redelivered);
+            let body = Bytes::from(d.data);
+            let settle = Box::new(AmqpSettle {
+                inner: Arc::clone(&self.inner),
+                acker: d.acker,
+                lease: Arc::clone(&self.lease),
+                queue: self.queue.clone(),
+                count,
+                released: headers.contains_key(RELEASED_HEADER),
+                limit: self.limit,
+                dead: self.dead.clone(),
+                body: body.clone(),
+                properties: d.properties,
+            });
+            let released = settle.released;
+            if released && self.limit.is_some_and(|limit| count > limit) {
+                // Past the limit by the count it carried: dead-lettered
+                // here, in a task of its own so that `next` stays
+                // cancel-safe.
+                debug!(queue = %self.queue, count, "released copy past the delivery limit: dead-lettering");
+                let reason = "delivery_limit".to_owned();
+                tokio::spawn(callq_broker::Settle::settle(
+                    settle,
+                    Disposition::DeadLetter { reason },
+                ));
+                continue;
             }
-            Some(Err(e)) => {
-                warn!(queue = %self.queue, at = %self.inner.place, "consumer ended: {e}");
-                self.end();
-                None
-            }
-            None => {
-                debug!(queue = %self.queue, "consumer cancelled");
-                self.end();
-                None
-            }
+            return Some(Ok(Delivery::new(
+                body,
+                headers,
+                d.redelivered || released,
+                count,
+                self.queue.clone(),
+                settle,
+            )));
         }
     }
 
@@ -754,6 +790,13 @@ struct AmqpSettle {
     inner: Arc<Inner>,
     acker: Acker,
     lease: Arc<Lease>,
+    /// The queue it came from, where a released copy goes.
+    queue: String,
+    /// Its delivery count, which a released copy carries on.
+    count: u32,
+    /// Whether it is a released copy, and the queue's delivery limit.
+    released: bool,
+    limit: Option<u32>,
     dead: Option<String>,
     body: Bytes,
     properties: BasicProperties,
@@ -771,6 +814,27 @@ impl AmqpSettle {
                 Err(Error::LeaseLost)
             }
         }
+    }
+
+    /// A released copy: the message's own headers (not the broker's), and
+    /// its delivery count in [`RELEASED_HEADER`].
+    fn released_properties(&self) -> BasicProperties {
+        let mut table = FieldTable::default();
+        if let Some(headers) = self.properties.headers() {
+            for (k, v) in headers.inner() {
+                if !is_broker_header(k.as_str()) {
+                    table.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        table.insert(
+            RELEASED_HEADER.into(),
+            AMQPValue::LongString(LongString::from(self.count.to_string().into_bytes())),
+        );
+        self.properties
+            .clone()
+            .with_delivery_mode(2)
+            .with_headers(table)
     }
 
     /// A copy of the message for the dead-letter queue, with the reason.
@@ -802,6 +866,18 @@ impl callq_broker::Settle for AmqpSettle {
         ) -> Result<bool, lapin::Error> {
             tokio::time::timeout(timeout, f).await.unwrap_or(Ok(false))
         }
+        // A released copy's deliveries are counted afresh by the quorum
+        // queue: the adapter applies the limit to the count it carries.
+        let disposition = match disposition {
+            Disposition::Requeue
+                if self.released && self.limit.is_some_and(|limit| self.count >= limit) =>
+            {
+                Disposition::DeadLetter {
+                    reason: "delivery_limit".into(),
+                }
+            }
+            other => other,
+        };
         let sent = match disposition {
             Disposition::Ack => bounded(timeout, self.acker.ack(BasicAckOptions::default())).await,
             Disposition::Requeue => {
@@ -810,6 +886,20 @@ impl callq_broker::Settle for AmqpSettle {
                     requeue: true,
                 };
                 bounded(timeout, self.acker.nack(requeue)).await
+            }
+            Disposition::Release => {
+                let props = self.released_properties();
+                if let Err(e) = self
+                    .inner
+                    .publish_props(&self.queue, &self.body, props)
+                    .await
+                {
+                    // Not copied: the delivery stays held and returns when
+                    // its channel closes; the caller learns of it.
+                    self.lease.release_one();
+                    return Err(e);
+                }
+                bounded(timeout, self.acker.ack(BasicAckOptions::default())).await
             }
             Disposition::DeadLetter { reason } => match &self.dead {
                 Some(dead) => {

@@ -14,6 +14,7 @@
 //! | [`consumer_drop_redelivers_with_flag_and_count`] | 3. redelivery when a lease is lost |
 //! | [`requeue_redelivers_with_flag_and_count`] | 3. redelivery on [`Disposition::Requeue`] |
 //! | [`delivery_limit_dead_letters`] | 4. delivery limit |
+//! | [`release_redelivers_without_counting`] | 8. release does not count |
 //! | [`dead_letter_and_ack_are_final`] | 7. settling is final |
 //! | [`single_consumer_gets_publish_order`] | 5. per-queue FIFO for a single consumer |
 //! | [`bounded_memory_under_a_slow_consumer`] | 6. bounded memory |
@@ -128,6 +129,7 @@ macro_rules! conformance_suite {
             consumer_drop_redelivers_with_flag_and_count,
             requeue_redelivers_with_flag_and_count,
             delivery_limit_dead_letters,
+            release_redelivers_without_counting,
             dead_letter_and_ack_are_final,
             single_consumer_gets_publish_order,
             bounded_memory_under_a_slow_consumer,
@@ -451,6 +453,47 @@ pub async fn requeue_redelivers_with_flag_and_count(broker: Arc<dyn Broker>) {
     }
     quiet(&mut consumer, "the requeued message was acked").await;
     wait_depth(&*broker, &queue, empty(), "the message was acked").await;
+}
+
+/// Guarantee 8: [`Disposition::Release`] redelivers with `redelivered` set
+/// and the count unchanged, body and headers intact; released more times
+/// than the delivery limit allows, the message is still delivered, and a
+/// `Requeue` after that counts on from where it stood.
+pub async fn release_redelivers_without_counting(broker: Arc<dyn Broker>) {
+    let queue = unique("release");
+    let dead = unique("release.dead");
+    declare(
+        &*broker,
+        &QueueSpec::plain(&queue)
+            .delivery_limit(1)
+            .dead_letter(&dead),
+    )
+    .await;
+    let sent = Message::new("release-me").header("x-conformance", "kept");
+    publish(&*broker, &queue, sent.clone()).await;
+    let mut consumer = consume(&*broker, &queue, 1).await;
+    let first = next(&mut consumer, "the first delivery").await;
+    assert_first(&first, "published once");
+    settle(first, Disposition::Requeue).await;
+    let mut again = next(&mut consumer, "the redelivery after Requeue").await;
+    assert_redelivery(&again, 1, "settled with Requeue");
+    for round in 1..=4 {
+        settle(again, Disposition::Release).await;
+        again = next(&mut consumer, &format!("delivery after release {round}")).await;
+        assert_redelivery(&again, 1, "released: the count stays");
+        assert_eq!(again.body, sent.body, "the released body changed");
+        assert_headers_kept(&sent, &again, "release");
+    }
+    // The limit (1) is reached: one more Requeue dead-letters it.
+    settle(again, Disposition::Requeue).await;
+    let mut dead_consumer = consume(&*broker, &dead, 1).await;
+    let dead_letter = next(&mut dead_consumer, "the dead letter after the limit").await;
+    assert_eq!(
+        dead_letter.body, sent.body,
+        "the dead letter's body changed"
+    );
+    settle(dead_letter, Disposition::Ack).await;
+    quiet(&mut consumer, "the message was dead-lettered").await;
 }
 
 /// Guarantee 4: with a delivery limit of 2 a message is delivered three

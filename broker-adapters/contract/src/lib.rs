@@ -56,6 +56,10 @@
 //!    reason in the [`DEAD_REASON_HEADER`] header. Settling a delivery whose
 //!    lease is gone fails with [`Error::LeaseLost`] and changes nothing: the
 //!    message is (or will be) redelivered.
+//! 8. **Release does not count.** A delivery settled with
+//!    [`Disposition::Release`] is delivered again with `redelivered` set and
+//!    the same [`Delivery::delivery_count`]; releasing it any number of
+//!    times never moves it to the dead-letter queue.
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
@@ -392,7 +396,19 @@ pub enum Disposition {
         /// Why, for the operator reading the dead-letter queue.
         reason: String,
     },
+    /// Not judged here, through no fault of the message (the consumer
+    /// could not reach a party it needs, such as the coordinator): return it
+    /// to its queue to be delivered again with `redelivered` set and its
+    /// [`Delivery::delivery_count`] unchanged, so that waiting never uses up
+    /// the delivery limit. It may come back behind messages published after
+    /// it. (Guarantee 8.)
+    Release,
 }
+
+/// The header a released message carries (see [`Disposition::Release`]):
+/// its delivery count when it was released. A delivery that carries it has
+/// `redelivered` set.
+pub const RELEASED_HEADER: &str = "callq-released";
 
 /// Depth of a queue, for status and tests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -15,6 +15,7 @@
 //! | undeclared queue | [`Error::NoSuchQueue`] on publish, consume and depth |
 //! | prefetch | a consumer holds at most `prefetch` unsettled deliveries; nothing is buffered on the consumer's side |
 //! | redelivery | on consumer drop and on [`Disposition::Requeue`]: back to the head of the queue, in delivery order, `redelivered` set, count + 1 |
+//! | release | [`Disposition::Release`]: to the back of the queue, with the `callq-released` header (so `redelivered` is set), count unchanged |
 //! | delivery limit | a message whose count would exceed the limit is dead-lettered with reason `delivery_limit` (the 2nd, 3rd, 4th deliveries under `x-delivery-limit: 3` carry counts 1, 2, 3) |
 //! | dead-letter queue | declared along with its queue, with the same maximum length; when full it drops its oldest ready message (RabbitMQ's `drop-head`) |
 //! | lost lease | settling a delivery of a dropped consumer fails with [`Error::LeaseLost`] and changes nothing |
@@ -480,6 +481,15 @@ impl Queue {
                     return Ok(());
                 }
                 Disposition::Requeue => self.give_back(&mut state, message),
+                Disposition::Release => {
+                    state.unsettled -= 1;
+                    message.headers.insert(
+                        callq_broker::RELEASED_HEADER.to_owned(),
+                        message.delivery_count.to_string(),
+                    );
+                    state.ready.push_back(message);
+                    Returned::Ready
+                }
                 Disposition::DeadLetter { reason } => {
                     state.unsettled -= 1;
                     message
@@ -570,7 +580,8 @@ impl EmbeddedConsumer {
         let delivery = Delivery::new(
             message.body.clone(),
             message.headers.clone(),
-            message.delivery_count > 0,
+            message.delivery_count > 0
+                || message.headers.contains_key(callq_broker::RELEASED_HEADER),
             message.delivery_count,
             self.queue.name().to_owned(),
             Box::new(Lease {

@@ -900,7 +900,9 @@ impl Consumer for KafkaConsumer {
                     return Some(Ok(Delivery::new(
                         record.body.clone(),
                         visible_headers(&record.headers),
-                        count > 0 || record.maybe_seen,
+                        count > 0
+                            || record.maybe_seen
+                            || record.headers.contains_key(callq_broker::RELEASED_HEADER),
                         count,
                         self.queue.clone(),
                         Box::new(settle),
@@ -990,9 +992,12 @@ impl callq_broker::Settle for KafkaSettle {
         let visible = visible_headers(&record.headers);
         let sent = match fate(disposition, self.count, self.spec.as_ref()) {
             Fate::Finish => Ok(()),
-            Fate::Republish(count) => {
+            Fate::Republish(count, released) => {
                 let mut headers = visible;
                 headers.insert(crate::DELIVERY_COUNT_HEADER.into(), count.to_string());
+                if released {
+                    headers.insert(callq_broker::RELEASED_HEADER.into(), count.to_string());
+                }
                 self.inner
                     .send(
                         &self.shared.queue,

@@ -27,6 +27,7 @@
 //! | [`Delivery::redelivered`](callq_broker::Delivery::redelivered), [`Delivery::delivery_count`](callq_broker::Delivery::delivery_count) | the count: the record's `callq-delivery-count` header (set by a requeue) plus how often this process handed out that record (topic, partition, offset) before, shared by all consumers of one [`KafkaBroker`] and bounded ([`Options::seen_capacity`]). The flag: a count above 0, or a record that was in the partition when this consumer took it from an earlier owner (below the partition's end then; a partition with no committed offset had no owner, since each owner commits on first taking one) |
 //! | [`Disposition::Ack`] | marks the offset finished; the commit follows within [`COMMIT_INTERVAL`] |
 //! | [`Disposition::Requeue`] | publishes a copy to the same topic (same key, same headers) with `callq-delivery-count` one higher, then marks the original finished: the copy goes to the back of the partition |
+//! | [`Disposition::Release`] | the same copy with the count unchanged and the `callq-released` header, which sets `redelivered` on its delivery |
 //! | [`Disposition::DeadLetter`] | publishes a copy to the dead-letter topic with [`DEAD_REASON_HEADER`], then marks the original finished; without a dead-letter queue the message is dropped |
 //! | a failed requeue or dead-letter publish | the delivery returns to the consumer, which hands it out again (count one higher); [`Delivery::settle`](callq_broker::Delivery::settle) returns the error |
 //! | [`Broker::depth`] | ready: the backlog (see `max_length`) less the unsettled deliveries; unsettled: deliveries held by this process's consumers of the queue (Kafka knows nothing of the others) |
@@ -992,8 +993,8 @@ enum Fate {
     /// Mark finished.
     Finish,
     /// Publish a copy with this delivery count to the same topic, then
-    /// mark finished.
-    Republish(u32),
+    /// mark finished; `true`: as a released copy (flagged redelivered).
+    Republish(u32, bool),
     /// Publish to this dead-letter topic with this reason, then mark
     /// finished.
     DeadLetter(String, String),
@@ -1013,8 +1014,9 @@ fn fate(disposition: Disposition, count: u32, spec: Option<&QueueSpec>) -> Fate 
         Disposition::Requeue => match limit {
             // The redelivery would be delivery `count + 1`, past the limit.
             Some(limit) if count >= limit => dead_letter("delivery_limit".into()),
-            _ => Fate::Republish(count.saturating_add(1)),
+            _ => Fate::Republish(count.saturating_add(1), false),
         },
+        Disposition::Release => Fate::Republish(count, true),
         Disposition::DeadLetter { reason } => dead_letter(reason),
     }
 }
@@ -1071,11 +1073,11 @@ mod tests {
         assert_eq!(fate(Disposition::Ack, 0, Some(&spec)), Fate::Finish);
         assert_eq!(
             fate(Disposition::Requeue, 0, Some(&spec)),
-            Fate::Republish(1)
+            Fate::Republish(1, false)
         );
         assert_eq!(
             fate(Disposition::Requeue, 1, Some(&spec)),
-            Fate::Republish(2)
+            Fate::Republish(2, false)
         );
         assert_eq!(
             fate(Disposition::Requeue, 2, Some(&spec)),
@@ -1095,7 +1097,7 @@ mod tests {
         let plain = QueueSpec::plain("p");
         assert_eq!(
             fate(Disposition::Requeue, 99, Some(&plain)),
-            Fate::Republish(100)
+            Fate::Republish(100, false)
         );
         assert_eq!(
             fate(
@@ -1106,7 +1108,14 @@ mod tests {
             Fate::Finish,
             "no dead-letter queue: dropped"
         );
-        assert_eq!(fate(Disposition::Requeue, 0, None), Fate::Republish(1));
+        assert_eq!(
+            fate(Disposition::Requeue, 0, None),
+            Fate::Republish(1, false)
+        );
+        assert_eq!(
+            fate(Disposition::Release, 3, None),
+            Fate::Republish(3, true)
+        );
         assert!(!past_limit(2, Some(&spec)));
         assert!(past_limit(3, Some(&spec)));
         assert!(!past_limit(1000, Some(&plain)));

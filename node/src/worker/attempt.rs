@@ -1,0 +1,293 @@
+//! Step 3, the attempt: the handler runs with its context, its panics
+//! caught. A call with a session whose write meets a newer version runs
+//! again on the fresher data (up to [`SESSION_RUNS`] times), where its
+//! traces allow; the write commits with the completion, before the reply
+//! goes out.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use callq_broker::Disposition;
+use callq_schemas::protocol::Lease;
+use callq_schemas::{Call, Reply, codes};
+use futures::FutureExt;
+use tracing::{debug, error, info};
+use uuid::Uuid;
+
+use super::WorkerStats;
+use super::finish::{self, Ledgered};
+use super::gate::Passed;
+use super::shared::Shared;
+use crate::link::{Abort, Attempt};
+use crate::probe::{Point, Probed, Site};
+use crate::session::CallSession;
+use crate::{Ctx, Service};
+
+/// Runs of one attempt at most when its session write keeps meeting newer
+/// versions; then the call answers `session_conflict`.
+const SESSION_RUNS: u32 = 16;
+
+/// How the attempt ended.
+pub(super) enum Ran {
+    /// The handler's reply, to finish with, and the traces it left.
+    Answer {
+        /// The reply.
+        reply: Reply,
+        /// The traces granted to the attempt.
+        traces: Vec<String>,
+    },
+    /// Settled already (revoked, or completed with its session write and
+    /// answered): nothing more to do.
+    Settle(Disposition),
+}
+
+/// Runs the call's handler as the attempt the gate passed.
+pub(super) async fn run(
+    shared: &Shared,
+    service: &Service,
+    call: &mut Call,
+    lease: Lease,
+    passed: Passed,
+) -> Ran {
+    let attempt = passed.attempt;
+    let standing = Arc::new(Attempt::new(
+        shared.link.clone(),
+        lease,
+        attempt,
+        call.service.clone(),
+        call.reply_to.clone(),
+    ));
+    let session = match (&call.session_id, &shared.link) {
+        (Some(id), Some(link)) => Some(Arc::new(CallSession::new(
+            id.clone(),
+            shared.sessions.clone(),
+            link.clone(),
+        ))),
+        _ => None,
+    };
+    let mut runs = 0;
+    loop {
+        runs += 1;
+        let ctx = context(shared, service, call, attempt, &standing, session.as_ref());
+        // A call with a session may run again on fresher data.
+        let args = if session.is_some() {
+            call.args.clone()
+        } else {
+            std::mem::take(&mut call.args)
+        };
+        let reply = run_handler(
+            shared,
+            service,
+            &call.method,
+            call.call_id,
+            attempt,
+            ctx,
+            args,
+        )
+        .await;
+        if let Some(fate) = aborted(shared, call, attempt, &standing) {
+            return Ran::Settle(fate);
+        }
+        let granted = standing.traces();
+        let site = Site {
+            point: Point::BeforeReply,
+            call_id: call.call_id,
+            attempt,
+            trace: None,
+            granted: &granted,
+        };
+        Probed::pass(shared.probe.as_ref(), site).await;
+        let Some(session) = &session else {
+            return Ran::Answer {
+                reply,
+                traces: granted,
+            };
+        };
+        match commit_session(shared, call, lease, attempt, &reply, session, &granted).await {
+            Committed::Nothing => {
+                return Ran::Answer {
+                    reply,
+                    traces: granted,
+                };
+            }
+            Committed::Settled(fate) => return Ran::Settle(fate),
+            Committed::Conflict { code, reason } => {
+                if code == codes::SESSION_CONFLICT
+                    && runs < SESSION_RUNS
+                    && callq_schemas::protocol::retryable(&granted)
+                {
+                    debug!(worker = %shared.opts.worker_id, call_id = %call.call_id, "{reason}: running the call again");
+                    continue;
+                }
+                let reply = Reply::error(call.call_id, attempt, &code, reason);
+                return Ran::Answer {
+                    reply,
+                    traces: granted,
+                };
+            }
+        }
+    }
+}
+
+/// The handler's context for one run.
+fn context(
+    shared: &Shared,
+    service: &Service,
+    call: &Call,
+    attempt: u32,
+    standing: &Arc<Attempt>,
+    session: Option<&Arc<CallSession>>,
+) -> Ctx {
+    Ctx {
+        call_id: call.call_id,
+        attempt,
+        service: service.name_arc(),
+        method: call.method.clone(),
+        session_id: call.session_id.clone(),
+        idempotency_key: call.idempotency_key.clone(),
+        deadline: call.deadline,
+        traceparent: call.traceparent.clone(),
+        standing: Some(standing.clone()),
+        probe: shared.probe.clone(),
+        session: session.cloned(),
+    }
+}
+
+/// How the delivery settles when the attempt lost its standing while the
+/// handler ran.
+fn aborted(shared: &Shared, call: &Call, attempt: u32, standing: &Attempt) -> Option<Disposition> {
+    match standing.aborted()? {
+        Abort::Revoked(reason) => {
+            WorkerStats::bump(&shared.stats.revoked);
+            info!(worker = %shared.opts.worker_id, call_id = %call.call_id, attempt, "attempt revoked, its result is dropped: {reason}");
+            // The delivery goes back rather than away: the revocation may
+            // have produced no other copy (a re-issue needs the body), and
+            // `resume` on the redelivery runs it, or drops it where another
+            // copy holds or decided the call.
+            Some(Disposition::Requeue)
+        }
+        Abort::Unreachable => Some(Disposition::Requeue),
+    }
+}
+
+/// What committing a session write made of the run.
+enum Committed {
+    /// The run wrote nothing: finish as any call.
+    Nothing,
+    /// The write committed with the completion and the reply was sent (or
+    /// the completion was refused): settle so.
+    Settled(Disposition),
+    /// The write was refused (a newer version, an ended session).
+    Conflict { code: String, reason: String },
+}
+
+/// Commits the run's session write with its completion, before the reply
+/// goes out, then publishes the reply.
+async fn commit_session(
+    shared: &Shared,
+    call: &Call,
+    lease: Lease,
+    attempt: u32,
+    reply: &Reply,
+    session: &CallSession,
+    granted: &[String],
+) -> Committed {
+    let (Some(link), Some(write)) = (&shared.link, session.write()) else {
+        return Committed::Nothing;
+    };
+    let reply_to = call.reply_to.as_deref();
+    let ledgered = finish::complete_first(
+        shared,
+        link,
+        lease,
+        attempt,
+        reply,
+        reply_to,
+        Some(write.clone()),
+    )
+    .await;
+    match ledgered {
+        Ledgered::Accepted => {
+            session.committed(&write);
+            WorkerStats::add(&shared.stats.traces, granted.len());
+            let sent = finish::publish_reply(shared, reply_to, reply).await;
+            Committed::Settled(finish::then_if_sent(sent, Disposition::Ack))
+        }
+        Ledgered::Settle(fate) => Committed::Settled(fate),
+        Ledgered::SessionRefused { code, reason } => {
+            session.reset();
+            Committed::Conflict { code, reason }
+        }
+    }
+}
+
+/// Runs the handler of `method`, catching panics, and makes its reply.
+async fn run_handler(
+    shared: &Shared,
+    service: &Service,
+    method: &str,
+    call_id: Uuid,
+    attempt: u32,
+    ctx: Ctx,
+    args: serde_json::Value,
+) -> Reply {
+    let stats = &shared.stats;
+    // A handler may panic before its future exists (in the closure's own
+    // body) or while it runs: both are caught.
+    let started = std::panic::catch_unwind(AssertUnwindSafe(|| service.invoke(method, ctx, args)));
+    let outcome = match started {
+        Err(panic) => Err(panic),
+        Ok(None) => Ok(None),
+        Ok(Some(run)) => AssertUnwindSafe(run).catch_unwind().await.map(Some),
+    };
+    match outcome {
+        Err(panic) => {
+            WorkerStats::bump(&stats.panicked);
+            panicked(shared, service.name(), method, call_id, attempt, panic)
+        }
+        Ok(None) => {
+            WorkerStats::bump(&stats.error);
+            Reply::error(
+                call_id,
+                attempt,
+                codes::UNKNOWN_METHOD,
+                format!(
+                    "service `{}` has no method `{method}` (it has: {})",
+                    service.name(),
+                    service.methods().join(", ")
+                ),
+            )
+        }
+        Ok(Some(Ok(result))) => {
+            WorkerStats::bump(&stats.ok);
+            Reply::ok(call_id, attempt, result)
+        }
+        Ok(Some(Err(e))) => {
+            WorkerStats::bump(&stats.error);
+            Reply::error(call_id, attempt, &e.code, e.message)
+        }
+    }
+}
+
+/// The `handler_panicked` reply for a caught panic.
+fn panicked(
+    shared: &Shared,
+    service: &str,
+    method: &str,
+    call_id: uuid::Uuid,
+    attempt: u32,
+    panic: Box<dyn std::any::Any + Send>,
+) -> Reply {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into());
+    error!(worker = %shared.opts.worker_id, %call_id, method, "handler panicked: {what}");
+    Reply::error(
+        call_id,
+        attempt,
+        codes::HANDLER_PANICKED,
+        format!("the handler of {service}.{method} panicked: {what}"),
+    )
+}

@@ -1,0 +1,129 @@
+//! Step 2, the gate: whether a delivery may run. A redelivery, or a copy
+//! above the first, may race another copy or follow an attempt that left
+//! traces: the coordinator decides (`resume`). Then the delivery limit and
+//! the deadline. A first delivery passes without a coordinator round trip.
+
+use callq_broker::{Delivery, Disposition, QueueSpec};
+use callq_schemas::protocol::{AnswerBody, Lease, RequestBody, ResumeDecision};
+use callq_schemas::{Call, Reply, codes};
+use time::OffsetDateTime;
+use tracing::{debug, warn};
+
+use super::shared::Shared;
+use super::{WorkerStats, finish};
+
+/// How a delivery passed the gate.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Passed {
+    /// The attempt it runs as.
+    pub(super) attempt: u32,
+    /// Whether the coordinator was asked `resume` (it then knows the call
+    /// and hears of its end).
+    pub(super) resumed: bool,
+}
+
+/// The gate's verdict.
+pub(super) enum Gate {
+    /// Run the handler.
+    Run(Passed),
+    /// Do not run it: answer this reply, then settle so.
+    Answer(Passed, Reply, Disposition),
+    /// Settle so at once: there is nothing (more) to answer.
+    Settle(Disposition),
+}
+
+/// Asks `resume` where needed, then checks the delivery limit and the
+/// deadline.
+pub(super) async fn pass(
+    shared: &Shared,
+    delivery: &Delivery,
+    call: &Call,
+    spec: &QueueSpec,
+    lease: Lease,
+) -> Gate {
+    let passed = if shared.link.is_some() && (delivery.redelivered || lease.copy > 1) {
+        match resume(shared, call, lease).await {
+            Ok(attempt) => Passed {
+                attempt,
+                resumed: true,
+            },
+            Err(fate) => return Gate::Settle(fate),
+        }
+    } else {
+        Passed {
+            attempt: lease.copy,
+            resumed: false,
+        }
+    };
+    let stats = &shared.stats;
+    // Deliveries that did not complete: the broker counts those of this
+    // copy; the attempt number counts the lost attempts of every copy, in
+    // every process (the coordinator's ledger revoked each of them).
+    let lost = delivery
+        .delivery_count
+        .max(passed.attempt.saturating_sub(1));
+    if let Some(limit) = spec.delivery_limit
+        && lost >= limit
+    {
+        WorkerStats::bump(&stats.error);
+        let msg = format!(
+            "the call was delivered {} times without completing (it may crash workers); it was moved to `{}`",
+            lost + 1,
+            spec.dead_letter.as_deref().unwrap_or("nowhere")
+        );
+        warn!(worker = %shared.opts.worker_id, call_id = %call.call_id, "{msg}");
+        let reply = Reply::error(call.call_id, passed.attempt, codes::DELIVERY_LIMIT, msg);
+        let dead = Disposition::DeadLetter {
+            reason: codes::DELIVERY_LIMIT.into(),
+        };
+        return Gate::Answer(passed, reply, dead);
+    }
+    if call.is_expired_at(OffsetDateTime::now_utc()) {
+        WorkerStats::bump(&stats.expired);
+        let reply = Reply::expired(call.call_id, passed.attempt);
+        return Gate::Answer(passed, reply, Disposition::Ack);
+    }
+    Gate::Run(passed)
+}
+
+/// Asks the coordinator whether this copy runs: the attempt it runs as, or
+/// how to settle the delivery instead.
+async fn resume(shared: &Shared, call: &Call, lease: Lease) -> Result<u32, Disposition> {
+    let Some(link) = &shared.link else {
+        return Ok(lease.copy);
+    };
+    WorkerStats::bump(&shared.stats.resumed);
+    let asked = link
+        .ask(|req_id| RequestBody::Resume {
+            req_id,
+            lease,
+            service: call.service.clone(),
+            call_reply_to: call.reply_to.clone(),
+        })
+        .await;
+    let decision = match asked {
+        Ok(AnswerBody::Resume { decision, .. }) => decision,
+        Ok(other) => {
+            warn!(worker = %shared.opts.worker_id, call_id = %call.call_id, "unexpected answer to resume: {other:?}");
+            return Err(Disposition::Requeue);
+        }
+        Err(e) => {
+            warn!(worker = %shared.opts.worker_id, call_id = %call.call_id, "resume not answered, returning the call to its queue: {e}");
+            return Err(Disposition::Requeue);
+        }
+    };
+    if let ResumeDecision::Run { attempt } = decision {
+        return Ok(attempt);
+    }
+    WorkerStats::bump(&shared.stats.dropped);
+    debug!(worker = %shared.opts.worker_id, call_id = %call.call_id, ?decision, "not running this copy");
+    Err(match decision {
+        // The attempt that completed may have died before its reply went
+        // out, and the coordinator's `fatal` answer may have been lost with
+        // a crash: both are published again; the client drops duplicates.
+        ResumeDecision::Done { reply: Some(r) } | ResumeDecision::Fatal { reply: r } => {
+            finish::publish_reply(shared, call.reply_to.as_deref(), &r).await
+        }
+        _ => Disposition::Ack,
+    })
+}

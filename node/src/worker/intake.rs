@@ -1,0 +1,171 @@
+//! Step 1, intake: deliveries come from one consumer per service; each is
+//! read and registered as in flight, then taken through the gate, the
+//! attempt and the finish to the one disposition that settles it.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use callq_broker::{Delivery, Disposition, Error as BrokerError, QueueSpec};
+use callq_schemas::protocol::Lease;
+use callq_schemas::{Call, Reply, codes, decode_call, peek};
+use futures::{StreamExt, stream};
+use tracing::{info, warn};
+use uuid::Uuid;
+
+use super::shared::{Flight, FlightGuard, Shared};
+use super::{WorkerStats, attempt, finish, gate};
+use crate::{Error, Service};
+
+/// The deliveries of every service the worker consumes, merged.
+pub(super) type Incoming =
+    stream::SelectAll<stream::BoxStream<'static, Result<Delivery, BrokerError>>>;
+
+/// Opens one consumer per service, each prefetching the worker's capacity.
+pub(super) async fn open_consumers(shared: &Shared) -> Result<Incoming, Error> {
+    let mut consumers = Vec::with_capacity(shared.services.len());
+    for (name, (_, spec)) in &shared.services {
+        let consumer = shared
+            .broker
+            .consume(&spec.name, shared.opts.capacity)
+            .await?;
+        if let (Some(a), Ok(mut assignments)) = (consumer.assignment(), shared.assignments.lock()) {
+            assignments.insert(name.clone(), a);
+        }
+        // A consumer that ends yields one `Closed` error, so the worker
+        // learns that a service lost its consumer instead of going quiet.
+        consumers.push(
+            stream::unfold(Some(consumer), |c| async move {
+                let mut c = c?;
+                match c.next().await {
+                    Some(item) => Some((item, Some(c))),
+                    None => Some((Err(BrokerError::Closed), None)),
+                }
+            })
+            .boxed(),
+        );
+    }
+    info!(worker = %shared.opts.worker_id, services = ?shared.service_names(), capacity = shared.opts.capacity, "worker serving");
+    Ok(stream::select_all(consumers))
+}
+
+pub(super) async fn next_delivery(
+    incoming: &mut Option<Incoming>,
+) -> Option<Result<Delivery, BrokerError>> {
+    match incoming {
+        Some(s) => s.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Runs one delivery to its end: decides its fate, then settles it.
+pub(super) async fn handle(shared: Arc<Shared>, delivery: Delivery) {
+    shared.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+    let fate = decide(&shared, &delivery).await;
+    if matches!(fate, Disposition::DeadLetter { .. }) {
+        WorkerStats::bump(&shared.stats.dead_lettered);
+    }
+    if let Err(e) = delivery.settle(fate).await {
+        warn!(worker = %shared.opts.worker_id, "settling a delivery failed: {e}");
+    }
+    shared.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// The one place where a delivery's fate is decided. The reply, if any, is
+/// confirmed by the broker before this returns `Ack`.
+async fn decide(shared: &Shared, delivery: &Delivery) -> Disposition {
+    let (mut call, service, spec) = match read(shared, delivery).await {
+        Ok(read) => read,
+        Err(fate) => return fate,
+    };
+    let lease = Lease {
+        call_id: call.call_id,
+        copy: delivery.attempt(),
+        token: Uuid::now_v7(),
+    };
+    let flight = register(shared, &call, lease, delivery);
+    let passed = match gate::pass(shared, delivery, &call, spec, lease).await {
+        gate::Gate::Run(passed) => passed,
+        gate::Gate::Answer(passed, reply, then) => {
+            let answer = (reply, then);
+            return finish::finish(shared, &call, lease, passed, &[], answer, flight).await;
+        }
+        gate::Gate::Settle(fate) => return fate,
+    };
+    match attempt::run(shared, service, &mut call, lease, passed).await {
+        attempt::Ran::Answer { reply, traces } => {
+            let answer = (reply, Disposition::Ack);
+            finish::finish(shared, &call, lease, passed, &traces, answer, flight).await
+        }
+        attempt::Ran::Settle(fate) => fate,
+    }
+}
+
+/// Reads the body and finds its service. A body that cannot be read is
+/// answered `bad_request` where it names a `reply_to`, and dead-lettered;
+/// so is a call of a service this worker does not serve (`unknown_service`).
+async fn read<'s>(
+    shared: &'s Shared,
+    delivery: &Delivery,
+) -> Result<(Call, &'s Service, &'s QueueSpec), Disposition> {
+    let stats = &shared.stats;
+    let limits = &shared.opts.limits;
+    let call = match decode_call(&delivery.body, limits) {
+        Ok(call) => call,
+        Err(e) => {
+            WorkerStats::bump(&stats.bad_request);
+            let p = peek(&delivery.body, limits.max_bytes.saturating_mul(4));
+            warn!(worker = %shared.opts.worker_id, queue = %delivery.queue, kind = e.kind(), call_id = ?p.call_id, "bad request: {e}");
+            if let Some(reply_to) = p.reply_to {
+                let reply = Reply::bad_request(p.call_id, e.to_string());
+                // The call is dead-lettered whether or not the reply goes out.
+                let _ = finish::send_reply(shared, &reply_to, &reply).await;
+            }
+            return Err(Disposition::DeadLetter {
+                reason: format!("{}: {e}", codes::BAD_REQUEST),
+            });
+        }
+    };
+    let Some((service, spec)) = shared.services.get(&call.service) else {
+        WorkerStats::bump(&stats.error);
+        let msg = format!(
+            "this worker serves no service `{}` (the call came from queue `{}`)",
+            call.service, delivery.queue
+        );
+        let copy = delivery.attempt();
+        let reply = Reply::error(call.call_id, copy, codes::UNKNOWN_SERVICE, msg.clone());
+        return Err(
+            match finish::publish_reply(shared, call.reply_to.as_deref(), &reply).await {
+                Disposition::Ack => Disposition::DeadLetter { reason: msg },
+                other => other,
+            },
+        );
+    };
+    Ok((call, service, spec))
+}
+
+/// Registers the call as in flight, for the heartbeats to report (a
+/// coordinated worker's); the guard removes it however the call ends.
+fn register<'s>(
+    shared: &'s Shared,
+    call: &Call,
+    lease: Lease,
+    delivery: &Delivery,
+) -> Option<FlightGuard<'s>> {
+    shared.link.as_ref()?;
+    if let Ok(mut f) = shared.flights.lock() {
+        f.insert(
+            lease.token,
+            Flight {
+                lease,
+                service: call.service.clone(),
+                reply_to: call.reply_to.clone(),
+                body: Some(delivery.body.clone()),
+                reported: false,
+            },
+        );
+    }
+    Some(FlightGuard {
+        shared,
+        token: lease.token,
+    })
+}

@@ -1,0 +1,252 @@
+//! What the calls of one worker share: its options, the calls in flight
+//! (which the heartbeats report), and the task that sends heartbeats and
+//! batched completions to the coordinator.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use callq_broker::{Assignment, Broker, QueueSpec};
+use callq_schemas::protocol::{Completion, InFlightCall, Lease, RequestBody, WorkerState};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tracing::warn;
+use uuid::Uuid;
+
+use super::{WorkerOptions, WorkerStats};
+use crate::Service;
+use crate::link::Link;
+use crate::probe::Probed;
+use crate::session::SessionCache;
+
+/// A call in flight, as heartbeats report it.
+pub(super) struct Flight {
+    pub(super) lease: Lease,
+    pub(super) service: String,
+    pub(super) reply_to: Option<String>,
+    /// The body, until a heartbeat carried it to the coordinator.
+    pub(super) body: Option<Bytes>,
+    /// Whether a heartbeat reported it: then its end is reported too.
+    pub(super) reported: bool,
+}
+
+/// A completion on its way to the coordinator, and who waits for it.
+pub(super) type Outgoing = (Completion, oneshot::Sender<()>);
+
+/// Bodies one heartbeat carries at most, in bytes; the rest wait for the
+/// next beat.
+const HEARTBEAT_BODY_BUDGET: usize = 8 * 1024 * 1024;
+
+pub(super) struct Shared {
+    pub(super) opts: WorkerOptions,
+    pub(super) broker: Arc<dyn Broker>,
+    pub(super) services: HashMap<String, (Service, QueueSpec)>,
+    pub(super) stats: Arc<WorkerStats>,
+    pub(super) link: Option<Arc<Link>>,
+    pub(super) flights: Mutex<HashMap<Uuid, Flight>>,
+    /// Where the broker partitions: each service consumer's partitions.
+    pub(super) assignments: Mutex<BTreeMap<String, Assignment>>,
+    pub(super) state: Mutex<WorkerState>,
+    pub(super) completions: Option<mpsc::Sender<Outgoing>>,
+    /// The completions' receiving end, until the outbox task takes it.
+    outgoing: Mutex<Option<mpsc::Receiver<Outgoing>>>,
+    pub(super) probe: Option<Probed>,
+    pub(super) sessions: Arc<SessionCache>,
+}
+
+/// Aborts a background task when the worker's future is dropped.
+pub(super) struct Background(JoinHandle<()>);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Shared {
+    pub(super) fn new(
+        opts: WorkerOptions,
+        broker: Arc<dyn Broker>,
+        services: HashMap<String, (Service, QueueSpec)>,
+        stats: Arc<WorkerStats>,
+        link: Option<Arc<Link>>,
+        probe: Option<Probed>,
+    ) -> Self {
+        let completions = link
+            .as_ref()
+            .map(|_| mpsc::channel(usize::from(opts.capacity) * 2));
+        let state = if opts.standby {
+            WorkerState::Standby
+        } else {
+            WorkerState::Active
+        };
+        let (tx, rx) = completions.map_or((None, None), |(tx, rx)| (Some(tx), Some(rx)));
+        Self {
+            opts,
+            broker,
+            services,
+            stats,
+            link,
+            flights: Mutex::default(),
+            assignments: Mutex::default(),
+            state: Mutex::new(state),
+            completions: tx,
+            outgoing: Mutex::new(rx),
+            probe,
+            sessions: Arc::default(),
+        }
+    }
+
+    /// Starts the task that sends heartbeats and batched completions (a
+    /// coordinated worker's); it stops when the returned guard drops.
+    pub(super) fn start_outbox(self: &Arc<Self>) -> Option<Background> {
+        let link = self.link.clone()?;
+        let rx = self.outgoing.lock().ok()?.take()?;
+        Some(Background(tokio::spawn(outbox(self.clone(), link, rx))))
+    }
+
+    pub(super) fn service_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.services.keys().cloned().collect();
+        names.sort_unstable();
+        names
+    }
+
+    pub(super) fn set_state(&self, state: WorkerState) {
+        if let Ok(mut s) = self.state.lock() {
+            *s = state;
+        }
+    }
+
+    /// The heartbeat: state, load and the calls in flight, with the bodies
+    /// of calls not reported before (within the budget); and the tokens of
+    /// the calls it carries, to mark reported once it is sent.
+    fn heartbeat(&self) -> (RequestBody, Vec<Uuid>) {
+        let state = self.state.lock().map(|s| *s).unwrap_or(WorkerState::Active);
+        let capacity = u32::from(self.opts.capacity);
+        let mut in_flight = Vec::new();
+        let mut tokens = Vec::new();
+        if let Ok(flights) = self.flights.lock() {
+            let mut budget = HEARTBEAT_BODY_BUDGET;
+            for f in flights.values() {
+                let body = if f.reported {
+                    None
+                } else {
+                    let len = f.body.as_ref().map_or(0, Bytes::len);
+                    if len > budget {
+                        continue;
+                    }
+                    budget -= len;
+                    f.body
+                        .as_ref()
+                        .and_then(|b| String::from_utf8(b.to_vec()).ok())
+                };
+                tokens.push(f.lease.token);
+                in_flight.push(InFlightCall {
+                    lease: f.lease,
+                    service: f.service.clone(),
+                    reply_to: f.reply_to.clone(),
+                    body,
+                });
+            }
+        }
+        let busy = u32::try_from(in_flight.len()).unwrap_or(u32::MAX);
+        let partitions = self
+            .assignments
+            .lock()
+            .map(|a| {
+                a.iter()
+                    .map(|(service, a)| (service.clone(), a.get()))
+                    .filter(|(_, p)| !p.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let beat = RequestBody::Heartbeat {
+            services: self.service_names(),
+            state,
+            capacity,
+            free: capacity.saturating_sub(busy),
+            in_flight,
+            partitions,
+        };
+        (beat, tokens)
+    }
+
+    /// The coordinator has the calls of a sent heartbeat, bodies included.
+    fn reported(&self, tokens: &[Uuid]) {
+        if let Ok(mut flights) = self.flights.lock() {
+            for t in tokens {
+                if let Some(f) = flights.get_mut(t) {
+                    f.reported = true;
+                    f.body = None;
+                }
+            }
+        }
+    }
+}
+
+/// Heartbeats and batched completions, from one task. They travel on
+/// different queues, so the coordinator may read a heartbeat that still
+/// lists a call after the completion sent ahead of it, and hold the call as
+/// in flight until the next heartbeat. Should the worker die in that
+/// moment, a traced call is answered from the ledger (`done`), and a
+/// traceless one may run again, which leaves nothing and whose second
+/// reply the client drops.
+async fn outbox(shared: Arc<Shared>, link: Arc<Link>, mut rx: mpsc::Receiver<Outgoing>) {
+    let mut tick = tokio::time::interval(shared.opts.heartbeat_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let (beat, tokens) = shared.heartbeat();
+                match link.beat(beat).await {
+                    Ok(()) => shared.reported(&tokens),
+                    Err(e) => warn!(worker = %shared.opts.worker_id, "heartbeat not sent: {e}"),
+                }
+            }
+            first = rx.recv() => {
+                let Some(first) = first else { return };
+                let mut batch = vec![first];
+                while batch.len() < 256 {
+                    match rx.try_recv() {
+                        Ok(next) => batch.push(next),
+                        Err(_) => break,
+                    }
+                }
+                let (calls, waiters): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+                if let Err(e) = link.send(RequestBody::Completed { calls }).await {
+                    warn!(worker = %shared.opts.worker_id, "completions not sent: {e}");
+                }
+                for w in waiters {
+                    let _ = w.send(());
+                }
+            }
+        }
+    }
+}
+
+/// A call's registration in the worker's flights; removed however the call
+/// ends.
+pub(super) struct FlightGuard<'a> {
+    pub(super) shared: &'a Shared,
+    pub(super) token: Uuid,
+}
+
+impl FlightGuard<'_> {
+    /// Ends the flight; whether a heartbeat had reported it.
+    pub(super) fn land(self) -> bool {
+        self.shared
+            .flights
+            .lock()
+            .ok()
+            .and_then(|mut f| f.remove(&self.token))
+            .is_some_and(|f| f.reported)
+    }
+}
+
+impl Drop for FlightGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut f) = self.shared.flights.lock() {
+            f.remove(&self.token);
+        }
+    }
+}
