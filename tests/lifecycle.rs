@@ -243,6 +243,7 @@ impl HungWorker {
             v: 1,
             worker_id: "hung".into(),
             reply_to: "callq.worker.hung".into(),
+            expires_ms: None,
             body,
         };
         self.broker

@@ -516,6 +516,44 @@ impl<S: Store> Ledger<S> {
         Ok(decision)
     }
 
+    /// A worker gave up on `attempt` (the coordinator did not answer it in
+    /// time) and returns the delivery: of the attempt's traces only those
+    /// whose grants the worker received (`kept`) stand, and the attempt is
+    /// revoked. Left with traces that forbid another run, the call fails
+    /// (an effect may have happened); otherwise the next copy's `resume`
+    /// runs it. Returns whether the attempt was the current one.
+    pub fn abandon(
+        &mut self,
+        lease: Lease,
+        attempt: u32,
+        worker: &str,
+        kept: &[String],
+    ) -> Result<bool, Error> {
+        let call_id = lease.call_id;
+        let Some(rec) = self.load(call_id)? else {
+            return Ok(false);
+        };
+        let holds = rec.attempt == attempt
+            && rec
+                .holder
+                .as_ref()
+                .is_some_and(|h| h.lease.token == lease.token);
+        if !matches!(rec.state, CallState::Open) || !holds {
+            return Ok(false);
+        }
+        rec.traces.retain(|t| kept.contains(t));
+        if retryable(&rec.traces) {
+            rec.attempt += 1;
+            rec.unhold();
+            rec.traces.clear();
+        } else {
+            fail(call_id, rec, worker);
+        }
+        self.dirty.insert(call_id);
+        self.queue_fatal_answer(call_id);
+        Ok(true)
+    }
+
     /// A worker asks to leave a trace of `kind` from `attempt`; a session
     /// write commits with the grant, or neither happens.
     #[allow(clippy::too_many_arguments)]

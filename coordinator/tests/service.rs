@@ -73,6 +73,7 @@ impl Bus {
             v: 1,
             worker_id: worker.into(),
             reply_to: worker_queue(worker),
+            expires_ms: None,
             body,
         };
         self.broker

@@ -13,6 +13,7 @@ use callq_schemas::protocol::{
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 use uuid::Uuid;
 
@@ -49,6 +50,10 @@ pub(crate) struct Link {
     /// How long a request is tried in all.
     patience: Duration,
     reader: JoinHandle<()>,
+    /// Cancelled when the answer consumer ends (the connection is lost):
+    /// every wait on the coordinator ends at once.
+    gone: CancellationToken,
+    clock: Clock,
 }
 
 impl Drop for Link {
@@ -78,11 +83,13 @@ impl Link {
             .map_err(|_| Error::Timeout(patience))??;
         let waiters: Arc<Waiters> = Arc::default();
         let (orders_tx, orders) = mpsc::channel(1024);
+        let gone = CancellationToken::new();
         let reader = tokio::spawn(read_answers(
             consumer,
             waiters.clone(),
             orders_tx,
             worker_id.to_owned(),
+            gone.clone(),
         ));
         let link = Self {
             broker,
@@ -92,26 +99,45 @@ impl Link {
             try_timeout: (patience / 10).clamp(Duration::from_millis(100), Duration::from_secs(2)),
             patience,
             reader,
+            gone,
+            clock: Clock::start(),
         };
         Ok((Arc::new(link), orders))
     }
 
     /// Publishes a request that needs no answer.
     pub(crate) async fn send(&self, body: RequestBody) -> Result<(), callq_broker::Error> {
-        self.publish(COORDINATOR_QUEUE, body).await
+        self.publish(COORDINATOR_QUEUE, body, None).await
     }
 
     /// Publishes a heartbeat: to the heartbeat queue, which costs the broker
     /// no disk write.
     pub(crate) async fn beat(&self, body: RequestBody) -> Result<(), callq_broker::Error> {
-        self.publish(HEARTBEAT_QUEUE, body).await
+        self.publish(HEARTBEAT_QUEUE, body, None).await
     }
 
-    async fn publish(&self, queue: &str, body: RequestBody) -> Result<(), callq_broker::Error> {
+    /// Whether the link's connection is gone: nothing sent on it is
+    /// answered any more.
+    pub(crate) fn is_gone(&self) -> bool {
+        self.gone.is_cancelled()
+    }
+
+    /// Cancelled once the link's connection is gone.
+    pub(crate) fn gone(&self) -> CancellationToken {
+        self.gone.clone()
+    }
+
+    async fn publish(
+        &self,
+        queue: &str,
+        body: RequestBody,
+        expires_ms: Option<i64>,
+    ) -> Result<(), callq_broker::Error> {
         let req = Request {
             v: 1,
             worker_id: self.worker_id.clone(),
             reply_to: self.queue.clone(),
+            expires_ms,
             body,
         };
         let publish = self.broker.publish(queue, Message::new(req.to_bytes()));
@@ -122,12 +148,23 @@ impl Link {
 
     /// Asks the coordinator and waits for its answer, asking again with the
     /// same request id while it stays silent (its decisions are idempotent
-    /// per request), up to the worker's patience.
+    /// per request), up to the worker's patience, or until the link's
+    /// connection is gone. Each request carries the moment the worker gives
+    /// up on it, after which the coordinator drops it unanswered; except a
+    /// completion, which stays good however late it is read (it carries
+    /// the outcome a later copy of the call is answered with).
     pub(crate) async fn ask(
         &self,
         body: impl Fn(Uuid) -> RequestBody,
     ) -> Result<AnswerBody, Unreachable> {
+        if self.is_gone() {
+            return Err(Unreachable(Duration::ZERO));
+        }
         let req_id = Uuid::now_v7();
+        let expires_ms = match body(req_id) {
+            RequestBody::Complete { .. } => None,
+            _ => Some(self.clock.ms_in(self.patience)),
+        };
         let (tx, mut rx) = oneshot::channel();
         if let Ok(mut w) = self.waiters.lock() {
             w.insert(req_id, tx);
@@ -139,10 +176,20 @@ impl Link {
         let give_up = tokio::time::Instant::now() + self.patience;
         loop {
             let try_until = (tokio::time::Instant::now() + self.try_timeout).min(give_up);
-            if let Err(e) = self.send(body(req_id)).await {
+            let sent = self
+                .publish(COORDINATOR_QUEUE, body(req_id), expires_ms)
+                .await;
+            if let Err(e) = sent {
                 debug!(worker = %self.worker_id, "a coordinator request was not sent: {e}");
             }
-            match tokio::time::timeout_at(try_until, &mut rx).await {
+            let answer = tokio::select! {
+                answer = tokio::time::timeout_at(try_until, &mut rx) => answer,
+                () = self.gone.cancelled() => {
+                    debug!(worker = %self.worker_id, %req_id, "the connection is gone: giving up at once");
+                    return Err(Unreachable(self.patience));
+                }
+            };
+            match answer {
                 Ok(Ok(answer)) => return Ok(answer),
                 Ok(Err(_)) => return Err(Unreachable(self.patience)),
                 Err(_) if tokio::time::Instant::now() >= give_up => {
@@ -185,12 +232,43 @@ fn req_id(answer: &AnswerBody) -> Option<Uuid> {
     }
 }
 
+/// The wall clock as the link reads it: the wall time when the link
+/// connected plus the (tokio) time since, so that it runs with the
+/// coordinator's under a test's paused clock.
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    started: tokio::time::Instant,
+    epoch_ms: i64,
+}
+
+impl Clock {
+    fn start() -> Self {
+        let epoch_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        Self {
+            started: tokio::time::Instant::now(),
+            epoch_ms,
+        }
+    }
+
+    /// Milliseconds since the Unix epoch, `after` from now.
+    fn ms_in(&self, after: Duration) -> i64 {
+        let since = self.started.elapsed() + after;
+        self.epoch_ms
+            .saturating_add(i64::try_from(since.as_millis()).unwrap_or(i64::MAX))
+    }
+}
+
 async fn read_answers(
     mut consumer: Box<dyn callq_broker::Consumer>,
     waiters: Arc<Waiters>,
     orders: mpsc::Sender<Order>,
     worker_id: String,
+    gone: CancellationToken,
 ) {
+    // However this ends, the waits on the coordinator end with it.
+    let _gone = gone.drop_guard();
     while let Some(item) = consumer.next().await {
         let delivery = match item {
             Ok(d) => d,

@@ -214,6 +214,12 @@ pub struct Request {
     pub worker_id: String,
     /// The worker's queue, where answers go.
     pub reply_to: String,
+    /// When the sender gives up waiting for the answer, in milliseconds
+    /// since the Unix epoch. A coordinator that reads the request later
+    /// (it was away) drops it unanswered: nothing is granted to a request
+    /// nobody waits for. Absent: the request never goes stale.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_ms: Option<i64>,
     /// What it asks.
     #[serde(flatten)]
     pub body: RequestBody,
@@ -300,6 +306,20 @@ pub enum RequestBody {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         have: Option<u64>,
     },
+    /// The worker gave up on this attempt without an answer from the
+    /// coordinator (it returns the delivery to its queue): the attempt is
+    /// revoked, and of its traces only those whose grant the worker
+    /// received stand; a grant it never heard of was never used. Needs no
+    /// answer.
+    Abandon {
+        /// The delivery.
+        lease: Lease,
+        /// The attempt.
+        attempt: u32,
+        /// The traces whose grants the attempt received.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        kept: Vec<String>,
+    },
     /// These attempts completed without traces (sent in batches, before
     /// their deliveries are acked). Needs no answer.
     Completed {
@@ -375,6 +395,9 @@ pub struct ClusterStatus {
     pub deaths: u64,
     /// Standbys promoted since the coordinator started.
     pub promotions: u64,
+    /// Requests dropped since the coordinator started because their sender
+    /// had given up on them (`expires_ms` passed).
+    pub stale_dropped: u64,
 }
 
 /// An answer of the coordinator, on the worker's queue.
@@ -450,6 +473,25 @@ pub enum AnswerBody {
         /// The cluster.
         status: ClusterStatus,
     },
+}
+
+impl RequestBody {
+    /// The request's `type`, for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RequestBody::Heartbeat { .. } => "heartbeat",
+            RequestBody::Resume { .. } => "resume",
+            RequestBody::Trace { .. } => "trace",
+            RequestBody::Complete { .. } => "complete",
+            RequestBody::Session { .. } => "session",
+            RequestBody::Abandon { .. } => "abandon",
+            RequestBody::Completed { .. } => "completed",
+            RequestBody::Leave {} => "leave",
+            RequestBody::AgentHeartbeat { .. } => "agent_heartbeat",
+            RequestBody::Drain { .. } => "drain",
+            RequestBody::Status { .. } => "status",
+        }
+    }
 }
 
 impl Request {

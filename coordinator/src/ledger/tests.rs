@@ -544,3 +544,54 @@ fn the_sweep_expires_idle_sessions_and_spares_those_in_use() {
     ));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_grant_the_worker_never_received_is_void_once_it_abandons_the_attempt() {
+    let mut l = ledger();
+    let id = Uuid::now_v7();
+    let a = lease(id, 1);
+    // The coordinator was away: it grants the trace only after the worker
+    // gave up waiting, then reads the worker's abandon.
+    assert_eq!(
+        l.trace(a, 1, "A", "mail.sent", SVC, TO, None, 0).unwrap(),
+        TraceDecision::Granted
+    );
+    assert!(l.abandon(a, 1, "A", &[]).unwrap());
+    assert!(l.commit().unwrap().is_empty(), "nothing to announce");
+    // The released copy runs again instead of ending fatal.
+    let b = lease(id, 1);
+    assert_eq!(
+        l.resume(b, "B", SVC, TO).unwrap(),
+        ResumeDecision::Run { attempt: 2 }
+    );
+    // A late trace of the abandoned attempt is refused.
+    assert!(matches!(
+        l.trace(a, 1, "A", "mail.sent", SVC, TO, None, 0).unwrap(),
+        TraceDecision::Refused { .. }
+    ));
+    // An abandon of a lease that no longer holds changes nothing.
+    assert!(!l.abandon(a, 1, "A", &[]).unwrap());
+}
+
+#[test]
+fn an_abandoned_attempt_that_kept_a_grant_fails_the_call() {
+    let mut l = ledger();
+    let id = Uuid::now_v7();
+    let a = lease(id, 1);
+    l.trace(a, 1, "A", "mail.sent", SVC, TO, None, 0).unwrap();
+    l.trace(a, 1, "A", "mail.queued", SVC, TO, None, 0).unwrap();
+    // The first grant reached the worker (its effect may have happened),
+    // the second did not.
+    assert!(l.abandon(a, 1, "A", &["mail.sent".into()]).unwrap());
+    let effects = l.commit().unwrap();
+    let [Effect::AnswerFatal { reply, .. }] = effects.as_slice() else {
+        panic!("one fatal answer expected, got {effects:?}");
+    };
+    assert_eq!(reply.outcome, Outcome::Fatal);
+    let traces = &reply.error.as_ref().unwrap().traces;
+    assert_eq!(traces, &vec!["mail.sent".to_owned()]);
+    assert!(matches!(
+        l.resume(lease(id, 1), "B", SVC, TO).unwrap(),
+        ResumeDecision::Fatal { .. }
+    ));
+}

@@ -6,7 +6,7 @@ use callq_broker::{Broker, COORDINATOR_QUEUE, Consumer, Delivery, Disposition, H
 use callq_schemas::Limits;
 use callq_schemas::protocol::Request;
 use futures::{FutureExt, StreamExt, stream};
-use tracing::{error, warn};
+use tracing::{debug, error, warn};
 
 use super::{Coordinator, IN_FLIGHT, Outbox};
 use crate::{Error, Store};
@@ -121,8 +121,16 @@ impl<S: Store> Coordinator<S> {
     /// answers and orders to send once the batch is durable.
     fn apply_all(&mut self, batch: &[Delivery]) -> Outbox {
         let mut answers = Vec::new();
+        let margin = i64::try_from(self.opts.clock_skew.as_millis()).unwrap_or(i64::MAX);
+        let stale_before = self.clock.now_ms().saturating_add(margin);
         for d in batch {
             match decode_request(&d.body, &self.opts.limits) {
+                Ok(req) if req.expires_ms.is_some_and(|at| at <= stale_before) => {
+                    // Its sender gave up on it: granting it now could only
+                    // make a call look as if it left a trace.
+                    self.stale_dropped += 1;
+                    debug!(worker = %req.worker_id, kind = req.body.kind(), "stale request dropped: its sender gave up on it");
+                }
                 Ok(req) => {
                     if let Err(e) = self.apply(req, &mut answers) {
                         error!("coordinator store: {e}");

@@ -28,12 +28,13 @@ mod standbys;
 mod sweep;
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use callq_broker::{Broker, QueueSpec};
+use callq_broker::{Backoff, Broker, QueueSpec};
 use callq_schemas::protocol::Answer;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{Error, Ledger, Store};
 use detector::Detector;
@@ -47,6 +48,9 @@ use sweep::Sweeper;
 /// Publishes (and acks) the coordinator keeps in flight at once: their
 /// confirms are pipelined instead of awaited one by one.
 const IN_FLIGHT: usize = 64;
+
+/// A connection that served this long starts the reconnect backoff over.
+const RECONNECT_RESET: Duration = Duration::from_secs(30);
 
 /// Answers and orders to send, each with the queue it goes to.
 type Outbox = Vec<(String, Answer)>;
@@ -99,6 +103,10 @@ pub struct Coordinator<S: Store> {
     standbys: Standbys,
     notices: Notices,
     sweeper: Sweeper,
+    /// Requests dropped because their sender had given up on them.
+    stale_dropped: u64,
+    /// Times the coordinator connected again after losing the broker.
+    reconnects: u64,
 }
 
 impl<S: Store> Coordinator<S> {
@@ -116,18 +124,54 @@ impl<S: Store> Coordinator<S> {
             standbys: Standbys::default(),
             notices: Notices::default(),
             sweeper: Sweeper::new(),
+            stale_dropped: 0,
+            reconnects: 0,
         }
     }
 
-    /// Serves until `shutdown` is cancelled.
+    /// Serves until `shutdown` is cancelled. A lost broker connection
+    /// does not end it: it connects again with backoff (bounded, jittered),
+    /// gives every registered worker a fresh `dead_after` to be heard from
+    /// (it heard nothing while it was away), and serves on; the first step
+    /// of every tick re-checks its leadership before it decides anything.
+    /// It returns an error only for what reconnecting cannot mend: a lost
+    /// lease ([`Error::Fenced`]), a failed or damaged store, a broker that
+    /// refuses it for good.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), Error> {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        self.clock = Clock::start();
+        loop {
+            let started = Instant::now();
+            let lost = match self.serve(&shutdown).await {
+                Ok(()) => return Ok(()),
+                Err(Error::Disconnected) => "the broker connection was lost".to_owned(),
+                Err(Error::Broker(e)) if e.is_transient() || e == callq_broker::Error::Closed => {
+                    format!("the broker failed: {e}")
+                }
+                Err(e) => return Err(e),
+            };
+            if started.elapsed() > RECONNECT_RESET {
+                backoff.reset();
+            }
+            let pause = backoff.next_delay();
+            self.reconnects += 1;
+            warn!("{lost}; connecting again in {pause:?}");
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                () = tokio::time::sleep(pause) => {}
+            }
+            self.registry.heard_all_now();
+        }
+    }
+
+    /// Serves on one connection until shutdown or until it is lost.
+    async fn serve(&mut self, shutdown: &CancellationToken) -> Result<(), Error> {
         self.broker.declare(&QueueSpec::coordinator()).await?;
         self.broker.declare(&QueueSpec::heartbeats()).await?;
-        self.clock = Clock::start();
         let mut inbox = Inbox::open(self.broker.as_ref(), self.opts.batch_max.max(1)).await?;
         let mut tick = tokio::time::interval(self.opts.heartbeat_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        info!("coordinator serving");
+        info!(reconnects = self.reconnects, "coordinator serving");
         loop {
             tokio::select! {
                 biased;

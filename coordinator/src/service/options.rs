@@ -29,6 +29,13 @@ pub struct CoordinatorOptions {
     /// calls on it are told so, before it is forgotten.
     #[serde(with = "callq_schemas::millis")]
     pub session_forget: Duration,
+    /// How far the clocks of workers' hosts may run ahead of the
+    /// coordinator's. A request whose sender gives up (`expires_ms`) within
+    /// this margin of now is dropped as stale: the coordinator never
+    /// grants a request after its sender stopped waiting, as long as the
+    /// clocks agree this well.
+    #[serde(with = "callq_schemas::millis")]
+    pub clock_skew: Duration,
 }
 
 impl Default for CoordinatorOptions {
@@ -40,6 +47,7 @@ impl Default for CoordinatorOptions {
             standby_per_service: BTreeMap::new(),
             session_idle: Duration::from_secs(30 * 60),
             session_forget: Duration::from_secs(7 * 24 * 3600),
+            clock_skew: Duration::from_millis(500),
             limits: Limits {
                 max_bytes: 64 * 1024 * 1024,
                 max_depth: 128,

@@ -181,6 +181,19 @@ impl Registry {
     }
 
     /// Forgets node agents silent for longer than `silence`.
+    /// The coordinator was away (it lost the broker) and heard nobody: it
+    /// counts every worker and agent as heard from now, so that each has a
+    /// full silence to be heard again before it is judged dead.
+    pub(super) fn heard_all_now(&mut self) {
+        let now = Instant::now();
+        for w in self.workers.values_mut() {
+            w.last_seen = now;
+        }
+        for a in self.agents.values_mut() {
+            a.last_seen = now;
+        }
+    }
+
     pub(super) fn forget_silent_agents(&mut self, now: Instant, silence: Duration) {
         self.agents
             .retain(|_, a| now.duration_since(a.last_seen) <= silence);

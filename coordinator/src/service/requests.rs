@@ -125,6 +125,14 @@ impl<S: Store> Coordinator<S> {
                 self.completed(worker, calls)?;
                 return Ok(None);
             }
+            RequestBody::Abandon {
+                lease,
+                attempt,
+                kept,
+            } => {
+                self.ledger.abandon(lease, attempt, worker, &kept)?;
+                return Ok(None);
+            }
             // Requests about the cluster's members: `apply` takes them.
             RequestBody::Heartbeat { .. }
             | RequestBody::AgentHeartbeat { .. }
@@ -244,6 +252,7 @@ impl<S: Store> Coordinator<S> {
             standby_per_service: self.opts.standby_per_service.clone(),
             open_calls: u64::try_from(self.ledger.open_calls()).unwrap_or(u64::MAX),
             deaths: self.detector.deaths(),
+            stale_dropped: self.stale_dropped,
             promotions: self.standbys.promotions(),
         }
     }

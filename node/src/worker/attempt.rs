@@ -8,10 +8,10 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use callq_broker::Disposition;
-use callq_schemas::protocol::Lease;
+use callq_schemas::protocol::{Lease, RequestBody};
 use callq_schemas::{Call, Reply, codes};
 use futures::FutureExt;
-use tracing::{debug, error, info};
+use tracing::{debug, error, info, warn};
 use uuid::Uuid;
 
 use super::WorkerStats;
@@ -85,7 +85,7 @@ pub(super) async fn run(
             args,
         )
         .await;
-        if let Some(fate) = aborted(shared, call, attempt, &standing) {
+        if let Some(fate) = aborted(shared, call, lease, attempt, &standing).await {
             return Ran::Settle(fate);
         }
         let granted = standing.traces();
@@ -154,8 +154,15 @@ fn context(
 }
 
 /// How the delivery settles when the attempt lost its standing while the
-/// handler ran.
-fn aborted(shared: &Shared, call: &Call, attempt: u32, standing: &Attempt) -> Option<Disposition> {
+/// handler ran. Neither is a failure of the call: the delivery goes back
+/// without using up its delivery limit.
+async fn aborted(
+    shared: &Shared,
+    call: &Call,
+    lease: Lease,
+    attempt: u32,
+    standing: &Attempt,
+) -> Option<Disposition> {
     match standing.aborted()? {
         Abort::Revoked(reason) => {
             WorkerStats::bump(&shared.stats.revoked);
@@ -164,9 +171,27 @@ fn aborted(shared: &Shared, call: &Call, attempt: u32, standing: &Attempt) -> Op
             // have produced no other copy (a re-issue needs the body), and
             // `resume` on the redelivery runs it, or drops it where another
             // copy holds or decided the call.
-            Some(Disposition::Requeue)
+            Some(Disposition::Release)
         }
-        Abort::Unreachable => Some(Disposition::Requeue),
+        Abort::Unreachable => {
+            // A trace the coordinator did not answer may yet be granted
+            // when it reads the request: tell it which grants this attempt
+            // received, so that one it never heard of is void.
+            if let Some(link) = &shared.link
+                && !link.is_gone()
+            {
+                let kept = standing.traces();
+                let abandon = RequestBody::Abandon {
+                    lease,
+                    attempt,
+                    kept,
+                };
+                if let Err(e) = link.send(abandon).await {
+                    warn!(worker = %shared.opts.worker_id, call_id = %call.call_id, "telling the coordinator the attempt is abandoned: {e}");
+                }
+            }
+            Some(Disposition::Release)
+        }
     }
 }
 

@@ -35,7 +35,7 @@ pub(super) async fn finish(
         return match complete_first(shared, link, lease, attempt, &reply, reply_to, None).await {
             Ledgered::Accepted => then_if_sent(publish_reply(shared, reply_to, &reply).await, then),
             Ledgered::Settle(disposition) => disposition,
-            Ledgered::SessionRefused { .. } => Disposition::Requeue,
+            Ledgered::SessionRefused { .. } => Disposition::Release,
         };
     }
     let sent = publish_reply(shared, reply_to, &reply).await;
@@ -110,11 +110,14 @@ pub(super) async fn complete_first(
         Ok(AnswerBody::Complete { decision, .. }) => decision,
         Ok(other) => {
             warn!(worker = %shared.opts.worker_id, %call_id, "unexpected answer to complete: {other:?}");
-            return Ledgered::Settle(Disposition::Requeue);
+            return Ledgered::Settle(Disposition::Release);
         }
         Err(e) => {
             warn!(worker = %shared.opts.worker_id, %call_id, "completion not answered, returning the call to its queue: {e}");
-            return Ledgered::Settle(Disposition::Requeue);
+            // A late completion is still good (it carries the outcome):
+            // the redelivery's `resume` reads it, or runs the call again
+            // where it never arrived.
+            return Ledgered::Settle(Disposition::Release);
         }
     };
     match decision {
@@ -130,7 +133,7 @@ pub(super) async fn complete_first(
         decision @ CompleteDecision::Refused { .. } => {
             WorkerStats::bump(&stats.revoked);
             warn!(worker = %shared.opts.worker_id, %call_id, ?decision, "completion refused, the result is dropped; the delivery goes back for `resume` to settle");
-            Ledgered::Settle(Disposition::Requeue)
+            Ledgered::Settle(Disposition::Release)
         }
     }
 }

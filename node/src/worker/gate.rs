@@ -105,11 +105,13 @@ async fn resume(shared: &Shared, call: &Call, lease: Lease) -> Result<u32, Dispo
         Ok(AnswerBody::Resume { decision, .. }) => decision,
         Ok(other) => {
             warn!(worker = %shared.opts.worker_id, call_id = %call.call_id, "unexpected answer to resume: {other:?}");
-            return Err(Disposition::Requeue);
+            return Err(Disposition::Release);
         }
         Err(e) => {
+            // Waiting for the coordinator is no failure of the call: the
+            // delivery goes back without using up its delivery limit.
             warn!(worker = %shared.opts.worker_id, call_id = %call.call_id, "resume not answered, returning the call to its queue: {e}");
-            return Err(Disposition::Requeue);
+            return Err(Disposition::Release);
         }
     };
     if let ResumeDecision::Run { attempt } = decision {

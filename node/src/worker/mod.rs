@@ -236,7 +236,13 @@ impl Worker {
         };
         let mut calls = JoinSet::new();
         let ended = serve(&shared, &shutdown, &mut orders, &mut incoming, &mut calls).await;
-        drain(&shared, calls, incoming, outbox).await;
+        if ended.is_err() {
+            // The connection is gone, and with it the leases of the calls
+            // in flight: the broker has returned their deliveries. Nothing
+            // they could still send would be heard.
+            calls.shutdown().await;
+        }
+        drain(&shared, calls, incoming, outbox, ended.is_ok()).await;
         ended
     }
 
@@ -298,10 +304,15 @@ async fn serve(
     calls: &mut JoinSet<()>,
 ) -> Result<(), Error> {
     let capacity = usize::from(shared.opts.capacity);
+    let gone = shared.link.as_ref().map(|l| l.gone()).unwrap_or_default();
     loop {
         tokio::select! {
             biased;
             () = shutdown.cancelled() => return Ok(()),
+            () = gone.cancelled() => {
+                error!(worker = %shared.opts.worker_id, "the coordinator link's consumer ended: the broker connection is lost");
+                return Err(Error::Disconnected);
+            }
             Some(order) = orders.recv() => match on_order(shared, order, incoming).await? {
                 Flow::Serve => {}
                 Flow::Drain => return Ok(()),
@@ -352,12 +363,15 @@ async fn on_order(
 
 /// Drains: the consumers stay open (they hold the leases of the calls in
 /// flight) until those calls are settled or abandoned, heartbeats go on;
-/// then the worker tells the coordinator it leaves.
+/// then the worker tells the coordinator it leaves (`leave`; a worker that
+/// lost its connection does not: the coordinator treats it as lost, and
+/// the redeliveries of its calls are arbitrated).
 async fn drain(
     shared: &Shared,
     mut calls: JoinSet<()>,
     incoming: Option<Incoming>,
     outbox: Option<Background>,
+    leave: bool,
 ) {
     shared.set_state(WorkerState::Draining);
     // Its sessions go back to the store: another worker reads them from
@@ -379,7 +393,8 @@ async fn drain(
     drop(incoming);
     // No heartbeat may follow the leave and register the worker again.
     drop(outbox);
-    if let Some(link) = &shared.link
+    if leave
+        && let Some(link) = &shared.link
         && let Err(e) = link.send(RequestBody::Leave {}).await
     {
         warn!(worker = %shared.opts.worker_id, "telling the coordinator this worker leaves: {e}");
