@@ -1,0 +1,593 @@
+//! The promise when the infrastructure fails, with processes on a RabbitMQ
+//! node of the tests' own (`scripts/rabbitmq-node`, which scripts/services
+//! starts): the broker restarted under load, the coordinator away for longer
+//! than the workers' patience, the coordinator away while a worker dies, and
+//! a worker paused past the AMQP heartbeat.
+//!
+//! Calls are published and their replies read by a recorder of the test's
+//! own that outlives broker restarts (it publishes with confirms and
+//! retries, and reads its reply queue again after each loss), so that every
+//! reply any process ever sent is counted.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod support;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use callq_broker::{Broker, Disposition, Message, QueueSpec, call_queue, dead_queue, reply_queue};
+use callq_node::Admin;
+use callq_schemas::protocol::{ClusterStatus, WorkerState};
+use callq_schemas::{Call, Limits, Outcome, Reply, decode_reply};
+use serde_json::json;
+use support::{Proc, wait_status};
+use tokio::time::Instant;
+use uuid::Uuid;
+
+/// The RabbitMQ node these tests may stop and restart.
+struct FaultNode {
+    name: String,
+    port: String,
+}
+
+impl FaultNode {
+    fn get() -> Self {
+        let name = std::env::var("CALLQ_FAULTS_NODE").expect(
+            "CALLQ_FAULTS_NODE is not set: run scripts/test, or `scripts/rabbitmq-node start` and export what `scripts/rabbitmq-node env` prints",
+        );
+        let port = std::env::var("CALLQ_FAULTS_PORT").unwrap_or_else(|_| "5673".into());
+        Self { name, port }
+    }
+
+    fn ctl(&self, args: &[&str]) {
+        let out = Command::new("rabbitmqctl")
+            .args(["-q", "-n", &self.name])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "rabbitmqctl -n {} {args:?}: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `scripts/rabbitmq-node <cmd>`: start, stop, stop_app, start_app.
+    fn script(&self, cmd: &str) {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/rabbitmq-node");
+        let status = Command::new(script).arg(cmd).status().unwrap();
+        assert!(status.success(), "scripts/rabbitmq-node {cmd} failed");
+    }
+}
+
+/// A virtual host of one test on the fault node; deleted when dropped.
+struct FaultVhost {
+    node: FaultNode,
+    name: String,
+    url: String,
+}
+
+impl FaultVhost {
+    fn create(tag: &str, query: &str) -> Self {
+        let node = FaultNode::get();
+        let run = std::env::var("CALLQ_TEST_RUN").unwrap_or_else(|_| "manual".into());
+        let name = format!("callq-test-{run}-{tag}-{}", Uuid::now_v7().simple());
+        node.ctl(&["add_vhost", &name]);
+        node.ctl(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"]);
+        let url = format!("amqp://guest:guest@127.0.0.1:{}/{name}{query}", node.port);
+        Self { node, name, url }
+    }
+}
+
+impl Drop for FaultVhost {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["-q", "-n", &self.node.name, "delete_vhost", &self.name])
+            .output();
+    }
+}
+
+/// Publishes calls with confirms, retrying through broker outages, and
+/// records every reply that reaches its reply queue, reading it again
+/// after each loss of the connection.
+struct Recorder {
+    broker: Arc<dyn Broker>,
+    reply_to: String,
+    replies: Arc<Mutex<HashMap<Uuid, Vec<Reply>>>>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+impl Recorder {
+    async fn start(url: &str) -> Self {
+        let broker = support::amqp(url).await;
+        let id = format!("recorder-{}", Uuid::now_v7().simple());
+        broker.declare(&QueueSpec::replies(&id)).await.unwrap();
+        for service in ["echo", "mail"] {
+            broker.declare(&QueueSpec::calls(service)).await.unwrap();
+        }
+        let replies: Arc<Mutex<HashMap<Uuid, Vec<Reply>>>> = Arc::default();
+        let reader = tokio::spawn(read_replies(
+            broker.clone(),
+            reply_queue(&id),
+            replies.clone(),
+        ));
+        Self {
+            broker,
+            reply_to: reply_queue(&id),
+            replies,
+            reader,
+        }
+    }
+
+    /// Publishes `call` (its `reply_to` set here) until the broker
+    /// confirms it.
+    async fn publish(&self, mut call: Call) -> Uuid {
+        call.reply_to = Some(self.reply_to.clone());
+        let message = Message::new(call.to_bytes()).key(call.call_id.to_string());
+        callq_broker::publish_within(
+            self.broker.as_ref(),
+            &call_queue(&call.service),
+            &message,
+            Duration::from_secs(90),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("call {} not confirmed within 90 s: {e}", call.call_id));
+        call.call_id
+    }
+
+    fn replies(&self) -> HashMap<Uuid, Vec<Reply>> {
+        self.replies.lock().unwrap().clone()
+    }
+
+    fn answered(&self, ids: &[Uuid]) -> usize {
+        let replies = self.replies.lock().unwrap();
+        ids.iter().filter(|id| replies.contains_key(id)).count()
+    }
+
+    /// Waits until every call of `ids` has a reply; panics naming the
+    /// unanswered ones after `timeout`.
+    async fn wait_answered(&self, ids: &[Uuid], timeout: Duration) {
+        let until = Instant::now() + timeout;
+        loop {
+            let missing: Vec<Uuid> = {
+                let replies = self.replies.lock().unwrap();
+                ids.iter()
+                    .filter(|id| !replies.contains_key(id))
+                    .copied()
+                    .collect()
+            };
+            if missing.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < until,
+                "{} of {} calls got no reply within {timeout:?}, e.g. {:?}",
+                missing.len(),
+                ids.len(),
+                &missing[..missing.len().min(5)]
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// One call, published after a fault: how long its first reply took.
+    async fn call_after(&self, call: Call, timeout: Duration) -> (Reply, Duration) {
+        let started = Instant::now();
+        let id = self.publish(call).await;
+        self.wait_answered(&[id], timeout).await;
+        let reply = self.replies()[&id][0].clone();
+        (reply, started.elapsed())
+    }
+}
+
+async fn read_replies(
+    broker: Arc<dyn Broker>,
+    queue: String,
+    replies: Arc<Mutex<HashMap<Uuid, Vec<Reply>>>>,
+) {
+    loop {
+        if let Ok(mut consumer) = broker.consume(&queue, 256).await {
+            while let Some(item) = consumer.next().await {
+                let Ok(delivery) = item else { continue };
+                if let Ok(reply) = decode_reply(&delivery.body, &Limits::default()) {
+                    replies
+                        .lock()
+                        .unwrap()
+                        .entry(reply.call_id)
+                        .or_default()
+                        .push(reply);
+                }
+                let _ = delivery.settle(Disposition::Ack).await;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn echo_sleep(ms: u64) -> Call {
+    Call::new("echo", "sleep", json!({ "ms": ms }))
+}
+
+fn mail(outbox: &Path, before_ms: u64) -> Call {
+    Call::new(
+        "mail",
+        "send",
+        json!({
+            "outbox": outbox.to_str().unwrap(),
+            "to": "someone@example.com",
+            "subject": "hello",
+            "before_ms": before_ms,
+        }),
+    )
+}
+
+/// How the calls ended, checked against the contract: each has replies of
+/// one outcome only, a mail line at most once (exactly once for an `ok`
+/// mail), `fatal` only for a mail that lists `mail.sent`.
+#[derive(Debug, Default)]
+struct Ended {
+    by_outcome: BTreeMap<String, usize>,
+    duplicates: usize,
+    fatal_mails: usize,
+}
+
+fn check(
+    replies: &HashMap<Uuid, Vec<Reply>>,
+    echo: &[Uuid],
+    mails: &[Uuid],
+    outbox: &Path,
+) -> Ended {
+    let lines = mail_lines(outbox);
+    let mut ended = Ended::default();
+    for (id, is_mail) in echo
+        .iter()
+        .map(|id| (id, false))
+        .chain(mails.iter().map(|id| (id, true)))
+    {
+        let got = replies
+            .get(id)
+            .unwrap_or_else(|| panic!("call {id} got no reply"));
+        let first = &got[0];
+        for r in got {
+            assert_eq!(
+                r.outcome, first.outcome,
+                "call {id} got contradicting replies: {got:?}"
+            );
+        }
+        ended.duplicates += got.len() - 1;
+        *ended
+            .by_outcome
+            .entry(format!("{:?}", first.outcome))
+            .or_default() += 1;
+        let sent = lines.get(id).copied().unwrap_or(0);
+        assert!(sent <= 1, "mail {id} was sent {sent} times");
+        match first.outcome {
+            Outcome::Ok if is_mail => assert_eq!(sent, 1, "mail {id} answered ok, not sent"),
+            Outcome::Ok => {}
+            Outcome::Fatal => {
+                assert!(is_mail, "traceless call {id} ended fatal: {first:?}");
+                let traces = &first.error.as_ref().unwrap().traces;
+                assert!(
+                    traces.iter().any(|t| t == "mail.sent"),
+                    "fatal without a granted trace: {first:?}"
+                );
+                ended.fatal_mails += 1;
+            }
+            other => panic!("call {id} ended {other:?}: {first:?}"),
+        }
+    }
+    ended
+}
+
+fn mail_lines(outbox: &Path) -> HashMap<Uuid, usize> {
+    let text = std::fs::read_to_string(outbox).unwrap_or_default();
+    let mut lines = HashMap::new();
+    for line in text.lines() {
+        let id: Uuid = line.split('\t').next().unwrap().parse().unwrap();
+        *lines.entry(id).or_default() += 1;
+    }
+    lines
+}
+
+/// Worker settings for these tests: a short patience with the coordinator,
+/// so that outages longer than it take seconds, not minutes.
+const PATIENCE: [(&str, &str); 1] = [("CALLQ_WORKER__COORDINATOR_PATIENCE", "1500")];
+
+struct Cluster {
+    dir: PathBuf,
+    url: String,
+    coordinator: Proc,
+    workers: HashMap<String, Proc>,
+    admin: Admin,
+}
+
+impl Cluster {
+    async fn start(vhost: &FaultVhost, tag: &str, workers: &[&str]) -> Self {
+        let dir = support::temp_dir(tag);
+        let coordinator = coordinator(&vhost.url, &dir);
+        let mut procs = HashMap::new();
+        for id in workers {
+            let args = ["worker", "--services", "echo,mail", "--worker-id", id];
+            procs.insert(
+                (*id).to_owned(),
+                Proc::spawn_env(id, &args, &vhost.url, &dir, &PATIENCE),
+            );
+        }
+        let admin = Admin::connect(support::amqp(&vhost.url).await, Duration::from_secs(10))
+            .await
+            .unwrap();
+        let n = workers.len();
+        wait_status(&admin, "every worker active", Duration::from_secs(60), |s| {
+            support::count(s, WorkerState::Active) == n
+        })
+        .await;
+        Self {
+            dir,
+            url: vhost.url.clone(),
+            coordinator,
+            workers: procs,
+            admin,
+        }
+    }
+
+    fn outbox(&self) -> PathBuf {
+        self.dir.join("mail.outbox")
+    }
+
+    /// Every process the test started still runs.
+    fn all_alive(&mut self) {
+        assert!(
+            self.coordinator.running(),
+            "the coordinator exited:\n{}",
+            self.coordinator.log()
+        );
+        for w in self.workers.values_mut() {
+            assert!(w.running(), "{} exited:\n{}", w.name, w.log());
+        }
+    }
+
+    async fn status(&self) -> ClusterStatus {
+        wait_status(&self.admin, "a status", Duration::from_secs(60), |_| true).await
+    }
+}
+
+fn coordinator(url: &str, dir: &Path) -> Proc {
+    Proc::spawn("coordinator", &["coordinator"], url, dir)
+}
+
+/// Publishes `calls` one after another, `gap` apart, in the background;
+/// the ids of the confirmed ones, in order.
+fn publish_in_background(
+    recorder: &Arc<Recorder>,
+    calls: Vec<Call>,
+    gap: Duration,
+) -> tokio::task::JoinHandle<Vec<Uuid>> {
+    let recorder = recorder.clone();
+    tokio::spawn(async move {
+        let mut ids = Vec::with_capacity(calls.len());
+        for call in calls {
+            ids.push(recorder.publish(call).await);
+            tokio::time::sleep(gap).await;
+        }
+        ids
+    })
+}
+
+/// RabbitMQ is stopped and started under a load of `echo.sleep` and
+/// `mail.send`: first the application in its node (`stop_app`, `start_app`),
+/// then the whole node process. Every confirmed call ends with exactly one
+/// outcome, no mail is sent twice, `fatal` only where `mail.sent` was
+/// granted; the coordinator and the workers serve again on their own
+/// within seconds of the broker's return, and a traced call after it ends
+/// `ok`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restart_mid_load_ends_every_call_once_and_the_cluster_serves_on() {
+    let vhost = FaultVhost::create("restart", "");
+    let mut cluster = Cluster::start(&vhost, "restart", &["w1", "w2", "w3"]).await;
+    let recorder = Arc::new(Recorder::start(&vhost.url).await);
+    let outbox = cluster.outbox();
+    let (mut echo, mut mails) = (Vec::new(), Vec::new());
+    for (phase, (stop, start)) in [("stop_app", "start_app"), ("stop", "start")]
+        .into_iter()
+        .enumerate()
+    {
+        let calls: Vec<Call> = (0..300)
+            .map(|i| {
+                if i % 4 == 0 {
+                    mail(&outbox, 20)
+                } else {
+                    echo_sleep(50)
+                }
+            })
+            .collect();
+        let load = publish_in_background(&recorder, calls, Duration::from_millis(5));
+        // The fault hits work in progress: calls published, some answered,
+        // some running.
+        let until = Instant::now() + Duration::from_secs(60);
+        while recorder.replies().len() < 100 * (phase * 3 + 1) {
+            assert!(Instant::now() < until, "no load before the restart");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let status = cluster.status().await;
+        let running: u32 = status.workers.iter().map(|w| w.capacity - w.free).sum();
+        eprintln!("phase {stop}/{start}: {running} calls running at the restart");
+        vhost.node.script(stop);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        vhost.node.script(start);
+        let back = Instant::now();
+        let ids = load.await.unwrap();
+        // Serving again: a new call answered soon after the broker's return.
+        let (reply, took) = recorder
+            .call_after(echo_sleep(0), Duration::from_secs(60))
+            .await;
+        assert_eq!(reply.outcome, Outcome::Ok, "{reply:?}");
+        let serving = back.elapsed();
+        eprintln!(
+            "phase {stop}/{start}: a new call answered {:.1} s after the broker was back (itself {:.2} s)",
+            serving.as_secs_f64(),
+            took.as_secs_f64()
+        );
+        assert!(
+            serving < Duration::from_secs(30),
+            "the cluster took {serving:?} to serve again"
+        );
+        for (i, id) in ids.into_iter().enumerate() {
+            if i % 4 == 0 {
+                mails.push(id);
+            } else {
+                echo.push(id);
+            }
+        }
+    }
+    // A traced call after it all ends ok.
+    let (reply, _) = recorder
+        .call_after(mail(&outbox, 0), Duration::from_secs(60))
+        .await;
+    assert_eq!(reply.outcome, Outcome::Ok, "{reply:?}");
+    mails.push(reply.call_id);
+    let all: Vec<Uuid> = echo.iter().chain(&mails).copied().collect();
+    recorder.wait_answered(&all, Duration::from_secs(120)).await;
+    let ended = check(&recorder.replies(), &echo, &mails, &outbox);
+    eprintln!("after two broker restarts: {ended:?}");
+    cluster.all_alive();
+}
+
+/// The coordinator is killed while workers wait for its trace grants, and
+/// stays away for three times the workers' patience. No worker is lost, so
+/// no call may end `fatal`: the trace requests the workers gave up on are
+/// dropped as stale when a coordinator reads them (the counter shows it),
+/// the workers return those calls without using up their delivery limit,
+/// and every call ends `ok` once a coordinator is back, its mail sent once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_coordinator_away_past_the_workers_patience_makes_no_call_fatal() {
+    let vhost = FaultVhost::create("away", "");
+    let mut cluster = Cluster::start(&vhost, "away", &["w1", "w2", "w3"]).await;
+    let recorder = Arc::new(Recorder::start(&vhost.url).await);
+    let outbox = cluster.outbox();
+    let calls: Vec<Call> = (0..600).map(|_| mail(&outbox, 30)).collect();
+    let load = publish_in_background(&recorder, calls, Duration::from_millis(3));
+    while recorder.replies().len() < 100 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status = cluster.status().await;
+    let running: u32 = status.workers.iter().map(|w| w.capacity - w.free).sum();
+    assert!(running > 0, "no traced call in flight at the kill: {status:?}");
+    cluster.coordinator.kill9();
+    let answered_at_kill = recorder.replies().len();
+    eprintln!("coordinator killed with {running} traced calls running, {answered_at_kill} answered");
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    cluster.coordinator = coordinator(&cluster.url, &cluster.dir);
+    let ids = load.await.unwrap();
+    recorder.wait_answered(&ids, Duration::from_secs(120)).await;
+    let ended = check(&recorder.replies(), &[], &ids, &outbox);
+    eprintln!("coordinator away 4.5 s: {ended:?}");
+    assert_eq!(ended.fatal_mails, 0, "no worker was lost: {ended:?}");
+    assert_eq!(ended.by_outcome.get("Ok"), Some(&ids.len()));
+    let status = cluster.status().await;
+    eprintln!("stale requests dropped: {}", status.stale_dropped);
+    assert!(
+        status.stale_dropped > 0,
+        "no stale request was dropped: the outage proved nothing"
+    );
+    cluster.all_alive();
+}
+
+/// The coordinator is away while a worker is killed with calls in flight,
+/// longer than the delivery limit times the workers' patience: the killed
+/// worker's calls wait for the coordinator on the other workers without
+/// using up their delivery limit; none reaches the dead-letter queue, and
+/// every one is answered `ok` once a coordinator is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_coordinator_away_while_a_worker_dies_dead_letters_no_call() {
+    let vhost = FaultVhost::create("away-kill", "");
+    let mut cluster = Cluster::start(&vhost, "away-kill", &["w1", "w2", "w3"]).await;
+    let recorder = Arc::new(Recorder::start(&vhost.url).await);
+    let calls: Vec<Call> = (0..400).map(|_| echo_sleep(200)).collect();
+    let load = publish_in_background(&recorder, calls, Duration::from_millis(3));
+    while recorder.replies().len() < 50 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status = cluster.status().await;
+    let busiest = status
+        .workers
+        .iter()
+        .max_by_key(|w| w.capacity - w.free)
+        .unwrap();
+    let in_flight = busiest.capacity - busiest.free;
+    assert!(in_flight > 0, "no call in flight on any worker: {status:?}");
+    let victim = busiest.worker_id.clone();
+    cluster.coordinator.kill9();
+    cluster.workers.get_mut(&victim).unwrap().kill9();
+    cluster.workers.remove(&victim);
+    eprintln!("coordinator and {victim} killed, {in_flight} calls in flight on {victim}");
+    // Delivery limit (5) x patience (1.5 s) = 7.5 s; away for 10 s.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    cluster.coordinator = coordinator(&cluster.url, &cluster.dir);
+    let ids = load.await.unwrap();
+    recorder.wait_answered(&ids, Duration::from_secs(120)).await;
+    let ended = check(&recorder.replies(), &ids, &[], &cluster.outbox());
+    eprintln!("coordinator away 10 s with {victim} killed: {ended:?}");
+    assert_eq!(ended.by_outcome.get("Ok"), Some(&ids.len()), "{ended:?}");
+    let dead = recorder.broker.depth(&dead_queue("echo")).await.unwrap();
+    assert_eq!(dead.ready, 0, "calls reached the dead-letter queue");
+    cluster.all_alive();
+}
+
+/// A worker stopped with SIGSTOP past the AMQP heartbeat (2 s here) loses
+/// its connection; once it wakes it gives up what it waited for at once
+/// and serves again on a new connection within 2 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_paused_past_the_heartbeat_reconnects_soon_after_waking() {
+    let vhost = FaultVhost::create("pause", "?heartbeat=2");
+    let mut cluster = Cluster::start(&vhost, "pause", &["w1", "w2"]).await;
+    let recorder = Arc::new(Recorder::start(&vhost.url).await);
+    let calls: Vec<Call> = (0..200).map(|_| echo_sleep(100)).collect();
+    let load = publish_in_background(&recorder, calls, Duration::from_millis(10));
+    while recorder.replies().len() < 20 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pid = cluster.workers["w1"].pid().to_string();
+    assert!(Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    // Past two missed heartbeats of 2 s: the broker closes its connection.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let before = cluster.status().await;
+    let incarnations = |s: &ClusterStatus| {
+        s.workers
+            .iter()
+            .filter(|w| w.worker_id.starts_with("w1.") && w.state == WorkerState::Active)
+            .count()
+    };
+    let known = incarnations(&before);
+    assert!(Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
+    let woke = Instant::now();
+    wait_status(
+        &cluster.admin,
+        "w1 registered again on a new connection",
+        Duration::from_secs(30),
+        |s| incarnations(s) > known,
+    )
+    .await;
+    let took = woke.elapsed();
+    eprintln!(
+        "w1 served again {:.2} s after waking",
+        took.as_secs_f64()
+    );
+    assert!(
+        took < Duration::from_secs(2),
+        "w1 took {took:?} after waking to serve again"
+    );
+    let ids = load.await.unwrap();
+    recorder.wait_answered(&ids, Duration::from_secs(120)).await;
+    check(&recorder.replies(), &ids, &[], &cluster.outbox());
+    cluster.all_alive();
+}
