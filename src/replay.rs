@@ -5,9 +5,10 @@
 use std::io::BufRead;
 
 use anyhow::Context as _;
-use callq_node::replay::{ReplayOptions, Verdict, replay_into};
+use callq_node::replay::{ReplayOptions, Verdict};
 use callq_node::services;
 use callq_testkit::crashes::{CrashMode, CrashOptions, replay_with_crashes};
+use callq_testkit::replay::replay_into;
 
 /// `--into`: where the calls run and what is done to them.
 #[derive(Debug, Clone, PartialEq)]

@@ -8,11 +8,12 @@ use std::time::Duration;
 
 use callq_coordinator::MemoryStore;
 use callq_node::capture::{Reader, Record};
-use callq_node::replay::{ReplayOptions, replay_into};
+use callq_node::replay::ReplayOptions;
 use callq_node::{CallOptions, services};
 use callq_schemas::Outcome;
 use callq_testkit::capture::{CaptureArgs, capture};
 use callq_testkit::crashes::{CrashMode, CrashOptions, replay_with_crashes};
+use callq_testkit::replay::replay_into;
 use callq_testkit::{ClusterOptions, LocalCluster};
 use serde_json::json;
 

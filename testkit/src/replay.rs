@@ -10,7 +10,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use callq_broker::{ATTEMPT_HEADER, Broker, Message, call_queue};
+use callq_broker_embedded::EmbeddedBroker;
+use callq_node::Service;
 use callq_node::capture::{Body, Reader, Record};
+use callq_node::replay::{ReplayError, ReplayOptions, ReplayReport, replay_on};
 use callq_schemas::{Call, Uuid};
 use tokio::time::Instant;
 
@@ -135,4 +138,21 @@ pub async fn replay_onto(
         stats.call_ids.push(call.call_id);
     }
     Ok(stats)
+}
+
+/// Replays the calls of a capture file through `services` on an embedded
+/// broker of its own and compares each new reply with the captured one
+/// (see [`callq_node::replay`]).
+///
+/// ```ignore
+/// let report = replay_into(vec![my_service()], BufReader::new(File::open("echo.jsonl")?),
+///     ReplayOptions { ignore: vec!["/result/at".into()], ..ReplayOptions::default() }).await?;
+/// report.assert_same();
+/// ```
+pub async fn replay_into(
+    services: Vec<Service>,
+    input: impl BufRead,
+    opts: ReplayOptions,
+) -> Result<ReplayReport, ReplayError> {
+    replay_on(Arc::new(EmbeddedBroker::new()), services, input, opts).await
 }
