@@ -9,10 +9,10 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use callq::load::{self, LoadSpec};
 use callq_broker::{Broker, Disposition, Message, QueueSpec};
 use callq_broker_embedded::EmbeddedBroker;
 use callq_node::{Client, ClientOptions, Worker, WorkerOptions, services};
+use callq_testkit::load::{self, LoadSpec};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 

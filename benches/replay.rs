@@ -1,6 +1,6 @@
 //! Replay throughput into handlers: a capture file of 100,000 `echo.echo`
 //! calls (with their replies) replayed through the built-in echo service
-//! on the embedded broker (`callq_node::replay::replay_into`), every reply
+//! on the embedded broker (`callq_testkit::replay::replay_into`), every reply
 //! compared with the captured one.
 //!
 //! `cargo bench --bench replay` (add `-- --calls N` to change the size).
@@ -12,9 +12,10 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use callq_node::capture::{Body, Origin, Record, Writer};
-use callq_node::replay::{ReplayOptions, replay_into};
+use callq_node::replay::ReplayOptions;
 use callq_node::services;
 use callq_schemas::{Call, Reply};
+use callq_testkit::replay::replay_into;
 use serde_json::json;
 
 fn main() -> anyhow::Result<()> {

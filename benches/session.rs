@@ -12,10 +12,10 @@ mod support;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use callq::cluster::{ClusterOptions, LocalCluster};
 use callq_coordinator::{MemoryStore, RedbStore};
 use callq_node::{CallOptions, Client};
 use callq_schemas::Outcome;
+use callq_testkit::{ClusterOptions, LocalCluster};
 use futures::StreamExt;
 use serde_json::json;
 use support::{SERIAL, WARM_UP, histogram, ms, record};

@@ -16,13 +16,13 @@ mod support;
 
 use std::time::Instant;
 
-use callq::cluster::{ClusterOptions, LocalCluster};
 use callq_broker::{
     ATTEMPT_HEADER, Broker, Disposition, Message, QueueSpec, call_queue, reply_queue,
 };
 use callq_coordinator::RedbStore;
 use callq_node::Service;
 use callq_schemas::{Call, Limits, Outcome, decode_reply};
+use callq_testkit::{ClusterOptions, LocalCluster};
 use hdrhistogram::Histogram;
 use serde_json::json;
 

@@ -1,13 +1,8 @@
-//! The `callq` binary's library half: the processes of a cluster, the load
-//! generator and the demo, shared by the command line, the tests and the
-//! benchmarks.
+//! The `callq` binary's library half: the commands of the command line.
+//! The harness they share with the tests and the benchmarks is
+//! `callq-testkit`.
 #![forbid(unsafe_code)]
 
 pub mod capture;
-pub mod chaos;
-pub mod cluster;
 pub mod commands;
-pub mod crashes;
-pub mod demo;
-pub mod load;
 pub mod replay;

@@ -246,7 +246,7 @@ fn main() -> anyhow::Result<ExitCode> {
                 dir,
                 quiet,
             } => {
-                let opts = callq::demo::DemoOptions {
+                let opts = callq_testkit::demo::DemoOptions {
                     workers,
                     standbys,
                     capacity,
@@ -257,7 +257,7 @@ fn main() -> anyhow::Result<ExitCode> {
                     dir,
                     progress: !quiet,
                 };
-                let report = callq::demo::run(&opts).await?;
+                let report = callq_testkit::demo::run(&opts).await?;
                 let violations = report.violations();
                 anyhow::ensure!(
                     violations.is_empty(),
@@ -353,7 +353,7 @@ fn main() -> anyhow::Result<ExitCode> {
                 let mut tap =
                     callq::capture::open_tap(&settings.broker, &service, range).await?;
                 let kind = settings.broker.split("://").next().unwrap_or("?").to_owned();
-                let args = callq::capture::CaptureArgs {
+                let args = callq_testkit::capture::CaptureArgs {
                     service,
                     count,
                     duration: duration_ms.map(Duration::from_millis),
@@ -371,7 +371,7 @@ fn main() -> anyhow::Result<ExitCode> {
                     Some(path) => {
                         let file = std::fs::File::create(path)
                             .with_context(|| format!("creating {}", path.display()))?;
-                        callq::capture::capture(
+                        callq_testkit::capture::capture(
                             tap.as_mut(),
                             &kind,
                             &args,
@@ -380,7 +380,7 @@ fn main() -> anyhow::Result<ExitCode> {
                         .await?
                     }
                     None => {
-                        callq::capture::capture(
+                        callq_testkit::capture::capture(
                             tap.as_mut(),
                             &kind,
                             &args,
@@ -411,7 +411,7 @@ fn main() -> anyhow::Result<ExitCode> {
                 ignore,
             } => {
                 if !into.is_empty() {
-                    use callq::crashes::CrashMode;
+                    use callq_testkit::crashes::CrashMode;
                     let mode = match (
                         kill_before_trace,
                         kill_after_trace,
@@ -452,14 +452,14 @@ fn main() -> anyhow::Result<ExitCode> {
                 let input = std::fs::File::open(&file)
                     .with_context(|| format!("opening {}", file.display()))?;
                 let broker = commands::connect(&settings, "replay").await?;
-                let args = callq::replay::ReplayArgs {
+                let args = callq_testkit::replay::ReplayArgs {
                     rate,
                     speed,
                     new_ids,
                     skip_bad,
                 };
                 let stats =
-                    callq::replay::replay_onto(std::io::BufReader::new(input), broker, &args)
+                    callq_testkit::replay::replay_onto(std::io::BufReader::new(input), broker, &args)
                         .await?;
                 println!(
                     "{} calls published, {} bad lines skipped",

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use callq::cluster::{ClusterOptions, LocalCluster};
 use callq_coordinator::MemoryStore;
 use callq_node::{
     Admin, Agent, AgentOptions, CallOptions, InProcess, Launcher, Processes, WorkerOptions,
@@ -15,6 +14,7 @@ use callq_node::{
 };
 use callq_schemas::Outcome;
 use callq_schemas::protocol::{ClusterStatus, WorkerState};
+use callq_testkit::{ClusterOptions, LocalCluster};
 use serde_json::json;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;

@@ -11,11 +11,11 @@ mod support;
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use callq::chaos::Fleet;
 use callq_node::pg;
 use callq_node::{Admin, CallOptions, Client, ClientOptions};
 use callq_schemas::protocol::WorkerState;
 use callq_schemas::{Outcome, Uuid};
+use callq_testkit::chaos::Fleet;
 use futures::StreamExt;
 use serde_json::json;
 use support::{Proc, Vhost, Workers, count, wait_status};

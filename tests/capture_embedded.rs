@@ -6,14 +6,15 @@
 
 use std::time::Duration;
 
-use callq::capture::{CaptureArgs, capture};
-use callq::cluster::{ClusterOptions, LocalCluster};
-use callq::crashes::{CrashMode, CrashOptions, replay_with_crashes};
 use callq_coordinator::MemoryStore;
 use callq_node::capture::{Reader, Record};
-use callq_node::replay::{ReplayOptions, replay_into};
+use callq_node::replay::ReplayOptions;
 use callq_node::{CallOptions, services};
 use callq_schemas::Outcome;
+use callq_testkit::capture::{CaptureArgs, capture};
+use callq_testkit::crashes::{CrashMode, CrashOptions, replay_with_crashes};
+use callq_testkit::replay::replay_into;
+use callq_testkit::{ClusterOptions, LocalCluster};
 use serde_json::json;
 
 const CALLS: usize = 50;

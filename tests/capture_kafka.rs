@@ -14,12 +14,14 @@ mod support;
 use std::path::Path;
 use std::time::Duration;
 
-use callq::capture::{CaptureArgs, capture, open_tap};
+use callq::capture::open_tap;
 use callq_node::capture::{Reader, Record};
-use callq_node::replay::{ReplayOptions, replay_into};
+use callq_node::replay::ReplayOptions;
 use callq_node::{Admin, CallOptions, Client, ClientOptions, services};
 use callq_schemas::Outcome;
 use callq_schemas::protocol::WorkerState;
+use callq_testkit::capture::{CaptureArgs, capture};
+use callq_testkit::replay::replay_into;
 use serde_json::json;
 use support::{Proc, count, kafka, wait_status};
 

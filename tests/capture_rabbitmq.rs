@@ -8,10 +8,11 @@ mod support;
 
 use std::time::Duration;
 
-use callq_node::replay::{ReplayOptions, replay_into};
+use callq_node::replay::ReplayOptions;
 use callq_node::{Admin, CallOptions, Client, ClientOptions, services};
 use callq_schemas::Outcome;
 use callq_schemas::protocol::WorkerState;
+use callq_testkit::replay::replay_into;
 use serde_json::json;
 use support::{Proc, Vhost, count, wait_status};
 

@@ -5,9 +5,9 @@
 
 use std::time::Duration;
 
-use callq::chaos::{self, ChaosSpec};
-use callq::cluster::ClusterOptions;
 use callq_coordinator::MemoryStore;
+use callq_testkit::ClusterOptions;
+use callq_testkit::chaos::{self, ChaosSpec};
 
 #[tokio::test(start_paused = true)]
 async fn a_worker_killed_every_200_ms_loses_no_call() {

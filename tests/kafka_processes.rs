@@ -12,11 +12,11 @@ mod support;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use callq::chaos;
 use callq_broker::{DEFAULT_DELIVERY_LIMIT, dead_queue};
 use callq_node::{Admin, CallOptions, Client, ClientOptions};
 use callq_schemas::protocol::WorkerState;
 use callq_schemas::{Outcome, codes};
+use callq_testkit::chaos;
 use serde_json::json;
 use support::{Proc, Workers, count, kafka, load, wait_status};
 

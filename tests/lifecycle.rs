@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use callq::cluster::{ClusterOptions, LocalCluster};
 use callq_broker::{
     ATTEMPT_HEADER, Broker, COORDINATOR_QUEUE, Consumer, Delivery, Disposition, Message, QueueSpec,
     call_queue,
@@ -18,6 +17,7 @@ use callq_schemas::protocol::{
     Answer, AnswerBody, InFlightCall, Lease, Request, RequestBody, TraceDecision, WorkerState,
 };
 use callq_schemas::{Call, Limits, Outcome, Reply, Uuid, decode_reply};
+use callq_testkit::{ClusterOptions, LocalCluster};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 

@@ -8,11 +8,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use callq::cluster::{ClusterOptions, LocalCluster};
 use callq_coordinator::MemoryStore;
 use callq_node::faults::{CrashPoint, CrashSite, Faults};
 use callq_node::{CallOptions, Client, HandlerError, Service, services};
 use callq_schemas::{Call, Outcome, Reply, Uuid};
+use callq_testkit::{ClusterOptions, LocalCluster};
 use serde_json::{Value, json};
 
 fn on(session: &str) -> CallOptions {

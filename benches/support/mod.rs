@@ -11,11 +11,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, ensure};
-use callq::load::{self, LoadReport, LoadSpec};
 use callq_broker::{Broker, QueueSpec};
 use callq_coordinator::{Coordinator, CoordinatorOptions, Ledger, MemoryStore};
 use callq_node::{Client, ClientOptions, Service, Worker, WorkerOptions, services};
 use callq_schemas::{Call, Outcome};
+use callq_testkit::load::{self, LoadReport, LoadSpec};
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;

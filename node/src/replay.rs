@@ -1,9 +1,11 @@
 //! Replay of a capture file into handlers, for regression tests against
-//! real traffic: each captured call runs through the given services on an
-//! embedded broker, and its new reply is compared with the captured one.
+//! real traffic: each captured call runs through the given services on a
+//! broker of the caller's (an embedded one: `callq_testkit::replay::replay_into`
+//! makes it), and its new reply is compared with the captured one.
 //!
 //! ```ignore
-//! let report = replay_into(vec![my_service()], BufReader::new(File::open("echo.jsonl")?),
+//! let broker = Arc::new(EmbeddedBroker::new());
+//! let report = replay_on(broker, vec![my_service()], BufReader::new(File::open("echo.jsonl")?),
 //!     ReplayOptions { ignore: vec!["/result/at".into()], ..ReplayOptions::default() }).await?;
 //! report.assert_same();
 //! ```
@@ -19,7 +21,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use callq_broker::{Broker, Disposition, Message, QueueSpec, call_queue};
-use callq_broker_embedded::EmbeddedBroker;
 use callq_schemas::{Call, Limits, Uuid, decode_call};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -313,9 +314,12 @@ pub fn prepare(
     }
 }
 
-/// Replays the calls of a capture file through `services` and compares
-/// each new reply with the captured one.
-pub async fn replay_into(
+/// Replays the calls of a capture file through `services` on `broker` and
+/// compares each new reply with the captured one. The broker is the
+/// replay's own: its worker serves uncoordinated, and takes whatever it
+/// finds in the queues of `services`.
+pub async fn replay_on(
+    broker: Arc<dyn Broker>,
     services: Vec<Service>,
     input: impl BufRead,
     opts: ReplayOptions,
@@ -325,7 +329,6 @@ pub async fn replay_into(
         skipped: capture.skipped.clone(),
         ..ReplayReport::default()
     };
-    let broker: Arc<dyn Broker> = Arc::new(EmbeddedBroker::new());
     let spec = QueueSpec::replies(&format!("replay-{}", Uuid::now_v7().simple()));
     broker.declare(&spec).await?;
     let replies = spec.name;

@@ -2,14 +2,25 @@
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
+use callq_broker_embedded::EmbeddedBroker;
 use callq_node::capture::{Body, Origin, Record, Writer};
-use callq_node::replay::{ReplayError, ReplayOptions, Verdict, replay_into};
+use callq_node::replay::{ReplayError, ReplayOptions, ReplayReport, Verdict, replay_on};
 use callq_node::{Service, services};
 use callq_schemas::{Call, Reply};
 use serde_json::{Value, json};
 
 const CALLS: usize = 50;
+
+/// Replays `file` through `services` on an embedded broker of its own.
+async fn replay_into(
+    services: Vec<Service>,
+    file: &[u8],
+    opts: ReplayOptions,
+) -> Result<ReplayReport, ReplayError> {
+    replay_on(Arc::new(EmbeddedBroker::new()), services, file, opts).await
+}
 
 /// A capture of `echo.echo` traffic as the built-in echo answered it, with
 /// a bad line in the middle and a truncated one at the end.

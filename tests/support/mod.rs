@@ -8,10 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use callq::chaos::{self, ChaosReport, ChaosSpec, Fleet};
-use callq::cluster::ClusterOptions;
 use callq_node::{Admin, Client, ClientOptions};
 use callq_schemas::protocol::{ClusterStatus, WorkerState};
+use callq_testkit::ClusterOptions;
+use callq_testkit::chaos::{self, ChaosReport, ChaosSpec, Fleet};
 
 /// A RabbitMQ virtual host for one test, deleted when dropped.
 pub struct Vhost {
