@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use callq_node::capture::{Body, Origin, Record, Writer};
-use callq_node::faults::CrashPoint;
+use callq_testkit::faults::CrashPoint;
 use callq_node::{HandlerError, Service};
 use callq_schemas::{Call, Reply, Uuid, protocol};
 use callq_testkit::crashes::{CrashMode, CrashOptions, CrashReport, replay_with_crashes};

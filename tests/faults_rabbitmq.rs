@@ -149,11 +149,6 @@ impl Recorder {
         self.replies.lock().unwrap().clone()
     }
 
-    fn answered(&self, ids: &[Uuid]) -> usize {
-        let replies = self.replies.lock().unwrap();
-        ids.iter().filter(|id| replies.contains_key(id)).count()
-    }
-
     /// Waits until every call of `ids` has a reply; panics naming the
     /// unanswered ones after `timeout`.
     async fn wait_answered(&self, ids: &[Uuid], timeout: Duration) {

@@ -317,8 +317,9 @@ impl Agent {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
         let id = self.opts.agent_id.clone();
         let patience = self.opts.heartbeat_interval * 40;
-        let (link, mut orders) =
+        let (mut link, mut orders) =
             Link::connect(self.broker.clone(), &id, agent_queue(&id), patience).await?;
+        let mut gone = link.gone();
         let mut node = Node {
             can_start: self.can_start(),
             slots: BTreeMap::new(),
@@ -355,6 +356,13 @@ impl Agent {
                         self.start_standby(&mut node, services);
                     }
                 }
+                () = gone.cancelled() => {
+                    // The broker connection is lost: the workers go on (each
+                    // reconnects on its own), the agent links up again.
+                    let Some((l, o)) = self.relink(&shutdown).await else { break };
+                    (link, orders) = (l, o);
+                    gone = link.gone();
+                }
                 Some(joined) = node.running.join_next(), if !node.running.is_empty() => {
                     self.stats.running.store(node.running.len() as u64, Ordering::Relaxed);
                     match joined {
@@ -369,6 +377,32 @@ impl Agent {
             warn!(agent = %id, "telling the coordinator this agent leaves: {e}");
         }
         Ok(())
+    }
+
+    /// Connects the agent's link to the coordinator again, with backoff,
+    /// until it succeeds or `shutdown` is cancelled (`None`).
+    async fn relink(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> Option<(Arc<Link>, tokio::sync::mpsc::Receiver<Order>)> {
+        let id = &self.opts.agent_id;
+        let patience = self.opts.heartbeat_interval * 40;
+        let mut backoff = callq_broker::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        loop {
+            let pause = backoff.next_delay();
+            warn!(agent = %id, "lost the broker connection; linking up again in {pause:?}");
+            tokio::select! {
+                () = shutdown.cancelled() => return None,
+                () = tokio::time::sleep(pause) => {}
+            }
+            match Link::connect(self.broker.clone(), id, agent_queue(id), patience).await {
+                Ok(linked) => {
+                    info!(agent = %id, "linked up with the coordinator again");
+                    return Some(linked);
+                }
+                Err(e) => warn!(agent = %id, "linking up: {e}"),
+            }
+        }
     }
 
     /// The services this agent may start workers of.

@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use callq_broker::{Broker, QueueSpec};
 use callq_broker_embedded::{EmbeddedBroker, EmbeddedTap};
 use callq_coordinator::{Coordinator, CoordinatorOptions, Ledger, Store};
-use callq_node::faults::Faults;
+use crate::faults::{self, Faults};
 use callq_node::{
     Admin, Client, ClientOptions, Service, Worker, WorkerOptions, WorkerStats, services,
 };
@@ -152,15 +152,30 @@ impl LocalCluster {
     }
 
     /// Starts a worker of the given services that crashes where `plan` says
-    /// (fault-injection tests, see [`callq_node::faults`]).
+    /// (fault-injection tests, see [`crate::faults`]).
     pub async fn spawn_faulty(
         &mut self,
         id: &str,
         services: Vec<Service>,
         plan: Arc<dyn Faults>,
     ) -> anyhow::Result<()> {
-        let worker = Worker::new(self.worker_options(id, false), self.broker.clone()).faults(plan);
-        self.spawn_built(id, services, worker).await
+        let mut worker = Worker::new(self.worker_options(id, false), self.broker.clone());
+        for service in services {
+            worker = worker.service(service);
+        }
+        worker.declare().await?;
+        let stop = self.shutdown.child_token();
+        self.all_stats.insert(id.to_owned(), worker.stats());
+        let run = faults::run_until_crash(worker, plan, stop.clone());
+        let task = tokio::spawn(async move {
+            match run.await {
+                faults::Ended::Ran(ended) => ended,
+                // Dead as a killed process is: nothing more to report.
+                faults::Ended::Crashed => Ok(()),
+            }
+        });
+        self.workers.insert(id.to_owned(), Running { task, stop });
+        Ok(())
     }
 
     async fn spawn_built(

@@ -29,7 +29,7 @@ use callq_broker::{Disposition, Message, QueueSpec, call_queue};
 use callq_coordinator::MemoryStore;
 use callq_node::Service;
 use callq_node::capture::LineError;
-use callq_node::faults::{CrashPoint, CrashSite, Faults};
+use crate::faults::{CrashPoint, CrashSite, Faults};
 use callq_node::replay::{Capture, Verdict, describe, prepare};
 use callq_schemas::{Uuid, protocol};
 use serde_json::Value;

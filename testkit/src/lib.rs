@@ -6,6 +6,7 @@
 //! - [`load`]: a load generator with latency percentiles;
 //! - [`chaos`]: a load under faults over any [`chaos::Fleet`], with an
 //!   account of how every call ended;
+//! - [`faults`]: crash plans for workers, supplied to them as a probe;
 //! - [`crashes`]: replay of a capture file with crashes injected;
 //! - [`capture`] and [`replay`]: capture from any tap, replay onto a broker
 //!   or into handlers;
@@ -20,6 +21,7 @@ pub mod chaos;
 pub mod cluster;
 pub mod crashes;
 pub mod demo;
+pub mod faults;
 pub mod load;
 pub mod replay;
 
