@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
+#[cfg(feature = "kafka")]
 use callq_broker_kafka::TapFrom;
 use callq_testkit::capture::{CaptureArgs, capture};
 
@@ -88,11 +89,29 @@ pub(crate) async fn run(args: Args, config: Option<&Path>) -> anyhow::Result<Exi
 }
 
 /// Whether a range starts in the past (and so ends by itself).
+#[cfg(feature = "kafka")]
 fn reads_past(range: &TapRange) -> bool {
     range.from != TapFrom::End
 }
 
+#[cfg(not(feature = "kafka"))]
+fn reads_past(range: &TapRange) -> bool {
+    match *range {}
+}
+
+/// Without Kafka there is no topic to read a range of.
+#[cfg(not(feature = "kafka"))]
+fn parse_range(from: Option<&str>, until: Option<&str>) -> anyhow::Result<Option<TapRange>> {
+    anyhow::ensure!(
+        from.is_none() && until.is_none(),
+        "--from and --until read a range of a Kafka topic: {}",
+        broker::WITHOUT_KAFKA
+    );
+    Ok(None)
+}
+
 /// Reads `--from` and `--until`: `None` when neither is given.
+#[cfg(feature = "kafka")]
 fn parse_range(from: Option<&str>, until: Option<&str>) -> anyhow::Result<Option<TapRange>> {
     let time = |t: &str, what: &str| -> anyhow::Result<i64> {
         let at = time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
