@@ -14,7 +14,8 @@ mod support;
 use std::path::Path;
 use std::time::Duration;
 
-use callq::capture::open_tap;
+use callq_broker::call_queue;
+use callq_broker_kafka::{KafkaBroker, TapFrom, TapRange};
 use callq_node::capture::{Reader, Record};
 use callq_node::replay::ReplayOptions;
 use callq_node::{Admin, CallOptions, Client, ClientOptions, services};
@@ -103,9 +104,19 @@ async fn a_kafka_capture_holds_every_call_and_reads_past_ranges_again() {
     })
     .await;
 
-    // A live capture, from the end of the topic, while the worker serves.
-    let mut tap = open_tap(&url, "echo", None).await.unwrap();
+    // A live capture, from the end of the topic, while the worker serves:
+    // the tap `callq capture` opens, on a connection of its own.
+    let tapped = KafkaBroker::connect(&url).await.unwrap();
+    let live_range = TapRange {
+        from: TapFrom::End,
+        until_ms: None,
+    };
+    let mut tap = tapped
+        .tap(&call_queue("echo"), live_range, 100_000)
+        .await
+        .unwrap();
     let live = tokio::spawn(async move {
+        let _connection = tapped;
         let args = CaptureArgs {
             service: "echo".into(),
             count: Some(CALLS),
@@ -114,9 +125,7 @@ async fn a_kafka_capture_holds_every_call_and_reads_past_ranges_again() {
             reply_grace: Duration::from_secs(10),
         };
         let mut out = Vec::new();
-        let stats = capture(tap.as_mut(), "kafka", &args, &mut out)
-            .await
-            .unwrap();
+        let stats = capture(&mut tap, "kafka", &args, &mut out).await.unwrap();
         (stats, out)
     });
     let client = Client::connect(broker, ClientOptions::default())

@@ -1,0 +1,245 @@
+//! From a broker URL to its adapter: `amqp://` is RabbitMQ (the `amqp`
+//! feature), `kafka://` is Kafka (the `kafka` feature). A URL whose adapter
+//! this callq was built without is refused, naming the feature.
+
+use std::sync::Arc;
+
+#[cfg(any(feature = "amqp", feature = "kafka"))]
+use anyhow::Context as _;
+use anyhow::bail;
+#[cfg(any(feature = "amqp", feature = "kafka"))]
+use callq_broker::TapEvent;
+#[cfg(feature = "kafka")]
+use callq_broker::call_queue;
+use callq_broker::{Broker, Tap};
+#[cfg(feature = "amqp")]
+use callq_broker_amqp::AmqpBroker;
+#[cfg(feature = "kafka")]
+use callq_broker_kafka::{KafkaBroker, TapFrom};
+#[cfg(any(feature = "amqp", feature = "kafka"))]
+use tracing::info;
+
+use super::config::Settings;
+
+/// A range of a Kafka topic to capture.
+#[cfg(feature = "kafka")]
+pub(crate) use callq_broker_kafka::TapRange;
+
+/// A range of a Kafka topic to capture: none without Kafka.
+#[cfg(not(feature = "kafka"))]
+pub(crate) enum TapRange {}
+
+/// The URL used when none is configured: a RabbitMQ on this machine.
+#[cfg(feature = "amqp")]
+pub(crate) const DEFAULT_URL: &str = callq_broker_amqp::DEFAULT_URL;
+/// The URL used when none is configured: a RabbitMQ on this machine.
+#[cfg(not(feature = "amqp"))]
+pub(crate) const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// Why a `kafka://` URL is refused by a callq built without Kafka.
+#[cfg(not(feature = "kafka"))]
+pub(crate) const WITHOUT_KAFKA: &str =
+    "this callq was built without Kafka support: rebuild with --features kafka";
+
+/// Why an `amqp://` URL is refused by a callq built without RabbitMQ.
+#[cfg(not(feature = "amqp"))]
+const WITHOUT_AMQP: &str =
+    "this callq was built without RabbitMQ (AMQP) support: rebuild with --features amqp";
+
+/// Copies bounded in the tap's queue.
+#[cfg(any(feature = "amqp", feature = "kafka"))]
+const TAP_BOUND: usize = 100_000;
+
+/// Connects to the configured broker; `role` names the connection.
+pub(crate) async fn connect(settings: &Settings, role: &str) -> anyhow::Result<Arc<dyn Broker>> {
+    let url = settings.broker.trim();
+    if url == "embedded" {
+        bail!(
+            "the embedded broker lives inside one process: run `callq demo`, or set \
+             CALLQ_BROKER=amqp://user:password@host:5672/%2f for a cluster of processes"
+        );
+    }
+    if url.starts_with("kafka://") {
+        return connect_kafka(url, role).await;
+    }
+    if !url.starts_with("amqp://") {
+        bail!(
+            "unsupported broker `{url}`: callq speaks amqp:// (RabbitMQ; TLS is not supported yet) \
+             and kafka://host:port (Kafka)"
+        );
+    }
+    connect_amqp(url, role).await
+}
+
+#[cfg(feature = "kafka")]
+async fn connect_kafka(url: &str, role: &str) -> anyhow::Result<Arc<dyn Broker>> {
+    let mut opts = callq_broker_kafka::Options::from_url(url)
+        .with_context(|| format!("reading the Kafka URL `{url}`"))?;
+    if opts.client_id == callq_broker_kafka::Options::default().client_id {
+        opts.client_id = format!("callq-{}", role.replace(' ', "-"));
+    }
+    let broker = KafkaBroker::connect_with(opts)
+        .await
+        .with_context(|| format!("connecting the {role} to the broker"))?;
+    info!(role, at = url, "connected to Kafka");
+    Ok(Arc::new(broker))
+}
+
+#[cfg(not(feature = "kafka"))]
+async fn connect_kafka(_url: &str, _role: &str) -> anyhow::Result<Arc<dyn Broker>> {
+    bail!(WITHOUT_KAFKA)
+}
+
+#[cfg(feature = "amqp")]
+async fn connect_amqp(url: &str, role: &str) -> anyhow::Result<Arc<dyn Broker>> {
+    let opts = callq_broker_amqp::Options {
+        url: url.to_owned(),
+        name: format!("callq {role}"),
+        ..callq_broker_amqp::Options::default()
+    };
+    let broker = AmqpBroker::connect_with(opts)
+        .await
+        .with_context(|| format!("connecting the {role} to the broker"))?;
+    info!(role, at = %broker.place(), "connected to RabbitMQ");
+    Ok(Arc::new(broker))
+}
+
+/// Opens the tap `broker_url` offers: RabbitMQ's firehose tracer, or a
+/// Kafka consumer group of its own over `range`. (An embedded broker is
+/// tapped in its own process.)
+pub(crate) async fn open_tap(
+    broker_url: &str,
+    service: &str,
+    range: Option<TapRange>,
+) -> anyhow::Result<Box<dyn Tap>> {
+    if broker_url.starts_with("amqp://") || broker_url.starts_with("amqps://") {
+        anyhow::ensure!(
+            range.is_none(),
+            "--from and --until read a range of a Kafka topic; RabbitMQ's queues keep no history to read"
+        );
+        amqp_tap(broker_url).await
+    } else if broker_url.starts_with("kafka://") {
+        kafka_tap(broker_url, service, range).await
+    } else {
+        anyhow::bail!(
+            "capture reads RabbitMQ (amqp://) or Kafka (kafka://), not `{broker_url}`; \
+             an embedded broker is tapped in its own process (EmbeddedBroker::tap)"
+        )
+    }
+}
+
+#[cfg(not(feature = "amqp"))]
+async fn connect_amqp(_url: &str, _role: &str) -> anyhow::Result<Arc<dyn Broker>> {
+    bail!(WITHOUT_AMQP)
+}
+
+#[cfg(feature = "amqp")]
+async fn amqp_tap(broker_url: &str) -> anyhow::Result<Box<dyn Tap>> {
+    let broker = AmqpBroker::connect(broker_url)
+        .await
+        .context("connecting to RabbitMQ")?;
+    let tap = broker
+        .tap(TAP_BOUND)
+        .await
+        .context("opening a tap on RabbitMQ's firehose tracer")?;
+    // The tap holds its own channel; the connection lives as long.
+    Ok(Box::new(Holding(tap, broker)))
+}
+
+#[cfg(not(feature = "amqp"))]
+async fn amqp_tap(_broker_url: &str) -> anyhow::Result<Box<dyn Tap>> {
+    bail!(WITHOUT_AMQP)
+}
+
+#[cfg(feature = "kafka")]
+async fn kafka_tap(
+    broker_url: &str,
+    service: &str,
+    range: Option<TapRange>,
+) -> anyhow::Result<Box<dyn Tap>> {
+    let broker = KafkaBroker::connect(broker_url)
+        .await
+        .context("connecting to Kafka")?;
+    let range = range.unwrap_or(TapRange {
+        from: TapFrom::End,
+        until_ms: None,
+    });
+    let tap = broker
+        .tap(&call_queue(service), range, TAP_BOUND)
+        .await
+        .with_context(|| format!("opening a tap on the topic of {}", call_queue(service)))?;
+    Ok(Box::new(Holding(tap, broker)))
+}
+
+#[cfg(not(feature = "kafka"))]
+async fn kafka_tap(
+    _broker_url: &str,
+    _service: &str,
+    _range: Option<TapRange>,
+) -> anyhow::Result<Box<dyn Tap>> {
+    bail!(WITHOUT_KAFKA)
+}
+
+/// A tap and the broker connection it lives on.
+#[cfg(any(feature = "amqp", feature = "kafka"))]
+struct Holding<T, B>(T, B);
+
+#[cfg(any(feature = "amqp", feature = "kafka"))]
+#[async_trait::async_trait]
+impl<T: Tap, B: Send> Tap for Holding<T, B> {
+    async fn next(&mut self) -> Option<Result<TapEvent, callq_broker::Error>> {
+        self.0.next().await
+    }
+    fn follow(&mut self, queue: &str, since_ms: Option<i64>) {
+        self.0.follow(queue, since_ms);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Why connecting to `url` fails at once.
+    async fn refused(url: &str) -> String {
+        let settings = Settings {
+            broker: url.into(),
+            ..Settings::default()
+        };
+        match connect(&settings, "test").await {
+            Ok(_) => panic!("{url}: connected"),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_embedded_broker_and_unknown_schemes_are_refused() {
+        assert!(refused("embedded").await.contains("callq demo"));
+        assert!(
+            refused("mqtt://h:1883")
+                .await
+                .starts_with("unsupported broker")
+        );
+    }
+
+    #[cfg(feature = "amqp")]
+    #[test]
+    fn the_default_url_is_the_one_a_build_without_rabbitmq_shows() {
+        assert_eq!(DEFAULT_URL, "amqp://guest:guest@127.0.0.1:5672/%2f");
+    }
+
+    #[cfg(not(feature = "kafka"))]
+    #[tokio::test]
+    async fn without_kafka_a_kafka_url_names_the_feature() {
+        assert_eq!(refused("kafka://127.0.0.1:9092").await, WITHOUT_KAFKA);
+        let Err(e) = open_tap("kafka://127.0.0.1:9092", "echo", None).await else {
+            panic!("a tap without Kafka");
+        };
+        assert_eq!(e.to_string(), WITHOUT_KAFKA);
+    }
+
+    #[cfg(not(feature = "amqp"))]
+    #[tokio::test]
+    async fn without_amqp_an_amqp_url_names_the_feature() {
+        assert_eq!(refused(DEFAULT_URL).await, WITHOUT_AMQP);
+    }
+}

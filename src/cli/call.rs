@@ -1,0 +1,81 @@
+//! `callq call SERVICE METHOD [ARGS]`: one call, its reply printed as
+//! JSON.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use callq_node::{CallOptions, Client};
+use callq_schemas::Outcome;
+
+use super::broker::connect;
+use super::config::Settings;
+
+#[derive(clap::Args)]
+pub(crate) struct Args {
+    /// The service, e.g. `echo`.
+    service: String,
+    /// The method, e.g. `echo`.
+    method: String,
+    /// The arguments, a JSON value.
+    #[arg(default_value = "{}")]
+    args: String,
+    /// Milliseconds to wait for the outcome (the call's deadline).
+    #[arg(long, default_value_t = 30_000)]
+    timeout_ms: u64,
+}
+
+/// Exits with the call's outcome: 0 ok, 1 error, 2 fatal, 3 expired, 4 no
+/// reply at all.
+pub(crate) async fn run(a: Args, config: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let timeout = Duration::from_millis(a.timeout_ms);
+    match call(
+        &Settings::load(config)?,
+        &a.service,
+        &a.method,
+        &a.args,
+        timeout,
+    )
+    .await
+    {
+        Ok(code) => Ok(ExitCode::from(code)),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            Ok(ExitCode::from(4))
+        }
+    }
+}
+
+/// `callq call`: one call, its reply printed as JSON on stdout. Returns the
+/// process exit code: 0 ok, 1 error, 2 fatal, 3 expired.
+async fn call(
+    settings: &Settings,
+    service: &str,
+    method: &str,
+    args: &str,
+    timeout: Duration,
+) -> anyhow::Result<u8> {
+    let args: serde_json::Value = serde_json::from_str(args)
+        .with_context(|| format!("the arguments are not JSON: {args}"))?;
+    let broker = connect(settings, "client").await?;
+    let client = Client::connect(broker, settings.client.clone()).await?;
+    let reply = client
+        .call(
+            service,
+            method,
+            args,
+            CallOptions {
+                timeout: Some(timeout),
+                ..CallOptions::default()
+            },
+        )
+        .await?;
+    println!("{}", serde_json::to_string(&reply)?);
+    Ok(match reply.outcome {
+        Outcome::Ok => 0,
+        Outcome::Error => 1,
+        Outcome::Fatal => 2,
+        Outcome::Expired => 3,
+    })
+}

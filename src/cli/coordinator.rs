@@ -1,0 +1,106 @@
+//! `callq coordinator`: the registry, the failure detector and the call
+//! ledger, its store in redb (one host) or PostgreSQL (coordinators on
+//! several hosts, one leading under a lease).
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use callq_coordinator::{Coordinator, Ledger, PgStore, RedbStore};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::broker::connect;
+use super::config::Settings;
+use super::shutdown::shutdown_on_signal;
+
+/// Serves until a signal stops it.
+pub(crate) async fn run(config: Option<&Path>) -> anyhow::Result<ExitCode> {
+    coordinator(&Settings::load(config)?, shutdown_on_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `callq coordinator`: waits for the store, then serves until stopped. On
+/// RabbitMQ the request queue has a single active consumer, so a second
+/// coordinator stands by until the first is gone.
+async fn coordinator(settings: &Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    if let Some(url) = &settings.coordinator.postgres {
+        return coordinator_on_postgres(settings, url, shutdown).await;
+    }
+    let path = &settings.coordinator.store;
+    let mut waiting = false;
+    let store = loop {
+        match RedbStore::open(path) {
+            Ok(store) => break store,
+            Err(callq_coordinator::Error::StoreInUse(_)) => {
+                if !waiting {
+                    info!(store = %path.display(), "another coordinator holds the store: standing by");
+                    waiting = true;
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => return Ok(()),
+                    () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+            }
+            Err(e) => return Err(e).context("opening the coordinator's store"),
+        }
+    };
+    let ledger = Ledger::open(store).context("reading the call ledger")?;
+    let broker = connect(settings, "coordinator").await?;
+    info!(store = %path.display(), open_calls = ledger.open_calls(), "coordinator serving");
+    Coordinator::new(settings.coordinator.options.clone(), broker, ledger)
+        .run(shutdown)
+        .await
+        .context("the coordinator stopped")
+}
+
+/// `callq coordinator` with its ledger in PostgreSQL: stands by until it
+/// takes the cluster's lease, leads until it loses it (then stands by
+/// again), until stopped.
+async fn coordinator_on_postgres(
+    settings: &Settings,
+    url: &str,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let c = &settings.coordinator;
+    let lease = Duration::from_millis(c.lease_ms.max(100));
+    let holder = format!(
+        "{}:{}",
+        std::env::var("HOSTNAME").unwrap_or_else(|_| "host".into()),
+        std::process::id()
+    );
+    let poll = lease / 4;
+    loop {
+        let mut waiting = false;
+        let store = loop {
+            match PgStore::acquire(url, &c.cluster, &holder, lease).await {
+                Ok(Some(store)) => break store,
+                Ok(None) if !waiting => {
+                    info!(cluster = %c.cluster, "another coordinator leads: standing by");
+                    waiting = true;
+                }
+                Ok(None) => {}
+                Err(e) => warn!(cluster = %c.cluster, "taking the lease: {e}"),
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                () = tokio::time::sleep(poll) => {}
+            }
+        };
+        let epoch = store.epoch();
+        let ledger = Ledger::open(store).context("reading the call ledger")?;
+        let broker = connect(settings, "coordinator").await?;
+        info!(cluster = %c.cluster, epoch, open_calls = ledger.open_calls(), "coordinator leading");
+        match Coordinator::new(c.options.clone(), broker, ledger)
+            .run(shutdown.clone())
+            .await
+        {
+            Ok(()) => return Ok(()),
+            Err(e @ callq_coordinator::Error::Fenced(_)) => {
+                warn!(cluster = %c.cluster, epoch, "lost the lead: {e}; standing by");
+            }
+            Err(e) => return Err(e).context("the coordinator stopped"),
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! The command line: its arguments, its logging, and a module per command.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod agent;
+mod broker;
+mod call;
+mod capture;
+mod config;
+mod coordinator;
+mod demo;
+mod drain;
+mod replay;
+mod shutdown;
+mod status;
+mod worker;
+
+#[derive(Parser)]
+#[command(
+    name = "callq",
+    version,
+    about = "A worker cluster driven by a message bus"
+)]
+pub(crate) struct Cli {
+    /// A configuration file (TOML); `CALLQ_*` variables override it.
+    #[arg(long, global = true, env = "CALLQ_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs an in-process cluster on the embedded broker under load and
+    /// prints what happened and the figures.
+    Demo(demo::Args),
+    /// Runs a coordinator: the registry, the failure detector and the call
+    /// ledger. A second one on the same store stands by until the first is
+    /// gone.
+    Coordinator {},
+    /// Runs a worker process serving built-in services (echo, mail).
+    Worker(worker::Args),
+    /// Runs a node agent that starts worker processes, restarts them when
+    /// they die, and starts standbys when the coordinator asks.
+    Agent(agent::Args),
+    /// Publishes one call, waits, prints the reply as JSON and exits with
+    /// its outcome: 0 ok, 1 error, 2 fatal, 3 expired (4: no reply at all).
+    Call(call::Args),
+    /// Shows the cluster: workers with state and load, standbys, agents,
+    /// and the depth of the call queues (on Kafka, each consumer group's lag).
+    Status(status::Args),
+    /// Drains one worker: it stops taking calls, finishes those it runs and
+    /// leaves.
+    Drain(drain::Args),
+    /// Writes the calls published to a service's queue, and the replies to
+    /// them, into a capture file (docs/REPLAY.md), without taking them from
+    /// the workers. RabbitMQ only: needs the firehose tracer on
+    /// (`rabbitmqctl trace_on -p VHOST`).
+    Capture(capture::Args),
+    /// Publishes the calls of a capture file (docs/REPLAY.md) to a broker
+    /// again, each confirmed, keeping their captured timing or at a rate.
+    Replay(replay::Args),
+}
+
+impl Cli {
+    /// Logs to stderr, filtered by `CALLQ_LOG` or else by the command's
+    /// default.
+    pub(crate) fn init_logging(&self) {
+        tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_env("CALLQ_LOG")
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(self.default_filter())),
+            )
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
+
+    fn default_filter(&self) -> &'static str {
+        // The demo kills a worker on purpose: its warnings are the story the
+        // demo prints itself, so it logs errors only unless asked otherwise.
+        match self.command {
+            Command::Demo(_) => "error",
+            Command::Coordinator {} | Command::Worker(_) | Command::Agent(_) => "info",
+            Command::Call(_)
+            | Command::Status(_)
+            | Command::Drain(_)
+            | Command::Replay(_)
+            | Command::Capture(_) => "warn",
+        }
+    }
+
+    /// Runs the command; its outcome is the process's exit code.
+    pub(crate) async fn run(self) -> anyhow::Result<ExitCode> {
+        let config = self.config.as_deref();
+        match self.command {
+            Command::Demo(args) => demo::run(args).await,
+            Command::Coordinator {} => coordinator::run(config).await,
+            Command::Worker(args) => worker::run(args, config).await,
+            Command::Agent(args) => agent::run(args, config).await,
+            Command::Call(args) => call::run(args, config).await,
+            Command::Status(args) => status::run(args, config).await,
+            Command::Drain(args) => drain::run(args, config).await,
+            Command::Capture(args) => capture::run(args, config).await,
+            Command::Replay(args) => replay::run(args, config).await,
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! `callq worker`: a worker process serving built-in services, reconnecting
+//! under a new incarnation of its id when its broker connection drops.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use callq_broker::Broker;
+use callq_node::{Service, Worker, WorkerOptions, services};
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use super::broker::connect;
+use super::config::Settings;
+use super::shutdown::{shutdown_on_signal, stop_when_stdin_closes};
+
+#[derive(clap::Args)]
+pub(crate) struct Args {
+    /// The services to serve, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    services: Vec<String>,
+    /// The worker's id (default: generated).
+    #[arg(long)]
+    worker_id: Option<String>,
+    /// Calls run at once (default: the configured `worker.capacity`).
+    #[arg(long)]
+    capacity: Option<u16>,
+    /// Start as a standby: consume nothing until promoted.
+    #[arg(long)]
+    standby: bool,
+    /// Drain and exit when stdin closes (how a node agent starts its
+    /// workers, so that they do not outlive it).
+    #[arg(long, hide = true)]
+    supervised: bool,
+}
+
+/// Serves until a signal (or, supervised, the end of stdin) stops it.
+pub(crate) async fn run(args: Args, config: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let shutdown = shutdown_on_signal();
+    if args.supervised {
+        stop_when_stdin_closes(shutdown.clone());
+    }
+    worker(&Settings::load(config)?, args, shutdown).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Serves the built-in services. When its broker connection drops it stops
+/// taking calls, reconnects with backoff and registers again under a new
+/// incarnation of its id (`ID.1`, `ID.2`, ...); the calls it held return to
+/// their queues and `resume` arbitrates them.
+async fn worker(
+    settings: &Settings,
+    args: Args,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let found = built_in(&args.services)?;
+    let mut opts = settings.worker.clone();
+    if let Some(id) = args.worker_id {
+        opts.worker_id = id;
+    }
+    if let Some(capacity) = args.capacity {
+        opts.capacity = capacity;
+    }
+    opts.standby = args.standby;
+    let base = opts.worker_id.clone();
+    let (mut incarnation, mut backoff) = (0u32, Duration::from_millis(100));
+    loop {
+        let id = if incarnation == 0 {
+            base.clone()
+        } else {
+            format!("{base}.{incarnation}")
+        };
+        let ended = match connect(settings, &format!("worker {id}")).await {
+            Ok(broker) => {
+                let (ended, ran) = serve(&opts, &id, broker, &found, &shutdown).await;
+                if ran > Duration::from_secs(60) {
+                    backoff = Duration::from_millis(100);
+                }
+                match ended {
+                    Ok(()) => return Ok(()),
+                    Err(callq_node::Error::Config(e)) => bail!("worker {id}: {e}"),
+                    Err(e) => e.to_string(),
+                }
+            }
+            Err(e) => format!("{e:#}"),
+        };
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+        incarnation += 1;
+        warn!(worker = %id, "{ended}; reconnecting in {backoff:?}");
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// The built-in services of these names; at least one.
+fn built_in(names: &[String]) -> anyhow::Result<Vec<Service>> {
+    let found: Vec<_> = names
+        .iter()
+        .map(|name| {
+            services::by_name(name).with_context(|| {
+                format!(
+                    "no built-in service `{name}`: the built-in services are {}",
+                    services::BUILT_IN.join(", ")
+                )
+            })
+        })
+        .collect::<anyhow::Result<_>>()?;
+    anyhow::ensure!(
+        !found.is_empty(),
+        "name the services to serve: --services echo,mail"
+    );
+    Ok(found)
+}
+
+/// Runs one incarnation of the worker, `id`, on `broker` until it stops:
+/// how it ended, and how long it ran.
+async fn serve(
+    opts: &WorkerOptions,
+    id: &str,
+    broker: Arc<dyn Broker>,
+    services: &[Service],
+    shutdown: &CancellationToken,
+) -> (Result<(), callq_node::Error>, Duration) {
+    let mut worker = Worker::new(
+        WorkerOptions {
+            worker_id: id.to_owned(),
+            ..opts.clone()
+        },
+        broker,
+    );
+    for service in services {
+        worker = worker.service(service.clone());
+    }
+    let started = tokio::time::Instant::now();
+    let ended = worker.run(shutdown.clone()).await;
+    (ended, started.elapsed())
+}
