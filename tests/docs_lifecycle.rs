@@ -50,14 +50,18 @@ fn every_lifecycle_step_names_a_file_that_defines_its_function() {
             let name = f.rsplit("::").next().unwrap();
             let defined = source.lines().any(|line| {
                 let line = line.trim_start();
-                line.split("fn ")
-                    .skip(1)
-                    .any(|rest| rest.starts_with(name) && rest[name.len()..].starts_with(['(', '<']))
+                line.split("fn ").skip(1).any(|rest| {
+                    rest.starts_with(name) && rest[name.len()..].starts_with(['(', '<'])
+                })
             });
             if !defined {
                 missing.push(format!("{step}: `{file}` defines no function `{f}`"));
             }
         }
     }
-    assert!(missing.is_empty(), "docs/ARCHITECTURE.md is out of date:\n{}", missing.join("\n"));
+    assert!(
+        missing.is_empty(),
+        "docs/ARCHITECTURE.md is out of date:\n{}",
+        missing.join("\n")
+    );
 }

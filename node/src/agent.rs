@@ -387,7 +387,8 @@ impl Agent {
     ) -> Option<(Arc<Link>, tokio::sync::mpsc::Receiver<Order>)> {
         let id = &self.opts.agent_id;
         let patience = self.opts.heartbeat_interval * 40;
-        let mut backoff = callq_broker::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        let mut backoff =
+            callq_broker::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         loop {
             let pause = backoff.next_delay();
             warn!(agent = %id, "lost the broker connection; linking up again in {pause:?}");

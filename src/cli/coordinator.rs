@@ -47,7 +47,9 @@ async fn coordinator(settings: &Settings, shutdown: CancellationToken) -> anyhow
         }
     };
     let ledger = Ledger::open(store).context("reading the call ledger")?;
-    let broker = connect(settings, "coordinator").await?;
+    let Some(broker) = connect_patiently(settings, &shutdown).await else {
+        return Ok(());
+    };
     info!(store = %path.display(), open_calls = ledger.open_calls(), "coordinator serving");
     Coordinator::new(settings.coordinator.options.clone(), broker, ledger)
         .run(shutdown)
@@ -90,7 +92,9 @@ async fn coordinator_on_postgres(
         };
         let epoch = store.epoch();
         let ledger = Ledger::open(store).context("reading the call ledger")?;
-        let broker = connect(settings, "coordinator").await?;
+        let Some(broker) = connect_patiently(settings, &shutdown).await else {
+            return Ok(());
+        };
         info!(cluster = %c.cluster, epoch, open_calls = ledger.open_calls(), "coordinator leading");
         match Coordinator::new(c.options.clone(), broker, ledger)
             .run(shutdown.clone())
@@ -101,6 +105,29 @@ async fn coordinator_on_postgres(
                 warn!(cluster = %c.cluster, epoch, "lost the lead: {e}; standing by");
             }
             Err(e) => return Err(e).context("the coordinator stopped"),
+        }
+    }
+}
+
+/// Connects to the broker, trying again with backoff (100 ms up to 5 s)
+/// while it cannot be reached, until `shutdown` (`None`).
+async fn connect_patiently(
+    settings: &Settings,
+    shutdown: &CancellationToken,
+) -> Option<std::sync::Arc<dyn callq_broker::Broker>> {
+    let mut backoff =
+        callq_broker::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        match connect(settings, "coordinator").await {
+            Ok(broker) => return Some(broker),
+            Err(e) => {
+                let pause = backoff.next_delay();
+                warn!("{e:#}; trying again in {pause:?}");
+                tokio::select! {
+                    () = shutdown.cancelled() => return None,
+                    () = tokio::time::sleep(pause) => {}
+                }
+            }
         }
     }
 }

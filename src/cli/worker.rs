@@ -65,7 +65,11 @@ async fn worker(
     }
     opts.standby = args.standby;
     let base = opts.worker_id.clone();
-    let (mut incarnation, mut backoff) = (0u32, Duration::from_millis(100));
+    // A new incarnation only after a run that connected: retries that never
+    // reached the broker keep the id.
+    let mut incarnation = 0u32;
+    let mut backoff =
+        callq_broker::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     loop {
         let id = if incarnation == 0 {
             base.clone()
@@ -76,8 +80,9 @@ async fn worker(
             Ok(broker) => {
                 let (ended, ran) = serve(&opts, &id, broker, &found, &shutdown).await;
                 if ran > Duration::from_secs(60) {
-                    backoff = Duration::from_millis(100);
+                    backoff.reset();
                 }
+                incarnation += 1;
                 match ended {
                     Ok(()) => return Ok(()),
                     Err(callq_node::Error::Config(e)) => bail!("worker {id}: {e}"),
@@ -89,13 +94,12 @@ async fn worker(
         if shutdown.is_cancelled() {
             return Ok(());
         }
-        incarnation += 1;
-        warn!(worker = %id, "{ended}; reconnecting in {backoff:?}");
+        let pause = backoff.next_delay();
+        warn!(worker = %id, "{ended}; reconnecting in {pause:?}");
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
-            () = tokio::time::sleep(backoff) => {}
+            () = tokio::time::sleep(pause) => {}
         }
-        backoff = (backoff * 2).min(Duration::from_secs(10));
     }
 }
 

@@ -6,11 +6,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::faults::{self, Faults};
 use anyhow::Context as _;
 use callq_broker::{Broker, QueueSpec};
 use callq_broker_embedded::{EmbeddedBroker, EmbeddedTap};
 use callq_coordinator::{Coordinator, CoordinatorOptions, Ledger, Store};
-use crate::faults::{self, Faults};
 use callq_node::{
     Admin, Client, ClientOptions, Service, Worker, WorkerOptions, WorkerStats, services,
 };

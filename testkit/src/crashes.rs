@@ -24,12 +24,12 @@ use std::io::BufRead;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::faults::{CrashPoint, CrashSite, Faults};
 use anyhow::Context as _;
 use callq_broker::{Disposition, Message, QueueSpec, call_queue};
 use callq_coordinator::MemoryStore;
 use callq_node::Service;
 use callq_node::capture::LineError;
-use crate::faults::{CrashPoint, CrashSite, Faults};
 use callq_node::replay::{Capture, Verdict, describe, prepare};
 use callq_schemas::{Uuid, protocol};
 use serde_json::Value;

@@ -7,10 +7,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use callq_node::capture::{Body, Origin, Record, Writer};
-use callq_testkit::faults::CrashPoint;
 use callq_node::{HandlerError, Service};
 use callq_schemas::{Call, Reply, Uuid, protocol};
 use callq_testkit::crashes::{CrashMode, CrashOptions, CrashReport, replay_with_crashes};
+use callq_testkit::faults::CrashPoint;
 use serde_json::{Value, json};
 
 const PER_METHOD: usize = 40;

@@ -9,9 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use callq_coordinator::MemoryStore;
-use callq_testkit::faults::{CrashPoint, CrashSite, Faults};
 use callq_node::{CallOptions, Client, HandlerError, Service, services};
 use callq_schemas::{Call, Outcome, Reply, Uuid};
+use callq_testkit::faults::{CrashPoint, CrashSite, Faults};
 use callq_testkit::{ClusterOptions, LocalCluster};
 use serde_json::{Value, json};
 

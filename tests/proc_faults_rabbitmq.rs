@@ -322,9 +322,12 @@ impl Cluster {
             .await
             .unwrap();
         let n = workers.len();
-        wait_status(&admin, "every worker active", Duration::from_secs(60), |s| {
-            support::count(s, WorkerState::Active) == n
-        })
+        wait_status(
+            &admin,
+            "every worker active",
+            Duration::from_secs(60),
+            |s| support::count(s, WorkerState::Active) == n,
+        )
         .await;
         Self {
             dir,
@@ -351,8 +354,13 @@ impl Cluster {
         }
     }
 
+    /// The coordinator's status, asked on a connection of its own (the
+    /// cluster's admin link does not outlive a broker restart).
     async fn status(&self) -> ClusterStatus {
-        wait_status(&self.admin, "a status", Duration::from_secs(60), |_| true).await
+        let admin = Admin::connect(support::amqp(&self.url).await, Duration::from_secs(10))
+            .await
+            .unwrap();
+        wait_status(&admin, "a status", Duration::from_secs(60), |_| true).await
     }
 }
 
@@ -476,10 +484,15 @@ async fn the_coordinator_away_past_the_workers_patience_makes_no_call_fatal() {
     }
     let status = cluster.status().await;
     let running: u32 = status.workers.iter().map(|w| w.capacity - w.free).sum();
-    assert!(running > 0, "no traced call in flight at the kill: {status:?}");
+    assert!(
+        running > 0,
+        "no traced call in flight at the kill: {status:?}"
+    );
     cluster.coordinator.kill9();
     let answered_at_kill = recorder.replies().len();
-    eprintln!("coordinator killed with {running} traced calls running, {answered_at_kill} answered");
+    eprintln!(
+        "coordinator killed with {running} traced calls running, {answered_at_kill} answered"
+    );
     tokio::time::sleep(Duration::from_millis(4500)).await;
     cluster.coordinator = coordinator(&cluster.url, &cluster.dir);
     let ids = load.await.unwrap();
@@ -552,7 +565,13 @@ async fn a_worker_paused_past_the_heartbeat_reconnects_soon_after_waking() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let pid = cluster.workers["w1"].pid().to_string();
-    assert!(Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    assert!(
+        Command::new("kill")
+            .args(["-STOP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     // Past two missed heartbeats of 2 s: the broker closes its connection.
     tokio::time::sleep(Duration::from_secs(7)).await;
     let before = cluster.status().await;
@@ -563,7 +582,13 @@ async fn a_worker_paused_past_the_heartbeat_reconnects_soon_after_waking() {
             .count()
     };
     let known = incarnations(&before);
-    assert!(Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
+    assert!(
+        Command::new("kill")
+            .args(["-CONT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     let woke = Instant::now();
     wait_status(
         &cluster.admin,
@@ -573,10 +598,7 @@ async fn a_worker_paused_past_the_heartbeat_reconnects_soon_after_waking() {
     )
     .await;
     let took = woke.elapsed();
-    eprintln!(
-        "w1 served again {:.2} s after waking",
-        took.as_secs_f64()
-    );
+    eprintln!("w1 served again {:.2} s after waking", took.as_secs_f64());
     assert!(
         took < Duration::from_secs(2),
         "w1 took {took:?} after waking to serve again"
