@@ -370,6 +370,18 @@ fn the_image_holds_callq_alone_and_runs_it_as_non_root() {
         version.trim(),
         format!("callq {}", env!("CARGO_PKG_VERSION"))
     );
+    // `kubectl exec POD -- callq status` finds it by its name.
+    let by_name = docker(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--entrypoint",
+        "callq",
+        &image.0,
+        "--version",
+    ]);
+    assert_eq!(by_name, version);
 
     // Nothing but what scripts/image puts there (Docker adds the rest to
     // every container), no shell.
