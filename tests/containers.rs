@@ -624,9 +624,9 @@ fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<
 /// The host's RabbitMQ and PostgreSQL listen on 127.0.0.1 only, and
 /// RabbitMQ's guest logs in from loopback only: the test runs a copy of the
 /// compose file whose callq services are in the host's network namespace
-/// (`network_mode: host`, which excludes `extra_hosts` and `hostname`:
-/// HOSTNAME is set instead, which names a coordinator's lease), and points
-/// them at 127.0.0.1.
+/// (`network_mode: host`, without `extra_hosts` and `hostname`, and with
+/// HOSTNAME set per service: it names a coordinator's lease holder, which
+/// the two coordinators must not share), and points them at 127.0.0.1.
 #[test]
 fn the_compose_cluster_serves_calls_and_drains_its_workers() {
     let vhost = Vhost::create();
