@@ -1,4 +1,4 @@
-"""Checks the Kubernetes manifests of deploy/kubernetes/ (run by tests/containers.rs).
+"""Checks the Kubernetes manifests of deploy/kubernetes/ (run by tests/container_deploy.rs).
 
     kube_validate.py schemas DIR [--keda-crd FILE]
         Every core manifest against the Kubernetes API schemas of
