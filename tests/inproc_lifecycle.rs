@@ -318,7 +318,13 @@ async fn a_hung_worker_s_call_is_reissued_runs_once_despite_the_redelivery_and_i
 
     // The hung worker wakes and tries to leave its trace: refused.
     match hung.late_trace().await {
-        TraceDecision::Refused { reason } => assert!(reason.contains("decided"), "{reason}"),
+        TraceDecision::Refused { reason, superseded } => {
+            assert!(reason.contains("decided"), "{reason}");
+            assert!(
+                superseded,
+                "a decided call makes any other delivery a spare"
+            );
+        }
         other => panic!("a revoked attempt was not refused: {other:?}"),
     }
 }

@@ -234,6 +234,8 @@ struct Ended {
     by_outcome: BTreeMap<String, usize>,
     duplicates: usize,
     fatal_mails: usize,
+    /// The highest attempt number any reply carried.
+    highest_attempt: u32,
 }
 
 fn check(
@@ -260,6 +262,9 @@ fn check(
             );
         }
         ended.duplicates += got.len() - 1;
+        ended.highest_attempt = got
+            .iter()
+            .fold(ended.highest_attempt, |m, r| m.max(r.attempt));
         *ended
             .by_outcome
             .entry(format!("{:?}", first.outcome))

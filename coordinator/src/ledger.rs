@@ -451,7 +451,7 @@ impl<S: Store> Ledger<S> {
         let Some(rec) = self.load(call_id)? else {
             // No record: no earlier attempt left a trace (a trace creates
             // the record). Revoke the delivered copy's attempt, run the next.
-            let attempt = lease.copy + 1;
+            let attempt = lease.copy.saturating_add(1);
             self.put(
                 call_id,
                 CallRecord::open(service, reply_to, attempt, holder, Vec::new()),
@@ -492,7 +492,7 @@ impl<S: Store> Ledger<S> {
                 // the holder's lease is gone.
                 let lost = h.worker.clone();
                 if retryable(&rec.traces) {
-                    rec.attempt += 1;
+                    rec.attempt = rec.attempt.saturating_add(1);
                     rec.unhold();
                     rec.traces.clear();
                     rec.holder = Some(holder);
@@ -543,7 +543,7 @@ impl<S: Store> Ledger<S> {
         }
         rec.traces.retain(|t| kept.contains(t));
         if retryable(&rec.traces) {
-            rec.attempt += 1;
+            rec.attempt = rec.attempt.saturating_add(1);
             rec.unhold();
             rec.traces.clear();
         } else {
@@ -551,6 +551,29 @@ impl<S: Store> Ledger<S> {
         }
         self.dirty.insert(call_id);
         self.queue_fatal_answer(call_id);
+        Ok(true)
+    }
+
+    /// A worker heard no answer to its `resume` for this delivery and
+    /// returns it unrun: if the delivery holds the current attempt, the
+    /// hold is void (the lease is remembered as lost) but the attempt is
+    /// not revoked, since it never ran; the next copy's `resume` runs it.
+    /// An attempt with traces was used and is not unclaimed. Returns
+    /// whether the delivery held the current attempt.
+    pub fn unclaim(&mut self, lease: Lease) -> Result<bool, Error> {
+        let call_id = lease.call_id;
+        let Some(rec) = self.load(call_id)? else {
+            return Ok(false);
+        };
+        let holds = rec
+            .holder
+            .as_ref()
+            .is_some_and(|h| h.lease.token == lease.token);
+        if !matches!(rec.state, CallState::Open) || !holds || !rec.traces.is_empty() {
+            return Ok(false);
+        }
+        rec.unhold();
+        self.dirty.insert(call_id);
         Ok(true)
     }
 
@@ -585,12 +608,20 @@ impl<S: Store> Ledger<S> {
                 match rec.state {
                     CallState::Open if holds => Some(()),
                     CallState::Open => {
-                        return Ok(refused(format!(
-                            "attempt {attempt} was revoked; the current attempt is {}",
-                            rec.attempt
-                        )));
+                        return Ok(TraceDecision::Refused {
+                            reason: format!(
+                                "attempt {attempt} was revoked; the current attempt is {}",
+                                rec.attempt
+                            ),
+                            superseded: held_elsewhere(rec, lease),
+                        });
                     }
-                    _ => return Ok(refused("the call is already decided".into())),
+                    _ => {
+                        return Ok(TraceDecision::Refused {
+                            reason: "the call is already decided".into(),
+                            superseded: true,
+                        });
+                    }
                 }
             }
         };
@@ -652,6 +683,7 @@ impl<S: Store> Ledger<S> {
             if attempt != 1 || lease.copy != 1 {
                 return Ok(CompleteDecision::Refused {
                     reason: format!("attempt {attempt} of call {call_id} was never issued"),
+                    superseded: false,
                 });
             }
             if let Err((code, reason)) = self.session_check(write, now_ms)? {
@@ -703,12 +735,14 @@ impl<S: Store> Ledger<S> {
             }),
             CallState::Done { .. } => Ok(CompleteDecision::Refused {
                 reason: "another attempt completed the call".into(),
+                superseded: true,
             }),
             CallState::Open => Ok(CompleteDecision::Refused {
                 reason: format!(
                     "attempt {attempt} was revoked; the current attempt is {}",
                     rec.attempt
                 ),
+                superseded: held_elsewhere(rec, lease),
             }),
         }
     }
@@ -755,7 +789,7 @@ impl<S: Store> Ledger<S> {
                 continue;
             };
             if retryable(&rec.traces) {
-                rec.attempt += 1;
+                rec.attempt = rec.attempt.saturating_add(1);
                 rec.unhold();
                 rec.traces.clear();
                 match bodies.get(&call_id).and_then(|f| f.body.clone()) {
@@ -857,7 +891,18 @@ impl<S: Store> Ledger<S> {
 }
 
 fn refused(reason: String) -> TraceDecision {
-    TraceDecision::Refused { reason }
+    TraceDecision::Refused {
+        reason,
+        superseded: false,
+    }
+}
+
+/// Whether another delivery than `lease`'s holds the call's current
+/// attempt: that delivery carries the call on, so `lease`'s is a spare.
+fn held_elsewhere(rec: &CallRecord, lease: Lease) -> bool {
+    rec.holder
+        .as_ref()
+        .is_some_and(|h| h.lease.token != lease.token)
 }
 
 /// Fails a call whose traced attempt was lost; returns the `fatal` reply.

@@ -325,9 +325,16 @@ fn route(answer: AnswerBody, waiters: &Waiters, orders: &mpsc::Sender<Order>, wo
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Abort {
     /// The coordinator refused a trace: the attempt was revoked or the call
-    /// is decided. The result is dropped and the delivery goes back to its
-    /// queue: `resume` on the redelivery runs it again or drops it.
-    Revoked(String),
+    /// is decided. The result is dropped. Where another delivery holds the
+    /// call or it is decided (`superseded`), this delivery is acked: it is a
+    /// spare. Otherwise it goes back to its queue, and `resume` on the
+    /// redelivery runs the next attempt.
+    Revoked {
+        /// Why, for logs.
+        reason: String,
+        /// Another delivery carries the call on.
+        superseded: bool,
+    },
     /// The coordinator did not answer a trace: the delivery goes back to the
     /// queue and `resume` decides on the redelivery.
     Unreachable,
@@ -395,7 +402,7 @@ impl Attempt {
 
     fn stop(&self, why: Abort) -> HandlerError {
         let err = match &why {
-            Abort::Revoked(reason) => HandlerError::new(
+            Abort::Revoked { reason, .. } => HandlerError::new(
                 codes::TRACE_REFUSED,
                 format!("the coordinator refused the trace: {reason}"),
             ),
@@ -448,9 +455,9 @@ impl Attempt {
                     ..
                 }) => return Err(HandlerError::new(code, reason)),
                 Ok(AnswerBody::Trace {
-                    decision: TraceDecision::Refused { reason },
+                    decision: TraceDecision::Refused { reason, superseded },
                     ..
-                }) => return Err(self.stop(Abort::Revoked(reason))),
+                }) => return Err(self.stop(Abort::Revoked { reason, superseded })),
                 Ok(other) => {
                     warn!(call_id = %self.lease.call_id, "unexpected answer to a trace: {other:?}");
                     return Err(self.stop(Abort::Unreachable));

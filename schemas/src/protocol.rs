@@ -70,6 +70,13 @@ pub enum TraceDecision {
     Refused {
         /// Why, for logs.
         reason: String,
+        /// Another delivery of the call holds its current attempt, or the
+        /// call is decided: this delivery is a spare (a duplicate publish, a
+        /// copy re-issued past it) and is acked. `false`: no delivery holds
+        /// the call; this one goes back to the queue so that a redelivery
+        /// runs the next attempt.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        superseded: bool,
     },
     /// The session write the trace carried was not committed, and the trace
     /// not granted (`session_conflict`, `session_expired`,
@@ -100,6 +107,13 @@ pub enum CompleteDecision {
     Refused {
         /// Why, for logs.
         reason: String,
+        /// Another delivery of the call holds its current attempt, or the
+        /// call is decided: this delivery is a spare (a duplicate publish, a
+        /// copy re-issued past it) and is acked. `false`: no delivery holds
+        /// the call; this one goes back to the queue so that a redelivery
+        /// runs the next attempt.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        superseded: bool,
     },
     /// The session data the attempt wrote was not committed, and nothing
     /// else was: `session_conflict` (another call changed the session since
@@ -320,6 +334,16 @@ pub enum RequestBody {
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         kept: Vec<String>,
     },
+    /// The worker asked `resume` for this delivery, heard no answer in
+    /// time, and returns the delivery without running it: an attempt the
+    /// coordinator granted it was never used, so the next copy's `resume`
+    /// runs that same attempt (a delivery returned unrun is no failure of
+    /// the call and does not count towards its delivery limit). Needs no
+    /// answer.
+    Unclaim {
+        /// The delivery.
+        lease: Lease,
+    },
     /// These attempts completed without traces (sent in batches, before
     /// their deliveries are acked). Needs no answer.
     Completed {
@@ -485,6 +509,7 @@ impl RequestBody {
             RequestBody::Complete { .. } => "complete",
             RequestBody::Session { .. } => "session",
             RequestBody::Abandon { .. } => "abandon",
+            RequestBody::Unclaim { .. } => "unclaim",
             RequestBody::Completed { .. } => "completed",
             RequestBody::Leave {} => "leave",
             RequestBody::AgentHeartbeat { .. } => "agent_heartbeat",

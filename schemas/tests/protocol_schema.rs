@@ -327,6 +327,7 @@ fn request_bodies() -> Vec<RequestBody> {
             attempt: 1,
             kept: Vec::new(),
         },
+        RequestBody::Unclaim { lease: lease(4) },
         RequestBody::Completed {
             calls: vec![
                 Completion {
@@ -413,6 +414,11 @@ fn answer_bodies() -> Vec<AnswerBody> {
         trace(TraceDecision::Granted),
         trace(TraceDecision::Refused {
             reason: "attempt 2 was revoked".into(),
+            superseded: false,
+        }),
+        trace(TraceDecision::Refused {
+            reason: "attempt 2 was revoked; the current attempt is 3".into(),
+            superseded: true,
         }),
         trace(TraceDecision::SessionRefused {
             code: "session_expired".into(),
@@ -424,6 +430,11 @@ fn answer_bodies() -> Vec<AnswerBody> {
         }),
         complete(CompleteDecision::Refused {
             reason: "not the current attempt".into(),
+            superseded: true,
+        }),
+        complete(CompleteDecision::Refused {
+            reason: "attempt 2 of the call was never issued".into(),
+            superseded: false,
         }),
         complete(CompleteDecision::SessionRefused {
             code: "session_conflict".into(),

@@ -595,3 +595,115 @@ fn an_abandoned_attempt_that_kept_a_grant_fails_the_call() {
         ResumeDecision::Fatal { .. }
     ));
 }
+
+#[test]
+fn deliveries_returned_unrun_do_not_use_up_attempts() {
+    let mut l = ledger();
+    let id = Uuid::now_v7();
+    // The broker redelivers copy 1 (its first delivery may have run): the
+    // redelivery runs attempt 2.
+    let a = lease(id, 1);
+    assert_eq!(
+        l.resume(a, "A", SVC, TO).unwrap(),
+        ResumeDecision::Run { attempt: 2 }
+    );
+    // Its answer came too late: A gave the delivery back unrun, again and
+    // again, each time on a new delivery of the released copy.
+    let mut last = a;
+    for worker in ["A", "B", "C", "A", "B", "C"] {
+        assert!(l.unclaim(last).unwrap(), "the holder unclaims");
+        let next = lease(id, 1);
+        assert_eq!(
+            l.resume(next, worker, SVC, TO).unwrap(),
+            ResumeDecision::Run { attempt: 2 },
+            "an attempt that never ran is not revoked"
+        );
+        // A late retry of the unclaimed lease is told it lost the call;
+        // its late trace is refused.
+        assert_eq!(
+            l.resume(last, "A", SVC, TO).unwrap(),
+            ResumeDecision::Superseded { attempt: 2 }
+        );
+        assert!(matches!(
+            l.trace(last, 2, "A", "mail.sent", SVC, TO, None, 0)
+                .unwrap(),
+            TraceDecision::Refused { .. }
+        ));
+        last = next;
+    }
+    assert!(l.commit().unwrap().is_empty(), "nothing to announce");
+    // An attempt that left a trace was used: it is not unclaimed, and a
+    // lease that does not hold unclaims nothing.
+    assert_eq!(
+        l.trace(last, 2, "C", "mail.sent", SVC, TO, None, 0)
+            .unwrap(),
+        TraceDecision::Granted
+    );
+    assert!(!l.unclaim(last).unwrap());
+    assert!(!l.unclaim(a).unwrap());
+    assert!(!l.unclaim(lease(Uuid::now_v7(), 1)).unwrap());
+}
+
+#[test]
+fn a_spare_delivery_is_told_to_go_away_and_only_a_lone_one_comes_back() {
+    let mut l = ledger();
+    let id = Uuid::now_v7();
+    // A client published the call twice (its first confirm was lost): two
+    // deliveries of copy 1 claim it in turn. The second revokes the first.
+    let (d1, d2) = (lease(id, 1), lease(id, 1));
+    assert_eq!(
+        l.resume(d1, "A", SVC, TO).unwrap(),
+        ResumeDecision::Run { attempt: 2 }
+    );
+    assert_eq!(
+        l.resume(d2, "B", SVC, TO).unwrap(),
+        ResumeDecision::Run { attempt: 3 }
+    );
+    // The first is a spare now: its trace is refused and it is acked, not
+    // sent back to claim the call again (and revoke the second in turn).
+    match l.trace(d1, 2, "A", "mail.sent", SVC, TO, None, 0).unwrap() {
+        TraceDecision::Refused { superseded, .. } => assert!(superseded),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        l.trace(d2, 3, "B", "mail.sent", SVC, TO, None, 0).unwrap(),
+        TraceDecision::Granted
+    );
+    let reply = Reply::ok(id, 3, json!("sent"));
+    assert_eq!(
+        l.complete(d2, 3, Some(reply), None, 0).unwrap(),
+        CompleteDecision::Accepted
+    );
+    // Once the call is decided, every other delivery is a spare.
+    match l.complete(d1, 2, None, None, 0).unwrap() {
+        CompleteDecision::Refused { superseded, .. } => assert!(superseded),
+        other => panic!("{other:?}"),
+    }
+    match l.trace(d1, 2, "A", "mail.sent", SVC, TO, None, 0).unwrap() {
+        TraceDecision::Refused { superseded, .. } => assert!(superseded),
+        other => panic!("{other:?}"),
+    }
+
+    // A holder revoked with no other delivery holding (its worker was lost
+    // and no body is known to re-issue) sends its delivery back: the
+    // redelivery runs the next attempt.
+    let id = Uuid::now_v7();
+    let a = lease(id, 1);
+    assert_eq!(
+        l.resume(a, "A", SVC, TO).unwrap(),
+        ResumeDecision::Run { attempt: 2 }
+    );
+    l.worker_lost("A", &[]).unwrap();
+    match l.trace(a, 2, "A", "mail.sent", SVC, TO, None, 0).unwrap() {
+        TraceDecision::Refused { superseded, .. } => assert!(!superseded),
+        other => panic!("{other:?}"),
+    }
+    match l.complete(a, 2, None, None, 0).unwrap() {
+        CompleteDecision::Refused { superseded, .. } => assert!(!superseded),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        l.resume(lease(id, 1), "B", SVC, TO).unwrap(),
+        ResumeDecision::Run { attempt: 3 }
+    );
+}

@@ -133,6 +133,10 @@ impl<S: Store> Coordinator<S> {
                 self.ledger.abandon(lease, attempt, worker, &kept)?;
                 return Ok(None);
             }
+            RequestBody::Unclaim { lease } => {
+                self.ledger.unclaim(lease)?;
+                return Ok(None);
+            }
             // Requests about the cluster's members: `apply` takes them.
             RequestBody::Heartbeat { .. }
             | RequestBody::AgentHeartbeat { .. }

@@ -164,14 +164,21 @@ async fn aborted(
     standing: &Attempt,
 ) -> Option<Disposition> {
     match standing.aborted()? {
-        Abort::Revoked(reason) => {
+        Abort::Revoked { reason, superseded } => {
             WorkerStats::bump(&shared.stats.revoked);
-            info!(worker = %shared.opts.worker_id, call_id = %call.call_id, attempt, "attempt revoked, its result is dropped: {reason}");
-            // The delivery goes back rather than away: the revocation may
-            // have produced no other copy (a re-issue needs the body), and
-            // `resume` on the redelivery runs it, or drops it where another
-            // copy holds or decided the call.
-            Some(Disposition::Release)
+            info!(worker = %shared.opts.worker_id, call_id = %call.call_id, attempt, superseded, "attempt revoked, its result is dropped: {reason}");
+            // Where another delivery holds the call (or it is decided), this
+            // one is a spare and goes away: sent back, it would claim the
+            // call again on its redelivery and revoke the holder in turn, two
+            // copies taking it from each other until the delivery limit.
+            // Otherwise it goes back: the revocation may have produced no
+            // other copy (a re-issue needs the body), and `resume` on the
+            // redelivery runs the next attempt.
+            Some(if superseded {
+                Disposition::Ack
+            } else {
+                Disposition::Release
+            })
         }
         Abort::Unreachable => {
             // A trace the coordinator did not answer may yet be granted

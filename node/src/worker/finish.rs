@@ -130,9 +130,17 @@ pub(super) async fn complete_first(
             warn!(worker = %shared.opts.worker_id, %call_id, "the call was decided fatal while it ran; its result is dropped");
             Ledgered::Settle(publish_reply(shared, reply_to, &reply).await)
         }
-        decision @ CompleteDecision::Refused { .. } => {
+        CompleteDecision::Refused {
+            reason,
+            superseded: true,
+        } => {
             WorkerStats::bump(&stats.revoked);
-            warn!(worker = %shared.opts.worker_id, %call_id, ?decision, "completion refused, the result is dropped; the delivery goes back for `resume` to settle");
+            warn!(worker = %shared.opts.worker_id, %call_id, "completion refused, the result is dropped; another delivery carries the call: {reason}");
+            Ledgered::Settle(Disposition::Ack)
+        }
+        CompleteDecision::Refused { reason, .. } => {
+            WorkerStats::bump(&stats.revoked);
+            warn!(worker = %shared.opts.worker_id, %call_id, "completion refused, the result is dropped; the delivery goes back for `resume` to settle: {reason}");
             Ledgered::Settle(Disposition::Release)
         }
     }

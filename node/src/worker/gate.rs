@@ -109,8 +109,16 @@ async fn resume(shared: &Shared, call: &Call, lease: Lease) -> Result<u32, Dispo
         }
         Err(e) => {
             // Waiting for the coordinator is no failure of the call: the
-            // delivery goes back without using up its delivery limit.
+            // delivery goes back without using up its delivery limit, and
+            // an attempt the coordinator may yet grant it is given back
+            // (sent before the copy is, so that the coordinator reads it
+            // before the next copy's `resume`).
             warn!(worker = %shared.opts.worker_id, call_id = %call.call_id, "resume not answered, returning the call to its queue: {e}");
+            if !link.is_gone()
+                && let Err(e) = link.send(RequestBody::Unclaim { lease }).await
+            {
+                debug!(worker = %shared.opts.worker_id, call_id = %call.call_id, "telling the coordinator the delivery went back unrun: {e}");
+            }
             return Err(Disposition::Release);
         }
     };
