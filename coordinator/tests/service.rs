@@ -172,7 +172,7 @@ async fn a_silent_worker_s_traceless_call_is_reissued_after_dead_after() {
     );
     assert_eq!(d.body.as_ref(), body.as_slice(), "the same call");
     assert_eq!(d.headers.get(ATTEMPT_HEADER).map(String::as_str), Some("2"));
-    assert_eq!(d.attempt(), 2);
+    assert_eq!(d.attempt(), Ok(2));
     // The re-issued copy claims attempt 2; the original's redelivery is superseded.
     let mut answers = bus.queue(&worker_queue("B")).await;
     let req_id = Uuid::now_v7();
@@ -470,7 +470,7 @@ async fn a_dead_worker_s_call_is_reissued_into_a_partition_a_live_worker_owns() 
     };
     let d = next(&mut calls).await;
     beating.abort();
-    assert_eq!(d.attempt(), 2);
+    assert_eq!(d.attempt(), Ok(2));
     let reissues: Vec<Option<u32>> = broker
         .published
         .lock()
@@ -494,7 +494,7 @@ async fn without_partitions_a_reissue_names_none() {
     bus.heartbeat("A", vec![in_flight(&call, lease(&call, 1), &body)])
         .await;
     let d = next(&mut calls).await;
-    assert_eq!(d.attempt(), 2);
+    assert_eq!(d.attempt(), Ok(2));
     let published = broker.published.lock().unwrap().clone();
     assert!(
         published

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use callq_broker::{
-    Broker, Consumer, DEAD_REASON_HEADER, Delivery, Disposition, Error as BrokerError, Message,
-    QueueDepth, QueueSpec, call_queue, dead_queue,
+    ATTEMPT_HEADER, Broker, Consumer, DEAD_REASON_HEADER, Delivery, Disposition,
+    Error as BrokerError, Message, QueueDepth, QueueSpec, call_queue, dead_queue,
 };
 use callq_broker_embedded::EmbeddedBroker;
 use callq_node::{
@@ -373,8 +373,52 @@ async fn bad_input_is_answered_dead_lettered_and_the_worker_serves_on() {
         "[".repeat(1000),
         "]".repeat(1000)
     );
+    let hostile_reply_to = |to: String| serde_json::to_vec(&good(json!({"reply_to": to}))).unwrap();
     let cases: Vec<(&str, Vec<u8>, bool)> = vec![
         ("not_json", b"this is { not json".to_vec(), false),
+        // A reply_to that names no queue a reply may go to: dead-lettered
+        // with no reply (none is published anywhere), the slot freed.
+        ("reply_to empty", hostile_reply_to(String::new()), false),
+        (
+            "reply_to of 256 bytes",
+            hostile_reply_to("r".repeat(256)),
+            false,
+        ),
+        (
+            "reply_to of 10 KB",
+            hostile_reply_to("r".repeat(10_000)),
+            false,
+        ),
+        (
+            "reply_to callq.coordinator",
+            hostile_reply_to("callq.coordinator".into()),
+            false,
+        ),
+        (
+            "reply_to callq.heartbeats",
+            hostile_reply_to("callq.heartbeats".into()),
+            false,
+        ),
+        (
+            "reply_to callq.worker.w1",
+            hostile_reply_to("callq.worker.w1".into()),
+            false,
+        ),
+        (
+            "reply_to callq.call.echo",
+            hostile_reply_to("callq.call.echo".into()),
+            false,
+        ),
+        (
+            "reply_to callq.dead.echo",
+            hostile_reply_to("callq.dead.echo".into()),
+            false,
+        ),
+        (
+            "service of 10 KB",
+            serde_json::to_vec(&good(json!({"service": "s".repeat(10_000)}))).unwrap(),
+            true,
+        ),
         ("too_large", serde_json::to_vec(&huge).unwrap(), true),
         ("too_deep", deep.into_bytes(), true),
         (
@@ -388,9 +432,26 @@ async fn bad_input_is_answered_dead_lettered_and_the_worker_serves_on() {
             true,
         ),
     ];
-    for (kind, body, answerable) in cases {
+    let good_body = serde_json::to_vec(&good(json!({}))).unwrap();
+    let mut cases: Vec<(&str, Message, bool)> = cases
+        .into_iter()
+        .map(|(kind, body, answerable)| (kind, Message::new(body), answerable))
+        .collect();
+    // An attempt header that is no attempt number: answered and
+    // dead-lettered, never run.
+    for (kind, attempt) in [
+        ("attempt 4294967295", "4294967295"),
+        ("attempt 0", "0"),
+        ("attempt not a number", "two"),
+    ] {
+        let m = Message::new(good_body.clone()).header(ATTEMPT_HEADER, attempt);
+        cases.push((kind, m, true));
+    }
+    let runs = cases.len();
+    for (kind, message, answerable) in cases {
+        let body = message.body.to_vec();
         c.broker
-            .publish(&call_queue("echo"), Message::new(body.clone()))
+            .publish(&call_queue("echo"), message)
             .await
             .unwrap();
         if answerable {
@@ -422,12 +483,26 @@ async fn bad_input_is_answered_dead_lettered_and_the_worker_serves_on() {
             Some(json!(kind))
         );
     }
-    assert_eq!(stats.bad_request.load(Ordering::Relaxed), 5);
+    assert_eq!(stats.bad_request.load(Ordering::Relaxed), runs as u64);
     assert!(!w.is_finished());
     assert_eq!(
         c.broker.depth("callq.reply.bad").await.unwrap(),
         QueueDepth::default(),
-        "not_json got no reply"
+        "the unanswerable ones got no reply"
+    );
+    // Nothing went into callq's own queues.
+    for queue in ["callq.coordinator", "callq.heartbeats", "callq.worker.w1"] {
+        assert!(
+            c.broker
+                .depth(queue)
+                .await
+                .map_or(true, |d| d == QueueDepth::default()),
+            "{queue}"
+        );
+    }
+    assert_eq!(
+        c.broker.depth(&call_queue("echo")).await.unwrap(),
+        QueueDepth::default()
     );
 }
 

@@ -84,7 +84,67 @@ pub fn decode_call(body: &[u8], limits: &Limits) -> Result<Call, DecodeError> {
             "call_id must not be the nil UUID".into(),
         ));
     }
+    for (field, value, max) in [
+        ("service", Some(&call.service), MAX_SERVICE_CHARS),
+        ("method", Some(&call.method), MAX_FIELD_CHARS),
+        ("session_id", call.session_id.as_ref(), MAX_FIELD_CHARS),
+        (
+            "idempotency_key",
+            call.idempotency_key.as_ref(),
+            MAX_FIELD_CHARS,
+        ),
+        ("traceparent", call.traceparent.as_ref(), MAX_FIELD_CHARS),
+    ] {
+        if let Some(v) = value
+            && v.chars().count() > max
+        {
+            return Err(DecodeError::Invalid(format!(
+                "{field} is {} characters long; the limit is {max}",
+                v.chars().count()
+            )));
+        }
+    }
+    if let Some(to) = &call.reply_to {
+        check_reply_to(to).map_err(DecodeError::Invalid)?;
+    }
     Ok(call)
+}
+
+/// The longest `service` accepted, in characters (ASCII only): its queue
+/// names (`callq.call.<service>`, `callq.dead.<service>`) must fit the 249
+/// characters of a Kafka topic name (RabbitMQ allows 255 bytes).
+pub const MAX_SERVICE_CHARS: usize = 238;
+
+/// The longest `method`, `session_id`, `idempotency_key` or `traceparent`
+/// accepted, in characters (as JSON Schema's `maxLength` counts).
+pub const MAX_FIELD_CHARS: usize = 255;
+
+/// The longest `reply_to` accepted, in bytes: a RabbitMQ queue name's limit
+/// (a Kafka topic's is 249, which the broker checks).
+pub const MAX_REPLY_TO_BYTES: usize = 255;
+
+/// Checks that `reply_to` can name a reply queue: 1 to 255 bytes of
+/// printable ASCII without spaces (server-named and direct reply-to queues
+/// of RabbitMQ fit), and not one of callq's own
+/// queues (any name under `callq.` but `callq.reply.`), so that a call
+/// cannot make a worker publish into the control path, a call queue or a
+/// dead-letter queue. Returns why not.
+pub fn check_reply_to(to: &str) -> Result<(), String> {
+    if to.is_empty() || to.len() > MAX_REPLY_TO_BYTES {
+        return Err(format!(
+            "reply_to must be 1 to {MAX_REPLY_TO_BYTES} bytes long (it is {})",
+            to.len()
+        ));
+    }
+    if !to.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("reply_to may use only printable ASCII, without spaces".into());
+    }
+    if to.starts_with("callq.") && !to.starts_with("callq.reply.") {
+        return Err(format!(
+            "reply_to `{to}` names one of callq's own queues; replies go to `callq.reply.<client>` or a queue outside `callq.`"
+        ));
+    }
+    Ok(())
 }
 
 /// Decodes a reply envelope: the same limits as [`decode_call`], then the
@@ -197,7 +257,8 @@ fn check_depth(body: &[u8], max: usize) -> Result<(), DecodeError> {
 /// What [`peek`] could read from a body that may not decode.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Peek {
-    /// The top-level `reply_to`, if it is a string.
+    /// The top-level `reply_to`, if it is a string that passes
+    /// [`check_reply_to`] (a reply goes nowhere else).
     pub reply_to: Option<String>,
     /// The top-level `call_id`, if it is a UUID string.
     pub call_id: Option<Uuid>,
@@ -232,7 +293,11 @@ pub fn peek(body: &[u8], max_scan: usize) -> Peek {
         }
         let raw = &body[start..s.i];
         match key {
-            b"reply_to" => out.reply_to = serde_json::from_slice::<String>(raw).ok(),
+            b"reply_to" => {
+                out.reply_to = serde_json::from_slice::<String>(raw)
+                    .ok()
+                    .filter(|to| check_reply_to(to).is_ok());
+            }
             b"call_id" => out.call_id = serde_json::from_slice::<Uuid>(raw).ok(),
             b"v" => out.v = Some(String::from_utf8_lossy(raw).into_owned()),
             _ => {}
@@ -486,6 +551,54 @@ mod tests {
                 .as_deref(),
             Some("r")
         );
+    }
+
+    #[test]
+    fn hostile_reply_to_and_overlong_fields_are_refused_with_the_reason() {
+        let refused = |field: &str, value: serde_json::Value| {
+            let mut call = good();
+            call[field] = value;
+            match decode_call(&serde_json::to_vec(&call).unwrap(), &limits()) {
+                Err(DecodeError::Invalid(m)) => m,
+                other => panic!("{field}: {other:?}"),
+            }
+        };
+        for to in [
+            String::new(),
+            "q".repeat(256),
+            "q".repeat(10_000),
+            "callq.coordinator".into(),
+            "callq.heartbeats".into(),
+            "callq.worker.w1".into(),
+            "callq.call.bank".into(),
+            "callq.dead.bank".into(),
+            "reply queue".into(),
+            "r\u{e9}ponse".into(),
+        ] {
+            let m = refused("reply_to", json!(to));
+            assert!(m.contains("reply_to"), "{to}: {m}");
+            let body = serde_json::to_vec(&json!({"reply_to": to})).unwrap();
+            assert_eq!(peek(&body, usize::MAX).reply_to, None, "{to}");
+        }
+        for to in [
+            "callq.reply.shop-1",
+            "amq.gen-JzTY20BRgKO-HjmUJj0wLg",
+            "amq.rabbitmq.reply-to.g1h2AA5yZXBseUAxNjE0NTM0NzIAAAAMAAAAAAAAAAA=",
+            &"q".repeat(255),
+        ] {
+            let mut call = good();
+            call["reply_to"] = json!(to);
+            assert!(
+                decode_call(&serde_json::to_vec(&call).unwrap(), &limits()).is_ok(),
+                "{to}"
+            );
+        }
+        let m = refused("service", json!("s".repeat(MAX_SERVICE_CHARS + 1)));
+        assert!(m.contains("service is 239 characters"), "{m}");
+        for field in ["method", "session_id", "idempotency_key", "traceparent"] {
+            let m = refused(field, json!("x".repeat(MAX_FIELD_CHARS + 1)));
+            assert!(m.starts_with(field), "{m}");
+        }
     }
 
     #[test]

@@ -33,7 +33,10 @@ pub mod millis {
     }
 }
 
-pub use decode::{DecodeError, Limits, Peek, decode_call, decode_reply, peek};
+pub use decode::{
+    DecodeError, Limits, MAX_FIELD_CHARS, MAX_REPLY_TO_BYTES, MAX_SERVICE_CHARS, Peek,
+    check_reply_to, decode_call, decode_reply, peek,
+};
 pub use envelope::{Call, ErrorBody, Outcome, Reply};
 pub use uuid::Uuid;
 

@@ -341,7 +341,7 @@ impl Inner {
         match self
             .within(
                 "queue.declare",
-                ch.queue_declare(spec.name.as_str().into(), options, arguments(spec)),
+                ch.queue_declare(queue_name(&spec.name)?, options, arguments(spec)),
             )
             .await?
         {
@@ -377,7 +377,7 @@ impl Inner {
             .within(
                 "basic.consume",
                 ch.basic_consume(
-                    queue.into(),
+                    queue_name(queue)?,
                     "".into(),
                     BasicConsumeOptions::default(),
                     FieldTable::default(),
@@ -417,7 +417,7 @@ impl Inner {
         let confirm = match self
             .within(
                 "basic.publish",
-                ch.basic_publish("".into(), queue.into(), options, body, props),
+                ch.basic_publish("".into(), queue_name(queue)?, options, body, props),
             )
             .await
         {
@@ -450,6 +450,22 @@ impl Inner {
             )),
         }
     }
+}
+
+/// The longest queue name AMQP 0-9-1 carries (a short string).
+const MAX_QUEUE_NAME: usize = 255;
+
+/// A queue name as the protocol carries it. A longer name can name no
+/// queue: it is refused here, since the client library would panic on it.
+fn queue_name(name: &str) -> Result<ShortString, Error> {
+    if name.len() > MAX_QUEUE_NAME {
+        return Err(Error::NoSuchQueue(format!(
+            "{}... ({} bytes: a queue name has at most {MAX_QUEUE_NAME})",
+            name.chars().take(64).collect::<String>(),
+            name.len()
+        )));
+    }
+    Ok(name.into())
 }
 
 /// The queue arguments a spec maps to.
@@ -651,7 +667,7 @@ impl Broker for AmqpBroker {
         let declared = inner
             .within(
                 "queue.declare (passive)",
-                ch.queue_declare(queue.into(), options, FieldTable::default()),
+                ch.queue_declare(queue_name(queue)?, options, FieldTable::default()),
             )
             .await?
             .map_err(|e| match amqp_code(&e) {

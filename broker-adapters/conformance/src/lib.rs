@@ -813,7 +813,8 @@ pub async fn settle_after_consumer_drop_is_lease_lost(broker: Arc<dyn Broker>) {
     quiet(&mut dead_consumer, "a late DeadLetter must change nothing").await;
 }
 
-/// [`Broker::publish`] to a queue never declared fails with `NoSuchQueue`.
+/// [`Broker::publish`] to a queue never declared fails with `NoSuchQueue`,
+/// as do publishing to and consuming a name longer than any queue may have.
 ///
 /// Adapter-dependent: the contract requires it only "when the broker can
 /// tell" (a Kafka cluster that auto-creates topics cannot). Such an adapter
@@ -830,4 +831,37 @@ pub async fn publish_to_undeclared_queue_fails(broker: Arc<dyn Broker>) {
         Err(Error::NoSuchQueue(queue.clone())),
         "publish to an undeclared queue"
     );
+    // A name no queue can have (RabbitMQ's limit is 255 bytes, Kafka's 249
+    // characters), as a hostile `reply_to` may carry: an error, neither a
+    // panic nor a broken connection.
+    for long in [format!("{queue}.{}", "x".repeat(256)), "q".repeat(10_000)] {
+        let result = within(
+            "a publish to a queue name past any broker's limit",
+            broker.publish(&long, Message::new("nowhere")),
+        )
+        .await;
+        assert!(
+            matches!(result, Err(Error::NoSuchQueue(_))),
+            "publish to a {}-byte queue name: {result:?}",
+            long.len()
+        );
+        let consumed = within(
+            "consuming a queue name past any broker's limit",
+            broker.consume(&long, 1),
+        )
+        .await;
+        assert!(
+            consumed.is_err(),
+            "consuming a {}-byte queue name succeeded",
+            long.len()
+        );
+    }
+    // The broker serves on.
+    let ok = unique("after_long_names");
+    declare(broker.as_ref(), &QueueSpec::plain(&ok)).await;
+    publish(broker.as_ref(), &ok, Message::new("still here")).await;
+    let mut consumer = consume(broker.as_ref(), &ok, 1).await;
+    let d = next(&mut consumer, "the message published after the refusals").await;
+    assert_eq!(d.body.as_ref(), b"still here");
+    settle(d, Disposition::Ack).await;
 }

@@ -124,6 +124,10 @@ pub trait Tap: Send {
 /// The header that carries the attempt number of a call (absent means 1).
 pub const ATTEMPT_HEADER: &str = "callq-attempt";
 
+/// The highest attempt number [`ATTEMPT_HEADER`] may carry. Attempts are
+/// bounded by delivery limits of a few; a larger number is forged.
+pub const MAX_ATTEMPT: u32 = 65_535;
+
 /// The header a dead-lettered message carries: why it was dead-lettered.
 pub const DEAD_REASON_HEADER: &str = "callq-dead-reason";
 
@@ -533,13 +537,20 @@ impl Delivery {
     }
 
     /// The attempt number the message carries in [`ATTEMPT_HEADER`]; 1 when
-    /// absent or unreadable.
-    pub fn attempt(&self) -> u32 {
-        self.headers
-            .get(ATTEMPT_HEADER)
-            .and_then(|v| v.trim().parse().ok())
-            .filter(|a| *a >= 1)
-            .unwrap_or(1)
+    /// absent. A header that is not a decimal number from 1 to
+    /// [`MAX_ATTEMPT`] is an error: says why.
+    pub fn attempt(&self) -> Result<u32, String> {
+        let Some(v) = self.headers.get(ATTEMPT_HEADER) else {
+            return Ok(1);
+        };
+        v.trim()
+            .parse()
+            .ok()
+            .filter(|a| (1..=MAX_ATTEMPT).contains(a))
+            .ok_or_else(|| {
+                let shown: String = v.chars().take(32).collect();
+                format!("header {ATTEMPT_HEADER} must be a number from 1 to {MAX_ATTEMPT}, not `{shown}`")
+            })
     }
 }
 
@@ -612,6 +623,7 @@ impl Error {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     struct Nop;
@@ -628,11 +640,22 @@ mod tests {
 
     #[test]
     fn attempt_header_defaults_to_one() {
-        assert_eq!(delivery(Headers::new()).attempt(), 1);
+        assert_eq!(delivery(Headers::new()).attempt(), Ok(1));
         let h = |v: &str| Headers::from([(ATTEMPT_HEADER.to_string(), v.to_string())]);
-        assert_eq!(delivery(h("3")).attempt(), 3);
-        assert_eq!(delivery(h("0")).attempt(), 1);
-        assert_eq!(delivery(h("x")).attempt(), 1);
+        assert_eq!(delivery(h("3")).attempt(), Ok(3));
+        assert_eq!(delivery(h("65535")).attempt(), Ok(MAX_ATTEMPT));
+        for bad in [
+            "0",
+            "x",
+            "-1",
+            "65536",
+            "4294967295",
+            "99999999999999999999",
+            "",
+        ] {
+            let e = delivery(h(bad)).attempt().unwrap_err();
+            assert!(e.contains("must be a number from 1 to 65535"), "{bad}: {e}");
+        }
     }
 
     #[test]

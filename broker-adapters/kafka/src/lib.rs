@@ -539,6 +539,14 @@ impl Inner {
         if let Some(n) = lock(&self.partitions).get(topic) {
             return Ok(*n);
         }
+        if !valid_topic(topic) {
+            // No topic has such a name, and librdkafka's metadata request
+            // for one panics in the client: refuse before asking.
+            return Err(Error::NoSuchQueue(format!(
+                "{}... (not a Kafka topic name: at most 249 of a-z, A-Z, 0-9, `.`, `_`, `-`)",
+                topic.chars().take(64).collect::<String>()
+            )));
+        }
         let n = self.metadata_partitions(topic).await?;
         match n {
             Some(n) => {

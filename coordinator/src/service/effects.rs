@@ -78,6 +78,10 @@ impl<S: Store> Coordinator<S> {
                 (call_queue(&service), message)
             }
             Effect::AnswerFatal { reply_to, reply } => {
+                if let Err(e) = callq_schemas::check_reply_to(&reply_to) {
+                    warn!(call_id = %reply.call_id, "not answering fatal: {e}");
+                    return;
+                }
                 warn!(call_id = %reply.call_id, "answering fatal: {}", reply.error.as_ref().map(|e| e.message.as_str()).unwrap_or_default());
                 (
                     reply_to,

@@ -73,13 +73,13 @@ pub(super) async fn handle(shared: Arc<Shared>, delivery: Delivery) {
 /// The one place where a delivery's fate is decided. The reply, if any, is
 /// confirmed by the broker before this returns `Ack`.
 async fn decide(shared: &Shared, delivery: &Delivery) -> Disposition {
-    let (mut call, service, spec) = match read(shared, delivery).await {
+    let (mut call, copy, service, spec) = match read(shared, delivery).await {
         Ok(read) => read,
         Err(fate) => return fate,
     };
     let lease = Lease {
         call_id: call.call_id,
-        copy: delivery.attempt(),
+        copy,
         token: Uuid::now_v7(),
     };
     let flight = register(shared, &call, lease, delivery);
@@ -100,23 +100,29 @@ async fn decide(shared: &Shared, delivery: &Delivery) -> Disposition {
     }
 }
 
-/// Reads the body and finds its service. A body that cannot be read is
-/// answered `bad_request` where it names a `reply_to`, and dead-lettered;
-/// so is a call of a service this worker does not serve (`unknown_service`).
+/// Reads the body, its copy number and its service. A body or attempt
+/// header that cannot be read is answered `bad_request` where the body
+/// names a legal `reply_to`, and dead-lettered; so is a call of a service
+/// this worker does not serve (`unknown_service`).
 async fn read<'s>(
     shared: &'s Shared,
     delivery: &Delivery,
-) -> Result<(Call, &'s Service, &'s QueueSpec), Disposition> {
+) -> Result<(Call, u32, &'s Service, &'s QueueSpec), Disposition> {
     let stats = &shared.stats;
     let limits = &shared.opts.limits;
-    let call = match decode_call(&delivery.body, limits) {
-        Ok(call) => call,
+    let read = delivery.attempt().and_then(|copy| {
+        decode_call(&delivery.body, limits)
+            .map(|call| (call, copy))
+            .map_err(|e| e.to_string())
+    });
+    let (call, copy) = match read {
+        Ok(read) => read,
         Err(e) => {
             WorkerStats::bump(&stats.bad_request);
             let p = peek(&delivery.body, limits.max_bytes.saturating_mul(4));
-            warn!(worker = %shared.opts.worker_id, queue = %delivery.queue, kind = e.kind(), call_id = ?p.call_id, "bad request: {e}");
+            warn!(worker = %shared.opts.worker_id, queue = %delivery.queue, call_id = ?p.call_id, "bad request: {e}");
             if let Some(reply_to) = p.reply_to {
-                let reply = Reply::bad_request(p.call_id, e.to_string());
+                let reply = Reply::bad_request(p.call_id, e.clone());
                 // The call is dead-lettered whether or not the reply goes out.
                 let _ = finish::send_reply(shared, &reply_to, &reply).await;
             }
@@ -131,7 +137,6 @@ async fn read<'s>(
             "this worker serves no service `{}` (the call came from queue `{}`)",
             call.service, delivery.queue
         );
-        let copy = delivery.attempt();
         let reply = Reply::error(call.call_id, copy, codes::UNKNOWN_SERVICE, msg.clone());
         return Err(
             match finish::publish_reply(shared, call.reply_to.as_deref(), &reply).await {
@@ -140,7 +145,7 @@ async fn read<'s>(
             },
         );
     };
-    Ok((call, service, spec))
+    Ok((call, copy, service, spec))
 }
 
 /// Registers the call as in flight, for the heartbeats to report (a
