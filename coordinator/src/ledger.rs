@@ -500,7 +500,8 @@ impl<S: Store> Ledger<S> {
                         attempt: rec.attempt,
                     }
                 } else {
-                    let reply = fail(call_id, rec, &lost);
+                    let how = format!("the delivery worker `{lost}` held went back to its queue");
+                    let reply = fail(call_id, rec, &how);
                     ResumeDecision::Fatal { reply }
                 }
             }
@@ -547,7 +548,8 @@ impl<S: Store> Ledger<S> {
             rec.unhold();
             rec.traces.clear();
         } else {
-            fail(call_id, rec, worker);
+            let how = format!("worker `{worker}` gave up waiting for the coordinator");
+            fail(call_id, rec, &how);
         }
         self.dirty.insert(call_id);
         self.queue_fatal_answer(call_id);
@@ -804,7 +806,7 @@ impl<S: Store> Ledger<S> {
                     }
                 }
             } else {
-                fail(call_id, rec, worker);
+                fail(call_id, rec, &format!("worker `{worker}` was lost"));
             }
             self.dirty.insert(call_id);
             self.queue_fatal_answer(call_id);
@@ -905,13 +907,14 @@ fn held_elsewhere(rec: &CallRecord, lease: Lease) -> bool {
         .is_some_and(|h| h.lease.token != lease.token)
 }
 
-/// Fails a call whose traced attempt was lost; returns the `fatal` reply.
-fn fail(call_id: Uuid, rec: &mut CallRecord, lost: &str) -> Reply {
+/// Fails a call whose traced attempt was lost (`how`, for the client);
+/// returns the `fatal` reply.
+fn fail(call_id: Uuid, rec: &mut CallRecord, how: &str) -> Reply {
     let reply = Reply::fatal(
         call_id,
         rec.attempt,
         format!(
-            "worker `{lost}` was lost after attempt {} left traces ({}); the call's outcome is unknown and it will not be retried",
+            "{how} after attempt {} left traces ({}); the call's outcome is unknown and it will not be retried",
             rec.attempt,
             rec.traces.join(", ")
         ),

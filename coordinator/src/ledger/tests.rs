@@ -157,6 +157,11 @@ fn a_dead_worker_s_traced_call_fails_once_and_stays_failed() {
         reply.error.as_ref().unwrap().traces,
         vec!["mail.sent".to_string()]
     );
+    let message = &reply.error.as_ref().unwrap().message;
+    assert!(
+        message.starts_with("worker `A` was lost after attempt 1 left traces (mail.sent)"),
+        "{message}"
+    );
     // Every later copy is told fatal; the hung holder's completion too.
     assert_eq!(
         l.resume(lease(id, 1), "B", SVC, TO).unwrap(),
@@ -590,6 +595,12 @@ fn an_abandoned_attempt_that_kept_a_grant_fails_the_call() {
     assert_eq!(reply.outcome, Outcome::Fatal);
     let traces = &reply.error.as_ref().unwrap().traces;
     assert_eq!(traces, &vec!["mail.sent".to_owned()]);
+    // The client is told what happened: the worker lived, it gave up.
+    let message = &reply.error.as_ref().unwrap().message;
+    assert!(
+        message.starts_with("worker `A` gave up waiting for the coordinator after attempt 1"),
+        "{message}"
+    );
     assert!(matches!(
         l.resume(lease(id, 1), "B", SVC, TO).unwrap(),
         ResumeDecision::Fatal { .. }
