@@ -611,10 +611,7 @@ impl<S: Store> Ledger<S> {
                     CallState::Open if holds => Some(()),
                     CallState::Open => {
                         return Ok(TraceDecision::Refused {
-                            reason: format!(
-                                "attempt {attempt} was revoked; the current attempt is {}",
-                                rec.attempt
-                            ),
+                            reason: not_current(rec, lease, attempt),
                             superseded: held_elsewhere(rec, lease),
                         });
                     }
@@ -740,10 +737,7 @@ impl<S: Store> Ledger<S> {
                 superseded: true,
             }),
             CallState::Open => Ok(CompleteDecision::Refused {
-                reason: format!(
-                    "attempt {attempt} was revoked; the current attempt is {}",
-                    rec.attempt
-                ),
+                reason: not_current(rec, lease, attempt),
                 superseded: held_elsewhere(rec, lease),
             }),
         }
@@ -896,6 +890,21 @@ fn refused(reason: String) -> TraceDecision {
     TraceDecision::Refused {
         reason,
         superseded: false,
+    }
+}
+
+/// Why `lease`'s `attempt` is not the call's current one, for logs.
+fn not_current(rec: &CallRecord, lease: Lease, attempt: u32) -> String {
+    if held_elsewhere(rec, lease) {
+        format!(
+            "another delivery of the call holds attempt {} (this one ran attempt {attempt})",
+            rec.attempt
+        )
+    } else {
+        format!(
+            "attempt {attempt} was revoked; the current attempt is {}",
+            rec.attempt
+        )
     }
 }
 

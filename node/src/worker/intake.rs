@@ -110,17 +110,20 @@ async fn read<'s>(
 ) -> Result<(Call, u32, &'s Service, &'s QueueSpec), Disposition> {
     let stats = &shared.stats;
     let limits = &shared.opts.limits;
-    let read = delivery.attempt().and_then(|copy| {
-        decode_call(&delivery.body, limits)
-            .map(|call| (call, copy))
-            .map_err(|e| e.to_string())
-    });
+    let read = delivery
+        .attempt()
+        .map_err(|e| ("attempt_header", e))
+        .and_then(|copy| {
+            decode_call(&delivery.body, limits)
+                .map(|call| (call, copy))
+                .map_err(|e| (e.kind(), e.to_string()))
+        });
     let (call, copy) = match read {
         Ok(read) => read,
-        Err(e) => {
+        Err((kind, e)) => {
             WorkerStats::bump(&stats.bad_request);
             let p = peek(&delivery.body, limits.max_bytes.saturating_mul(4));
-            warn!(worker = %shared.opts.worker_id, queue = %delivery.queue, call_id = ?p.call_id, "bad request: {e}");
+            warn!(worker = %shared.opts.worker_id, queue = %delivery.queue, kind, call_id = ?p.call_id, "bad request: {e}");
             if let Some(reply_to) = p.reply_to {
                 let reply = Reply::bad_request(p.call_id, e.clone());
                 // The call is dead-lettered whether or not the reply goes out.
