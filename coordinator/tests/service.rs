@@ -295,6 +295,87 @@ async fn a_dead_worker_s_traced_call_is_answered_fatal_and_stays_fatal() {
     ));
 }
 
+/// A `reply_to` a worker reported for a call (or a forged request carried)
+/// that names one of callq's own queues gets no `fatal` answer: the
+/// coordinator never publishes into a call queue or the control path.
+#[tokio::test(start_paused = true)]
+async fn a_fatal_answer_never_goes_to_one_of_callq_s_own_queues() {
+    let bus = Bus::new().await;
+    let _c = bus.start(MemoryStore::default());
+    let mut client = bus.queue("callq.reply.client").await;
+    let mut a_answers = bus.queue(&worker_queue("A")).await;
+    let (mut hostile, _) = call();
+    hostile.reply_to = Some(call_queue("mail"));
+    let hostile_body = hostile.to_bytes();
+    let (good, good_body) = call();
+    let (h, g) = (lease(&hostile, 1), lease(&good, 1));
+    bus.heartbeat(
+        "A",
+        vec![
+            in_flight(&hostile, h, &hostile_body),
+            in_flight(&good, g, &good_body),
+        ],
+    )
+    .await;
+    for (call, l) in [(&hostile, h), (&good, g)] {
+        let req_id = Uuid::now_v7();
+        bus.send(
+            "A",
+            RequestBody::Trace {
+                req_id,
+                lease: l,
+                attempt: 1,
+                kind: "mail.sent".into(),
+                service: "mail".into(),
+                call_reply_to: call.reply_to.clone(),
+                session: None,
+            },
+        )
+        .await;
+        assert_eq!(
+            answer(&mut a_answers).await,
+            AnswerBody::Trace {
+                req_id,
+                decision: TraceDecision::Granted
+            }
+        );
+    }
+    // A goes silent: both calls fail; only the legal reply queue hears it.
+    let d = next(&mut client).await;
+    let reply = decode_reply(&d.body, &Limits::default()).unwrap();
+    assert_eq!(
+        (reply.call_id, reply.outcome),
+        (good.call_id, Outcome::Fatal)
+    );
+    // A request answered after that death was handled: its effects are out.
+    let req_id = Uuid::now_v7();
+    bus.send(
+        "A",
+        RequestBody::Trace {
+            req_id,
+            lease: h,
+            attempt: 1,
+            kind: "mail.sent".into(),
+            service: "mail".into(),
+            call_reply_to: None,
+            session: None,
+        },
+    )
+    .await;
+    assert!(matches!(
+        answer(&mut a_answers).await,
+        AnswerBody::Trace {
+            decision: TraceDecision::Refused { .. },
+            ..
+        }
+    ));
+    assert_eq!(
+        bus.broker.depth(&call_queue("mail")).await.unwrap(),
+        QueueDepth::default(),
+        "nothing was published into the call queue"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn decisions_survive_a_coordinator_restart() {
     let dir = std::env::temp_dir().join(format!("callq-coord-{}", Uuid::now_v7()));
