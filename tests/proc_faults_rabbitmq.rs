@@ -1,8 +1,9 @@
 //! The promise when the infrastructure fails, with processes on a RabbitMQ
 //! node of the tests' own (`scripts/rabbitmq-node`, which scripts/services
 //! starts): the broker restarted under load, the coordinator away for longer
-//! than the workers' patience, the coordinator away while a worker dies, and
-//! a worker paused past the AMQP heartbeat.
+//! than the workers' patience, the coordinator away while a worker dies, a
+//! call whose every delivery died with its worker, and a worker paused past
+//! the AMQP heartbeat.
 //!
 //! Calls are published and their replies read by a recorder of the test's
 //! own that outlives broker restarts (it publishes with confirms and
@@ -12,17 +13,17 @@
 
 mod support;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use callq_broker::{Broker, Disposition, Message, QueueSpec, call_queue, dead_queue, reply_queue};
+use callq_broker::{call_queue, dead_queue, lost_queue};
 use callq_node::Admin;
 use callq_schemas::protocol::{ClusterStatus, WorkerState};
-use callq_schemas::{Call, Limits, Outcome, Reply, decode_reply};
-use serde_json::json;
+use callq_schemas::{Call, Outcome, codes};
+use support::outcomes::{Recorder, check, echo_sleep, mail, publish_in_background};
 use support::{Proc, wait_status};
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -89,214 +90,6 @@ impl Drop for FaultVhost {
             .args(["-q", "-n", &self.node.name, "delete_vhost", &self.name])
             .output();
     }
-}
-
-/// Publishes calls with confirms, retrying through broker outages, and
-/// records every reply that reaches its reply queue, reading it again
-/// after each loss of the connection.
-struct Recorder {
-    broker: Arc<dyn Broker>,
-    reply_to: String,
-    replies: Arc<Mutex<HashMap<Uuid, Vec<Reply>>>>,
-    reader: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Recorder {
-    fn drop(&mut self) {
-        self.reader.abort();
-    }
-}
-
-impl Recorder {
-    async fn start(url: &str) -> Self {
-        let broker = support::amqp(url).await;
-        let id = format!("recorder-{}", Uuid::now_v7().simple());
-        broker.declare(&QueueSpec::replies(&id)).await.unwrap();
-        for service in ["echo", "mail"] {
-            broker.declare(&QueueSpec::calls(service)).await.unwrap();
-        }
-        let replies: Arc<Mutex<HashMap<Uuid, Vec<Reply>>>> = Arc::default();
-        let reader = tokio::spawn(read_replies(
-            broker.clone(),
-            reply_queue(&id),
-            replies.clone(),
-        ));
-        Self {
-            broker,
-            reply_to: reply_queue(&id),
-            replies,
-            reader,
-        }
-    }
-
-    /// Publishes `call` (its `reply_to` set here) until the broker
-    /// confirms it.
-    async fn publish(&self, mut call: Call) -> Uuid {
-        call.reply_to = Some(self.reply_to.clone());
-        let message = Message::new(call.to_bytes()).key(call.call_id.to_string());
-        callq_broker::publish_within(
-            self.broker.as_ref(),
-            &call_queue(&call.service),
-            &message,
-            Duration::from_secs(90),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("call {} not confirmed within 90 s: {e}", call.call_id));
-        call.call_id
-    }
-
-    fn replies(&self) -> HashMap<Uuid, Vec<Reply>> {
-        self.replies.lock().unwrap().clone()
-    }
-
-    /// Waits until every call of `ids` has a reply; panics naming the
-    /// unanswered ones after `timeout`.
-    async fn wait_answered(&self, ids: &[Uuid], timeout: Duration) {
-        let until = Instant::now() + timeout;
-        loop {
-            let missing: Vec<Uuid> = {
-                let replies = self.replies.lock().unwrap();
-                ids.iter()
-                    .filter(|id| !replies.contains_key(id))
-                    .copied()
-                    .collect()
-            };
-            if missing.is_empty() {
-                return;
-            }
-            assert!(
-                Instant::now() < until,
-                "{} of {} calls got no reply within {timeout:?}, e.g. {:?}",
-                missing.len(),
-                ids.len(),
-                &missing[..missing.len().min(5)]
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// One call, published after a fault: how long its first reply took.
-    async fn call_after(&self, call: Call, timeout: Duration) -> (Reply, Duration) {
-        let started = Instant::now();
-        let id = self.publish(call).await;
-        self.wait_answered(&[id], timeout).await;
-        let reply = self.replies()[&id][0].clone();
-        (reply, started.elapsed())
-    }
-}
-
-async fn read_replies(
-    broker: Arc<dyn Broker>,
-    queue: String,
-    replies: Arc<Mutex<HashMap<Uuid, Vec<Reply>>>>,
-) {
-    loop {
-        if let Ok(mut consumer) = broker.consume(&queue, 256).await {
-            while let Some(item) = consumer.next().await {
-                let Ok(delivery) = item else { continue };
-                if let Ok(reply) = decode_reply(&delivery.body, &Limits::default()) {
-                    replies
-                        .lock()
-                        .unwrap()
-                        .entry(reply.call_id)
-                        .or_default()
-                        .push(reply);
-                }
-                let _ = delivery.settle(Disposition::Ack).await;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-fn echo_sleep(ms: u64) -> Call {
-    Call::new("echo", "sleep", json!({ "ms": ms }))
-}
-
-fn mail(outbox: &Path, before_ms: u64) -> Call {
-    Call::new(
-        "mail",
-        "send",
-        json!({
-            "outbox": outbox.to_str().unwrap(),
-            "to": "someone@example.com",
-            "subject": "hello",
-            "before_ms": before_ms,
-        }),
-    )
-}
-
-/// How the calls ended, checked against the contract: each has replies of
-/// one outcome only, a mail line at most once (exactly once for an `ok`
-/// mail), `fatal` only for a mail that lists `mail.sent`.
-#[derive(Debug, Default)]
-struct Ended {
-    by_outcome: BTreeMap<String, usize>,
-    duplicates: usize,
-    fatal_mails: usize,
-    /// The highest attempt number any reply carried.
-    highest_attempt: u32,
-}
-
-fn check(
-    replies: &HashMap<Uuid, Vec<Reply>>,
-    echo: &[Uuid],
-    mails: &[Uuid],
-    outbox: &Path,
-) -> Ended {
-    let lines = mail_lines(outbox);
-    let mut ended = Ended::default();
-    for (id, is_mail) in echo
-        .iter()
-        .map(|id| (id, false))
-        .chain(mails.iter().map(|id| (id, true)))
-    {
-        let got = replies
-            .get(id)
-            .unwrap_or_else(|| panic!("call {id} got no reply"));
-        let first = &got[0];
-        for r in got {
-            assert_eq!(
-                r.outcome, first.outcome,
-                "call {id} got contradicting replies: {got:?}"
-            );
-        }
-        ended.duplicates += got.len() - 1;
-        ended.highest_attempt = got
-            .iter()
-            .fold(ended.highest_attempt, |m, r| m.max(r.attempt));
-        *ended
-            .by_outcome
-            .entry(format!("{:?}", first.outcome))
-            .or_default() += 1;
-        let sent = lines.get(id).copied().unwrap_or(0);
-        assert!(sent <= 1, "mail {id} was sent {sent} times");
-        match first.outcome {
-            Outcome::Ok if is_mail => assert_eq!(sent, 1, "mail {id} answered ok, not sent"),
-            Outcome::Ok => {}
-            Outcome::Fatal => {
-                assert!(is_mail, "traceless call {id} ended fatal: {first:?}");
-                let traces = &first.error.as_ref().unwrap().traces;
-                assert!(
-                    traces.iter().any(|t| t == "mail.sent"),
-                    "fatal without a granted trace: {first:?}"
-                );
-                ended.fatal_mails += 1;
-            }
-            other => panic!("call {id} ended {other:?}: {first:?}"),
-        }
-    }
-    ended
-}
-
-fn mail_lines(outbox: &Path) -> HashMap<Uuid, usize> {
-    let text = std::fs::read_to_string(outbox).unwrap_or_default();
-    let mut lines = HashMap::new();
-    for line in text.lines() {
-        let id: Uuid = line.split('\t').next().unwrap().parse().unwrap();
-        *lines.entry(id).or_default() += 1;
-    }
-    lines
 }
 
 /// Worker settings for these tests: a short patience with the coordinator,
@@ -373,24 +166,6 @@ fn coordinator(url: &str, dir: &Path) -> Proc {
     Proc::spawn("coordinator", &["coordinator"], url, dir)
 }
 
-/// Publishes `calls` one after another, `gap` apart, in the background;
-/// the ids of the confirmed ones, in order.
-fn publish_in_background(
-    recorder: &Arc<Recorder>,
-    calls: Vec<Call>,
-    gap: Duration,
-) -> tokio::task::JoinHandle<Vec<Uuid>> {
-    let recorder = recorder.clone();
-    tokio::spawn(async move {
-        let mut ids = Vec::with_capacity(calls.len());
-        for call in calls {
-            ids.push(recorder.publish(call).await);
-            tokio::time::sleep(gap).await;
-        }
-        ids
-    })
-}
-
 /// RabbitMQ is stopped and started under a load of `echo.sleep` and
 /// `mail.send`: first the application in its node (`stop_app`, `start_app`),
 /// then the whole node process. Every confirmed call ends with exactly one
@@ -402,7 +177,7 @@ fn publish_in_background(
 async fn a_broker_restart_mid_load_ends_every_call_once_and_the_cluster_serves_on() {
     let vhost = FaultVhost::create("restart", "");
     let mut cluster = Cluster::start(&vhost, "restart", &["w1", "w2", "w3"]).await;
-    let recorder = Arc::new(Recorder::start(&vhost.url).await);
+    let recorder = Arc::new(Recorder::start(support::amqp(&vhost.url).await).await);
     let outbox = cluster.outbox();
     let (mut echo, mut mails) = (Vec::new(), Vec::new());
     for (phase, (stop, start)) in [("stop_app", "start_app"), ("stop", "start")]
@@ -480,7 +255,7 @@ async fn a_broker_restart_mid_load_ends_every_call_once_and_the_cluster_serves_o
 async fn the_coordinator_away_past_the_workers_patience_makes_no_call_fatal() {
     let vhost = FaultVhost::create("away", "");
     let mut cluster = Cluster::start(&vhost, "away", &["w1", "w2", "w3"]).await;
-    let recorder = Arc::new(Recorder::start(&vhost.url).await);
+    let recorder = Arc::new(Recorder::start(support::amqp(&vhost.url).await).await);
     let outbox = cluster.outbox();
     let calls: Vec<Call> = (0..600).map(|_| mail(&outbox, 30)).collect();
     let load = publish_in_background(&recorder, calls, Duration::from_millis(3));
@@ -524,7 +299,7 @@ async fn the_coordinator_away_past_the_workers_patience_makes_no_call_fatal() {
 async fn the_coordinator_away_while_a_worker_dies_dead_letters_no_call() {
     let vhost = FaultVhost::create("away-kill", "");
     let mut cluster = Cluster::start(&vhost, "away-kill", &["w1", "w2", "w3"]).await;
-    let recorder = Arc::new(Recorder::start(&vhost.url).await);
+    let recorder = Arc::new(Recorder::start(support::amqp(&vhost.url).await).await);
     let calls: Vec<Call> = (0..400).map(|_| echo_sleep(200)).collect();
     let load = publish_in_background(&recorder, calls, Duration::from_millis(3));
     while recorder.replies().len() < 50 {
@@ -556,6 +331,79 @@ async fn the_coordinator_away_while_a_worker_dies_dead_letters_no_call() {
     cluster.all_alive();
 }
 
+/// A call whose every delivery dies with its worker, the last one while
+/// its worker waits for an absent coordinator: RabbitMQ moves it past its
+/// `x-delivery-limit` by itself, with nobody having judged it. It goes to
+/// `callq.lost.echo`, not silently to the dead-letter queue; once a
+/// coordinator and a worker are back, its client gets an `error`
+/// (`delivery_limit`) and the call lands in `callq.dead.echo`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_whose_last_delivery_dies_with_its_worker_is_answered() {
+    let vhost = FaultVhost::create("lost", "");
+    let dir = support::temp_dir("lost");
+    let recorder = Recorder::start(support::amqp(&vhost.url).await).await;
+    let depth = |queue: String| {
+        let broker = recorder.broker.clone();
+        async move { broker.depth(&queue).await.unwrap().ready }
+    };
+    // No coordinator: a redelivery waits for `resume` (60 s of patience),
+    // the first delivery sleeps in its handler; either way its worker
+    // holds it until it is killed.
+    let patient = [("CALLQ_WORKER__COORDINATOR_PATIENCE", "60000")];
+    let id = recorder.publish(echo_sleep(60_000)).await;
+    let limit = callq_broker::DEFAULT_DELIVERY_LIMIT;
+    for n in 0..=limit {
+        let name = format!("w{n}");
+        let args = ["worker", "--services", "echo", "--worker-id", &name];
+        let mut worker = Proc::spawn_env(&name, &args, &vhost.url, &dir, &patient);
+        let until = Instant::now() + Duration::from_secs(60);
+        while depth(call_queue("echo")).await > 0 {
+            assert!(Instant::now() < until, "{name} never took the call");
+            assert!(worker.running(), "{name} exited:\n{}", worker.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        worker.kill9();
+        // Back in its queue, or past the limit in the lost queue.
+        let until = Instant::now() + Duration::from_secs(30);
+        while depth(call_queue("echo")).await + depth(lost_queue("echo")).await == 0 {
+            assert!(
+                Instant::now() < until,
+                "the call did not come back after {name}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert_eq!(depth(call_queue("echo")).await, 0);
+    assert_eq!(
+        depth(lost_queue("echo")).await,
+        1,
+        "the broker did not move the call past its limit"
+    );
+    assert_eq!(depth(dead_queue("echo")).await, 0);
+    assert!(recorder.replies().is_empty(), "{:?}", recorder.replies());
+
+    let _coordinator = coordinator(&vhost.url, &dir);
+    let args = ["worker", "--services", "echo", "--worker-id", "answerer"];
+    let _worker = Proc::spawn("answerer", &args, &vhost.url, &dir);
+    recorder.wait_answered(&[id], Duration::from_secs(60)).await;
+    let replies = recorder.replies()[&id].clone();
+    eprintln!("the lost call's replies: {replies:?}");
+    for reply in &replies {
+        assert_eq!(reply.outcome, Outcome::Error, "{reply:?}");
+        let error = reply.error.as_ref().unwrap();
+        assert_eq!(error.code, codes::DELIVERY_LIMIT, "{reply:?}");
+    }
+    let until = Instant::now() + Duration::from_secs(30);
+    while depth(dead_queue("echo")).await == 0 {
+        assert!(
+            Instant::now() < until,
+            "the call never reached the dead-letter queue"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(depth(lost_queue("echo")).await, 0);
+}
+
 /// A worker stopped with SIGSTOP past the AMQP heartbeat (2 s here) loses
 /// its connection; once it wakes it gives up what it waited for at once
 /// and serves again on a new connection within 2 s.
@@ -563,7 +411,7 @@ async fn the_coordinator_away_while_a_worker_dies_dead_letters_no_call() {
 async fn a_worker_paused_past_the_heartbeat_reconnects_soon_after_waking() {
     let vhost = FaultVhost::create("pause", "?heartbeat=2");
     let mut cluster = Cluster::start(&vhost, "pause", &["w1", "w2"]).await;
-    let recorder = Arc::new(Recorder::start(&vhost.url).await);
+    let recorder = Arc::new(Recorder::start(support::amqp(&vhost.url).await).await);
     let calls: Vec<Call> = (0..200).map(|_| echo_sleep(100)).collect();
     let load = publish_in_background(&recorder, calls, Duration::from_millis(10));
     while recorder.replies().len() < 20 {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use callq_broker::{
     ATTEMPT_HEADER, Broker, Consumer, DEAD_REASON_HEADER, Delivery, Disposition,
-    Error as BrokerError, Message, QueueDepth, QueueSpec, call_queue, dead_queue,
+    Error as BrokerError, Message, QueueDepth, QueueSpec, call_queue, dead_queue, lost_queue,
 };
 use callq_broker_embedded::EmbeddedBroker;
 use callq_node::{
@@ -563,6 +563,45 @@ async fn a_call_that_keeps_killing_workers_is_dead_lettered_with_a_reply() {
     assert_eq!(dead.ready, 1);
     assert_eq!(
         c.broker.depth(&call_queue("t")).await.unwrap(),
+        QueueDepth::default()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_whose_last_delivery_is_lost_unjudged_is_answered_from_the_lost_queue() {
+    let c = Cluster::new();
+    let client = c.client().await;
+    let poison = {
+        let client = client.clone();
+        tokio::spawn(async move { call(&client, "t", "hang", json!({})).await })
+    };
+    let limit = QueueSpec::calls("t").delivery_limit.unwrap();
+    for _ in 0..limit {
+        let (w, stats) = c.worker("victim", 1).await;
+        wait_until(|| stats.in_flight.load(Ordering::Relaxed) == 1).await;
+        w.abort();
+        let _ = w.await;
+    }
+    // The last allowed delivery is lost before anyone judged it (as with a
+    // worker killed while it waits for the coordinator).
+    let mut taker = c.broker.consume(&call_queue("t"), 1).await.unwrap();
+    let last = taker.next().await.unwrap().unwrap();
+    assert_eq!(last.delivery_count, limit);
+    drop(last);
+    drop(taker);
+    let lost = c.broker.depth(&lost_queue("t")).await.unwrap();
+    assert_eq!(lost.ready, 1, "the call did not move past its limit");
+    assert_eq!(c.broker.depth(&dead_queue("t")).await.unwrap().ready, 0);
+
+    let (_w, stats) = c.worker("answerer", 1).await;
+    let r = poison.await.unwrap();
+    assert_eq!(r.outcome, Outcome::Error);
+    assert_eq!(r.code(), Some(codes::DELIVERY_LIMIT));
+    assert!(r.error.unwrap().message.contains("lost"));
+    wait_until(|| stats.dead_lettered.load(Ordering::Relaxed) == 1).await;
+    assert_eq!(c.broker.depth(&dead_queue("t")).await.unwrap().ready, 1);
+    assert_eq!(
+        c.broker.depth(&lost_queue("t")).await.unwrap(),
         QueueDepth::default()
     );
 }

@@ -13,6 +13,8 @@ use callq_schemas::protocol::{ClusterStatus, WorkerState};
 use callq_testkit::ClusterOptions;
 use callq_testkit::chaos::{self, ChaosReport, ChaosSpec, Fleet};
 
+pub mod outcomes;
+
 /// A RabbitMQ virtual host for one test, deleted when dropped.
 pub struct Vhost {
     /// Its name.

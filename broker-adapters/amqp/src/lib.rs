@@ -9,6 +9,7 @@
 //! | [`QueueSpec::max_length`] | `x-max-length` with `x-overflow: reject-publish`: a publish beyond it is nacked, which [`Broker::publish`] reports as [`Error::QueueFull`] |
 //! | [`QueueSpec::delivery_limit`] | `x-delivery-limit` |
 //! | [`QueueSpec::dead_letter`] | a quorum queue of that name, fed through the default exchange (`x-dead-letter-routing-key`) with `x-dead-letter-strategy: at-least-once` |
+//! | [`QueueSpec::limit_dead_letter`] | a quorum queue of that name, declared first; it takes the `x-dead-letter-routing-key` instead, so the broker's own dead-lettering (past `x-delivery-limit`) goes there while a consumer's [`Disposition::DeadLetter`] goes to the dead-letter queue |
 //! | [`QueueSpec::single_active_consumer`] | `x-single-active-consumer: true` |
 //! | publish | default exchange, routing key = queue name, persistent (transient into a [`QueueSpec::transient`] queue: nothing to write to disk), `mandatory` (an unroutable message is a [`Error::NoSuchQueue`]); one shared channel in confirm mode, so that concurrent publishes pipeline their confirms |
 //! | consume | a channel per consumer, `basic.qos` = prefetch, manual acks; dropping the consumer closes its channel, which returns its unacked deliveries |
@@ -502,7 +503,8 @@ fn arguments(spec: &QueueSpec) -> FieldTable {
     if let Some(limit) = spec.delivery_limit {
         set("x-delivery-limit", AMQPValue::LongLongInt(i64::from(limit)));
     }
-    if let Some(dead) = &spec.dead_letter {
+    // What the broker dead-letters itself has passed the delivery limit.
+    if let Some(dead) = spec.past_limit_queue() {
         set("x-dead-letter-exchange", text(""));
         set("x-dead-letter-routing-key", text(dead));
         if !spec.transient {
@@ -599,6 +601,10 @@ impl Broker for AmqpBroker {
                 .entry(dead_spec.name.clone())
                 .or_insert(dead_spec);
         }
+        if let Some(past_spec) = spec.limit_dead_letter_spec()? {
+            self.inner.declare_one(&past_spec).await?;
+            lock(&self.inner.specs).insert(past_spec.name.clone(), past_spec);
+        }
         self.inner.declare_one(spec).await?;
         lock(&self.inner.specs).insert(spec.name.clone(), spec.clone());
         Ok(())
@@ -644,6 +650,9 @@ impl Broker for AmqpBroker {
         }
         let spec = inner.spec(queue);
         let limit = spec.as_ref().and_then(|s| s.delivery_limit);
+        let past_limit = spec
+            .as_ref()
+            .and_then(|s| s.past_limit_queue().map(str::to_owned));
         let dead = spec.and_then(|s| s.dead_letter);
         Ok(Box::new(AmqpConsumer {
             inner: Arc::clone(inner),
@@ -652,6 +661,7 @@ impl Broker for AmqpBroker {
             lease,
             queue: queue.to_owned(),
             dead,
+            past_limit,
             limit,
             ended: false,
         }))
@@ -695,6 +705,8 @@ struct AmqpConsumer {
     lease: Arc<Lease>,
     queue: String,
     dead: Option<String>,
+    /// Where a message past the delivery limit goes.
+    past_limit: Option<String>,
     /// The queue's delivery limit, which the adapter enforces itself on
     /// released copies (the quorum queue counts their deliveries afresh).
     limit: Option<u32>,
@@ -741,20 +753,17 @@ impl Consumer for AmqpConsumer {
                 released: headers.contains_key(RELEASED_HEADER),
                 limit: self.limit,
                 dead: self.dead.clone(),
+                past_limit: self.past_limit.clone(),
                 body: body.clone(),
                 properties: d.properties,
             });
             let released = settle.released;
             if released && self.limit.is_some_and(|limit| count > limit) {
-                // Past the limit by the count it carried: dead-lettered
-                // here, in a task of its own so that `next` stays
-                // cancel-safe.
+                // Past the limit by the count it carried: moved on here
+                // (a requeue of it is), in a task of its own so that `next`
+                // stays cancel-safe.
                 debug!(queue = %self.queue, count, "released copy past the delivery limit: dead-lettering");
-                let reason = "delivery_limit".to_owned();
-                tokio::spawn(callq_broker::Settle::settle(
-                    settle,
-                    Disposition::DeadLetter { reason },
-                ));
+                tokio::spawn(callq_broker::Settle::settle(settle, Disposition::Requeue));
                 continue;
             }
             return Some(Ok(Delivery::new(
@@ -814,6 +823,7 @@ struct AmqpSettle {
     released: bool,
     limit: Option<u32>,
     dead: Option<String>,
+    past_limit: Option<String>,
     body: Bytes,
     properties: BasicProperties,
 }
@@ -884,15 +894,14 @@ impl callq_broker::Settle for AmqpSettle {
         }
         // A released copy's deliveries are counted afresh by the quorum
         // queue: the adapter applies the limit to the count it carries.
-        let disposition = match disposition {
+        let (disposition, to) = match disposition {
             Disposition::Requeue
                 if self.released && self.limit.is_some_and(|limit| self.count >= limit) =>
             {
-                Disposition::DeadLetter {
-                    reason: "delivery_limit".into(),
-                }
+                let reason = "delivery_limit".into();
+                (Disposition::DeadLetter { reason }, &self.past_limit)
             }
-            other => other,
+            other => (other, &self.dead),
         };
         let sent = match disposition {
             Disposition::Ack => bounded(timeout, self.acker.ack(BasicAckOptions::default())).await,
@@ -917,7 +926,7 @@ impl callq_broker::Settle for AmqpSettle {
                 }
                 bounded(timeout, self.acker.ack(BasicAckOptions::default())).await
             }
-            Disposition::DeadLetter { reason } => match &self.dead {
+            Disposition::DeadLetter { reason } => match to {
                 Some(dead) => {
                     let props = self.dead_letter_properties(&reason);
                     if let Err(e) = self.inner.publish_props(dead, &self.body, props).await {
@@ -969,6 +978,17 @@ mod tests {
         assert_eq!(get("x-delivery-limit").as_deref(), Some("5"));
         assert_eq!(
             get("x-dead-letter-routing-key").as_deref(),
+            Some("callq.lost.echo")
+        );
+        let Ok(Some(lost)) = QueueSpec::calls("echo").limit_dead_letter_spec() else {
+            panic!("a call queue has a queue for calls past the limit");
+        };
+        let lost = arguments(&lost);
+        let get_lost = |k: &str| lost.inner().get(k).and_then(text_of);
+        assert_eq!(get_lost("x-queue-type").as_deref(), Some("quorum"));
+        assert_eq!(get_lost("x-delivery-limit").as_deref(), Some("5"));
+        assert_eq!(
+            get_lost("x-dead-letter-routing-key").as_deref(),
             Some("callq.dead.echo")
         );
         assert_eq!(

@@ -14,6 +14,7 @@
 //! | [`consumer_drop_redelivers_with_flag_and_count`] | 3. redelivery when a lease is lost |
 //! | [`requeue_redelivers_with_flag_and_count`] | 3. redelivery on [`Disposition::Requeue`] |
 //! | [`delivery_limit_dead_letters`] | 4. delivery limit |
+//! | [`past_the_limit_unjudged_goes_to_the_limit_queue`] | 4. delivery limit, with a [`QueueSpec::limit_dead_letter`] queue |
 //! | [`release_redelivers_without_counting`] | 8. release does not count |
 //! | [`dead_letter_and_ack_are_final`] | 7. settling is final |
 //! | [`single_consumer_gets_publish_order`] | 5. per-queue FIFO for a single consumer |
@@ -129,6 +130,7 @@ macro_rules! conformance_suite {
             consumer_drop_redelivers_with_flag_and_count,
             requeue_redelivers_with_flag_and_count,
             delivery_limit_dead_letters,
+            past_the_limit_unjudged_goes_to_the_limit_queue,
             release_redelivers_without_counting,
             dead_letter_and_ack_are_final,
             single_consumer_gets_publish_order,
@@ -565,6 +567,75 @@ pub async fn delivery_limit_dead_letters(broker: Arc<dyn Broker>) {
         assert_eq!(dead_letter.queue, dead);
         settle(dead_letter, Disposition::Ack).await;
     }
+    quiet(&mut dead_consumer, "each message was dead-lettered once").await;
+}
+
+/// Guarantee 4 with a [`QueueSpec::limit_dead_letter`] queue: a message
+/// that passes the limit of 1 by `Requeue` or by dropped consumers goes
+/// there with reason `delivery_limit`, while one a consumer settles
+/// `DeadLetter` goes to the dead-letter queue. The limit queue is declared
+/// along with the queue, and what its own consumer dead-letters goes on to
+/// the same dead-letter queue.
+pub async fn past_the_limit_unjudged_goes_to_the_limit_queue(broker: Arc<dyn Broker>) {
+    let queue = unique("lost");
+    let dead = unique("lost.dead");
+    let lost = unique("lost.lost");
+    let mut spec = QueueSpec::plain(&queue)
+        .delivery_limit(1)
+        .dead_letter(&dead);
+    spec.limit_dead_letter = Some(lost.clone());
+    declare(&*broker, &spec).await;
+    let mut lost_consumer = consume(&*broker, &lost, 3).await;
+    let mut dead_consumer = consume(&*broker, &dead, 3).await;
+
+    let judged = Message::new("judged").header("x-conformance", "kept");
+    publish(&*broker, &queue, judged.clone()).await;
+    let mut consumer = consume(&*broker, &queue, 1).await;
+    let delivery = next(&mut consumer, "the message to judge").await;
+    let reason = "conformance: judged".to_owned();
+    settle(delivery, Disposition::DeadLetter { reason }).await;
+    let dead_letter = next(&mut dead_consumer, "the judged message").await;
+    assert_eq!(dead_letter.body, judged.body, "{dead_letter:?}");
+    settle(dead_letter, Disposition::Ack).await;
+
+    for (name, by_drop) in [("unjudged-requeued", false), ("unjudged-dropped", true)] {
+        let sent = Message::new(name).header("x-conformance", "kept");
+        publish(&*broker, &queue, sent.clone()).await;
+        for count in 0..=1 {
+            let delivery = next(&mut consumer, &format!("delivery {count} of {name}")).await;
+            assert_eq!(delivery.body, sent.body);
+            if by_drop {
+                drop(consumer);
+                drop(delivery);
+                consumer = consume(&*broker, &queue, 1).await;
+            } else {
+                settle(delivery, Disposition::Requeue).await;
+            }
+        }
+        let past = next(&mut lost_consumer, &format!("{name} in the limit queue")).await;
+        assert_eq!(past.body, sent.body, "{past:?}");
+        assert_eq!(past.queue, lost);
+        assert_eq!(
+            past.headers.get(DEAD_REASON_HEADER).map(String::as_str),
+            Some("delivery_limit"),
+            "the message past the limit must say why: {past:?}"
+        );
+        assert_headers_kept(&sent, &past, "moving past the limit");
+        let reason = format!("conformance: {name} answered");
+        settle(past, Disposition::DeadLetter { reason }).await;
+        let dead_letter = next(&mut dead_consumer, &format!("{name} dead-lettered")).await;
+        assert_eq!(dead_letter.body, sent.body, "{dead_letter:?}");
+        assert_eq!(
+            dead_letter
+                .headers
+                .get(DEAD_REASON_HEADER)
+                .map(String::as_str),
+            Some(format!("conformance: {name} answered").as_str()),
+        );
+        settle(dead_letter, Disposition::Ack).await;
+    }
+    quiet(&mut consumer, "both messages passed the limit").await;
+    quiet(&mut lost_consumer, "only the unjudged passed the limit").await;
     quiet(&mut dead_consumer, "each message was dead-lettered once").await;
 }
 

@@ -34,8 +34,12 @@
 //!    consumer's partitions.)
 //! 4. **Delivery limit.** A message of a queue declared with a
 //!    [`QueueSpec::delivery_limit`] of `n` is delivered at most `n + 1`
-//!    times; when it would be redelivered once more it moves to the queue's
-//!    dead-letter queue instead.
+//!    times; when it would be redelivered once more it moves, with
+//!    [`DEAD_REASON_HEADER`] `delivery_limit`, to the queue's
+//!    [`QueueSpec::limit_dead_letter`] queue where it has one, else to its
+//!    dead-letter queue. (Its consumers' own [`Disposition::DeadLetter`]
+//!    always goes to the dead-letter queue: only a message nobody judged
+//!    takes the other way.)
 //! 5. **Per-queue FIFO for a single consumer.** One consumer of a queue that
 //!    settles every delivery with `Ack` receives the messages in publish
 //!    order. (Kafka: per partition, so for a queue of one partition, or per
@@ -158,6 +162,13 @@ pub fn dead_queue(service: &str) -> String {
     format!("callq.dead.{service}")
 }
 
+/// The name of the queue (or topic) of a service's calls that passed their
+/// delivery limit with nobody having judged them: a worker answers their
+/// clients there and moves them on to the [`dead_queue`].
+pub fn lost_queue(service: &str) -> String {
+    format!("callq.lost.{service}")
+}
+
 /// The queue of requests to the coordinator.
 pub const COORDINATOR_QUEUE: &str = "callq.coordinator";
 
@@ -270,6 +281,14 @@ pub struct QueueSpec {
     /// Where dead letters go; declared along with this queue. `None`: a dead
     /// letter is dropped.
     pub dead_letter: Option<String>,
+    /// Where a message goes that passes the delivery limit (its deliveries
+    /// returned unsettled, by [`Disposition::Requeue`] or with a lost
+    /// consumer) rather than being settled [`Disposition::DeadLetter`] by a
+    /// consumer; declared along with this queue, before it, by
+    /// [`QueueSpec::limit_dead_letter_spec`]. A consumer of that queue can
+    /// still act on a message nobody judged: callq answers its client.
+    /// `None`: [`QueueSpec::dead_letter`].
+    pub limit_dead_letter: Option<String>,
     /// Control traffic that its sender repeats when it is lost (answers,
     /// orders): the adapter may keep it in memory only, without the cost of
     /// a durable write, lose it when the broker restarts, and delete the
@@ -296,6 +315,7 @@ impl QueueSpec {
             max_length: None,
             delivery_limit: None,
             dead_letter: None,
+            limit_dead_letter: None,
             transient: false,
             single_active_consumer: false,
             expires: None,
@@ -303,12 +323,17 @@ impl QueueSpec {
     }
 
     /// The call queue of a service: bounded, with the default delivery limit
-    /// and its dead-letter queue.
+    /// and its dead-letter queue. A call that passes the limit with nobody
+    /// having judged it (its last delivery lost with its worker) goes to the
+    /// service's [`lost_queue`] first, where a worker answers its client and
+    /// moves it on to the dead-letter queue.
     pub fn calls(service: &str) -> Self {
-        Self::plain(call_queue(service))
+        let mut spec = Self::plain(call_queue(service))
             .max_length(DEFAULT_CALL_QUEUE_LENGTH)
             .delivery_limit(DEFAULT_DELIVERY_LIMIT)
-            .dead_letter(dead_queue(service))
+            .dead_letter(dead_queue(service));
+        spec.limit_dead_letter = Some(lost_queue(service));
+        spec
     }
 
     /// The reply queue of a client; it expires an hour after its client
@@ -362,6 +387,40 @@ impl QueueSpec {
         spec.max_length = self.max_length;
         spec.transient = self.transient;
         Ok(Some(spec))
+    }
+
+    /// The spec of the queue that takes this queue's messages past the
+    /// delivery limit ([`QueueSpec::limit_dead_letter`]), which adapters
+    /// declare along with it, before it: as bounded, as durable and as
+    /// limited as this queue, dead-lettering into this queue's dead-letter
+    /// queue. `None` when there is none, or it is the dead-letter queue.
+    /// Refused when it would be this queue itself.
+    pub fn limit_dead_letter_spec(&self) -> Result<Option<QueueSpec>, Error> {
+        let Some(name) = &self.limit_dead_letter else {
+            return Ok(None);
+        };
+        if *name == self.name {
+            return Err(Error::Refused(format!(
+                "queue `{name}` cannot take its own messages past the delivery limit"
+            )));
+        }
+        if self.dead_letter.as_ref() == Some(name) {
+            return Ok(None);
+        }
+        let mut spec = QueueSpec::plain(name.clone());
+        spec.max_length = self.max_length;
+        spec.delivery_limit = self.delivery_limit;
+        spec.dead_letter = self.dead_letter.clone();
+        spec.transient = self.transient;
+        Ok(Some(spec))
+    }
+
+    /// Where messages past the delivery limit go: the
+    /// [`QueueSpec::limit_dead_letter`] queue, else the dead-letter queue.
+    pub fn past_limit_queue(&self) -> Option<&str> {
+        self.limit_dead_letter
+            .as_deref()
+            .or(self.dead_letter.as_deref())
     }
 
     /// Sets the maximum length.
@@ -662,6 +721,7 @@ mod tests {
     fn names_follow_the_wire_contract() {
         assert_eq!(call_queue("bank"), "callq.call.bank");
         assert_eq!(dead_queue("bank"), "callq.dead.bank");
+        assert_eq!(lost_queue("bank"), "callq.lost.bank");
         assert_eq!(reply_queue("shop-1"), "callq.reply.shop-1");
         let spec = QueueSpec::calls("bank");
         assert_eq!(spec.dead_letter.as_deref(), Some("callq.dead.bank"));

@@ -16,7 +16,7 @@
 //! | prefetch | a consumer holds at most `prefetch` unsettled deliveries; nothing is buffered on the consumer's side |
 //! | redelivery | on consumer drop and on [`Disposition::Requeue`]: back to the head of the queue, in delivery order, `redelivered` set, count + 1 |
 //! | release | [`Disposition::Release`]: to the back of the queue, with the `callq-released` header (so `redelivered` is set), count unchanged |
-//! | delivery limit | a message whose count would exceed the limit is dead-lettered with reason `delivery_limit` (the 2nd, 3rd, 4th deliveries under `x-delivery-limit: 3` carry counts 1, 2, 3) |
+//! | delivery limit | a message whose count would exceed the limit moves with reason `delivery_limit` to the limit queue ([`QueueSpec::limit_dead_letter`], declared first) or else the dead-letter queue (the 2nd, 3rd, 4th deliveries under `x-delivery-limit: 3` carry counts 1, 2, 3) |
 //! | dead-letter queue | declared along with its queue, with the same maximum length; when full it drops its oldest ready message (RabbitMQ's `drop-head`) |
 //! | lost lease | settling a delivery of a dropped consumer fails with [`Error::LeaseLost`] and changes nothing |
 //!
@@ -223,6 +223,14 @@ impl Broker for EmbeddedBroker {
     }
 
     async fn declare(&self, spec: &QueueSpec) -> Result<(), Error> {
+        // The queue past the limit first: it is looked up below.
+        let past_limit = match spec.limit_dead_letter_spec()? {
+            Some(past) => {
+                self.declare(&past).await?;
+                Some(self.queue(&past.name)?)
+            }
+            None => None,
+        };
         let max_length = spec
             .max_length
             .unwrap_or(self.inner.options.default_max_length);
@@ -257,13 +265,14 @@ impl Broker for EmbeddedBroker {
                         max_length: Some(max_length),
                         ..QueueSpec::plain(name.clone())
                     };
-                    Arc::new(Queue::new(dead_spec, max_length, None))
+                    Arc::new(Queue::new(dead_spec, max_length, None, None))
                 },
             ))),
         };
+        let past_limit = past_limit.or_else(|| dead.clone());
         queues.insert(
             spec.name.clone(),
-            Arc::new(Queue::new(spec.clone(), max_length, dead)),
+            Arc::new(Queue::new(spec.clone(), max_length, dead, past_limit)),
         );
         Ok(())
     }
@@ -294,6 +303,9 @@ struct Queue {
     max_length: usize,
     /// Where dead letters go; `None`: they are dropped.
     dead: Option<Arc<Queue>>,
+    /// Where messages past the delivery limit go: the limit queue, else
+    /// `dead`.
+    past_limit: Option<Arc<Queue>>,
     state: Mutex<State>,
     /// Woken once per message that becomes ready; only consumers with room
     /// under their prefetch wait on it.
@@ -328,16 +340,24 @@ struct Stored {
 enum Returned {
     /// It went back to the head of the queue.
     Ready,
-    /// It is past the delivery limit: dead-letter it (outside the lock).
+    /// It is past the delivery limit: move it on (outside the lock).
+    PastLimit(Stored),
+    /// A consumer dead-lettered it: move it on (outside the lock).
     Dead(Stored),
 }
 
 impl Queue {
-    fn new(spec: QueueSpec, max_length: usize, dead: Option<Arc<Queue>>) -> Self {
+    fn new(
+        spec: QueueSpec,
+        max_length: usize,
+        dead: Option<Arc<Queue>>,
+        past_limit: Option<Arc<Queue>>,
+    ) -> Self {
         Self {
             spec,
             max_length,
             dead,
+            past_limit,
             state: Mutex::default(),
             ready: Notify::new(),
         }
@@ -412,7 +432,7 @@ impl Queue {
                     DEAD_REASON_HEADER.to_owned(),
                     DELIVERY_LIMIT_REASON.to_owned(),
                 );
-                Returned::Dead(message)
+                Returned::PastLimit(message)
             }
             _ => {
                 state.ready.push_front(message);
@@ -421,15 +441,17 @@ impl Queue {
         }
     }
 
-    /// Moves a message to the dead-letter queue. Call without holding this
-    /// queue's lock (queues may dead-letter into each other).
-    fn dead_letter(&self, message: Stored) {
+    /// Moves a message on to the queue it goes to past the limit (`past`)
+    /// or as a dead letter. Call without holding this queue's lock (queues
+    /// may dead-letter into each other).
+    fn dead_letter(&self, message: Stored, past: bool) {
         let reason = message
             .headers
             .get(DEAD_REASON_HEADER)
             .map(String::as_str)
             .unwrap_or_default();
-        let Some(dead) = &self.dead else {
+        let to = if past { &self.past_limit } else { &self.dead };
+        let Some(dead) = to else {
             tracing::warn!(
                 queue = %self.name(),
                 reason,
@@ -501,7 +523,8 @@ impl Queue {
         };
         match returned {
             Returned::Ready => self.ready.notify_one(),
-            Returned::Dead(message) => self.dead_letter(message),
+            Returned::PastLimit(message) => self.dead_letter(message, true),
+            Returned::Dead(message) => self.dead_letter(message, false),
         }
         Ok(())
     }
@@ -522,7 +545,7 @@ impl Queue {
             for (_, message) in held.into_iter().rev() {
                 match self.give_back(&mut state, message) {
                     Returned::Ready => returned += 1,
-                    Returned::Dead(message) => dead.push(message),
+                    Returned::PastLimit(message) | Returned::Dead(message) => dead.push(message),
                 }
             }
         }
@@ -531,7 +554,7 @@ impl Queue {
         }
         // Dead letters in delivery order.
         for message in dead.into_iter().rev() {
-            self.dead_letter(message);
+            self.dead_letter(message, true);
         }
     }
 }

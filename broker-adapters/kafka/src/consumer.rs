@@ -411,7 +411,7 @@ impl Shared {
                 .collect()
         };
         for record in doomed {
-            let sent = match &spec.dead_letter {
+            let sent = match spec.past_limit_queue() {
                 Some(dead) => {
                     let headers =
                         dead_letter_headers(&visible_headers(&record.headers), "delivery_limit");
@@ -798,8 +798,9 @@ impl KafkaConsumer {
         let shared = Arc::clone(&self.shared);
         let queue = self.queue.clone();
         tokio::spawn(async move {
-            let sent = match spec.and_then(|s| s.dead_letter) {
-                Some(dead) => send_dead(&inner, &dead, &record, "delivery_limit").await,
+            let past = spec.as_ref().and_then(QueueSpec::past_limit_queue);
+            let sent = match past {
+                Some(dead) => send_dead(&inner, dead, &record, "delivery_limit").await,
                 None => Ok(()),
             };
             if let Err(e) = &sent {

@@ -10,8 +10,9 @@
 //! |---|---|
 //! | a queue | a topic of the same name (`callq.call.<service>`, ...), created by [`Broker::declare`] when missing with [`Options::partitions`] partitions (one for a [`QueueSpec::single_active_consumer`] queue) and [`Options::replication`] |
 //! | [`QueueSpec::max_length`] | enforced by the publishing process (Kafka has none): it counts the backlog, high watermark minus the group's committed offset, summed over partitions, and refuses a publish that would pass the maximum with [`Error::QueueFull`], after a fresh read of the backlog. The backlog includes unsettled deliveries and finished ones not yet committed, which is stricter than guarantee 6. See *Limits* |
-//! | [`QueueSpec::delivery_limit`] | counted by the adapter: a delivery whose count passes the limit is not handed out but published to the dead-letter topic with reason `delivery_limit`; a [`Disposition::Requeue`] that would pass it dead-letters at once |
+//! | [`QueueSpec::delivery_limit`] | counted by the adapter: a delivery whose count passes the limit is not handed out but published to the limit topic ([`QueueSpec::limit_dead_letter`]) or else the dead-letter topic with reason `delivery_limit`; a [`Disposition::Requeue`] that would pass it goes there at once |
 //! | [`QueueSpec::dead_letter`] | a topic of that name, declared along with the queue; a dead letter is a confirmed copy there carrying [`DEAD_REASON_HEADER`] |
+//! | [`QueueSpec::limit_dead_letter`] | a topic of that name, declared along with the queue, before it |
 //! | [`QueueSpec::single_active_consumer`] | a one-partition topic: one member of the group holds it, the others wait and one takes over in the rebalance when it leaves |
 //! | [`QueueSpec::transient`] | stored like any topic (stricter than the contract asks) |
 //! | [`QueueSpec::expires`] | the topic's `retention.ms`: messages older than that are deleted whether consumed or not; the topic itself stays (Kafka has no idle-topic deletion) |
@@ -881,6 +882,7 @@ impl KafkaBroker {
         let mut spec = spec.clone();
         spec.name = self.topic(&spec.name);
         spec.dead_letter = spec.dead_letter.map(|d| self.topic(&d));
+        spec.limit_dead_letter = spec.limit_dead_letter.map(|d| self.topic(&d));
         spec
     }
 }
@@ -899,6 +901,10 @@ impl Broker for KafkaBroker {
             lock(&inner.specs)
                 .entry(dead_spec.name.clone())
                 .or_insert(dead_spec);
+        }
+        if let Some(past_spec) = spec.limit_dead_letter_spec()? {
+            inner.declare_one(&past_spec).await?;
+            lock(&inner.specs).insert(past_spec.name.clone(), past_spec);
         }
         inner.declare_one(spec).await?;
         lock(&inner.specs).insert(spec.name.clone(), spec.clone());
@@ -1010,22 +1016,23 @@ enum Fate {
 
 /// The one place where a disposition maps onto Kafka.
 fn fate(disposition: Disposition, count: u32, spec: Option<&QueueSpec>) -> Fate {
-    let dead = spec.and_then(|s| s.dead_letter.clone());
     let limit = spec.and_then(|s| s.delivery_limit);
-    let dead_letter = |reason: String| match &dead {
-        Some(dead) => Fate::DeadLetter(dead.clone(), reason),
+    let dead_letter = |to: Option<&str>, reason: String| match to {
+        Some(dead) => Fate::DeadLetter(dead.to_owned(), reason),
         // No dead-letter queue: a dead letter is dropped.
         None => Fate::Finish,
     };
+    let dead = spec.and_then(|s| s.dead_letter.as_deref());
+    let past = spec.and_then(QueueSpec::past_limit_queue);
     match disposition {
         Disposition::Ack => Fate::Finish,
         Disposition::Requeue => match limit {
             // The redelivery would be delivery `count + 1`, past the limit.
-            Some(limit) if count >= limit => dead_letter("delivery_limit".into()),
+            Some(limit) if count >= limit => dead_letter(past, "delivery_limit".into()),
             _ => Fate::Republish(count.saturating_add(1), false),
         },
         Disposition::Release => Fate::Republish(count, true),
-        Disposition::DeadLetter { reason } => dead_letter(reason),
+        Disposition::DeadLetter { reason } => dead_letter(dead, reason),
     }
 }
 

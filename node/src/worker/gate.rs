@@ -2,6 +2,9 @@
 //! above the first, may race another copy or follow an attempt that left
 //! traces: the coordinator decides (`resume`). Then the delivery limit and
 //! the deadline. A first delivery passes without a coordinator round trip.
+//! A call past its delivery limit (its last delivery lost with a worker)
+//! never runs: once the coordinator has said whether an attempt left
+//! traces, its client is answered.
 
 use callq_broker::{Delivery, Disposition, QueueSpec};
 use callq_schemas::protocol::{AnswerBody, Lease, RequestBody, ResumeDecision};
@@ -37,11 +40,13 @@ pub(super) enum Gate {
 pub(super) async fn pass(
     shared: &Shared,
     delivery: &Delivery,
+    past_limit: bool,
     call: &Call,
     spec: &QueueSpec,
     lease: Lease,
 ) -> Gate {
-    let passed = if shared.link.is_some() && (delivery.redelivered || lease.copy > 1) {
+    let ask = past_limit || delivery.redelivered || lease.copy > 1;
+    let passed = if shared.link.is_some() && ask {
         match resume(shared, call, lease).await {
             Ok(attempt) => Passed {
                 attempt,
@@ -62,15 +67,21 @@ pub(super) async fn pass(
     let lost = delivery
         .delivery_count
         .max(passed.attempt.saturating_sub(1));
-    if let Some(limit) = spec.delivery_limit
-        && lost >= limit
-    {
+    let limit = spec.delivery_limit.unwrap_or(u32::MAX);
+    if past_limit || lost >= limit {
         WorkerStats::bump(&stats.error);
-        let msg = format!(
-            "the call was delivered {} times without completing (it may crash workers); it was moved to `{}`",
-            lost + 1,
-            spec.dead_letter.as_deref().unwrap_or("nowhere")
-        );
+        let dead = spec.dead_letter.as_deref().unwrap_or("nowhere");
+        let msg = if past_limit {
+            format!(
+                "the call was delivered {} times without completing, the last time to a worker that was lost (it may crash workers); it was moved to `{dead}`",
+                limit.saturating_add(1)
+            )
+        } else {
+            format!(
+                "the call was delivered {} times without completing (it may crash workers); it was moved to `{dead}`",
+                lost + 1
+            )
+        };
         warn!(worker = %shared.opts.worker_id, call_id = %call.call_id, "{msg}");
         let reply = Reply::error(call.call_id, passed.attempt, codes::DELIVERY_LIMIT, msg);
         let dead = Disposition::DeadLetter {

@@ -1,6 +1,8 @@
-//! Step 1, intake: deliveries come from one consumer per service; each is
-//! read and registered as in flight, then taken through the gate, the
-//! attempt and the finish to the one disposition that settles it.
+//! Step 1, intake: deliveries come from two consumers per service, of its
+//! call queue and of its queue of calls past the delivery limit (whose
+//! clients are answered there); each is read and registered as in flight,
+//! then taken through the gate, the attempt and the finish to the one
+//! disposition that settles it.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -16,13 +18,22 @@ use super::shared::{Flight, FlightGuard, Shared};
 use super::{WorkerStats, attempt, finish, gate};
 use crate::{Error, Service};
 
-/// The deliveries of every service the worker consumes, merged.
-pub(super) type Incoming =
-    stream::SelectAll<stream::BoxStream<'static, Result<Delivery, BrokerError>>>;
+/// A delivery, and whether it came from a queue of calls past their
+/// delivery limit.
+pub(super) type Arriving = (Delivery, bool);
 
-/// Opens one consumer per service, each prefetching the worker's capacity.
+/// The deliveries of every queue the worker consumes, merged.
+pub(super) type Incoming =
+    stream::SelectAll<stream::BoxStream<'static, Result<Arriving, BrokerError>>>;
+
+/// Calls past their limit a worker holds at once, per service: they are
+/// rare, and each only needs an answer.
+const PAST_LIMIT_PREFETCH: u16 = 4;
+
+/// Opens the consumers of every service: its call queue, prefetching the
+/// worker's capacity, and its queue of calls past the limit.
 pub(super) async fn open_consumers(shared: &Shared) -> Result<Incoming, Error> {
-    let mut consumers = Vec::with_capacity(shared.services.len());
+    let mut consumers = Vec::with_capacity(2 * shared.services.len());
     for (name, (_, spec)) in &shared.services {
         let consumer = shared
             .broker
@@ -31,26 +42,37 @@ pub(super) async fn open_consumers(shared: &Shared) -> Result<Incoming, Error> {
         if let (Some(a), Ok(mut assignments)) = (consumer.assignment(), shared.assignments.lock()) {
             assignments.insert(name.clone(), a);
         }
-        // A consumer that ends yields one `Closed` error, so the worker
-        // learns that a service lost its consumer instead of going quiet.
-        consumers.push(
-            stream::unfold(Some(consumer), |c| async move {
-                let mut c = c?;
-                match c.next().await {
-                    Some(item) => Some((item, Some(c))),
-                    None => Some((Err(BrokerError::Closed), None)),
-                }
-            })
-            .boxed(),
-        );
+        consumers.push(merged(consumer, false));
+        if let Some(lost) = &spec.limit_dead_letter {
+            let prefetch = PAST_LIMIT_PREFETCH.min(shared.opts.capacity);
+            let consumer = shared.broker.consume(lost, prefetch).await?;
+            consumers.push(merged(consumer, true));
+        }
     }
     info!(worker = %shared.opts.worker_id, services = ?shared.service_names(), capacity = shared.opts.capacity, "worker serving");
     Ok(stream::select_all(consumers))
 }
 
+/// A consumer as a stream of arrivals. One that ends yields one `Closed`
+/// error, so the worker learns that a service lost its consumer instead of
+/// going quiet.
+fn merged(
+    consumer: Box<dyn callq_broker::Consumer>,
+    past_limit: bool,
+) -> stream::BoxStream<'static, Result<Arriving, BrokerError>> {
+    stream::unfold(Some(consumer), move |c| async move {
+        let mut c = c?;
+        match c.next().await {
+            Some(item) => Some((item.map(|d| (d, past_limit)), Some(c))),
+            None => Some((Err(BrokerError::Closed), None)),
+        }
+    })
+    .boxed()
+}
+
 pub(super) async fn next_delivery(
     incoming: &mut Option<Incoming>,
-) -> Option<Result<Delivery, BrokerError>> {
+) -> Option<Result<Arriving, BrokerError>> {
     match incoming {
         Some(s) => s.next().await,
         None => std::future::pending().await,
@@ -58,9 +80,9 @@ pub(super) async fn next_delivery(
 }
 
 /// Runs one delivery to its end: decides its fate, then settles it.
-pub(super) async fn handle(shared: Arc<Shared>, delivery: Delivery) {
+pub(super) async fn handle(shared: Arc<Shared>, (delivery, past_limit): Arriving) {
     shared.stats.in_flight.fetch_add(1, Ordering::Relaxed);
-    let fate = decide(&shared, &delivery).await;
+    let fate = decide(&shared, &delivery, past_limit).await;
     if matches!(fate, Disposition::DeadLetter { .. }) {
         WorkerStats::bump(&shared.stats.dead_lettered);
     }
@@ -72,7 +94,7 @@ pub(super) async fn handle(shared: Arc<Shared>, delivery: Delivery) {
 
 /// The one place where a delivery's fate is decided. The reply, if any, is
 /// confirmed by the broker before this returns `Ack`.
-async fn decide(shared: &Shared, delivery: &Delivery) -> Disposition {
+async fn decide(shared: &Shared, delivery: &Delivery, past_limit: bool) -> Disposition {
     let (mut call, copy, service, spec) = match read(shared, delivery).await {
         Ok(read) => read,
         Err(fate) => return fate,
@@ -83,7 +105,7 @@ async fn decide(shared: &Shared, delivery: &Delivery) -> Disposition {
         token: Uuid::now_v7(),
     };
     let flight = register(shared, &call, lease, delivery);
-    let passed = match gate::pass(shared, delivery, &call, spec, lease).await {
+    let passed = match gate::pass(shared, delivery, past_limit, &call, spec, lease).await {
         gate::Gate::Run(passed) => passed,
         gate::Gate::Answer(passed, reply, then) => {
             let answer = (reply, then);

@@ -323,8 +323,8 @@ async fn serve(
                 }
             }
             item = intake::next_delivery(incoming), if incoming.is_some() && calls.len() < capacity => match item {
-                Some(Ok(delivery)) => {
-                    calls.spawn(intake::handle(shared.clone(), delivery));
+                Some(Ok(arriving)) => {
+                    calls.spawn(intake::handle(shared.clone(), arriving));
                 }
                 Some(Err(BrokerError::Closed)) | None => {
                     error!(worker = %shared.opts.worker_id, "a consumer ended: the broker connection is lost");
