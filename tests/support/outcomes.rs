@@ -237,4 +237,3 @@ pub fn publish_in_background(
         ids
     })
 }
-

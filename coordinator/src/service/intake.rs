@@ -133,13 +133,28 @@ impl<S: Store> Coordinator<S> {
                 }
                 Ok(req) => {
                     if let Err(e) = self.apply(req, &mut answers) {
-                        error!("coordinator store: {e}");
+                        self.store_failed(&e);
                     }
                 }
                 Err(e) => warn!(queue = %d.queue, "unreadable coordinator request dropped: {e}"),
             }
         }
         answers
+    }
+}
+
+impl<S: Store> Coordinator<S> {
+    /// Logs a failure of the store, at most once a second, with the count
+    /// of requests it failed since the last line.
+    fn store_failed(&mut self, e: &Error) {
+        self.store_failures += 1;
+        let now = std::time::Instant::now();
+        if self.store_quiet_until.is_some_and(|until| now < until) {
+            return;
+        }
+        error!(requests = self.store_failures, "coordinator store: {e}");
+        self.store_failures = 0;
+        self.store_quiet_until = Some(now + std::time::Duration::from_secs(1));
     }
 }
 

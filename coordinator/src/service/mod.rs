@@ -105,6 +105,11 @@ pub struct Coordinator<S: Store> {
     sweeper: Sweeper,
     /// Requests dropped because their sender had given up on them.
     stale_dropped: u64,
+    /// Requests the store failed since the last time that was logged, and
+    /// when it may be logged again: an unreachable store fails every
+    /// request, and one line a second says so.
+    store_failures: u64,
+    store_quiet_until: Option<std::time::Instant>,
     /// Times the coordinator connected again after losing the broker.
     reconnects: u64,
 }
@@ -125,6 +130,8 @@ impl<S: Store> Coordinator<S> {
             notices: Notices::default(),
             sweeper: Sweeper::new(),
             stale_dropped: 0,
+            store_failures: 0,
+            store_quiet_until: None,
             reconnects: 0,
         }
     }

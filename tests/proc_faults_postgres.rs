@@ -1,0 +1,124 @@
+//! The coordinators' database restarted under load, with processes: the
+//! coordinator keeps its ledger in a PostgreSQL cluster of the tests' own
+//! (`CALLQ_FAULTS_POSTGRES`, `CALLQ_FAULTS_PG_CLUSTER`: `scripts/services`
+//! creates and starts it), which the test stops and starts again; the
+//! PostgreSQL other tests share is never touched.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod support;
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use callq_node::Admin;
+use callq_schemas::protocol::WorkerState;
+use callq_schemas::{Call, Outcome};
+use support::outcomes::{Recorder, check, echo_sleep, mail, publish_in_background};
+use support::{Proc, Vhost, count, wait_status};
+
+/// `pg_ctlcluster <version> <name> <action>` on the tests' own cluster.
+fn pg_ctl(action: &str) {
+    let cluster = std::env::var("CALLQ_FAULTS_PG_CLUSTER")
+        .expect("CALLQ_FAULTS_PG_CLUSTER is not set: run scripts/test, or source scripts/services");
+    let (version, name) = cluster.split_once('/').unwrap();
+    let mut args = vec![version, name, action];
+    if action == "stop" {
+        // As a crash or a failover would: connections cut, no checkpoint.
+        args.extend(["-m", "immediate"]);
+    }
+    let out = Command::new("pg_ctlcluster").args(&args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "pg_ctlcluster {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// PostgreSQL stopped (immediate: connections cut) for 3 s and started
+/// again under a load of `echo.sleep` and `mail.send`, with traced calls in
+/// flight: the coordinator loses its lease and stands by while it cannot
+/// reach the database, leads again once it can, and every call ends `ok`
+/// exactly once, each mail sent once; the coordinator and the workers run
+/// on, and a traced call after it ends `ok`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_restart_mid_load_ends_every_call_once() {
+    let pg = std::env::var("CALLQ_FAULTS_POSTGRES")
+        .expect("CALLQ_FAULTS_POSTGRES is not set: run scripts/test, or source scripts/services");
+    let vhost = Vhost::create("pgrestart");
+    let dir = support::temp_dir("pgrestart");
+    eprintln!("process logs in {}", dir.display());
+    let mut coordinator = Proc::spawn_env(
+        "coordinator",
+        &["coordinator"],
+        &vhost.url,
+        &dir,
+        &[
+            ("CALLQ_COORDINATOR__POSTGRES", pg.as_str()),
+            ("CALLQ_COORDINATOR__CLUSTER", vhost.name.as_str()),
+            ("CALLQ_COORDINATOR__LEASE_MS", "1000"),
+        ],
+    );
+    let patience = [("CALLQ_WORKER__COORDINATOR_PATIENCE", "1500")];
+    let mut workers: Vec<Proc> = ["p1", "p2", "p3"]
+        .iter()
+        .map(|id| {
+            let args = ["worker", "--services", "echo,mail", "--worker-id", id];
+            Proc::spawn_env(id, &args, &vhost.url, &dir, &patience)
+        })
+        .collect();
+    let admin = Admin::connect(support::amqp(&vhost.url).await, Duration::from_secs(10))
+        .await
+        .unwrap();
+    wait_status(&admin, "3 active workers", Duration::from_secs(60), |s| {
+        count(s, WorkerState::Active) == 3
+    })
+    .await;
+    let recorder = Arc::new(Recorder::start(support::amqp(&vhost.url).await).await);
+    let outbox = dir.join("mail.outbox");
+    let calls: Vec<Call> = (0..400)
+        .map(|i| {
+            if i % 2 == 0 {
+                mail(&outbox, 30)
+            } else {
+                echo_sleep(30)
+            }
+        })
+        .collect();
+    let load = publish_in_background(&recorder, calls, Duration::from_millis(5));
+    while recorder.replies().len() < 50 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status = wait_status(&admin, "a status", Duration::from_secs(30), |_| true).await;
+    let running: u32 = status.workers.iter().map(|w| w.capacity - w.free).sum();
+    assert!(running > 0, "no call in flight at the stop: {status:?}");
+    pg_ctl("stop");
+    let answered = recorder.replies().len();
+    eprintln!("PostgreSQL stopped with {running} calls running, {answered} answered");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    pg_ctl("start");
+    let ids = load.await.unwrap();
+    recorder.wait_answered(&ids, Duration::from_secs(120)).await;
+    let mails: Vec<_> = ids.iter().step_by(2).copied().collect();
+    let echoes: Vec<_> = ids.iter().skip(1).step_by(2).copied().collect();
+    let ended = check(&recorder.replies(), &echoes, &mails, &outbox);
+    eprintln!("PostgreSQL restarted mid-load: {ended:?}");
+    assert_eq!(ended.by_outcome.get("Ok"), Some(&ids.len()), "{ended:?}");
+    let log = coordinator.log();
+    assert!(
+        log.contains("lost the lead") && log.contains("epoch=2"),
+        "the coordinator did not stand by while the database was gone and lead again:\n{log}"
+    );
+    let (reply, took) = recorder
+        .call_after(mail(&outbox, 0), Duration::from_secs(60))
+        .await;
+    eprintln!(
+        "a traced call after the restart: {:?} in {took:?}",
+        reply.outcome
+    );
+    assert_eq!(reply.outcome, Outcome::Ok, "{reply:?}");
+    assert!(coordinator.running(), "{}", coordinator.log());
+    for w in &mut workers {
+        assert!(w.running(), "{} exited:\n{}", w.name, w.log());
+    }
+}
