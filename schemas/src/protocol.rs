@@ -422,6 +422,14 @@ pub struct ClusterStatus {
     /// Requests dropped since the coordinator started because their sender
     /// had given up on them (`expires_ms` passed).
     pub stale_dropped: u64,
+    /// Control messages the coordinator's process dropped since it started
+    /// because the cluster key did not sign them. Absent: 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unauthenticated_dropped: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// An answer of the coordinator, on the worker's queue.

@@ -400,6 +400,7 @@ fn answer_bodies() -> Vec<AnswerBody> {
         deaths: 1,
         promotions: u64::MAX,
         stale_dropped: 4,
+        unauthenticated_dropped: 2,
     };
     vec![
         resume(ResumeDecision::Run { attempt: 2 }),

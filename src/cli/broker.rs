@@ -2,9 +2,9 @@
 //! feature), `kafka://` is Kafka (the `kafka` feature). A URL whose adapter
 //! this callq was built without is refused, naming the feature.
 
-use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, LazyLock};
 
-#[cfg(any(feature = "amqp", feature = "kafka"))]
 use anyhow::Context as _;
 use anyhow::bail;
 #[cfg(any(feature = "amqp", feature = "kafka"))]
@@ -16,6 +16,7 @@ use callq_broker::{Broker, Tap};
 use callq_broker_amqp::AmqpBroker;
 #[cfg(feature = "kafka")]
 use callq_broker_kafka::{KafkaBroker, TapFrom};
+use callq_broker_signed::{ClusterKey, Signed};
 #[cfg(any(feature = "amqp", feature = "kafka"))]
 use tracing::info;
 
@@ -50,8 +51,37 @@ const WITHOUT_AMQP: &str =
 #[cfg(any(feature = "amqp", feature = "kafka"))]
 const TAP_BOUND: usize = 100_000;
 
-/// Connects to the configured broker; `role` names the connection.
+/// Control messages this process dropped because the cluster key did not
+/// sign them (the coordinator reports it in its status).
+pub(crate) static UNAUTHENTICATED: LazyLock<Arc<AtomicU64>> = LazyLock::new(Arc::default);
+
+/// Connects to the configured broker; `role` names the connection. With a
+/// cluster key, the control path is signed and checked
+/// (`callq_broker_signed`).
 pub(crate) async fn connect(settings: &Settings, role: &str) -> anyhow::Result<Arc<dyn Broker>> {
+    let key = match &settings.cluster_key_file {
+        Some(path) => Some(
+            ClusterKey::from_file(path)
+                .context("the cluster key (cluster_key_file, CALLQ_CLUSTER_KEY_FILE)")?,
+        ),
+        None => None,
+    };
+    let broker = connect_plain(settings, role).await?;
+    let serves = ["coordinator", "worker", "agent"];
+    if key.is_none() && serves.iter().any(|r| role.starts_with(r)) {
+        tracing::warn!(
+            role,
+            "control messages are not authenticated: any client that can publish to callq.coordinator \
+             could forge them; set CALLQ_CLUSTER_KEY_FILE (docs/SECURITY.md)"
+        );
+    }
+    Ok(match key {
+        Some(key) => Arc::new(Signed::new(broker, key).counting(UNAUTHENTICATED.clone())),
+        None => broker,
+    })
+}
+
+async fn connect_plain(settings: &Settings, role: &str) -> anyhow::Result<Arc<dyn Broker>> {
     let url = settings.broker.trim();
     if url == "embedded" {
         bail!(

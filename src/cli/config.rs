@@ -25,6 +25,11 @@ use super::broker;
 pub(crate) struct Settings {
     /// Where the broker is: `amqp://user:password@host:port/vhost`.
     pub(crate) broker: String,
+    /// A file holding the cluster key (at least 32 bytes) that signs the
+    /// control path: coordinators, workers, agents and operators of one
+    /// cluster share it; clients need none. Unset: control messages are
+    /// not authenticated.
+    pub(crate) cluster_key_file: Option<PathBuf>,
     /// How long an operator command (`status`, `drain`) waits for the
     /// coordinator, in milliseconds.
     pub(crate) patience_ms: u64,
@@ -42,6 +47,7 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             broker: broker::DEFAULT_URL.into(),
+            cluster_key_file: None,
             patience_ms: 5_000,
             coordinator: CoordinatorSettings::default(),
             worker: WorkerOptions::default(),

@@ -52,6 +52,7 @@ async fn coordinator(settings: &Settings, shutdown: CancellationToken) -> anyhow
     };
     info!(store = %path.display(), open_calls = ledger.open_calls(), "coordinator serving");
     Coordinator::new(settings.coordinator.options.clone(), broker, ledger)
+        .counting_unauthenticated(super::broker::UNAUTHENTICATED.clone())
         .run(shutdown)
         .await
         .context("the coordinator stopped")
@@ -97,6 +98,7 @@ async fn coordinator_on_postgres(
         };
         info!(cluster = %c.cluster, epoch, open_calls = ledger.open_calls(), "coordinator leading");
         match Coordinator::new(c.options.clone(), broker, ledger)
+            .counting_unauthenticated(super::broker::UNAUTHENTICATED.clone())
             .run(shutdown.clone())
             .await
         {

@@ -36,5 +36,5 @@ async fn drain(settings: &Settings, worker: &str) -> anyhow::Result<bool> {
     admin
         .drain(worker)
         .await
-        .context("asking the coordinator (is one running?)")
+        .context("asking the coordinator (is one running, and does it hold the same cluster key as this command: CALLQ_CLUSTER_KEY_FILE?)")
 }

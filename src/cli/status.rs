@@ -54,7 +54,7 @@ async fn status(settings: &Settings) -> anyhow::Result<StatusReport> {
     let cluster = admin
         .status()
         .await
-        .context("asking the coordinator (is one running?)")?;
+        .context("asking the coordinator (is one running, and does it hold the same cluster key as this command: CALLQ_CLUSTER_KEY_FILE?)")?;
     let mut services: Vec<&str> = cluster
         .workers
         .iter()

@@ -110,6 +110,9 @@ pub struct Coordinator<S: Store> {
     /// request, and one line a second says so.
     store_failures: u64,
     store_quiet_until: Option<std::time::Instant>,
+    /// Control messages dropped unauthenticated, counted by the broker the
+    /// coordinator was given (reported in its status).
+    unauthenticated: Option<Arc<std::sync::atomic::AtomicU64>>,
     /// Times the coordinator connected again after losing the broker.
     reconnects: u64,
 }
@@ -132,8 +135,17 @@ impl<S: Store> Coordinator<S> {
             stale_dropped: 0,
             store_failures: 0,
             store_quiet_until: None,
+            unauthenticated: None,
             reconnects: 0,
         }
+    }
+
+    /// Reports `dropped` in the status as the control messages dropped
+    /// because the cluster key did not sign them.
+    #[must_use]
+    pub fn counting_unauthenticated(mut self, dropped: Arc<std::sync::atomic::AtomicU64>) -> Self {
+        self.unauthenticated = Some(dropped);
+        self
     }
 
     /// Serves until `shutdown` is cancelled. A lost broker connection

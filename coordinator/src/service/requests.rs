@@ -257,6 +257,10 @@ impl<S: Store> Coordinator<S> {
             open_calls: u64::try_from(self.ledger.open_calls()).unwrap_or(u64::MAX),
             deaths: self.detector.deaths(),
             stale_dropped: self.stale_dropped,
+            unauthenticated_dropped: self
+                .unauthenticated
+                .as_ref()
+                .map_or(0, |n| n.load(std::sync::atomic::Ordering::Relaxed)),
             promotions: self.standbys.promotions(),
         }
     }
