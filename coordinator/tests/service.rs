@@ -16,7 +16,7 @@ use callq_coordinator::{
     SessionLife, SessionRecord, Store,
 };
 use callq_schemas::protocol::{
-    Answer, AnswerBody, CompleteDecision, InFlightCall, Lease, Request, RequestBody,
+    Answer, AnswerBody, ClusterStatus, CompleteDecision, InFlightCall, Lease, Request, RequestBody,
     ResumeDecision, SessionWrite, TraceDecision, WorkerState,
 };
 use callq_schemas::{Call, Limits, Outcome, Uuid, decode_reply};
@@ -293,6 +293,54 @@ async fn a_dead_worker_s_traced_call_is_answered_fatal_and_stays_fatal() {
             ..
         }
     ));
+}
+
+/// The coordinator's status, asked as the operator `op`.
+async fn ask_status(bus: &Bus, answers: &mut Box<dyn Consumer>) -> ClusterStatus {
+    let req_id = Uuid::now_v7();
+    bus.send("op", RequestBody::Status { req_id }).await;
+    match answer(answers).await {
+        AnswerBody::Status {
+            req_id: got,
+            status,
+        } if got == req_id => status,
+        other => panic!("not the status asked for: {other:?}"),
+    }
+}
+
+/// A heartbeat that claims more calls in flight than its capacity, or a
+/// capacity no worker has, is refused whole: the worker is not registered
+/// and the ledger holds no record of its calls. One within bounds is taken.
+#[tokio::test(start_paused = true)]
+async fn a_heartbeat_claiming_more_than_its_capacity_is_refused() {
+    let bus = Bus::new().await;
+    let _c = bus.start(MemoryStore::default());
+    let mut answers = bus.queue(&worker_queue("op")).await;
+    let calls: Vec<InFlightCall> = (0..9)
+        .map(|_| {
+            let (call, body) = call();
+            in_flight(&call, lease(&call, 1), &body)
+        })
+        .collect();
+    let beat = |capacity: u32, free: u32, in_flight: Vec<InFlightCall>| RequestBody::Heartbeat {
+        services: vec!["mail".into()],
+        state: WorkerState::Active,
+        capacity,
+        free,
+        in_flight,
+        partitions: Default::default(),
+    };
+    bus.send("ghost", beat(8, 0, calls.clone())).await;
+    bus.send("huge", beat(1 << 20, 1 << 20, Vec::new())).await;
+    bus.send("slack", beat(8, 9, Vec::new())).await;
+    let status = ask_status(&bus, &mut answers).await;
+    assert!(status.workers.is_empty(), "{status:?}");
+    assert_eq!(status.open_calls, 0, "{status:?}");
+
+    bus.send("honest", beat(9, 0, calls)).await;
+    let status = ask_status(&bus, &mut answers).await;
+    assert_eq!(status.workers.len(), 1, "{status:?}");
+    assert_eq!(status.workers[0].worker_id, "honest");
 }
 
 /// A `reply_to` a worker reported for a call (or a forged request carried)

@@ -7,11 +7,43 @@ use callq_schemas::protocol::{
     SessionState, SessionWrite, WorkerState,
 };
 use callq_schemas::{Reply, Uuid};
-use tracing::info;
+use tracing::{info, warn};
 
 use super::registry::Beat;
 use super::{Coordinator, Outbox};
 use crate::{Error, Store};
+
+/// The largest capacity a worker has (`WorkerOptions::capacity` is a
+/// `u16`), and the most services one worker serves.
+const MAX_CAPACITY: u32 = u16::MAX as u32;
+const MAX_SERVICES: usize = 1024;
+
+/// Whether a heartbeat claims what a worker can hold: no more calls in
+/// flight than its capacity, which a worker's settings bound; a heartbeat
+/// past it (a bug, or a forgery) would make the ledger hold records that
+/// never close.
+fn heartbeat_in_bounds(
+    services: &[String],
+    capacity: u32,
+    free: u32,
+    in_flight: usize,
+) -> Result<(), String> {
+    if capacity > MAX_CAPACITY {
+        return Err(format!("capacity {capacity} is above {MAX_CAPACITY}"));
+    }
+    if free > capacity || in_flight > capacity as usize {
+        return Err(format!(
+            "{in_flight} calls in flight and {free} free slots do not fit a capacity of {capacity}"
+        ));
+    }
+    if services.len() > MAX_SERVICES {
+        return Err(format!(
+            "{} services, more than {MAX_SERVICES}",
+            services.len()
+        ));
+    }
+    Ok(())
+}
 
 impl<S: Store> Coordinator<S> {
     /// Applies one request; queues its answer, and any order it calls for,
@@ -33,6 +65,10 @@ impl<S: Store> Coordinator<S> {
                 in_flight,
                 partitions,
             } => {
+                if let Err(why) = heartbeat_in_bounds(&services, capacity, free, in_flight.len()) {
+                    warn!(%worker, "heartbeat refused: {why}");
+                    return Ok(());
+                }
                 let beat = Beat {
                     services,
                     state,
