@@ -863,9 +863,18 @@ impl AmqpSettle {
             .with_headers(table)
     }
 
-    /// A copy of the message for the dead-letter queue, with the reason.
+    /// A copy of the message for the dead-letter queue, with the reason:
+    /// the message's own headers, not the broker's nor the count a released
+    /// copy carried (the queue it goes to counts its deliveries afresh).
     fn dead_letter_properties(&self, reason: &str) -> BasicProperties {
-        let mut table = self.properties.headers().clone().unwrap_or_default();
+        let mut table = FieldTable::default();
+        if let Some(headers) = self.properties.headers() {
+            for (k, v) in headers.inner() {
+                if !is_broker_header(k.as_str()) && k.as_str() != RELEASED_HEADER {
+                    table.insert(k.clone(), v.clone());
+                }
+            }
+        }
         table.insert(
             DEAD_REASON_HEADER.into(),
             AMQPValue::LongString(LongString::from(reason.as_bytes().to_vec())),

@@ -85,7 +85,7 @@ use std::time::Duration;
 
 use callq_broker::{
     ATTEMPT_HEADER, Broker, Consumer, DEAD_REASON_HEADER, Delivery, Disposition, Error, Message,
-    QueueDepth, QueueSpec,
+    QueueDepth, QueueSpec, RELEASED_HEADER,
 };
 
 /// How long any single wait on the broker may take before the test fails as
@@ -613,14 +613,7 @@ pub async fn past_the_limit_unjudged_goes_to_the_limit_queue(broker: Arc<dyn Bro
             }
         }
         let past = next(&mut lost_consumer, &format!("{name} in the limit queue")).await;
-        assert_eq!(past.body, sent.body, "{past:?}");
-        assert_eq!(past.queue, lost);
-        assert_eq!(
-            past.headers.get(DEAD_REASON_HEADER).map(String::as_str),
-            Some("delivery_limit"),
-            "the message past the limit must say why: {past:?}"
-        );
-        assert_headers_kept(&sent, &past, "moving past the limit");
+        assert_past_limit_fresh(&past, &sent, &lost);
         let reason = format!("conformance: {name} answered");
         settle(past, Disposition::DeadLetter { reason }).await;
         let dead_letter = next(&mut dead_consumer, &format!("{name} dead-lettered")).await;
@@ -634,9 +627,50 @@ pub async fn past_the_limit_unjudged_goes_to_the_limit_queue(broker: Arc<dyn Bro
         );
         settle(dead_letter, Disposition::Ack).await;
     }
-    quiet(&mut consumer, "both messages passed the limit").await;
+    // A released copy that passes the limit arrives there as a new
+    // message too, and a lease it loses there counts from 0.
+    let sent = Message::new("released").header("x-conformance", "kept");
+    publish(&*broker, &queue, sent.clone()).await;
+    let first = next(&mut consumer, "the message to release").await;
+    settle(first, Disposition::Requeue).await;
+    let again = next(&mut consumer, "the redelivery to release").await;
+    settle(again, Disposition::Release).await;
+    let released = next(&mut consumer, "the released copy").await;
+    settle(released, Disposition::Requeue).await;
+    let past = next(&mut lost_consumer, "the released copy in the limit queue").await;
+    assert_past_limit_fresh(&past, &sent, &lost);
+    drop(past);
+    drop(lost_consumer);
+    let mut lost_consumer = consume(&*broker, &lost, 3).await;
+    let back = next(&mut lost_consumer, "the limit queue's redelivery").await;
+    assert_eq!(back.body, sent.body, "{back:?}");
+    assert_eq!(
+        back.delivery_count, 1,
+        "counted afresh in the limit queue: {back:?}"
+    );
+    settle(back, Disposition::Ack).await;
+
+    quiet(&mut consumer, "every message passed the limit").await;
     quiet(&mut lost_consumer, "only the unjudged passed the limit").await;
     quiet(&mut dead_consumer, "each message was dead-lettered once").await;
+}
+
+/// A message that passed the limit into `lost`: the body and the message's
+/// headers, with reason `delivery_limit`, as a first delivery there.
+fn assert_past_limit_fresh(past: &Delivery, sent: &Message, lost: &str) {
+    assert_eq!(past.body, sent.body, "{past:?}");
+    assert_eq!(past.queue, lost);
+    assert_eq!(
+        past.headers.get(DEAD_REASON_HEADER).map(String::as_str),
+        Some("delivery_limit"),
+        "the message past the limit must say why: {past:?}"
+    );
+    assert_headers_kept(sent, past, "moving past the limit");
+    assert_eq!(past.delivery_count, 0, "not counted afresh: {past:?}");
+    assert!(
+        !past.headers.contains_key(RELEASED_HEADER),
+        "it still carries the released count: {past:?}"
+    );
 }
 
 /// Guarantee 7: [`Disposition::DeadLetter`] moves the message to the

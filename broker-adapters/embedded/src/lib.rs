@@ -479,8 +479,12 @@ impl Queue {
                     return;
                 }
             }
+            let mut headers = message.headers;
+            // A new message there: counted afresh, not a released copy.
+            headers.remove(callq_broker::RELEASED_HEADER);
             state.ready.push_back(Stored {
                 delivery_count: 0,
+                headers,
                 ..message
             });
         }

@@ -987,9 +987,11 @@ fn visible_headers(raw: &Headers) -> Headers {
         .collect()
 }
 
-/// The headers of a dead letter: the message's, with the reason.
+/// The headers of a dead letter: the message's (not the count a released
+/// copy carried: the queue it goes to counts afresh), with the reason.
 fn dead_letter_headers(visible: &Headers, reason: &str) -> Headers {
     let mut headers = visible.clone();
+    headers.remove(callq_broker::RELEASED_HEADER);
     headers.insert(DEAD_REASON_HEADER.into(), reason.into());
     headers
 }
