@@ -23,7 +23,7 @@ use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use callq_broker::{
@@ -41,9 +41,9 @@ pub const AUTH_HEADER: &str = "callq-auth";
 /// The shortest cluster key accepted.
 pub const MIN_KEY_BYTES: usize = 32;
 
-/// How old a signed control message may be when it is read, by default:
-/// longer than any request waits in a queue while its coordinator is away
-/// (a completion is answered however late it is read).
+/// How old a signed control message may be when it is read, by default.
+/// Not applied to `callq.coordinator`: its requests carry their own expiry,
+/// and a completion is answered however late it is read.
 pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(900);
 
 /// How far ahead of the reader's clock a signature may be dated.
@@ -152,7 +152,11 @@ impl ClusterKey {
             ));
         }
         let age = now_ms.saturating_sub(at_ms);
-        if u128::from(age) > max_age.as_millis() {
+        // The coordinator's requests say themselves when they go stale
+        // (`expires_ms`), and a completion never does: it is answered
+        // however late a coordinator reads it (replaying one changes
+        // nothing), so no age of the signature's limits them.
+        if queue != COORDINATOR_QUEUE && u128::from(age) > max_age.as_millis() {
             return Err(format!(
                 "it was signed {age} ms ago, longer than {max_age:?}: a replay"
             ));
@@ -274,6 +278,9 @@ impl Broker for Signed {
             key: self.key.clone(),
             dropped: Arc::clone(&self.dropped),
             max_age: self.max_age,
+            logged_at: 0,
+            window: None,
+            lines: 0,
         }))
     }
 
@@ -290,7 +297,16 @@ struct Checked {
     key: ClusterKey,
     dropped: Arc<AtomicU64>,
     max_age: Duration,
+    /// The count at the last line logged, when the window of lines began,
+    /// and the lines logged in it.
+    logged_at: u64,
+    window: Option<Instant>,
+    lines: u32,
 }
+
+/// Lines a consumer logs about dropped messages per window, at most.
+const LOG_LINES: u32 = 10;
+const LOG_WINDOW: Duration = Duration::from_secs(10);
 
 #[async_trait]
 impl Consumer for Checked {
@@ -307,7 +323,19 @@ impl Consumer for Checked {
                 Ok(()) => return Some(Ok(delivery)),
                 Err(why) => {
                     let total = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-                    warn!(queue = %self.queue, dropped = total, "dropped a control message: {why}");
+                    // Ten lines each ten seconds at most: a flood of
+                    // forgeries does not flood the log.
+                    let now = Instant::now();
+                    if self.window.is_none_or(|start| now >= start + LOG_WINDOW) {
+                        self.window = Some(now);
+                        self.lines = 0;
+                    }
+                    if self.lines < LOG_LINES {
+                        let since = total - self.logged_at;
+                        warn!(queue = %self.queue, dropped = total, since_last_line = since, "dropped a control message: {why}");
+                        self.logged_at = total;
+                        self.lines += 1;
+                    }
                     // Settled in a task of its own, so that `next` stays
                     // cancel-safe.
                     tokio::spawn(async move {
@@ -434,6 +462,23 @@ mod tests {
         assert_eq!(&got.body[..], &body[..]);
         // The dropped ones were acked, not left to come back.
         assert_eq!(raw.depth(&queue).await.unwrap().ready, 0);
+    }
+
+    #[tokio::test]
+    async fn a_late_request_to_the_coordinator_is_no_replay() {
+        let raw: Arc<dyn Broker> = Arc::new(EmbeddedBroker::new());
+        raw.declare(&QueueSpec::plain(COORDINATOR_QUEUE))
+            .await
+            .unwrap();
+        let signed = Signed::new(raw.clone(), key(1));
+        let body = b"{}".to_vec();
+        let an_hour_ago = now_ms() - 3_600_000;
+        let late = Message::new(body.clone()).header(
+            AUTH_HEADER,
+            key(1).sign(COORDINATOR_QUEUE, an_hour_ago, &body),
+        );
+        assert!(one(&signed, COORDINATOR_QUEUE, late).await.is_some());
+        assert_eq!(signed.dropped(), 0);
     }
 
     #[tokio::test]
