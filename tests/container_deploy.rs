@@ -626,7 +626,9 @@ fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<
 /// compose file whose callq services are in the host's network namespace
 /// (`network_mode: host`, without `extra_hosts` and `hostname`, and with
 /// HOSTNAME set per service: it names a coordinator's lease holder, which
-/// the two coordinators must not share), and points them at 127.0.0.1.
+/// the two coordinators must not share, and `CALLQ_HTTP` on a port of the
+/// kernel's choosing, since they share the host's ports), and points them
+/// at 127.0.0.1.
 #[test]
 fn the_compose_cluster_serves_calls_and_drains_its_workers() {
     let vhost = Vhost::create();
@@ -651,7 +653,7 @@ for name, svc in doc["services"].items():
     svc["network_mode"] = "host"
     svc.pop("extra_hosts", None)
     svc.pop("hostname", None)
-    svc["environment"] = dict(svc.get("environment", {}), HOSTNAME=name)
+    svc["environment"] = dict(svc.get("environment", {}), HOSTNAME=name, CALLQ_HTTP="127.0.0.1:0")
 yaml.safe_dump(doc, open(sys.argv[2], "w"), sort_keys=False)
 "#;
     ok(

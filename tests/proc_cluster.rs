@@ -219,3 +219,49 @@ async fn the_agent_restarts_a_killed_worker_process() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `callq agent` stopped with SIGTERM while nothing is in flight: its
+/// workers drain at once and exit, and so does the agent, in well under
+/// the drain timeout (before, each worker's blocked read of its agent's
+/// pipe held it until the agent killed it 30 s later).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_stops_at_once_when_nothing_is_in_flight() {
+    let vhost = Vhost::create("agentstop");
+    let dir = support::temp_dir("agentstop");
+    let _coordinator = Proc::spawn("coordinator", &["coordinator"], &vhost.url, &dir);
+    let agent_id = format!("agent-{}", vhost.name);
+    let args = [
+        "agent",
+        "--agent-id",
+        &agent_id,
+        "--services",
+        "echo",
+        "--count",
+        "2",
+    ];
+    let mut agent = Proc::spawn("agent", &args, &vhost.url, &dir);
+    let admin = Admin::connect(support::amqp(&vhost.url).await, Duration::from_secs(10))
+        .await
+        .unwrap();
+    wait_status(
+        &admin,
+        "the agent's 2 workers",
+        Duration::from_secs(30),
+        |s| count(s, WorkerState::Active) >= 2 && s.agents.contains(&agent_id),
+    )
+    .await;
+    let needle = format!("--worker-id {agent_id}.");
+    assert!(pid_of(&needle).is_some(), "the agent's workers run");
+    let stopped = std::time::Instant::now();
+    agent.terminate();
+    let status = agent.wait_exit(Duration::from_secs(20));
+    let took = stopped.elapsed();
+    eprintln!("the agent stopped {took:?} after SIGTERM: {status:?}");
+    assert!(status.is_some_and(|s| s.success()), "{}", agent.log());
+    assert!(
+        took < Duration::from_secs(5),
+        "the agent took {took:?} to stop with nothing in flight:\n{}",
+        agent.log()
+    );
+    assert!(pid_of(&needle).is_none(), "a worker outlived its agent");
+}

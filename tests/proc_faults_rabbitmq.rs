@@ -461,3 +461,103 @@ async fn a_worker_paused_past_the_heartbeat_reconnects_soon_after_waking() {
     check(&recorder.replies(), &ids, &[], &cluster.outbox());
     cluster.all_alive();
 }
+
+/// A port nothing listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET path` on 127.0.0.1:`port`: the status code and the body, or `None`
+/// while nothing answers.
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    Some((status, body))
+}
+
+/// Waits until `GET path` answers `status`; the body.
+async fn wait_http(port: u16, path: &str, status: u16, timeout: Duration) -> String {
+    let until = Instant::now() + timeout;
+    loop {
+        let got = http_get(port, path);
+        if let Some((code, body)) = &got
+            && *code == status
+        {
+            return body.clone();
+        }
+        assert!(
+            Instant::now() < until,
+            "GET {path} on port {port} did not answer {status} within {timeout:?}: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `/healthz` and `/readyz` of a coordinator and a worker (`CALLQ_HTTP`):
+/// ready once they serve, 503 while their broker is stopped, ready again
+/// once it is back without outside help; alive throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readiness_probes_follow_the_broker() {
+    let vhost = FaultVhost::create("health", "");
+    let dir = support::temp_dir("health");
+    let (pc, pw) = (free_port(), free_port());
+    let (ac, aw) = (format!("127.0.0.1:{pc}"), format!("127.0.0.1:{pw}"));
+    let mut coordinator = Proc::spawn_env(
+        "coordinator",
+        &["coordinator"],
+        &vhost.url,
+        &dir,
+        &[("CALLQ_HTTP", ac.as_str())],
+    );
+    let args = ["worker", "--services", "echo", "--worker-id", "hw1"];
+    let mut worker = Proc::spawn_env(
+        "hw1",
+        &args,
+        &vhost.url,
+        &dir,
+        &[("CALLQ_HTTP", aw.as_str())],
+    );
+    let minute = Duration::from_secs(60);
+    assert_eq!(wait_http(pc, "/readyz", 200, minute).await, "leading");
+    assert_eq!(wait_http(pw, "/readyz", 200, minute).await, "active");
+    for port in [pc, pw] {
+        assert_eq!(http_get(port, "/healthz"), Some((200, "alive".into())));
+        assert_eq!(http_get(port, "/nothing").map(|(code, _)| code), Some(404));
+    }
+
+    vhost.node.script("stop_app");
+    let down = Instant::now();
+    let why_c = wait_http(pc, "/readyz", 503, Duration::from_secs(30)).await;
+    let why_w = wait_http(pw, "/readyz", 503, Duration::from_secs(30)).await;
+    eprintln!(
+        "unready {:?} after the broker stopped: {why_c:?}, {why_w:?}",
+        down.elapsed()
+    );
+    for port in [pc, pw] {
+        assert_eq!(http_get(port, "/healthz"), Some((200, "alive".into())));
+    }
+    vhost.node.script("start_app");
+    let up = Instant::now();
+    assert_eq!(wait_http(pc, "/readyz", 200, minute).await, "leading");
+    assert_eq!(wait_http(pw, "/readyz", 200, minute).await, "active");
+    eprintln!("ready again {:?} after the broker was back", up.elapsed());
+    assert!(coordinator.running(), "{}", coordinator.log());
+    assert!(worker.running(), "{}", worker.log());
+}

@@ -432,6 +432,10 @@ fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 
+/// The most services one worker serves: a heartbeat that lists more is
+/// refused.
+pub const MAX_SERVICES_PER_WORKER: usize = 1024;
+
 /// An answer of the coordinator, on the worker's queue.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Answer {

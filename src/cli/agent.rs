@@ -13,6 +13,7 @@ use tracing::info;
 
 use super::broker::connect;
 use super::config::Settings;
+use super::health::{self, Health};
 use super::shutdown::shutdown_on_signal;
 
 #[derive(clap::Args)]
@@ -38,13 +39,15 @@ pub(crate) async fn run(args: Args, config: Option<&Path>) -> anyhow::Result<Exi
         .iter()
         .flat_map(|c| ["--config".to_string(), c.display().to_string()])
         .collect();
-    agent(
-        &Settings::load(config)?,
-        args,
-        worker_args,
-        shutdown_on_signal(),
-    )
-    .await?;
+    let settings = Settings::load(config)?;
+    let health = Health::new();
+    let probes = CancellationToken::new();
+    health::serve(settings.http.as_deref(), health.clone(), probes.clone()).await?;
+    let shutdown = shutdown_on_signal();
+    health::unready_on(&shutdown, &health);
+    let served = agent(&settings, args, worker_args, shutdown, &health).await;
+    probes.cancel();
+    served?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -55,6 +58,7 @@ async fn agent(
     args: Args,
     worker_args: Vec<String>,
     shutdown: CancellationToken,
+    health: &Arc<Health>,
 ) -> anyhow::Result<()> {
     let mut opts = settings.agent.clone();
     if let Some(id) = args.agent_id {
@@ -81,6 +85,7 @@ async fn agent(
     let program = std::env::current_exe().context("finding the callq binary")?;
     let broker = connect(settings, &format!("agent {}", opts.agent_id)).await?;
     info!(agent = %opts.agent_id, workers = opts.workers.len(), "agent running");
+    health.ready("serving");
     Agent::new(opts, broker, Arc::new(Processes::new(program, worker_args)))
         .run(shutdown)
         .await

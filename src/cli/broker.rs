@@ -92,13 +92,25 @@ async fn connect_plain(settings: &Settings, role: &str) -> anyhow::Result<Arc<dy
     if url.starts_with("kafka://") {
         return connect_kafka(url, role).await;
     }
-    if !url.starts_with("amqp://") {
+    if !url.starts_with("amqp://") && !url.starts_with("amqps://") {
         bail!(
-            "unsupported broker `{url}`: callq speaks amqp:// (RabbitMQ; TLS is not supported yet) \
-             and kafka://host:port (Kafka)"
+            "unsupported broker `{url}`: callq speaks amqp:// and amqps:// (RabbitMQ, amqps over \
+             TLS) and kafka://host:port (Kafka)"
         );
     }
-    connect_amqp(url, role).await
+    connect_amqp(url, role).await.map_err(|e| {
+        if url.starts_with("amqp://") {
+            e.context(
+                "if the broker only takes TLS on that port, use amqps:// (the CA in SSL_CERT_FILE \
+                 when it is not a system one)",
+            )
+        } else {
+            e.context(
+                "over TLS: the broker's certificate must name the URL's host and chain to a CA \
+                 the system trusts or the file SSL_CERT_FILE names",
+            )
+        }
+    })
 }
 
 #[cfg(feature = "kafka")]

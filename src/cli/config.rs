@@ -30,6 +30,9 @@ pub(crate) struct Settings {
     /// cluster share it; clients need none. Unset: control messages are
     /// not authenticated.
     pub(crate) cluster_key_file: Option<PathBuf>,
+    /// Where `coordinator`, `worker` and `agent` serve `GET /healthz` and
+    /// `GET /readyz` (`host:port`, e.g. `0.0.0.0:9464`). Unset: nowhere.
+    pub(crate) http: Option<String>,
     /// How long an operator command (`status`, `drain`) waits for the
     /// coordinator, in milliseconds.
     pub(crate) patience_ms: u64,
@@ -48,6 +51,7 @@ impl Default for Settings {
         Self {
             broker: broker::DEFAULT_URL.into(),
             cluster_key_file: None,
+            http: None,
             patience_ms: 5_000,
             coordinator: CoordinatorSettings::default(),
             worker: WorkerOptions::default(),

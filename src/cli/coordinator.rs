@@ -4,6 +4,7 @@
 
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -13,20 +14,33 @@ use tracing::{info, warn};
 
 use super::broker::connect;
 use super::config::Settings;
+use super::health::{self, Health, unready_on};
 use super::shutdown::shutdown_on_signal;
 
 /// Serves until a signal stops it.
 pub(crate) async fn run(config: Option<&Path>) -> anyhow::Result<ExitCode> {
-    coordinator(&Settings::load(config)?, shutdown_on_signal()).await?;
+    let settings = Settings::load(config)?;
+    let health = Health::new();
+    let probes = CancellationToken::new();
+    health::serve(settings.http.as_deref(), health.clone(), probes.clone()).await?;
+    let shutdown = shutdown_on_signal();
+    unready_on(&shutdown, &health);
+    let served = coordinator(&settings, shutdown, &health).await;
+    probes.cancel();
+    served?;
     Ok(ExitCode::SUCCESS)
 }
 
 /// `callq coordinator`: waits for the store, then serves until stopped. On
 /// RabbitMQ the request queue has a single active consumer, so a second
 /// coordinator stands by until the first is gone.
-async fn coordinator(settings: &Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+async fn coordinator(
+    settings: &Settings,
+    shutdown: CancellationToken,
+    health: &Arc<Health>,
+) -> anyhow::Result<()> {
     if let Some(url) = &settings.coordinator.postgres {
-        return coordinator_on_postgres(settings, url, shutdown).await;
+        return coordinator_on_postgres(settings, url, shutdown, health).await;
     }
     let path = &settings.coordinator.store;
     let mut waiting = false;
@@ -36,6 +50,7 @@ async fn coordinator(settings: &Settings, shutdown: CancellationToken) -> anyhow
             Err(callq_coordinator::Error::StoreInUse(_)) => {
                 if !waiting {
                     info!(store = %path.display(), "another coordinator holds the store: standing by");
+                    health.ready("standing by");
                     waiting = true;
                 }
                 tokio::select! {
@@ -47,12 +62,15 @@ async fn coordinator(settings: &Settings, shutdown: CancellationToken) -> anyhow
         }
     };
     let ledger = Ledger::open(store).context("reading the call ledger")?;
+    health.unready("leading, connecting to the broker");
     let Some(broker) = connect_patiently(settings, &shutdown).await else {
         return Ok(());
     };
     info!(store = %path.display(), open_calls = ledger.open_calls(), "coordinator serving");
+    health.ready("leading");
     Coordinator::new(settings.coordinator.options.clone(), broker, ledger)
         .counting_unauthenticated(super::broker::UNAUTHENTICATED.clone())
+        .signalling_serving(health.serving())
         .run(shutdown)
         .await
         .context("the coordinator stopped")
@@ -65,6 +83,7 @@ async fn coordinator_on_postgres(
     settings: &Settings,
     url: &str,
     shutdown: CancellationToken,
+    health: &Arc<Health>,
 ) -> anyhow::Result<()> {
     let c = &settings.coordinator;
     let lease = Duration::from_millis(c.lease_ms.max(100));
@@ -81,10 +100,14 @@ async fn coordinator_on_postgres(
                 Ok(Some(store)) => break store,
                 Ok(None) if !waiting => {
                     info!(cluster = %c.cluster, "another coordinator leads: standing by");
+                    health.ready("standing by");
                     waiting = true;
                 }
-                Ok(None) => {}
-                Err(e) => warn!(cluster = %c.cluster, "taking the lease: {e}"),
+                Ok(None) => health.ready("standing by"),
+                Err(e) => {
+                    warn!(cluster = %c.cluster, "taking the lease: {e}");
+                    health.unready(format!("without the store: {e}"));
+                }
             }
             tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
@@ -93,18 +116,22 @@ async fn coordinator_on_postgres(
         };
         let epoch = store.epoch();
         let ledger = Ledger::open(store).context("reading the call ledger")?;
+        health.unready("leading, connecting to the broker");
         let Some(broker) = connect_patiently(settings, &shutdown).await else {
             return Ok(());
         };
         info!(cluster = %c.cluster, epoch, open_calls = ledger.open_calls(), "coordinator leading");
+        health.ready("leading");
         match Coordinator::new(c.options.clone(), broker, ledger)
             .counting_unauthenticated(super::broker::UNAUTHENTICATED.clone())
+            .signalling_serving(health.serving())
             .run(shutdown.clone())
             .await
         {
             Ok(()) => return Ok(()),
             Err(e @ callq_coordinator::Error::Fenced(_)) => {
                 warn!(cluster = %c.cluster, epoch, "lost the lead: {e}; standing by");
+                health.unready("lost the lead: taking the lease again");
             }
             Err(e) => return Err(e).context("the coordinator stopped"),
         }

@@ -13,6 +13,7 @@ mod config;
 mod coordinator;
 mod demo;
 mod drain;
+mod health;
 mod replay;
 mod shutdown;
 mod status;

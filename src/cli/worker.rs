@@ -14,7 +14,8 @@ use tracing::warn;
 
 use super::broker::connect;
 use super::config::Settings;
-use super::shutdown::{shutdown_on_signal, stop_when_stdin_closes};
+use super::health::{self, Health};
+use super::shutdown::{shutdown_on_signal, shutdown_on_signal_supervised, stop_when_stdin_closes};
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
@@ -38,11 +39,23 @@ pub(crate) struct Args {
 
 /// Serves until a signal (or, supervised, the end of stdin) stops it.
 pub(crate) async fn run(args: Args, config: Option<&Path>) -> anyhow::Result<ExitCode> {
-    let shutdown = shutdown_on_signal();
-    if args.supervised {
+    let shutdown = if args.supervised {
+        let shutdown = shutdown_on_signal_supervised();
         stop_when_stdin_closes(shutdown.clone());
-    }
-    worker(&Settings::load(config)?, args, shutdown).await?;
+        shutdown
+    } else {
+        shutdown_on_signal()
+    };
+    let settings = Settings::load(config)?;
+    let health = Health::new();
+    let probes = CancellationToken::new();
+    // A worker an agent started leaves the address to its agent, which
+    // answers for the node (its workers share the agent's settings).
+    let http = settings.http.as_deref().filter(|_| !args.supervised);
+    health::serve(http, health.clone(), probes.clone()).await?;
+    let served = worker(&settings, args, shutdown, &health).await;
+    probes.cancel();
+    served?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -54,6 +67,7 @@ async fn worker(
     settings: &Settings,
     args: Args,
     shutdown: CancellationToken,
+    health: &Arc<Health>,
 ) -> anyhow::Result<()> {
     let found = built_in(&args.services)?;
     let mut opts = settings.worker.clone();
@@ -65,6 +79,8 @@ async fn worker(
     }
     opts.standby = args.standby;
     let base = opts.worker_id.clone();
+    health::unready_on(&shutdown, health);
+    let serving = if opts.standby { "standby" } else { "active" };
     // A new incarnation only after a run that connected: retries that never
     // reached the broker keep the id.
     let mut incarnation = 0u32;
@@ -78,6 +94,9 @@ async fn worker(
         };
         let ended = match connect(settings, &format!("worker {id}")).await {
             Ok(broker) => {
+                if !shutdown.is_cancelled() {
+                    health.ready(serving);
+                }
                 let (ended, ran) = serve(&opts, &id, broker, &found, &shutdown).await;
                 if ran > Duration::from_secs(60) {
                     backoff.reset();
@@ -86,6 +105,9 @@ async fn worker(
                 match ended {
                     Ok(()) => return Ok(()),
                     Err(callq_node::Error::Config(e)) => bail!("worker {id}: {e}"),
+                    Err(callq_node::Error::Disconnected) => {
+                        "the broker connection was lost".to_owned()
+                    }
                     Err(e) => e.to_string(),
                 }
             }
@@ -94,6 +116,7 @@ async fn worker(
         if shutdown.is_cancelled() {
             return Ok(());
         }
+        health.unready(format!("without the broker: {ended}"));
         let pause = backoff.next_delay();
         warn!(worker = %id, "{ended}; reconnecting in {pause:?}");
         tokio::select! {

@@ -113,6 +113,8 @@ pub struct Coordinator<S: Store> {
     /// Control messages dropped unauthenticated, counted by the broker the
     /// coordinator was given (reported in its status).
     unauthenticated: Option<Arc<std::sync::atomic::AtomicU64>>,
+    /// Set while it serves on a live broker connection.
+    serving: Option<Arc<std::sync::atomic::AtomicBool>>,
     /// Times the coordinator connected again after losing the broker.
     reconnects: u64,
 }
@@ -136,7 +138,22 @@ impl<S: Store> Coordinator<S> {
             store_failures: 0,
             store_quiet_until: None,
             unauthenticated: None,
+            serving: None,
             reconnects: 0,
+        }
+    }
+
+    /// Sets `serving` while it serves on a live broker connection, and
+    /// clears it while it connects again (for a readiness probe).
+    #[must_use]
+    pub fn signalling_serving(mut self, serving: Arc<std::sync::atomic::AtomicBool>) -> Self {
+        self.serving = Some(serving);
+        self
+    }
+
+    fn set_serving(&self, on: bool) {
+        if let Some(flag) = &self.serving {
+            flag.store(on, std::sync::atomic::Ordering::Release);
         }
     }
 
@@ -161,7 +178,9 @@ impl<S: Store> Coordinator<S> {
         self.clock = Clock::start();
         loop {
             let started = Instant::now();
-            let lost = match self.serve(&shutdown).await {
+            let served = self.serve(&shutdown).await;
+            self.set_serving(false);
+            let lost = match served {
                 Ok(()) => return Ok(()),
                 Err(Error::Disconnected) => "the broker connection was lost".to_owned(),
                 Err(Error::Broker(e)) if e.is_transient() || e == callq_broker::Error::Closed => {
@@ -188,6 +207,7 @@ impl<S: Store> Coordinator<S> {
         self.broker.declare(&QueueSpec::coordinator()).await?;
         self.broker.declare(&QueueSpec::heartbeats()).await?;
         let mut inbox = Inbox::open(self.broker.as_ref(), self.opts.batch_max.max(1)).await?;
+        self.set_serving(true);
         let mut tick = tokio::time::interval(self.opts.heartbeat_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         info!(reconnects = self.reconnects, "coordinator serving");

@@ -16,7 +16,7 @@ use crate::{Error, Store};
 /// The largest capacity a worker has (`WorkerOptions::capacity` is a
 /// `u16`), and the most services one worker serves.
 const MAX_CAPACITY: u32 = u16::MAX as u32;
-const MAX_SERVICES: usize = 1024;
+const MAX_SERVICES: usize = callq_schemas::protocol::MAX_SERVICES_PER_WORKER;
 
 /// Whether a heartbeat claims what a worker can hold: no more calls in
 /// flight than its capacity, which a worker's settings bound; a heartbeat

@@ -253,6 +253,13 @@ impl Worker {
         if self.opts.capacity == 0 {
             return Err(Error::Config("capacity must be at least 1".into()));
         }
+        let most = callq_schemas::protocol::MAX_SERVICES_PER_WORKER;
+        if self.services.len() > most {
+            return Err(Error::Config(format!(
+                "a worker serves at most {most} services, not {}",
+                self.services.len()
+            )));
+        }
         if self.opts.coordinated && self.opts.heartbeat_interval.is_zero() {
             return Err(Error::Config("heartbeat_interval must not be zero".into()));
         }

@@ -1,0 +1,142 @@
+//! `GET /healthz` and `GET /readyz` of the long-running processes
+//! (`coordinator`, `worker`, `agent`) on the address the setting `http`
+//! names (`CALLQ_HTTP`; off unless set), for probes and load balancers.
+//!
+//! `/healthz` answers 200 while the process runs. `/readyz` answers 200
+//! with what the process does (`active`, `standby`, `leading`, `standing
+//! by`, `serving`) once it is connected and doing it, and 503 with the
+//! reason otherwise (starting, the broker or the store unreachable,
+//! draining). Every answer is a short text; nothing a request sends is read
+//! beyond its request line and headers.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// What a process reports to its probes.
+#[derive(Debug, Default)]
+pub(crate) struct Health {
+    state: Mutex<Readiness>,
+    /// Set by a coordinator while it serves on a live broker connection:
+    /// a leader that lost the broker is not ready until it has it again.
+    serving: Arc<AtomicBool>,
+}
+
+#[derive(Debug, Clone)]
+enum Readiness {
+    /// Doing this; for a leading coordinator, only while `serving` holds.
+    Ready(&'static str),
+    /// Not ready, for this reason.
+    Unready(String),
+}
+
+impl Default for Readiness {
+    fn default() -> Self {
+        Self::Unready("starting".into())
+    }
+}
+
+impl Health {
+    pub(crate) fn new() -> Arc<Self> {
+        Arc::default()
+    }
+
+    /// The process does `what`, and is ready.
+    pub(crate) fn ready(&self, what: &'static str) {
+        *self.lock() = Readiness::Ready(what);
+    }
+
+    /// The process is not ready, for `why`.
+    pub(crate) fn unready(&self, why: impl Into<String>) {
+        *self.lock() = Readiness::Unready(why.into());
+    }
+
+    /// The flag a coordinator sets while it serves on a live connection.
+    pub(crate) fn serving(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.serving)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Readiness> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn answer(&self) -> (StatusCode, String) {
+        match self.lock().clone() {
+            Readiness::Ready("leading") if !self.serving.load(Ordering::Acquire) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "leading, but without the broker: connecting again\n".into(),
+            ),
+            Readiness::Ready(what) => (StatusCode::OK, format!("{what}\n")),
+            Readiness::Unready(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+        }
+    }
+}
+
+/// Makes `health` unready ("stopping") once `shutdown` is cancelled: a
+/// process that drains or stops takes no part in a rollout's count.
+pub(crate) fn unready_on(shutdown: &CancellationToken, health: &Arc<Health>) {
+    let (shutdown, health) = (shutdown.clone(), Arc::clone(health));
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        health.unready("stopping");
+    });
+}
+
+/// How long answering a probe may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves the probes on `addr` until `shutdown`; `None` when no address is
+/// set. Fails at once when the address cannot be bound.
+pub(crate) async fn serve(
+    addr: Option<&str>,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let Some(addr) = addr.map(str::trim).filter(|a| !a.is_empty()) else {
+        return Ok(());
+    };
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!("serving /healthz and /readyz on `{addr}` (setting http, CALLQ_HTTP)")
+    })?;
+    info!(at = %listener.local_addr().map_or_else(|_| addr.to_owned(), |a| a.to_string()), "serving /healthz and /readyz");
+    let app = Router::new()
+        .route("/healthz", get(|| async { "alive\n" }))
+        .route(
+            "/readyz",
+            get(|State(health): State<Arc<Health>>| async move { health.answer() }),
+        )
+        .layer(axum::middleware::from_fn(bounded))
+        .with_state(health);
+    tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+        if let Err(e) = served {
+            warn!("the health endpoint stopped: {e}");
+        }
+    });
+    Ok(())
+}
+
+/// Bounds every request's handling: a probe is answered within
+/// [`REQUEST_TIMEOUT`] or cut off.
+async fn bounded(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => axum::response::IntoResponse::into_response((
+            StatusCode::REQUEST_TIMEOUT,
+            "timed out\n",
+        )),
+    }
+}

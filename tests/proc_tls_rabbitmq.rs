@@ -1,0 +1,141 @@
+//! AMQP over TLS, with processes: a coordinator, a worker and `callq call`
+//! on a RabbitMQ node of the tests' own that takes TLS only
+//! (`scripts/rabbitmq-tls-node`, which scripts/services starts, with a
+//! certificate authority it makes; `CALLQ_TLS_NODE`, `CALLQ_TLS_PORT`,
+//! `CALLQ_TLS_CA`).
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod support;
+
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use support::{Proc, callq_bin};
+
+struct TlsNode {
+    node: String,
+    port: String,
+    ca: String,
+}
+
+impl TlsNode {
+    fn get() -> Self {
+        let var = |name: &str| {
+            std::env::var(name).unwrap_or_else(|_| {
+                panic!("{name} is not set: run scripts/test, or `scripts/rabbitmq-tls-node start` and export what `scripts/rabbitmq-tls-node env` prints")
+            })
+        };
+        Self {
+            node: var("CALLQ_TLS_NODE"),
+            port: var("CALLQ_TLS_PORT"),
+            ca: var("CALLQ_TLS_CA"),
+        }
+    }
+
+    fn ctl(&self, args: &[&str]) -> String {
+        let out = Command::new("rabbitmqctl")
+            .args(["-q", "-n", &self.node])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "rabbitmqctl -n {} {args:?}: {}",
+            self.node,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn url(&self, scheme: &str, host: &str, vhost: &str) -> String {
+        format!("{scheme}://guest:guest@{host}:{}/{vhost}", self.port)
+    }
+}
+
+/// `callq call echo echo {"tls": true}` against `url`, trusting the test CA.
+fn call(url: &str, ca: &str) -> Output {
+    Command::new(callq_bin())
+        .args([
+            "call",
+            "echo",
+            "echo",
+            r#"{"tls": true}"#,
+            "--timeout-ms",
+            "20000",
+        ])
+        .env("CALLQ_BROKER", url)
+        .env("SSL_CERT_FILE", ca)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap()
+}
+
+/// A coordinator and a worker reach the TLS-only node through `amqps://`,
+/// and `callq call` gets its answer through it; RabbitMQ reports every
+/// connection as TLS. A plain connection to the TLS port, and a TLS one to
+/// a host name the certificate does not name, fail with errors that say
+/// what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_goes_through_amqps_and_plain_or_misnamed_connections_are_refused() {
+    let node = TlsNode::get();
+    let run = std::env::var("CALLQ_TEST_RUN").unwrap_or_else(|_| "manual".into());
+    let vhost = format!("callq-test-{run}-tls-{}", uuid::Uuid::now_v7().simple());
+    node.ctl(&["add_vhost", &vhost]);
+    node.ctl(&["set_permissions", "-p", &vhost, "guest", ".*", ".*", ".*"]);
+    let dir = support::temp_dir("tls");
+    let url = node.url("amqps", "localhost", &vhost);
+    let env = [("SSL_CERT_FILE", node.ca.as_str())];
+    let mut coordinator = Proc::spawn_env("coordinator", &["coordinator"], &url, &dir, &env);
+    let args = ["worker", "--services", "echo", "--worker-id", "tls1"];
+    let mut worker = Proc::spawn_env("tls1", &args, &url, &dir, &env);
+
+    let started = Instant::now();
+    let out = loop {
+        let out = call(&url, &node.ca);
+        if out.status.success() || started.elapsed() > Duration::from_secs(60) {
+            break out;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "callq call over amqps failed: {stdout}{}\nworker:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        worker.log()
+    );
+    assert!(stdout.contains("\"tls\""), "{stdout}");
+
+    let listing = node.ctl(&["list_connections", "vhost", "ssl", "ssl_protocol"]);
+    let ours: Vec<&str> = listing.lines().filter(|l| l.contains(&vhost)).collect();
+    eprintln!("connections: {ours:?}");
+    assert!(
+        ours.len() >= 2,
+        "the coordinator and the worker are not both connected: {listing}"
+    );
+    assert!(
+        ours.iter()
+            .all(|l| l.contains("true") && l.contains("tlsv1")),
+        "a connection without TLS: {listing}"
+    );
+
+    let plain = call(&node.url("amqp", "localhost", &vhost), &node.ca);
+    let err = String::from_utf8_lossy(&plain.stderr);
+    assert!(
+        !plain.status.success(),
+        "a plain connection to the TLS port worked"
+    );
+    assert!(err.contains("use amqps://"), "{err}");
+
+    let misnamed = call(&node.url("amqps", "127.0.0.1", &vhost), &node.ca);
+    let err = String::from_utf8_lossy(&misnamed.stderr);
+    assert!(
+        !misnamed.status.success(),
+        "a certificate for another name was taken"
+    );
+    assert!(err.contains("not valid for name"), "{err}");
+
+    assert!(coordinator.running(), "{}", coordinator.log());
+    assert!(worker.running(), "{}", worker.log());
+    node.ctl(&["delete_vhost", &vhost]);
+}
