@@ -995,7 +995,7 @@ mod tests {
         let lost = arguments(&lost);
         let get_lost = |k: &str| lost.inner().get(k).and_then(text_of);
         assert_eq!(get_lost("x-queue-type").as_deref(), Some("quorum"));
-        assert_eq!(get_lost("x-delivery-limit").as_deref(), Some("5"));
+        assert_eq!(get_lost("x-delivery-limit"), None);
         assert_eq!(
             get_lost("x-dead-letter-routing-key").as_deref(),
             Some("callq.dead.echo")

@@ -391,10 +391,13 @@ impl QueueSpec {
 
     /// The spec of the queue that takes this queue's messages past the
     /// delivery limit ([`QueueSpec::limit_dead_letter`]), which adapters
-    /// declare along with it, before it: as bounded, as durable and as
-    /// limited as this queue, dead-lettering into this queue's dead-letter
-    /// queue. `None` when there is none, or it is the dead-letter queue.
-    /// Refused when it would be this queue itself.
+    /// declare along with it, before it: as bounded and as durable as this
+    /// queue, dead-lettering into this queue's dead-letter queue, and
+    /// without a delivery limit: what its consumer does runs no handler, so
+    /// no message can crash it there, and a message lost there again (its
+    /// consumer died for another reason) comes back until it is judged.
+    /// `None` when there is none, or it is the dead-letter queue. Refused
+    /// when it would be this queue itself.
     pub fn limit_dead_letter_spec(&self) -> Result<Option<QueueSpec>, Error> {
         let Some(name) = &self.limit_dead_letter else {
             return Ok(None);
@@ -409,7 +412,6 @@ impl QueueSpec {
         }
         let mut spec = QueueSpec::plain(name.clone());
         spec.max_length = self.max_length;
-        spec.delivery_limit = self.delivery_limit;
         spec.dead_letter = self.dead_letter.clone();
         spec.transient = self.transient;
         Ok(Some(spec))
