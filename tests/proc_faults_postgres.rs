@@ -122,3 +122,82 @@ async fn a_postgres_restart_mid_load_ends_every_call_once() {
         assert!(w.running(), "{} exited:\n{}", w.name, w.log());
     }
 }
+
+/// The coordinators' store over TLS: with `sslmode=require` the
+/// coordinator reaches PostgreSQL (the tests' own cluster, serving a
+/// certificate of the test CA for `localhost`) over TLS, checks the
+/// certificate against `SSL_CERT_FILE`, and leads; PostgreSQL reports its
+/// connection as TLS. Without the CA it refuses the server and never leads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_coordinator_reaches_postgres_over_tls() {
+    let pg = std::env::var("CALLQ_FAULTS_POSTGRES")
+        .expect("CALLQ_FAULTS_POSTGRES is not set: run scripts/test, or source scripts/services");
+    let ca = std::env::var("CALLQ_TLS_CA")
+        .expect("CALLQ_TLS_CA is not set: run scripts/test, or source scripts/services");
+    let vhost = Vhost::create("pgtls");
+    let dir = support::temp_dir("pgtls");
+    let app = format!("callq-tls-{}", uuid::Uuid::now_v7().simple());
+    let url = format!(
+        "{}?sslmode=require&application_name={app}",
+        pg.replace("127.0.0.1", "localhost")
+    );
+    let coordinator = |name: &str, ca: &str| {
+        Proc::spawn_env(
+            name,
+            &["coordinator"],
+            &vhost.url,
+            &dir,
+            &[
+                ("CALLQ_COORDINATOR__POSTGRES", url.as_str()),
+                ("CALLQ_COORDINATOR__CLUSTER", vhost.name.as_str()),
+                ("SSL_CERT_FILE", ca),
+            ],
+        )
+    };
+    let mut leader = coordinator("coordinator", &ca);
+    wait_log(&leader, "coordinator leading", Duration::from_secs(60));
+    let query = format!(
+        "select s.ssl, s.version from pg_stat_ssl s join pg_stat_activity a using (pid) \
+         where a.application_name = '{app}'"
+    );
+    let out = Command::new("psql")
+        .args([pg.as_str(), "-Atc", &query])
+        .output()
+        .unwrap();
+    let rows = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    eprintln!("the coordinator's connections in pg_stat_ssl: {rows:?}");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !rows.is_empty() && rows.lines().all(|l| l.starts_with("t|TLS")),
+        "the coordinator's connection is not TLS: {rows:?}"
+    );
+    assert!(leader.running(), "{}", leader.log());
+    drop(leader);
+
+    // The system's CAs do not include the test CA.
+    let untrusting = coordinator("untrusting", "/etc/ssl/certs/ca-certificates.crt");
+    wait_log(
+        &untrusting,
+        "invalid peer certificate",
+        Duration::from_secs(60),
+    );
+    assert!(!untrusting.log().contains("coordinator leading"));
+}
+
+/// Waits (bounded) until `proc`'s log holds `needle`.
+fn wait_log(proc: &Proc, needle: &str, timeout: Duration) {
+    let until = std::time::Instant::now() + timeout;
+    while !proc.log().contains(needle) {
+        assert!(
+            std::time::Instant::now() < until,
+            "{} never logged `{needle}`:\n{}",
+            proc.name,
+            proc.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -73,18 +73,63 @@ pub struct PgStore {
 }
 
 /// Connects to `url` with a bounded wait; the connection runs on a task.
+/// With `sslmode=require` in the URL the connection is TLS, the server's
+/// certificate checked against its host name and the CAs of the system
+/// (or of the file `SSL_CERT_FILE` names); otherwise it is plain.
 async fn connect(url: &str) -> Result<Client, Error> {
-    let (client, connection) =
-        tokio::time::timeout(ROUND_TRIP, tokio_postgres::connect(url, NoTls))
-            .await
-            .map_err(|_| pg_err(format!("no connection within {ROUND_TRIP:?}")))?
-            .map_err(pg_err)?;
+    let config: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e| pg_err(format!("reading the URL: {e}")))?;
+    if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+        start(&config, tls_connector()?).await
+    } else {
+        start(&config, NoTls).await
+    }
+}
+
+async fn start<T>(config: &tokio_postgres::Config, tls: T) -> Result<Client, Error>
+where
+    T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>,
+    T::Stream: Send + 'static,
+{
+    let (client, connection) = tokio::time::timeout(ROUND_TRIP, config.connect(tls))
+        .await
+        .map_err(|_| pg_err(format!("no connection within {ROUND_TRIP:?}")))?
+        .map_err(|e| {
+            // Its causes say why (a refused certificate, say).
+            let mut text = e.to_string();
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                text = format!("{text}: {c}");
+                cause = c.source();
+            }
+            pg_err(text)
+        })?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             warn!("the coordinator's PostgreSQL connection ended: {e}");
         }
     });
     Ok(client)
+}
+
+/// TLS to PostgreSQL: rustls with the CAs of the system, or of the file
+/// `SSL_CERT_FILE` names.
+fn tls_connector() -> Result<tokio_postgres_rustls::MakeRustlsConnect, Error> {
+    let mut roots = rustls::RootCertStore::empty();
+    let found = rustls_native_certs::load_native_certs();
+    let (added, _) = roots.add_parsable_certificates(found.certs);
+    if added == 0 {
+        return Err(pg_err(format!(
+            "sslmode=require, but no CA certificate was found ({:?}): set SSL_CERT_FILE to the CA's PEM file",
+            found.errors
+        )));
+    }
+    // The crate's one provider (ring: the only one its features enable).
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 
 async fn bounded<T>(
