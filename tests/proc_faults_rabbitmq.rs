@@ -512,19 +512,42 @@ async fn wait_http(port: u16, path: &str, status: u16, timeout: Duration) -> Str
 
 /// `/healthz` and `/readyz` of a coordinator and a worker (`CALLQ_HTTP`):
 /// ready once they serve, 503 while their broker is stopped, ready again
-/// once it is back without outside help; alive throughout.
+/// once it is back without outside help; alive throughout. A standby says
+/// so, and says `active` once the coordinator promotes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_readiness_probes_follow_the_broker() {
     let vhost = FaultVhost::create("health", "");
     let dir = support::temp_dir("health");
-    let (pc, pw) = (free_port(), free_port());
-    let (ac, aw) = (format!("127.0.0.1:{pc}"), format!("127.0.0.1:{pw}"));
+    let (pc, pw, ps) = (free_port(), free_port(), free_port());
+    let (ac, aw, asb) = (
+        format!("127.0.0.1:{pc}"),
+        format!("127.0.0.1:{pw}"),
+        format!("127.0.0.1:{ps}"),
+    );
     let mut coordinator = Proc::spawn_env(
         "coordinator",
         &["coordinator"],
         &vhost.url,
         &dir,
-        &[("CALLQ_HTTP", ac.as_str())],
+        &[
+            ("CALLQ_HTTP", ac.as_str()),
+            ("CALLQ_COORDINATOR__STANDBY_PER_SERVICE__ECHO", "1"),
+        ],
+    );
+    let standby_args = [
+        "worker",
+        "--services",
+        "echo",
+        "--worker-id",
+        "hs1",
+        "--standby",
+    ];
+    let mut standby = Proc::spawn_env(
+        "hs1",
+        &standby_args,
+        &vhost.url,
+        &dir,
+        &[("CALLQ_HTTP", asb.as_str())],
     );
     let args = ["worker", "--services", "echo", "--worker-id", "hw1"];
     let mut worker = Proc::spawn_env(
@@ -537,6 +560,7 @@ async fn the_readiness_probes_follow_the_broker() {
     let minute = Duration::from_secs(60);
     assert_eq!(wait_http(pc, "/readyz", 200, minute).await, "leading");
     assert_eq!(wait_http(pw, "/readyz", 200, minute).await, "active");
+    assert_eq!(wait_http(ps, "/readyz", 200, minute).await, "standby");
     for port in [pc, pw] {
         assert_eq!(http_get(port, "/healthz"), Some((200, "alive".into())));
         assert_eq!(http_get(port, "/nothing").map(|(code, _)| code), Some(404));
@@ -560,4 +584,17 @@ async fn the_readiness_probes_follow_the_broker() {
     eprintln!("ready again {:?} after the broker was back", up.elapsed());
     assert!(coordinator.running(), "{}", coordinator.log());
     assert!(worker.running(), "{}", worker.log());
+
+    // The active worker dies: the coordinator promotes the standby.
+    worker.kill9();
+    let until = Instant::now() + minute;
+    while http_get(ps, "/readyz") != Some((200, "active".into())) {
+        assert!(
+            Instant::now() < until,
+            "the standby was not promoted:\n{}",
+            standby.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(standby.running(), "{}", standby.log());
 }

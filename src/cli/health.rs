@@ -18,6 +18,8 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
+use callq_node::WorkerStats;
+use callq_schemas::protocol::WorkerState;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -28,6 +30,9 @@ pub(crate) struct Health {
     /// Set by a coordinator while it serves on a live broker connection:
     /// a leader that lost the broker is not ready until it has it again.
     serving: Arc<AtomicBool>,
+    /// A worker's counters, whose state (active, standby, draining)
+    /// answers for a worker that is ready.
+    worker: Mutex<Option<Arc<WorkerStats>>>,
 }
 
 #[derive(Debug, Clone)]
@@ -59,6 +64,12 @@ impl Health {
         *self.lock() = Readiness::Unready(why.into());
     }
 
+    /// Answers with the state of this worker (promoted, draining on the
+    /// coordinator's order) while the process is ready.
+    pub(crate) fn follow(&self, stats: Arc<WorkerStats>) {
+        *self.worker.lock().unwrap_or_else(PoisonError::into_inner) = Some(stats);
+    }
+
     /// The flag a coordinator sets while it serves on a live connection.
     pub(crate) fn serving(&self) -> Arc<AtomicBool> {
         Arc::clone(&self.serving)
@@ -74,7 +85,18 @@ impl Health {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "leading, but without the broker: connecting again\n".into(),
             ),
-            Readiness::Ready(what) => (StatusCode::OK, format!("{what}\n")),
+            Readiness::Ready(what) => {
+                let worker = self.worker.lock().unwrap_or_else(PoisonError::into_inner);
+                match worker.as_ref().and_then(|w| w.state()) {
+                    Some(WorkerState::Active) => (StatusCode::OK, "active\n".into()),
+                    Some(WorkerState::Standby) => (StatusCode::OK, "standby\n".into()),
+                    Some(other) => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("{}\n", format!("{other:?}").to_lowercase()),
+                    ),
+                    None => (StatusCode::OK, format!("{what}\n")),
+                }
+            }
             Readiness::Unready(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
         }
     }

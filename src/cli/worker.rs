@@ -97,7 +97,7 @@ async fn worker(
                 if !shutdown.is_cancelled() {
                     health.ready(serving);
                 }
-                let (ended, ran) = serve(&opts, &id, broker, &found, &shutdown).await;
+                let (ended, ran) = serve(&opts, &id, broker, &found, &shutdown, health).await;
                 if ran > Duration::from_secs(60) {
                     backoff.reset();
                 }
@@ -154,6 +154,7 @@ async fn serve(
     broker: Arc<dyn Broker>,
     services: &[Service],
     shutdown: &CancellationToken,
+    health: &Health,
 ) -> (Result<(), callq_node::Error>, Duration) {
     let mut worker = Worker::new(
         WorkerOptions {
@@ -165,6 +166,7 @@ async fn serve(
     for service in services {
         worker = worker.service(service.clone());
     }
+    health.follow(worker.stats());
     let started = tokio::time::Instant::now();
     let ended = worker.run(shutdown.clone()).await;
     (ended, started.elapsed())

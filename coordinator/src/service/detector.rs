@@ -22,6 +22,10 @@ pub(super) struct Detector {
     deaths: u64,
     /// Since when the request queue has had a backlog, if it has.
     behind_since: Option<Instant>,
+    /// When the coordinator last read a heartbeat from anyone.
+    last_heard: Option<Instant>,
+    /// Whether it said that it heard no one.
+    said_deaf: bool,
 }
 
 impl Detector {
@@ -64,6 +68,40 @@ impl Detector {
         false
     }
 
+    /// A heartbeat was read now. `true` when none had been read for longer
+    /// than `silence` before: the coordinator's own intake was stalled (a
+    /// consumer group rebalancing, a broker that paused it), and every
+    /// worker is owed a fresh `silence` to be heard from.
+    pub(super) fn heard(&mut self, silence: Duration) -> bool {
+        let now = Instant::now();
+        let gap = self
+            .last_heard
+            .replace(now)
+            .is_some_and(|last| now.duration_since(last) > silence);
+        self.said_deaf = false;
+        gap
+    }
+
+    /// Whether the coordinator itself has heard no heartbeat from anyone
+    /// for longer than `silence` while several workers are registered:
+    /// all of them falling silent at once is its own intake's stall far
+    /// more likely than their deaths, so none is judged until heartbeats
+    /// flow again. (One lone worker's silence is judged as before.)
+    fn deaf(&mut self, workers: usize, now: Instant, silence: Duration) -> bool {
+        let deaf = workers >= 2
+            && self
+                .last_heard
+                .is_some_and(|last| now.duration_since(last) > silence);
+        if deaf && !self.said_deaf {
+            warn!(
+                workers,
+                "no heartbeat from any worker for longer than {silence:?}: the coordinator's own intake looks stalled; deaths are not judged until heartbeats come again"
+            );
+            self.said_deaf = true;
+        }
+        deaf
+    }
+
     /// The workers silent for longer than `silence` at `now`.
     fn silent(registry: &Registry, now: Instant, silence: Duration) -> Vec<String> {
         registry
@@ -81,7 +119,12 @@ impl<S: Store> Coordinator<S> {
     /// declared dead again at the next tick.
     pub(super) async fn detect_deaths(&mut self) {
         let silence = self.opts.silence();
-        let dead = Detector::silent(&self.registry, Instant::now(), silence);
+        let now = Instant::now();
+        let workers = self.registry.workers().count();
+        if self.detector.deaf(workers, now, silence) {
+            return;
+        }
+        let dead = Detector::silent(&self.registry, now, silence);
         if dead.is_empty() {
             return;
         }

@@ -80,6 +80,9 @@ impl<S: Store> Coordinator<S> {
                 self.heartbeat(worker, to.clone(), beat)
             }
             RequestBody::AgentHeartbeat { services, workers } => {
+                if self.detector.heard(self.opts.silence()) {
+                    self.registry.heard_all_now();
+                }
                 self.registry
                     .agent_beat(worker, to.clone(), services, workers);
                 None
@@ -187,6 +190,9 @@ impl<S: Store> Coordinator<S> {
     /// answers a request for one). Returns the order the worker has not
     /// obeyed yet, to repeat.
     fn heartbeat(&mut self, worker: String, to: String, beat: Beat) -> Option<AnswerBody> {
+        if self.detector.heard(self.opts.silence()) {
+            self.registry.heard_all_now();
+        }
         if !self.registry.has_worker(&worker) {
             info!(worker, services = ?beat.services, state = ?beat.state, "worker joined");
             if beat.state == WorkerState::Standby {

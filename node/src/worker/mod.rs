@@ -126,9 +126,24 @@ pub struct WorkerStats {
     pub revoked: AtomicU64,
     /// Traces granted.
     pub traces: AtomicU64,
+    /// The worker's state, as its heartbeats report it (`None` before it
+    /// runs).
+    state: std::sync::Mutex<Option<WorkerState>>,
 }
 
 impl WorkerStats {
+    /// The worker's state: active, standby or draining (`None` before it
+    /// runs), for a readiness probe.
+    pub fn state(&self) -> Option<WorkerState> {
+        self.state.lock().ok().and_then(|s| *s)
+    }
+
+    fn set_state(&self, state: WorkerState) {
+        if let Ok(mut s) = self.state.lock() {
+            *s = Some(state);
+        }
+    }
+
     fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
     }

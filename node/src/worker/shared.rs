@@ -81,6 +81,7 @@ impl Shared {
             WorkerState::Active
         };
         let (tx, rx) = completions.map_or((None, None), |(tx, rx)| (Some(tx), Some(rx)));
+        stats.set_state(state);
         Self {
             opts,
             broker,
@@ -115,6 +116,7 @@ impl Shared {
         if let Ok(mut s) = self.state.lock() {
             *s = state;
         }
+        self.stats.set_state(state);
     }
 
     /// The heartbeat: state, load and the calls in flight, with the bodies
