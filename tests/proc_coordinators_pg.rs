@@ -169,3 +169,43 @@ async fn a_paused_leader_is_fenced_when_it_wakes() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A leader stopped with SIGTERM gives its lease up as it exits: the
+/// standby leads at its next try (a quarter of the lease), not once the
+/// 10 s lease has run out, as after a kill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_stopped_with_sigterm_hands_over_at_once() {
+    let vhost = Vhost::create("pghandover");
+    let dir = support::temp_dir("pghandover");
+    let pg = postgres();
+    let coordinator = |name: &str| {
+        Proc::spawn_env(
+            name,
+            &["coordinator"],
+            &vhost.url,
+            &dir,
+            &[
+                ("CALLQ_COORDINATOR__POSTGRES", pg.as_str()),
+                ("CALLQ_COORDINATOR__CLUSTER", vhost.name.as_str()),
+                ("CALLQ_COORDINATOR__LEASE_MS", "10000"),
+            ],
+        )
+    };
+    let mut first = coordinator("coordinator-1");
+    wait_log(&first, "coordinator leading", Duration::from_secs(30));
+    let second = coordinator("coordinator-2");
+    wait_log(&second, "standing by", Duration::from_secs(30));
+    first.terminate();
+    let stopped = Instant::now();
+    let status = first.wait_exit(Duration::from_secs(20));
+    assert!(status.is_some_and(|s| s.success()), "{}", first.log());
+    assert!(first.log().contains("lease given up"), "{}", first.log());
+    wait_log(&second, "coordinator leading", Duration::from_secs(30));
+    let took = stopped.elapsed();
+    eprintln!("coordinator-2 leads {took:?} after SIGTERM to the leader (lease 10 s)");
+    assert!(
+        took < Duration::from_secs(6),
+        "the standby waited out the lease: {took:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

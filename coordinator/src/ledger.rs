@@ -877,6 +877,11 @@ impl<S: Store> Ledger<S> {
         self.store.renew()
     }
 
+    /// Gives the store's write lease up, where it has one.
+    pub fn release(&mut self) {
+        self.store.release();
+    }
+
     /// Calls not yet decided.
     pub fn open_calls(&self) -> usize {
         self.open

@@ -237,6 +237,21 @@ async fn extend(
 }
 
 impl Store for PgStore {
+    fn release(&mut self) {
+        let released = self.block(bounded(
+            "giving the lease up",
+            self.client.execute(
+                "update callq_leader set expires_at = now() - interval '1 millisecond' \
+                 where cluster = $1 and epoch = $2",
+                &[&self.cluster, &self.epoch],
+            ),
+        ));
+        match released {
+            Ok(_) => info!(cluster = %self.cluster, epoch = self.epoch, "lease given up"),
+            Err(e) => warn!("giving the lease up: {e}; a standby takes over when it runs out"),
+        }
+    }
+
     fn get(&self, call_id: Uuid) -> Result<Option<CallRecord>, Error> {
         let row = self.block(bounded(
             "reading a call",

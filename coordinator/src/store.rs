@@ -45,6 +45,9 @@ pub trait Store: Send + Sync {
     fn renew(&mut self) -> Result<(), Error> {
         Ok(())
     }
+    /// Gives the lease up at once, for a coordinator that stops: a standby
+    /// takes over without waiting for it to run out. Best effort.
+    fn release(&mut self) {}
 }
 
 const CALLS: TableDefinition<'_, u128, &[u8]> = TableDefinition::new("calls");

@@ -181,7 +181,10 @@ impl<S: Store> Coordinator<S> {
             let served = self.serve(&shutdown).await;
             self.set_serving(false);
             let lost = match served {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    self.ledger.release();
+                    return Ok(());
+                }
                 Err(Error::Disconnected) => "the broker connection was lost".to_owned(),
                 Err(Error::Broker(e)) if e.is_transient() || e == callq_broker::Error::Closed => {
                     format!("the broker failed: {e}")
