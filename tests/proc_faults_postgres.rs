@@ -35,6 +35,24 @@ fn pg_ctl(action: &str) {
     );
 }
 
+/// Starts the tests' cluster again if a test stopped it and then failed
+/// before starting it: the next test finds it up.
+struct StartsOnDrop;
+
+impl Drop for StartsOnDrop {
+    fn drop(&mut self) {
+        // Best effort, without panicking again: `start` on a running
+        // cluster merely fails.
+        if let Ok(cluster) = std::env::var("CALLQ_FAULTS_PG_CLUSTER")
+            && let Some((version, name)) = cluster.split_once('/')
+        {
+            let _ = Command::new("pg_ctlcluster")
+                .args([version, name, "start"])
+                .output();
+        }
+    }
+}
+
 /// PostgreSQL stopped (immediate: connections cut) for 3 s and started
 /// again under a load of `echo.sleep` and `mail.send`, with traced calls in
 /// flight: the coordinator loses its lease and stands by while it cannot
@@ -92,6 +110,7 @@ async fn a_postgres_restart_mid_load_ends_every_call_once() {
     let status = wait_status(&admin, "a status", Duration::from_secs(30), |_| true).await;
     let running: u32 = status.workers.iter().map(|w| w.capacity - w.free).sum();
     assert!(running > 0, "no call in flight at the stop: {status:?}");
+    let _restart = StartsOnDrop;
     pg_ctl("stop");
     let answered = recorder.replies().len();
     eprintln!("PostgreSQL stopped with {running} calls running, {answered} answered");

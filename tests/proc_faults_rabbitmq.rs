@@ -44,17 +44,7 @@ impl FaultNode {
     }
 
     fn ctl(&self, args: &[&str]) {
-        let out = Command::new("rabbitmqctl")
-            .args(["-q", "-n", &self.name])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "rabbitmqctl -n {} {args:?}: {}",
-            self.name,
-            String::from_utf8_lossy(&out.stderr)
-        );
+        support::rabbitmqctl(&[&["-n", self.name.as_str()], args].concat());
     }
 
     /// `scripts/rabbitmq-node <cmd>`: start, stop, stop_app, start_app.

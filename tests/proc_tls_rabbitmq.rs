@@ -33,18 +33,7 @@ impl TlsNode {
     }
 
     fn ctl(&self, args: &[&str]) -> String {
-        let out = Command::new("rabbitmqctl")
-            .args(["-q", "-n", &self.node])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "rabbitmqctl -n {} {args:?}: {}",
-            self.node,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        support::rabbitmqctl(&[&["-n", self.node.as_str()], args].concat())
     }
 
     fn url(&self, scheme: &str, host: &str, vhost: &str) -> String {

@@ -24,7 +24,8 @@ pub struct Vhost {
 }
 
 /// Runs `rabbitmqctl -q args..`; panics with its output when it fails.
-pub fn rabbitmqctl(args: &[&str]) {
+/// What it printed. (`-n NODE` first in `args` addresses another node.)
+pub fn rabbitmqctl(args: &[&str]) -> String {
     let out = Command::new("rabbitmqctl")
         .arg("-q")
         .args(args)
@@ -40,6 +41,7 @@ pub fn rabbitmqctl(args: &[&str]) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 impl Vhost {
