@@ -32,6 +32,12 @@ pub struct ClientOptions {
     pub prefetch: u16,
     /// Body limits for replies.
     pub limits: Limits,
+    /// Whether the client declares a service's call queue before its first
+    /// call (so that calls wait for a worker that has not started yet).
+    /// Off for a client of the least-privilege set-up, which may not
+    /// declare call queues: its calls then need a worker to have declared
+    /// the queue, else they fail with `NoSuchQueue` (docs/SECURITY.md).
+    pub declare_call_queues: bool,
 }
 
 impl Default for ClientOptions {
@@ -42,6 +48,7 @@ impl Default for ClientOptions {
             max_in_flight: 10_000,
             prefetch: 512,
             limits: Limits::default(),
+            declare_call_queues: true,
         }
     }
 }
@@ -195,6 +202,9 @@ impl Client {
     }
 
     async fn ensure_declared(&self, service: &str) -> Result<(), Error> {
+        if !self.inner.opts.declare_call_queues {
+            return Ok(());
+        }
         let once = match self.inner.declared.lock() {
             Ok(mut declared) => declared.entry(service.to_owned()).or_default().clone(),
             Err(_) => Arc::default(),

@@ -486,6 +486,67 @@ async fn bad_input_is_answered_dead_lettered_and_the_worker_serves_on() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn with_reply_owners_a_call_no_broker_vouched_for_is_dead_lettered_unanswered() {
+    // The embedded broker vouches for no publisher: with reply_owners on,
+    // a call that names a reply queue is refused, one that names none runs.
+    let c = Cluster::new();
+    let (w, stats) = c
+        .worker_with(WorkerOptions {
+            reply_owners: true,
+            trusted_publishers: vec!["callq-cluster".into()],
+            ..opts("w1", 4)
+        })
+        .await;
+    let mut replies = c.raw_replies("callq.reply.alice").await;
+    c.broker
+        .declare(&QueueSpec::plain(dead_queue("echo")))
+        .await
+        .unwrap();
+    let mut dead = c.broker.consume(&dead_queue("echo"), 10).await.unwrap();
+    let mut refused = Call::new("echo", "echo", json!({"n": 1}));
+    refused.reply_to = Some("callq.reply.alice".into());
+    c.broker
+        .publish(&call_queue("echo"), Message::new(refused.to_bytes()))
+        .await
+        .unwrap();
+    let d = next(&mut dead).await;
+    assert!(
+        d.headers[DEAD_REASON_HEADER].starts_with("reply_not_owned"),
+        "{:?}",
+        d.headers
+    );
+    assert!(
+        d.headers[DEAD_REASON_HEADER].contains("user_id"),
+        "{:?}",
+        d.headers
+    );
+    d.settle(Disposition::Ack).await.unwrap();
+    // A bad body is not answered either: its reply_to is not vouched for.
+    c.broker
+        .publish(
+            &call_queue("echo"),
+            Message::new(r#"{"v": 1, "reply_to": "callq.reply.alice", "call_id": 7}"#),
+        )
+        .await
+        .unwrap();
+    let d = next(&mut dead).await;
+    assert!(d.headers[DEAD_REASON_HEADER].starts_with("bad_request"));
+    d.settle(Disposition::Ack).await.unwrap();
+    // Fire and forget (no reply_to) runs.
+    let runs = c.runs.load(Ordering::Relaxed);
+    let quiet = Call::new("t", "count", json!({}));
+    c.broker
+        .publish(&call_queue("t"), Message::new(quiet.to_bytes()))
+        .await
+        .unwrap();
+    wait_until(|| c.runs.load(Ordering::Relaxed) > runs).await;
+    assert_eq!(stats.bad_request.load(Ordering::Relaxed), 2);
+    let nothing = tokio::time::timeout(Duration::from_secs(5), replies.next()).await;
+    assert!(nothing.is_err(), "a refused call was answered: {nothing:?}");
+    assert!(!w.is_finished());
+}
+
+#[tokio::test(start_paused = true)]
 async fn graceful_shutdown_finishes_calls_in_flight() {
     let c = Cluster::new();
     let (w, stats) = c.worker("w1", 8).await;

@@ -113,7 +113,10 @@ impl Settings {
                 config::Environment::with_prefix("CALLQ")
                     .prefix_separator("_")
                     .separator("__")
-                    .try_parsing(true),
+                    .try_parsing(true)
+                    // Lists set from the environment: comma-separated.
+                    .list_separator(",")
+                    .with_list_parse_key("worker.trusted_publishers"),
             )
             .build()
             .context("reading the configuration")?;

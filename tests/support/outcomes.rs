@@ -31,20 +31,25 @@ impl Drop for Recorder {
 
 impl Recorder {
     pub async fn start(broker: Arc<dyn Broker>) -> Self {
-        let id = format!("recorder-{}", Uuid::now_v7().simple());
-        broker.declare(&QueueSpec::replies(&id)).await.unwrap();
         for service in ["echo", "mail"] {
             broker.declare(&QueueSpec::calls(service)).await.unwrap();
         }
+        Self::for_client(broker, &format!("recorder-{}", Uuid::now_v7().simple())).await
+    }
+
+    /// A recorder on the reply queue `callq.reply.<id>` that declares no
+    /// call queue (a client of the least-privilege set-up may not).
+    pub async fn for_client(broker: Arc<dyn Broker>, id: &str) -> Self {
+        broker.declare(&QueueSpec::replies(id)).await.unwrap();
         let replies: Arc<Mutex<HashMap<Uuid, Vec<Reply>>>> = Arc::default();
         let reader = tokio::spawn(read_replies(
             broker.clone(),
-            reply_queue(&id),
+            reply_queue(id),
             replies.clone(),
         ));
         Self {
             broker,
-            reply_to: reply_queue(&id),
+            reply_to: reply_queue(id),
             replies,
             reader,
         }

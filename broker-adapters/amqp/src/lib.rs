@@ -11,7 +11,8 @@
 //! | [`QueueSpec::dead_letter`] | a quorum queue of that name, fed through the default exchange (`x-dead-letter-routing-key`) with `x-dead-letter-strategy: at-least-once` |
 //! | [`QueueSpec::limit_dead_letter`] | a quorum queue of that name, declared first; it takes the `x-dead-letter-routing-key` instead, so the broker's own dead-lettering (past `x-delivery-limit`) goes there while a consumer's [`Disposition::DeadLetter`] goes to the dead-letter queue |
 //! | [`QueueSpec::single_active_consumer`] | `x-single-active-consumer: true` |
-//! | publish | default exchange, routing key = queue name, persistent (transient into a [`QueueSpec::transient`] queue: nothing to write to disk), `mandatory` (an unroutable message is a [`Error::NoSuchQueue`]); one shared channel in confirm mode, so that concurrent publishes pipeline their confirms |
+//! | a call queue (`callq.call.<service>`) | also bound to the topic exchange [`CALLS_EXCHANGE`] with the service as binding key, so that clients may publish calls without any right on the default exchange (docs/SECURITY.md) |
+//! | publish | into a call queue: [`CALLS_EXCHANGE`], routing key = the service; into any other queue: the default exchange, routing key = queue name; `user_id` = the connection's user (RabbitMQ checks it, so a consumer knows who published: [`Delivery::publisher`]); persistent (transient into a [`QueueSpec::transient`] queue: nothing to write to disk), `mandatory` (an unroutable message is a [`Error::NoSuchQueue`]); one shared channel in confirm mode, so that concurrent publishes pipeline their confirms |
 //! | consume | a channel per consumer, `basic.qos` = prefetch, manual acks; dropping the consumer closes its channel, which returns its unacked deliveries |
 //! | [`Delivery::redelivered`], [`Delivery::delivery_count`] | the `redelivered` flag and the quorum queue's `x-delivery-count` header |
 //! | [`Disposition::Ack`], [`Disposition::Requeue`] | `basic.ack`, `basic.nack` with requeue (counts towards the delivery limit) |
@@ -38,17 +39,18 @@ use std::time::Duration;
 use async_trait::async_trait;
 use callq_broker::{
     Broker, Bytes, Consumer, DEAD_REASON_HEADER, Delivery, Disposition, Error, Headers, Message,
-    QueueDepth, QueueSpec, RELEASED_HEADER,
+    QueueDepth, QueueSpec, RELEASED_HEADER, call_queue_service,
 };
 use deadpool_lapin::{Pool, Runtime};
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    BasicRejectOptions, ConfirmSelectOptions, QueueDeclareOptions,
+    BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::uri::AMQPUri;
-use lapin::{Acker, BasicProperties, Channel, Confirmation, ConnectionProperties};
+use lapin::{Acker, BasicProperties, Channel, Confirmation, ConnectionProperties, ExchangeKind};
 use tracing::{debug, warn};
 
 /// The URL used when none is configured: a RabbitMQ on this machine.
@@ -65,6 +67,11 @@ pub const DEFAULT_FRAME_MAX: u32 = 32 * 1024;
 
 /// Publishes awaiting their confirm at once, per broker handle.
 pub const MAX_UNCONFIRMED: usize = 512;
+
+/// The exchange calls are published to, with the service as routing key:
+/// a topic exchange, so that RabbitMQ's topic permissions can limit the
+/// services a client may call. Every call queue is bound to it.
+pub const CALLS_EXCHANGE: &str = "callq.calls";
 
 /// How the adapter connects.
 #[derive(Debug, Clone)]
@@ -111,6 +118,9 @@ struct Inner {
     opts: Options,
     /// Where the broker is, without the credentials: for messages.
     place: String,
+    /// The user the connection logs in as, stamped as `user_id` on every
+    /// publish (none when the URL names no user).
+    user: Option<ShortString>,
     /// The channel in confirm mode every publish shares.
     publisher: tokio::sync::Mutex<Option<Channel>>,
     /// The channel for declares and depth; replaced after a channel error.
@@ -184,6 +194,9 @@ impl AmqpBroker {
             "{}:{}/{}",
             uri.authority.host, uri.authority.port, uri.vhost
         );
+        let user = Some(uri.authority.userinfo.username.as_str())
+            .filter(|u| !u.is_empty() && u.len() <= MAX_QUEUE_NAME)
+            .map(ShortString::from);
         let config = deadpool_lapin::Config {
             url: Some(uri.to_string()),
             pool: Some(deadpool_lapin::PoolConfig {
@@ -218,6 +231,7 @@ impl AmqpBroker {
                 publish_pool,
                 in_flight: tokio::sync::Semaphore::new(MAX_UNCONFIRMED),
                 place,
+                user,
                 opts,
                 publisher: tokio::sync::Mutex::default(),
                 admin: tokio::sync::Mutex::default(),
@@ -346,7 +360,10 @@ impl Inner {
             )
             .await?
         {
-            Ok(_) => Ok(()),
+            Ok(_) => match call_queue_service(&spec.name) {
+                Some(service) => self.bind_calls(&ch, &spec.name, service).await,
+                None => Ok(()),
+            },
             Err(e) => Err(match amqp_code(&e) {
                 Some(PRECONDITION_FAILED) => Error::Refused(format!(
                     "queue `{}` exists with other settings than callq declares ({e}); \
@@ -359,6 +376,48 @@ impl Inner {
                 _ => self.connection_error(&format!("declaring queue `{}`", spec.name), e),
             }),
         }
+    }
+
+    /// Declares [`CALLS_EXCHANGE`] and binds a call queue to it.
+    async fn bind_calls(&self, ch: &Channel, queue: &str, service: &str) -> Result<(), Error> {
+        let options = ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        let declared = self
+            .within(
+                "exchange.declare",
+                ch.exchange_declare(
+                    CALLS_EXCHANGE.into(),
+                    ExchangeKind::Topic,
+                    options,
+                    FieldTable::default(),
+                ),
+            )
+            .await?;
+        let bound = match declared {
+            Ok(()) => {
+                self.within(
+                    "queue.bind",
+                    ch.queue_bind(
+                        queue_name(queue)?,
+                        CALLS_EXCHANGE.into(),
+                        queue_name(service)?,
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    ),
+                )
+                .await?
+            }
+            Err(e) => Err(e),
+        };
+        bound.map_err(|e| match amqp_code(&e) {
+            Some(PRECONDITION_FAILED | ACCESS_REFUSED) => Error::Refused(format!(
+                "binding queue `{queue}` to the exchange `{CALLS_EXCHANGE}` (a topic exchange \
+                 callq declares): {e}"
+            )),
+            _ => self.connection_error(&format!("binding queue `{queue}`"), e),
+        })
     }
 
     /// A channel with the prefetch set, consuming `queue`.
@@ -410,6 +469,17 @@ impl Inner {
             .await
             .map_err(|_| Error::NotConfirmed("too many publishes awaiting confirms".into()))?
             .map_err(|_| Error::Closed)?;
+        let (exchange, routing_key) = match call_queue_service(queue) {
+            Some(service) => (CALLS_EXCHANGE, service),
+            None => ("", queue),
+        };
+        let routing_key = queue_name(routing_key)?;
+        // RabbitMQ refuses a `user_id` other than the connection's user, so
+        // a copy of another's message (a release) carries ours.
+        let props = match &self.user {
+            Some(user) => props.with_user_id(user.clone()),
+            None => props,
+        };
         let ch = self.cached(&self.publisher, true).await?;
         let options = BasicPublishOptions {
             mandatory: true,
@@ -418,11 +488,14 @@ impl Inner {
         let confirm = match self
             .within(
                 "basic.publish",
-                ch.basic_publish("".into(), queue_name(queue)?, options, body, props),
+                ch.basic_publish(exchange.into(), routing_key, options, body, props),
             )
             .await
         {
             Ok(Ok(confirm)) => confirm,
+            Ok(Err(e)) if amqp_code(&e) == Some(NOT_FOUND) => {
+                return Err(Error::NoSuchQueue(queue.into()));
+            }
             Ok(Err(e)) => return Err(Error::NotConfirmed(format!("publishing: {e}"))),
             Err(_) => return Err(Error::NotConfirmed("the publish timed out".into())),
         };
@@ -431,6 +504,8 @@ impl Inner {
                 "no confirm within {:?}",
                 self.opts.confirm_timeout
             ))),
+            // No exchange `callq.calls` yet: no call queue was ever declared.
+            Ok(Err(e)) if amqp_code(&e) == Some(NOT_FOUND) => Err(Error::NoSuchQueue(queue.into())),
             Ok(Err(e)) => Err(Error::NotConfirmed(e.to_string())),
             Ok(Ok(Confirmation::Ack(None))) => Ok(()),
             Ok(Ok(Confirmation::Ack(Some(_)))) => Err(Error::NoSuchQueue(queue.into())),
@@ -744,6 +819,7 @@ impl Consumer for AmqpConsumer {
             self.lease.held.fetch_add(1, Ordering::AcqRel);
             let (headers, count) = delivery_headers(&d.properties, d.redelivered);
             let body = Bytes::from(d.data);
+            let publisher = d.properties.user_id().as_ref().map(|u| u.to_string());
             let settle = Box::new(AmqpSettle {
                 inner: Arc::clone(&self.inner),
                 acker: d.acker,
@@ -773,7 +849,8 @@ impl Consumer for AmqpConsumer {
                 count,
                 self.queue.clone(),
                 settle,
-            )));
+            )
+            .with_publisher(publisher)));
         }
     }
 

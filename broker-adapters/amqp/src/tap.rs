@@ -129,9 +129,12 @@ impl AmqpBroker {
                     }
                 }
                 // Messages to the default exchange go to the queue their
-                // routing key names; others are named `exchange/key`.
+                // routing key names, calls to their service's call queue;
+                // others are named `exchange/key`.
                 let queue = if exchange.is_empty() {
                     routing_key
+                } else if exchange == crate::CALLS_EXCHANGE {
+                    callq_broker::call_queue(&routing_key)
                 } else {
                     format!("{exchange}/{routing_key}")
                 };

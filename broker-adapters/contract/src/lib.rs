@@ -154,7 +154,17 @@ pub const CONTROL_QUEUE_EXPIRES: Duration = Duration::from_secs(300);
 
 /// The name of the call queue (or topic) of a service.
 pub fn call_queue(service: &str) -> String {
-    format!("callq.call.{service}")
+    format!("{CALL_QUEUE_PREFIX}{service}")
+}
+
+/// What every call queue's name starts with; the rest is the service.
+pub const CALL_QUEUE_PREFIX: &str = "callq.call.";
+
+/// The service whose call queue `queue` is, if it is one.
+pub fn call_queue_service(queue: &str) -> Option<&str> {
+    queue
+        .strip_prefix(CALL_QUEUE_PREFIX)
+        .filter(|service| !service.is_empty())
 }
 
 /// The name of the dead-letter queue (or topic) of a service.
@@ -196,6 +206,20 @@ pub const CONTROL_QUEUE_LENGTH: usize = 100_000;
 /// The name of the reply queue of one of our clients.
 pub fn reply_queue(client_id: &str) -> String {
     format!("callq.reply.{client_id}")
+}
+
+/// Whether the reply queue `reply_to` belongs to the broker user `user`:
+/// it is `callq.reply.<user>` or starts with `callq.reply.<user>.`, the
+/// names the least-privilege set-up lets that user declare and read
+/// (docs/SECURITY.md).
+pub fn reply_queue_of(user: &str, reply_to: &str) -> bool {
+    match reply_to
+        .strip_prefix("callq.reply.")
+        .and_then(|rest| rest.strip_prefix(user))
+    {
+        Some(rest) => !user.is_empty() && (rest.is_empty() || rest.starts_with('.')),
+        None => false,
+    }
 }
 
 /// A message to publish.
@@ -569,6 +593,11 @@ pub struct Delivery {
     pub delivery_count: u32,
     /// The queue it came from.
     pub queue: String,
+    /// The publisher's identity as the broker vouches for it: RabbitMQ's
+    /// `user_id` property, which the broker checks against the publishing
+    /// connection's user. `None` where the broker vouches for no one (the
+    /// property was not set, or Kafka and the embedded broker).
+    pub publisher: Option<String>,
     settle: Box<dyn Settle>,
 }
 
@@ -588,8 +617,16 @@ impl Delivery {
             redelivered,
             delivery_count,
             queue,
+            publisher: None,
             settle,
         }
+    }
+
+    /// The same delivery with the publisher the broker vouched for.
+    #[must_use]
+    pub fn with_publisher(mut self, publisher: Option<String>) -> Self {
+        self.publisher = publisher;
+        self
     }
 
     /// Settles the delivery (guarantee 7).
@@ -623,6 +660,7 @@ impl std::fmt::Debug for Delivery {
             .field("headers", &self.headers)
             .field("redelivered", &self.redelivered)
             .field("delivery_count", &self.delivery_count)
+            .field("publisher", &self.publisher)
             .finish_non_exhaustive()
     }
 }
@@ -728,5 +766,28 @@ mod tests {
         let spec = QueueSpec::calls("bank");
         assert_eq!(spec.dead_letter.as_deref(), Some("callq.dead.bank"));
         assert_eq!(spec.delivery_limit, Some(DEFAULT_DELIVERY_LIMIT));
+        assert_eq!(call_queue_service("callq.call.mail.eu"), Some("mail.eu"));
+        assert_eq!(call_queue_service("callq.call."), None);
+        assert_eq!(call_queue_service("callq.dead.bank"), None);
+    }
+
+    #[test]
+    fn a_reply_queue_belongs_to_the_user_its_name_starts_with() {
+        assert!(reply_queue_of("alice", "callq.reply.alice"));
+        assert!(reply_queue_of("alice", "callq.reply.alice.cli-7"));
+        for other in [
+            "callq.reply.alicex",
+            "callq.reply.alice-2",
+            "callq.reply.bob",
+            "callq.reply.bob.alice",
+            "callq.call.alice",
+            "callq.reply.",
+            "alice",
+            "",
+        ] {
+            assert!(!reply_queue_of("alice", other), "{other}");
+        }
+        assert!(!reply_queue_of("", "callq.reply."));
+        assert!(!reply_queue_of("", "callq.reply..x"));
     }
 }

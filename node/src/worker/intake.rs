@@ -146,7 +146,10 @@ async fn read<'s>(
             WorkerStats::bump(&stats.bad_request);
             let p = peek(&delivery.body, limits.max_bytes.saturating_mul(4));
             warn!(worker = %shared.opts.worker_id, queue = %delivery.queue, kind, call_id = ?p.call_id, "bad request: {e}");
-            if let Some(reply_to) = p.reply_to {
+            let answerable = p
+                .reply_to
+                .filter(|to| owned(shared, delivery, Some(to)).is_ok());
+            if let Some(reply_to) = answerable {
                 let reply = Reply::bad_request(p.call_id, e.clone());
                 // The call is dead-lettered whether or not the reply goes out.
                 let _ = finish::send_reply(shared, &reply_to, &reply).await;
@@ -156,6 +159,13 @@ async fn read<'s>(
             });
         }
     };
+    if let Err(why) = owned(shared, delivery, call.reply_to.as_deref()) {
+        WorkerStats::bump(&stats.bad_request);
+        warn!(worker = %shared.opts.worker_id, queue = %delivery.queue, call_id = %call.call_id, "refused: {why}");
+        return Err(Disposition::DeadLetter {
+            reason: format!("{REPLY_NOT_OWNED}: {why}"),
+        });
+    }
     let Some((service, spec)) = shared.services.get(&call.service) else {
         WorkerStats::bump(&stats.error);
         let msg = format!(
@@ -171,6 +181,34 @@ async fn read<'s>(
         );
     };
     Ok((call, copy, service, spec))
+}
+
+/// The dead-letter reason of a call whose `reply_to` its publisher does not
+/// own.
+const REPLY_NOT_OWNED: &str = "reply_not_owned";
+
+/// With [`super::WorkerOptions::reply_owners`], whether the call may be
+/// answered into `reply_to`: says why not.
+fn owned(shared: &Shared, delivery: &Delivery, reply_to: Option<&str>) -> Result<(), String> {
+    let opts = &shared.opts;
+    let Some(reply_to) = reply_to.filter(|_| opts.reply_owners) else {
+        return Ok(());
+    };
+    let Some(publisher) = delivery.publisher.as_deref() else {
+        return Err(format!(
+            "the broker vouched for no publisher (no user_id), so reply_to `{reply_to}` cannot \
+             be checked: publish calls with the user_id property set to your broker user"
+        ));
+    };
+    if opts.trusted_publishers.iter().any(|t| t == publisher)
+        || callq_broker::reply_queue_of(publisher, reply_to)
+    {
+        return Ok(());
+    }
+    Err(format!(
+        "reply_to `{reply_to}` is not a reply queue of the publisher `{publisher}` \
+         (callq.reply.{publisher} or callq.reply.{publisher}.*)"
+    ))
 }
 
 /// Registers the call as in flight, for the heartbeats to report (a

@@ -79,6 +79,18 @@ pub struct WorkerOptions {
     /// back to its queue.
     #[serde(with = "callq_schemas::millis")]
     pub coordinator_patience: Duration,
+    /// Answer a call only into a reply queue its publisher owns: the
+    /// broker must vouch for the publisher ([`callq_broker::Delivery::publisher`],
+    /// RabbitMQ's `user_id`), and its `reply_to` must be
+    /// `callq.reply.<publisher>` or start with `callq.reply.<publisher>.`.
+    /// Any other call is dead-lettered unanswered (`reply_not_owned`), so
+    /// that no client can make a call answer into another's queue
+    /// (docs/SECURITY.md).
+    pub reply_owners: bool,
+    /// With [`Self::reply_owners`], the broker users whose calls may name
+    /// any reply queue: the cluster's own (a coordinator re-issues a dead
+    /// worker's calls, a worker releases a call to the back of its queue).
+    pub trusted_publishers: Vec<String>,
 }
 
 impl Default for WorkerOptions {
@@ -93,6 +105,8 @@ impl Default for WorkerOptions {
             standby: false,
             heartbeat_interval: Duration::from_millis(250),
             coordinator_patience: Duration::from_secs(10),
+            reply_owners: false,
+            trusted_publishers: Vec::new(),
         }
     }
 }
