@@ -9,8 +9,10 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use callq_broker::{Message, worker_queue};
 use callq_node::{CallOptions, Client, ClientOptions};
 use callq_schemas::Outcome;
+use callq_schemas::protocol::{Answer, AnswerBody};
 use support::{Proc, Vhost, load};
 
 fn postgres() -> String {
@@ -89,7 +91,7 @@ async fn a_paused_leader_is_fenced_when_it_wakes() {
     wait_log(&first, "coordinator leading", Duration::from_secs(30));
     let second = coordinator("coordinator-2", &vhost, &dir);
     wait_log(&second, "standing by", Duration::from_secs(30));
-    let _worker = Proc::spawn(
+    let worker = Proc::spawn(
         "w1",
         &[
             "worker",
@@ -167,6 +169,23 @@ async fn a_paused_leader_is_fenced_when_it_wakes() {
         Outcome::Ok,
         "a traced call, granted by the new leader: {reply:?}"
     );
+    // An order stamped with an epoch below the new leader's, as the old
+    // leader's would be: the worker drops it and serves on.
+    let stale = Answer {
+        epoch: Some(1),
+        ..Answer::new(AnswerBody::Drain {})
+    };
+    let broker = support::amqp(&vhost.url).await;
+    broker
+        .publish(&worker_queue("w1"), Message::new(stale.to_bytes()))
+        .await
+        .unwrap();
+    wait_log(
+        &worker,
+        "order of a coordinator that no longer leads dropped",
+        Duration::from_secs(30),
+    );
+    assert_eq!(add(1).await, 17, "the worker drained on a stale order");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -163,7 +163,7 @@ async fn attack(raw: &Arc<dyn Broker>, victim: Uuid, workers: &[String]) -> u64 
     // Orders straight into each worker's queue.
     for worker in workers {
         for body in [AnswerBody::Drain {}, AnswerBody::Promote {}] {
-            let order = Answer { v: 1, body };
+            let order = Answer::new(body);
             let m = Message::new(serde_json::to_vec(&order).unwrap());
             raw.publish(&worker_queue(worker), m).await.unwrap();
         }

@@ -229,11 +229,8 @@ async fn the_client_role_can_forge_nothing_under_the_documented_roles() {
     assert_eq!(warm.outcome, Outcome::Ok, "{warm:?}");
 
     // What the client role may not do at all: the broker refuses it.
-    let forged_order = serde_json::to_vec(&callq_schemas::protocol::Answer {
-        v: 1,
-        body: AnswerBody::Drain {},
-    })
-    .unwrap();
+    let forged_order =
+        serde_json::to_vec(&callq_schemas::protocol::Answer::new(AnswerBody::Drain {})).unwrap();
     let mut control = vec![
         (COORDINATOR_QUEUE.to_owned(), "a request to the coordinator"),
         (HEARTBEAT_QUEUE.to_owned(), "a heartbeat"),

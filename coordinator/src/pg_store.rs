@@ -237,6 +237,10 @@ async fn extend(
 }
 
 impl Store for PgStore {
+    fn epoch(&self) -> Option<u64> {
+        u64::try_from(self.epoch).ok()
+    }
+
     fn release(&mut self) {
         let released = self.block(bounded(
             "giving the lease up",

@@ -48,6 +48,12 @@ pub trait Store: Send + Sync {
     /// Gives the lease up at once, for a coordinator that stops: a standby
     /// takes over without waiting for it to run out. Best effort.
     fn release(&mut self) {}
+    /// The epoch of this coordinator's leadership, where the store grants
+    /// it by a lease; stamped on every answer and order, so that workers
+    /// can drop the orders of a coordinator that no longer leads.
+    fn epoch(&self) -> Option<u64> {
+        None
+    }
 }
 
 const CALLS: TableDefinition<'_, u128, &[u8]> = TableDefinition::new("calls");

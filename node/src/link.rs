@@ -269,6 +269,7 @@ async fn read_answers(
 ) {
     // However this ends, the waits on the coordinator end with it.
     let _gone = gone.drop_guard();
+    let mut epochs = Epochs::default();
     while let Some(item) = consumer.next().await {
         let delivery = match item {
             Ok(d) => d,
@@ -278,7 +279,13 @@ async fn read_answers(
             }
         };
         match serde_json::from_slice::<Answer>(&delivery.body) {
-            Ok(answer) if answer.v == 1 => route(answer.body, &waiters, &orders, &worker_id),
+            Ok(answer) if answer.v == 1 => {
+                if epochs.admit(&answer) {
+                    route(answer.body, &waiters, &orders, &worker_id);
+                } else {
+                    warn!(worker = %worker_id, epoch = ?answer.epoch, highest = epochs.highest, "order of a coordinator that no longer leads dropped: {:?}", answer.body);
+                }
+            }
             Ok(answer) => {
                 warn!(worker = %worker_id, v = answer.v, "coordinator answer of an unknown protocol version dropped");
             }
@@ -289,6 +296,26 @@ async fn read_answers(
         }
     }
     warn!(worker = %worker_id, "the worker's answer queue consumer ended");
+}
+
+/// The highest leadership epoch seen in the coordinator's answers.
+#[derive(Debug, Default)]
+struct Epochs {
+    highest: u64,
+}
+
+impl Epochs {
+    /// Notes the answer's epoch; whether it is to be acted on. An order
+    /// (`promote`, `drain`, `start_standby`) below the highest epoch seen
+    /// comes from a coordinator that no longer leads; answers to requests
+    /// are matched by their request ids and always pass.
+    fn admit(&mut self, answer: &Answer) -> bool {
+        let epoch = answer.epoch.unwrap_or(0);
+        self.highest = self.highest.max(epoch);
+        req_id(&answer.body).is_some()
+            || matches!(answer.body, AnswerBody::SessionChanged { .. })
+            || epoch >= self.highest
+    }
 }
 
 fn route(answer: AnswerBody, waiters: &Waiters, orders: &mpsc::Sender<Order>, worker_id: &str) {
@@ -472,5 +499,44 @@ impl Attempt {
             t.push(kind.to_owned());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn with_epoch(body: AnswerBody, epoch: Option<u64>) -> Answer {
+        Answer {
+            epoch,
+            ..Answer::new(body)
+        }
+    }
+
+    #[test]
+    fn an_order_below_the_highest_epoch_seen_is_dropped() {
+        let mut epochs = Epochs::default();
+        // A file-store coordinator stamps none: its orders pass.
+        assert!(epochs.admit(&with_epoch(AnswerBody::Drain {}, None)));
+        let answer = AnswerBody::Draining {
+            req_id: Uuid::now_v7(),
+            found: true,
+        };
+        // The new leader (epoch 7) answers; the old one (6) then orders.
+        assert!(epochs.admit(&with_epoch(answer.clone(), Some(7))));
+        assert!(!epochs.admit(&with_epoch(AnswerBody::Drain {}, Some(6))));
+        assert!(!epochs.admit(&with_epoch(AnswerBody::Promote {}, Some(6))));
+        let standby = AnswerBody::StartStandby {
+            services: vec!["echo".into()],
+        };
+        assert!(!epochs.admit(&with_epoch(standby.clone(), None)));
+        // Answers are matched by request id and pass whatever their epoch.
+        assert!(epochs.admit(&with_epoch(answer, Some(6))));
+        // The leader's own orders, and a later leader's, pass.
+        assert!(epochs.admit(&with_epoch(AnswerBody::Promote {}, Some(7))));
+        assert!(epochs.admit(&with_epoch(standby, Some(8))));
+        assert!(!epochs.admit(&with_epoch(AnswerBody::Drain {}, Some(7))));
+        assert_eq!(epochs.highest, 8);
     }
 }

@@ -441,6 +441,13 @@ pub const MAX_SERVICES_PER_WORKER: usize = 1024;
 pub struct Answer {
     /// Protocol version: 1.
     pub v: u32,
+    /// The leadership epoch of the coordinator that sent it (on PostgreSQL,
+    /// its lease's epoch; absent for a coordinator on a file store, which
+    /// leads alone). A worker drops an order whose epoch is below the
+    /// highest it has seen: it comes from a coordinator that no longer
+    /// leads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
     /// The answer.
     #[serde(flatten)]
     pub body: AnswerBody,
@@ -539,6 +546,16 @@ impl Request {
 }
 
 impl Answer {
+    /// A version 1 answer with no epoch (the coordinator stamps its own
+    /// when it publishes).
+    pub fn new(body: AnswerBody) -> Self {
+        Self {
+            v: 1,
+            epoch: None,
+            body,
+        }
+    }
+
     /// The JSON body.
     pub fn to_bytes(&self) -> Vec<u8> {
         serde_json::to_vec(self).unwrap_or_default()

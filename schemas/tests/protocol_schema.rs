@@ -502,7 +502,13 @@ fn requests() -> Vec<Value> {
 fn answers() -> Vec<Value> {
     answer_bodies()
         .into_iter()
-        .map(|body| serde_json::to_value(Answer { v: 1, body }).unwrap())
+        .map(|body| {
+            let answer = Answer {
+                epoch: Some(3),
+                ..Answer::new(body)
+            };
+            serde_json::to_value(answer).unwrap()
+        })
         .collect()
 }
 
@@ -604,9 +610,11 @@ impl Site {
             "/state" => &["state"],
             _ => &[],
         };
-        // `expires_ms` may stand on any request: the root schema names it.
+        // `expires_ms` may stand on any request, `epoch` on any answer:
+        // the root schema names them.
         let root_optional: &[&str] = match (self.side, self.at.as_str()) {
             (Side::Request, "") => &["expires_ms"],
+            (Side::Answer, "") => &["epoch"],
             _ => &[],
         };
         self.object()
@@ -930,13 +938,15 @@ fn the_schemas_name_every_field_and_variant_of_the_serde_types() {
     for side in [Side::Request, Side::Answer] {
         let s = of(side);
         let common: BTreeSet<String> = side.common().iter().map(|&k| k.to_owned()).collect();
-        // Optional fields every request may carry.
+        // Optional fields every request, or every answer, may carry.
         let mut named = keys(&s["properties"]);
         if side == Side::Request {
             assert!(
                 named.remove("expires_ms"),
                 "the request schema names expires_ms"
             );
+        } else {
+            assert!(named.remove("epoch"), "the answer schema names epoch");
         }
         assert_eq!(named, common, "{side:?}");
         let required: BTreeSet<String> = strings(&s["required"]).into_iter().collect();

@@ -57,7 +57,11 @@ impl<S: Store> Coordinator<S> {
     /// Publishes one answer, order or notice, once, within
     /// [`PUBLISH_TIMEOUT`].
     async fn publish_answer(&self, to: &str, answer: &Answer) -> Result<(), callq_broker::Error> {
-        let publish = self.broker.publish(to, Message::new(answer.to_bytes()));
+        let stamped = Answer {
+            epoch: self.ledger.store().epoch(),
+            ..answer.clone()
+        };
+        let publish = self.broker.publish(to, Message::new(stamped.to_bytes()));
         tokio::time::timeout(PUBLISH_TIMEOUT, publish)
             .await
             .unwrap_or(Err(callq_broker::Error::Timeout(PUBLISH_TIMEOUT)))

@@ -65,7 +65,7 @@ impl Notices {
                         session_id: session_id.clone(),
                         version: *version,
                     };
-                    notices.push((queue.to_owned(), Answer { v: 1, body }));
+                    notices.push((queue.to_owned(), Answer::new(body)));
                 }
             }
             false

@@ -105,7 +105,7 @@ impl<S: Store> Coordinator<S> {
             call => self.apply_call(&worker, call)?,
         };
         if let Some(body) = answer {
-            out.push((to, Answer { v: 1, body }));
+            out.push((to, Answer::new(body)));
         }
         Ok(())
     }
@@ -280,13 +280,7 @@ impl<S: Store> Coordinator<S> {
             return false;
         };
         info!(worker = target, "draining on request");
-        out.push((
-            queue,
-            Answer {
-                v: 1,
-                body: AnswerBody::Drain {},
-            },
-        ));
+        out.push((queue, Answer::new(AnswerBody::Drain {})));
         true
     }
 

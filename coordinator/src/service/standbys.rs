@@ -74,13 +74,7 @@ impl Standbys {
             w.state = WorkerState::Active;
             self.promotions += 1;
             covered.extend(dead.services.iter().filter(|s| w.services.contains(s)));
-            out.push((
-                w.queue.clone(),
-                Answer {
-                    v: 1,
-                    body: AnswerBody::Promote {},
-                },
-            ));
+            out.push((w.queue.clone(), Answer::new(AnswerBody::Promote {})));
         }
     }
 
@@ -105,12 +99,9 @@ impl Standbys {
                 a.workers += 1;
                 orders.push((
                     a.queue.clone(),
-                    Answer {
-                        v: 1,
-                        body: AnswerBody::StartStandby {
-                            services: vec![service.clone()],
-                        },
-                    },
+                    Answer::new(AnswerBody::StartStandby {
+                        services: vec![service.clone()],
+                    }),
                 ));
                 self.asked.push(Asked {
                     service: service.clone(),
