@@ -263,6 +263,7 @@ impl HungWorker {
             service: "mail".into(),
             call_reply_to: None,
             session: None,
+            digest: None,
         })
         .await;
         let d = self.answers.next().await.unwrap().unwrap();
@@ -489,4 +490,67 @@ async fn a_fatal_decision_survives_a_coordinator_restart() {
     );
     assert_eq!(b.ok.load(Ordering::Relaxed), 0);
     assert_eq!(sent(&outbox), vec![call.call_id], "no second mail");
+}
+
+/// A `call_id` published again with another body, as a re-issued copy
+/// (attempt header 2) whose `reply_to` is the publisher's own: without the
+/// digest check its `resume` would be answered from the first body's record,
+/// and the recorded reply published to it. The copy is dead-lettered
+/// `body_mismatch` instead, unanswered; a copy of the recorded body is
+/// still answered from the record.
+#[tokio::test(start_paused = true)]
+async fn a_call_id_published_again_with_another_body_is_refused() {
+    let dir = TempDir::new();
+    let mut c = cluster(&[]).await;
+    c.spawn_worker("a", &["mail"], false).await.unwrap();
+    let dead = callq_broker::dead_queue("mail");
+    c.broker.declare(&QueueSpec::calls("mail")).await.unwrap();
+    let mut dead_q = c.broker.consume(&dead, 16).await.unwrap();
+    // The genuine call, as a re-issued copy: its resume makes the record.
+    let mut call = Call::new("mail", "send", mail_args(&dir.outbox(), 0, 0));
+    let mut genuine = raw_call(c.broker.as_ref(), &mut call).await;
+    let first = replies(&mut genuine, BEAT * 8).await;
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(first[0].outcome, Outcome::Ok, "{first:?}");
+    publish_copy(c.broker.as_ref(), &call, 2).await;
+    let again = replies(&mut genuine, BEAT * 8).await;
+    assert_eq!(again.len(), 1, "answered from the record: {again:?}");
+
+    // The same id, another body, answering into the forger's own queue.
+    let mut forged = call.clone();
+    forged.args = json!({"outbox": dir.outbox(), "to": "mallory@example.com", "subject": "hi"});
+    // Its first delivery runs on the fast path: its trace is refused (the
+    // call is decided), and it is dropped unanswered.
+    let mut stolen = raw_call(c.broker.as_ref(), &mut forged).await;
+    let none = replies(&mut stolen, BEAT * 8).await;
+    assert!(none.is_empty(), "{none:?}");
+    // As a re-issued copy, it asks resume, which its digest fails.
+    publish_copy(c.broker.as_ref(), &forged, 2).await;
+    let d = next_delivery(&mut dead_q).await;
+    assert!(
+        d.headers[callq_broker::DEAD_REASON_HEADER].starts_with("body_mismatch"),
+        "{:?}",
+        d.headers
+    );
+    d.settle(Disposition::Ack).await.unwrap();
+    let leaked = replies(&mut stolen, BEAT * 8).await;
+    assert!(
+        leaked.is_empty(),
+        "the forged copy was answered: {leaked:?}"
+    );
+    assert_eq!(
+        sent(&dir.outbox()),
+        vec![call.call_id],
+        "one mail, to the first recipient"
+    );
+    let outbox = std::fs::read_to_string(dir.outbox()).unwrap();
+    assert!(!outbox.contains("mallory"), "{outbox}");
+}
+
+async fn next_delivery(c: &mut Box<dyn Consumer>) -> Delivery {
+    tokio::time::timeout(Duration::from_secs(60), c.next())
+        .await
+        .expect("a delivery within a minute")
+        .unwrap()
+        .unwrap()
 }

@@ -66,6 +66,7 @@ async fn attack(raw: &Arc<dyn Broker>, victim: Uuid, workers: &[String]) -> u64 
                 lease,
                 service: "mail".into(),
                 call_reply_to: None,
+                digest: None,
             },
         ),
         request(
@@ -88,6 +89,7 @@ async fn attack(raw: &Arc<dyn Broker>, victim: Uuid, workers: &[String]) -> u64 
                 service: "mail".into(),
                 call_reply_to: None,
                 session: None,
+                digest: None,
             },
         ),
         request(

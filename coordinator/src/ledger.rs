@@ -66,6 +66,11 @@ pub struct CallRecord {
     /// for a new delivery.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lost: Vec<Uuid>,
+    /// The SHA-256 (hex) of the call's body, as the first `resume` or
+    /// `trace` that carried one reported it: a copy with another body is
+    /// refused ([`Ledger::same_body`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
 }
 
 /// Where a session is in its life.
@@ -150,6 +155,7 @@ impl CallRecord {
             traces,
             state: CallState::Open,
             lost: Vec::new(),
+            digest: None,
         }
     }
 }
@@ -432,6 +438,25 @@ impl<S: Store> Ledger<S> {
     fn put(&mut self, call_id: Uuid, record: CallRecord) {
         self.open.insert(call_id, record);
         self.dirty.insert(call_id);
+    }
+
+    /// Whether a copy of `call_id` whose body has `digest` may go on:
+    /// `false` when the call's record holds another body's digest. A record
+    /// without one keeps this one; a copy that reports none, or a call
+    /// without a record (on the fast path), passes.
+    pub fn same_body(&mut self, call_id: Uuid, digest: Option<&str>) -> Result<bool, Error> {
+        let Some(digest) = digest else {
+            return Ok(true);
+        };
+        let Some(rec) = self.load(call_id)? else {
+            return Ok(true);
+        };
+        if let Some(kept) = &rec.digest {
+            return Ok(kept == digest);
+        }
+        rec.digest = Some(digest.to_owned());
+        self.dirty.insert(call_id);
+        Ok(true)
     }
 
     /// A worker received a redelivery, or a copy with an attempt above 1,

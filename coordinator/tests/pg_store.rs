@@ -22,6 +22,7 @@ fn record(attempt: u32) -> CallRecord {
         traces: vec!["mail.sent".into()],
         state: CallState::Open,
         lost: Vec::new(),
+        digest: Some("d1".into()),
     }
 }
 

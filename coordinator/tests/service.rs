@@ -183,6 +183,7 @@ async fn a_silent_worker_s_traceless_call_is_reissued_after_dead_after() {
             lease: lease(&call, 2),
             service: "mail".into(),
             call_reply_to: call.reply_to.clone(),
+            digest: None,
         },
     )
     .await;
@@ -200,6 +201,7 @@ async fn a_silent_worker_s_traceless_call_is_reissued_after_dead_after() {
             lease: lease(&call, 1),
             service: "mail".into(),
             call_reply_to: None,
+            digest: None,
         },
     )
     .await;
@@ -251,6 +253,7 @@ async fn a_dead_worker_s_traced_call_is_answered_fatal_and_stays_fatal() {
             service: "mail".into(),
             call_reply_to: call.reply_to.clone(),
             session: None,
+            digest: None,
         },
     )
     .await;
@@ -283,6 +286,7 @@ async fn a_dead_worker_s_traced_call_is_answered_fatal_and_stays_fatal() {
             service: "mail".into(),
             call_reply_to: None,
             session: None,
+            digest: None,
         },
     )
     .await;
@@ -311,6 +315,76 @@ async fn ask_status(bus: &Bus, answers: &mut Box<dyn Consumer>) -> ClusterStatus
 /// A heartbeat that claims more calls in flight than its capacity, or a
 /// capacity no worker has, is refused whole: the worker is not registered
 /// and the ledger holds no record of its calls. One within bounds is taken.
+#[tokio::test(start_paused = true)]
+async fn a_copy_with_another_body_than_its_call_s_record_is_refused() {
+    let bus = Bus::new().await;
+    let _c = bus.start(MemoryStore::default());
+    let mut answers = bus.queue(&worker_queue("B")).await;
+    let (call, _) = call();
+    let (first, other) = ("ab".repeat(32), "cd".repeat(32));
+    let resume = |copy: u32, digest: &str| RequestBody::Resume {
+        req_id: Uuid::now_v7(),
+        lease: lease(&call, copy),
+        service: "mail".into(),
+        call_reply_to: call.reply_to.clone(),
+        digest: Some(digest.to_owned()),
+    };
+    // A redelivery makes the record, which keeps its body's digest.
+    bus.send("B", resume(1, &first)).await;
+    let AnswerBody::Resume { decision, .. } = answer(&mut answers).await else {
+        panic!("not a resume answer");
+    };
+    assert_eq!(decision, ResumeDecision::Run { attempt: 2 });
+    // A copy of the same id with another body: refused, whatever its copy.
+    for copy in [1, 2, 3] {
+        bus.send("B", resume(copy, &other)).await;
+        let AnswerBody::Resume { decision, .. } = answer(&mut answers).await else {
+            panic!("not a resume answer");
+        };
+        assert!(
+            matches!(&decision, ResumeDecision::Refused { reason } if reason.contains("another body")),
+            "{decision:?}"
+        );
+    }
+    // Its trace too: refused, and the delivery is a spare.
+    bus.send(
+        "B",
+        RequestBody::Trace {
+            req_id: Uuid::now_v7(),
+            lease: lease(&call, 2),
+            attempt: 2,
+            kind: "mail.sent".into(),
+            service: "mail".into(),
+            call_reply_to: None,
+            session: None,
+            digest: Some(other.clone()),
+        },
+    )
+    .await;
+    let AnswerBody::Trace { decision, .. } = answer(&mut answers).await else {
+        panic!("not a trace answer");
+    };
+    assert!(
+        matches!(
+            decision,
+            TraceDecision::Refused {
+                superseded: true,
+                ..
+            }
+        ),
+        "{decision:?}"
+    );
+    // A copy with the recorded body goes on as before.
+    bus.send("B", resume(2, &first)).await;
+    let AnswerBody::Resume { decision, .. } = answer(&mut answers).await else {
+        panic!("not a resume answer");
+    };
+    assert!(
+        !matches!(decision, ResumeDecision::Refused { .. }),
+        "{decision:?}"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_heartbeat_claiming_more_than_its_capacity_is_refused() {
     let bus = Bus::new().await;
@@ -377,6 +451,7 @@ async fn a_fatal_answer_never_goes_to_one_of_callq_s_own_queues() {
                 service: "mail".into(),
                 call_reply_to: call.reply_to.clone(),
                 session: None,
+                digest: None,
             },
         )
         .await;
@@ -407,6 +482,7 @@ async fn a_fatal_answer_never_goes_to_one_of_callq_s_own_queues() {
             service: "mail".into(),
             call_reply_to: None,
             session: None,
+            digest: None,
         },
     )
     .await;
@@ -447,6 +523,7 @@ async fn decisions_survive_a_coordinator_restart() {
             service: "mail".into(),
             call_reply_to: call.reply_to.clone(),
             session: None,
+            digest: None,
         },
     )
     .await;
@@ -465,6 +542,7 @@ async fn decisions_survive_a_coordinator_restart() {
             lease: lease(&call, 1),
             service: "mail".into(),
             call_reply_to: None,
+            digest: None,
         },
     )
     .await;
@@ -502,6 +580,7 @@ async fn unreadable_requests_are_dropped_and_the_coordinator_serves_on() {
             lease: lease(&call, 1),
             service: "mail".into(),
             call_reply_to: None,
+            digest: None,
         },
     )
     .await;

@@ -377,6 +377,8 @@ pub(crate) struct Attempt {
     pub(crate) attempt: u32,
     pub(crate) service: String,
     pub(crate) reply_to: Option<String>,
+    /// The digest of the call's body, which each trace request carries.
+    digest: Option<String>,
     traces: Mutex<Vec<String>>,
     abort: Mutex<Option<Abort>>,
 }
@@ -399,6 +401,7 @@ impl Attempt {
         attempt: u32,
         service: String,
         reply_to: Option<String>,
+        digest: Option<String>,
     ) -> Self {
         Self {
             link,
@@ -406,6 +409,7 @@ impl Attempt {
             attempt,
             service,
             reply_to,
+            digest,
             traces: Mutex::default(),
             abort: Mutex::default(),
         }
@@ -470,6 +474,7 @@ impl Attempt {
                     service: self.service.clone(),
                     call_reply_to: self.reply_to.clone(),
                     session: session.clone(),
+                    digest: self.digest.clone(),
                 })
                 .await;
             match asked {

@@ -57,6 +57,13 @@ pub enum ResumeDecision {
         /// The current attempt.
         attempt: u32,
     },
+    /// This copy's body differs from the one recorded under its `call_id`
+    /// (the id was published again with another body): dead-letter it,
+    /// unanswered, and run nothing.
+    Refused {
+        /// Why, for logs and the dead letter.
+        reason: String,
+    },
 }
 
 /// The answer to `trace`.
@@ -272,6 +279,10 @@ pub enum RequestBody {
         /// Where the client waits.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         call_reply_to: Option<String>,
+        /// The SHA-256 of the delivered body, in lowercase hex: a copy whose
+        /// body differs from the one recorded under its `call_id` is refused.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        digest: Option<String>,
     },
     /// May this attempt leave a trace of `kind`?
     Trace {
@@ -292,6 +303,9 @@ pub enum RequestBody {
         /// neither is.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         session: Option<SessionWrite>,
+        /// The SHA-256 of the delivered body, as in `resume`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        digest: Option<String>,
     },
     /// This attempt completed with this reply.
     Complete {

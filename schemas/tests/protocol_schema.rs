@@ -223,12 +223,14 @@ fn request_bodies() -> Vec<RequestBody> {
             lease: lease(1),
             service: "bank".into(),
             call_reply_to: Some("callq.reply.shop-1".into()),
+            digest: Some("9f".repeat(32)),
         },
         RequestBody::Resume {
             req_id: uuid(3),
             lease: lease(2),
             service: "bank".into(),
             call_reply_to: None,
+            digest: None,
         },
         RequestBody::Trace {
             req_id: uuid(4),
@@ -243,6 +245,7 @@ fn request_bodies() -> Vec<RequestBody> {
                 set: object(json!({"items": [1, 2], "coupon": null})),
                 close: true,
             }),
+            digest: Some("9f".repeat(32)),
         },
         RequestBody::Trace {
             req_id: uuid(13),
@@ -252,6 +255,7 @@ fn request_bodies() -> Vec<RequestBody> {
             service: "bank".into(),
             call_reply_to: Some("callq.reply.shop-1".into()),
             session: None,
+            digest: None,
         },
         RequestBody::Trace {
             req_id: uuid(5),
@@ -261,6 +265,7 @@ fn request_bodies() -> Vec<RequestBody> {
             service: "bank".into(),
             call_reply_to: None,
             session: None,
+            digest: None,
         },
         RequestBody::Trace {
             req_id: uuid(14),
@@ -275,6 +280,7 @@ fn request_bodies() -> Vec<RequestBody> {
                 set: serde_json::Map::new(),
                 close: false,
             }),
+            digest: None,
         },
         RequestBody::Complete {
             req_id: uuid(6),
@@ -412,6 +418,9 @@ fn answer_bodies() -> Vec<AnswerBody> {
             reply: fatal_reply(),
         }),
         resume(ResumeDecision::Superseded { attempt: 3 }),
+        resume(ResumeDecision::Refused {
+            reason: "call 0193c1e2 was published again with another body".into(),
+        }),
         trace(TraceDecision::Granted),
         trace(TraceDecision::Refused {
             reason: "attempt 2 was revoked".into(),

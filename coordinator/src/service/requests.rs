@@ -4,7 +4,7 @@
 
 use callq_schemas::protocol::{
     Answer, AnswerBody, ClusterStatus, CompleteDecision, Completion, Lease, Request, RequestBody,
-    SessionState, SessionWrite, WorkerState,
+    ResumeDecision, SessionState, SessionWrite, TraceDecision, WorkerState,
 };
 use callq_schemas::{Reply, Uuid};
 use tracing::{info, warn};
@@ -119,29 +119,14 @@ impl<S: Store> Coordinator<S> {
                 lease,
                 service,
                 call_reply_to,
-            } => self.resume(worker, req_id, lease, &service, call_reply_to.as_deref())?,
-            RequestBody::Trace {
-                req_id,
-                lease,
-                attempt,
-                kind,
-                service,
-                call_reply_to,
-                session,
+                digest,
             } => {
-                let now = self.clock.now_ms();
-                let decision = self.ledger.trace(
-                    lease,
-                    attempt,
-                    worker,
-                    &kind,
-                    &service,
-                    call_reply_to.as_deref(),
-                    session.as_ref(),
-                    now,
-                )?;
-                AnswerBody::Trace { req_id, decision }
+                let digest = digest.as_deref();
+                let decision =
+                    self.resume(worker, lease, &service, call_reply_to.as_deref(), digest)?;
+                AnswerBody::Resume { req_id, decision }
             }
+            trace @ RequestBody::Trace { .. } => return self.trace(worker, trace),
             RequestBody::Complete {
                 req_id,
                 lease,
@@ -203,17 +188,63 @@ impl<S: Store> Coordinator<S> {
     }
 
     /// A worker asks whether to run a redelivered copy, or a copy above
-    /// the first: the ledger arbitrates.
+    /// the first: the ledger arbitrates; a copy whose body differs from its
+    /// call's record is refused.
     fn resume(
         &mut self,
         worker: &str,
-        req_id: Uuid,
         lease: Lease,
         service: &str,
-        call_reply_to: Option<&str>,
-    ) -> Result<AnswerBody, Error> {
-        let decision = self.ledger.resume(lease, worker, service, call_reply_to)?;
-        Ok(AnswerBody::Resume { req_id, decision })
+        reply_to: Option<&str>,
+        digest: Option<&str>,
+    ) -> Result<ResumeDecision, Error> {
+        if !self.ledger.same_body(lease.call_id, digest)? {
+            let reason = other_body(worker, lease.call_id);
+            return Ok(ResumeDecision::Refused { reason });
+        }
+        let decision = self.ledger.resume(lease, worker, service, reply_to)?;
+        // The record that resume may have made keeps the digest.
+        self.ledger.same_body(lease.call_id, digest)?;
+        Ok(decision)
+    }
+
+    /// A worker asks for a grant to leave a trace; one of a copy whose body
+    /// differs from its call's record is refused.
+    fn trace(&mut self, worker: &str, body: RequestBody) -> Result<Option<AnswerBody>, Error> {
+        let RequestBody::Trace {
+            req_id,
+            lease,
+            attempt,
+            kind,
+            service,
+            call_reply_to,
+            session,
+            digest,
+        } = body
+        else {
+            return Ok(None);
+        };
+        if !self.ledger.same_body(lease.call_id, digest.as_deref())? {
+            let decision = TraceDecision::Refused {
+                reason: other_body(worker, lease.call_id),
+                superseded: true,
+            };
+            return Ok(Some(AnswerBody::Trace { req_id, decision }));
+        }
+        let now = self.clock.now_ms();
+        let decision = self.ledger.trace(
+            lease,
+            attempt,
+            worker,
+            &kind,
+            &service,
+            call_reply_to.as_deref(),
+            session.as_ref(),
+            now,
+        )?;
+        // The record a first trace made keeps the digest.
+        self.ledger.same_body(lease.call_id, digest.as_deref())?;
+        Ok(Some(AnswerBody::Trace { req_id, decision }))
     }
 
     /// A worker completed an attempt (synchronously when it left traces or
@@ -300,4 +331,13 @@ impl<S: Store> Coordinator<S> {
             promotions: self.standbys.promotions(),
         }
     }
+}
+
+/// Why a copy whose body differs from its call's record is refused; logged.
+fn other_body(worker: &str, call_id: Uuid) -> String {
+    warn!(worker, %call_id, "a copy of a call with another body than its record's: refused");
+    format!(
+        "call {call_id} was published again with another body than the one recorded: \
+         this copy is refused"
+    )
 }

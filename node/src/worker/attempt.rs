@@ -48,6 +48,7 @@ pub(super) async fn run(
     call: &mut Call,
     lease: Lease,
     passed: Passed,
+    digest: Option<String>,
 ) -> Ran {
     let attempt = passed.attempt;
     let standing = Arc::new(Attempt::new(
@@ -56,6 +57,7 @@ pub(super) async fn run(
         attempt,
         call.service.clone(),
         call.reply_to.clone(),
+        digest,
     ));
     let session = match (&call.session_id, &shared.link) {
         (Some(id), Some(link)) => Some(Arc::new(CallSession::new(

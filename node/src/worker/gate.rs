@@ -25,6 +25,10 @@ pub(super) struct Passed {
     pub(super) resumed: bool,
 }
 
+/// The dead-letter reason of a copy whose body differs from the one its
+/// `call_id` was recorded with.
+const BODY_MISMATCH: &str = "body_mismatch";
+
 /// The gate's verdict.
 pub(super) enum Gate {
     /// Run the handler.
@@ -44,10 +48,11 @@ pub(super) async fn pass(
     call: &Call,
     spec: &QueueSpec,
     lease: Lease,
+    digest: Option<&str>,
 ) -> Gate {
     let ask = past_limit || delivery.redelivered || lease.copy > 1;
     let passed = if shared.link.is_some() && ask {
-        match resume(shared, call, lease).await {
+        match resume(shared, call, lease, digest).await {
             Ok(attempt) => Passed {
                 attempt,
                 resumed: true,
@@ -99,7 +104,12 @@ pub(super) async fn pass(
 
 /// Asks the coordinator whether this copy runs: the attempt it runs as, or
 /// how to settle the delivery instead.
-async fn resume(shared: &Shared, call: &Call, lease: Lease) -> Result<u32, Disposition> {
+async fn resume(
+    shared: &Shared,
+    call: &Call,
+    lease: Lease,
+    digest: Option<&str>,
+) -> Result<u32, Disposition> {
     let Some(link) = &shared.link else {
         return Ok(lease.copy);
     };
@@ -110,6 +120,7 @@ async fn resume(shared: &Shared, call: &Call, lease: Lease) -> Result<u32, Dispo
             lease,
             service: call.service.clone(),
             call_reply_to: call.reply_to.clone(),
+            digest: digest.map(str::to_owned),
         })
         .await;
     let decision = match asked {
@@ -144,6 +155,13 @@ async fn resume(shared: &Shared, call: &Call, lease: Lease) -> Result<u32, Dispo
         // a crash: both are published again; the client drops duplicates.
         ResumeDecision::Done { reply: Some(r) } | ResumeDecision::Fatal { reply: r } => {
             finish::publish_reply(shared, call.reply_to.as_deref(), &r).await
+        }
+        // Another body under a known call id: kept for a person to see.
+        ResumeDecision::Refused { reason } => {
+            warn!(worker = %shared.opts.worker_id, call_id = %call.call_id, "the coordinator refused this copy: {reason}");
+            Disposition::DeadLetter {
+                reason: format!("{BODY_MISMATCH}: {reason}"),
+            }
         }
         _ => Disposition::Ack,
     })

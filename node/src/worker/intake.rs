@@ -105,7 +105,20 @@ async fn decide(shared: &Shared, delivery: &Delivery, past_limit: bool) -> Dispo
         token: Uuid::now_v7(),
     };
     let flight = register(shared, &call, lease, delivery);
-    let passed = match gate::pass(shared, delivery, past_limit, &call, spec, lease).await {
+    // What `resume` and `trace` tell the coordinator of the body, so that a
+    // copy of the id with another body is refused.
+    let digest = shared.link.as_ref().map(|_| body_digest(&delivery.body));
+    let passed = match gate::pass(
+        shared,
+        delivery,
+        past_limit,
+        &call,
+        spec,
+        lease,
+        digest.as_deref(),
+    )
+    .await
+    {
         gate::Gate::Run(passed) => passed,
         gate::Gate::Answer(passed, reply, then) => {
             let answer = (reply, then);
@@ -113,7 +126,7 @@ async fn decide(shared: &Shared, delivery: &Delivery, past_limit: bool) -> Dispo
         }
         gate::Gate::Settle(fate) => return fate,
     };
-    match attempt::run(shared, service, &mut call, lease, passed).await {
+    match attempt::run(shared, service, &mut call, lease, passed, digest).await {
         attempt::Ran::Answer { reply, traces } => {
             let answer = (reply, Disposition::Ack);
             finish::finish(shared, &call, lease, passed, &traces, answer, flight).await
@@ -181,6 +194,15 @@ async fn read<'s>(
         );
     };
     Ok((call, copy, service, spec))
+}
+
+/// The SHA-256 of a call's body, in lowercase hex.
+fn body_digest(body: &[u8]) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(body)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The dead-letter reason of a call whose `reply_to` its publisher does not
