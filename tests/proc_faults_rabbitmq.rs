@@ -503,7 +503,9 @@ async fn wait_http(port: u16, path: &str, status: u16, timeout: Duration) -> Str
 /// `/healthz` and `/readyz` of a coordinator and a worker (`CALLQ_HTTP`):
 /// ready once they serve, 503 while their broker is stopped, ready again
 /// once it is back without outside help; alive throughout. A standby says
-/// so, and says `active` once the coordinator promotes it.
+/// so, and says `active` once the coordinator promotes it; ordered to drain
+/// (`callq drain`) while a call runs, it turns 503 `draining` at once,
+/// finishes the call and exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_readiness_probes_follow_the_broker() {
     let vhost = FaultVhost::create("health", "");
@@ -587,4 +589,52 @@ async fn the_readiness_probes_follow_the_broker() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(standby.running(), "{}", standby.log());
+
+    // An ordered drain while a 3 s call runs: unready at once, the call
+    // answered, the process gone with 0.
+    let recorder = Recorder::start(support::amqp(&vhost.url).await).await;
+    let running = recorder.publish(echo_sleep(3_000)).await;
+    let admin_env = [("CALLQ_BROKER", vhost.url.as_str())];
+    // The worker's id as registered (a worker that registers again after
+    // losing its broker takes a suffix), once it runs the call.
+    let until = Instant::now() + minute;
+    let id = loop {
+        let report = Command::new(support::callq_bin())
+            .args(["status", "--json"])
+            .envs(admin_env)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&report.stdout);
+        let busy = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|r| {
+                r["cluster"]["workers"].as_array()?.iter().find_map(|w| {
+                    let id = w["worker_id"].as_str()?;
+                    (id.starts_with("hs1") && w["free"].as_u64() < w["capacity"].as_u64())
+                        .then(|| id.to_owned())
+                })
+            });
+        if let Some(id) = busy {
+            break id;
+        }
+        assert!(Instant::now() < until, "the call never ran on hs1: {text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let drained = Command::new(support::callq_bin())
+        .args(["drain", &id])
+        .envs(admin_env)
+        .output()
+        .unwrap();
+    assert!(drained.status.success(), "{drained:?}");
+    let ordered = Instant::now();
+    let why = wait_http(ps, "/readyz", 503, Duration::from_secs(10)).await;
+    eprintln!(
+        "unready {:?} after the drain order: {why:?}",
+        ordered.elapsed()
+    );
+    assert_eq!(why, "draining");
+    recorder.wait_answered(&[running], minute).await;
+    assert_eq!(recorder.replies()[&running][0].outcome, Outcome::Ok);
+    let exit = standby.wait_exit(minute).expect("the drained worker exits");
+    assert!(exit.success(), "{exit:?}\n{}", standby.log());
 }
