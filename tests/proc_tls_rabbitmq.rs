@@ -7,10 +7,7 @@
 
 mod support;
 
-use std::process::{Command, Output};
-use std::time::{Duration, Instant};
-
-use support::{Proc, callq_bin};
+use std::time::Duration;
 
 struct TlsNode {
     node: String,
@@ -41,24 +38,6 @@ impl TlsNode {
     }
 }
 
-/// `callq call echo echo {"tls": true}` against `url`, trusting the test CA.
-fn call(url: &str, ca: &str) -> Output {
-    Command::new(callq_bin())
-        .args([
-            "call",
-            "echo",
-            "echo",
-            r#"{"tls": true}"#,
-            "--timeout-ms",
-            "20000",
-        ])
-        .env("CALLQ_BROKER", url)
-        .env("SSL_CERT_FILE", ca)
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .unwrap()
-}
-
 /// A coordinator and a worker reach the TLS-only node through `amqps://`,
 /// and `callq call` gets its answer through it; RabbitMQ reports every
 /// connection as TLS. A plain connection to the TLS port, and a TLS one to
@@ -73,27 +52,8 @@ async fn a_call_goes_through_amqps_and_plain_or_misnamed_connections_are_refused
     node.ctl(&["set_permissions", "-p", &vhost, "guest", ".*", ".*", ".*"]);
     let dir = support::temp_dir("tls");
     let url = node.url("amqps", "localhost", &vhost);
-    let env = [("SSL_CERT_FILE", node.ca.as_str())];
-    let mut coordinator = Proc::spawn_env("coordinator", &["coordinator"], &url, &dir, &env);
-    let args = ["worker", "--services", "echo", "--worker-id", "tls1"];
-    let mut worker = Proc::spawn_env("tls1", &args, &url, &dir, &env);
-
-    let started = Instant::now();
-    let out = loop {
-        let out = call(&url, &node.ca);
-        if out.status.success() || started.elapsed() > Duration::from_secs(60) {
-            break out;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "callq call over amqps failed: {stdout}{}\nworker:\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        worker.log()
-    );
-    assert!(stdout.contains("\"tls\""), "{stdout}");
+    let (mut coordinator, mut worker) =
+        support::serve_over_tls(&url, &node.ca, &dir, Duration::from_secs(60)).await;
 
     let listing = node.ctl(&["list_connections", "vhost", "ssl", "ssl_protocol"]);
     let ours: Vec<&str> = listing.lines().filter(|l| l.contains(&vhost)).collect();
@@ -108,7 +68,7 @@ async fn a_call_goes_through_amqps_and_plain_or_misnamed_connections_are_refused
         "a connection without TLS: {listing}"
     );
 
-    let plain = call(&node.url("amqp", "localhost", &vhost), &node.ca);
+    let plain = support::tls_call(&node.url("amqp", "localhost", &vhost), &node.ca);
     let err = String::from_utf8_lossy(&plain.stderr);
     assert!(
         !plain.status.success(),
@@ -116,7 +76,7 @@ async fn a_call_goes_through_amqps_and_plain_or_misnamed_connections_are_refused
     );
     assert!(err.contains("use amqps://"), "{err}");
 
-    let misnamed = call(&node.url("amqps", "127.0.0.1", &vhost), &node.ca);
+    let misnamed = support::tls_call(&node.url("amqps", "127.0.0.1", &vhost), &node.ca);
     let err = String::from_utf8_lossy(&misnamed.stderr);
     assert!(
         !misnamed.status.success(),

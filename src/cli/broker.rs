@@ -1,6 +1,7 @@
 //! From a broker URL to its adapter: `amqp://` is RabbitMQ (the `amqp`
-//! feature), `kafka://` is Kafka (the `kafka` feature). A URL whose adapter
-//! this callq was built without is refused, naming the feature.
+//! feature), `kafka://` is Kafka (the `kafka` feature); `amqps://` and
+//! `kafkas://` are the same over TLS. A URL whose adapter this callq was
+//! built without is refused, naming the feature.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, LazyLock};
@@ -37,7 +38,8 @@ pub(crate) const DEFAULT_URL: &str = callq_broker_amqp::DEFAULT_URL;
 #[cfg(not(feature = "amqp"))]
 pub(crate) const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
-/// Why a `kafka://` URL is refused by a callq built without Kafka.
+/// Why a `kafka://` or `kafkas://` URL is refused by a callq built without
+/// Kafka.
 #[cfg(not(feature = "kafka"))]
 pub(crate) const WITHOUT_KAFKA: &str =
     "this callq was built without Kafka support: rebuild with --features kafka";
@@ -89,17 +91,22 @@ async fn connect_plain(settings: &Settings, role: &str) -> anyhow::Result<Arc<dy
              CALLQ_BROKER=amqp://user:password@host:5672/%2f for a cluster of processes"
         );
     }
-    if url.starts_with("kafka://") {
+    if is_kafka(url) {
         return connect_kafka(url, role).await;
     }
     if !url.starts_with("amqp://") && !url.starts_with("amqps://") {
         bail!(
             "unsupported broker `{url}`: callq speaks amqp:// and amqps:// (RabbitMQ, amqps over \
-             TLS) and kafka://host:port (Kafka)"
+             TLS) and kafka://host:port and kafkas://host:port (Kafka, kafkas over TLS)"
         );
     }
     connect_amqp(url, role).await.map_err(|e| {
-        if url.starts_with("amqp://") {
+        if format!("{e:#}").contains("Connection refused") {
+            e.context(
+                "nothing listens there: start RabbitMQ, or point CALLQ_BROKER (or `broker` in the \
+                 configuration file) at it, e.g. amqp://user:password@host:5672/%2f",
+            )
+        } else if url.starts_with("amqp://") {
             e.context(
                 "if the broker only takes TLS on that port, use amqps:// (the CA in SSL_CERT_FILE \
                  when it is not a system one)",
@@ -113,6 +120,11 @@ async fn connect_plain(settings: &Settings, role: &str) -> anyhow::Result<Arc<dy
     })
 }
 
+/// Whether `url` names a Kafka cluster (plain or over TLS).
+fn is_kafka(url: &str) -> bool {
+    url.starts_with("kafka://") || url.starts_with("kafkas://")
+}
+
 #[cfg(feature = "kafka")]
 async fn connect_kafka(url: &str, role: &str) -> anyhow::Result<Arc<dyn Broker>> {
     let mut opts = callq_broker_kafka::Options::from_url(url)
@@ -120,9 +132,33 @@ async fn connect_kafka(url: &str, role: &str) -> anyhow::Result<Arc<dyn Broker>>
     if opts.client_id == callq_broker_kafka::Options::default().client_id {
         opts.client_id = format!("callq-{}", role.replace(' ', "-"));
     }
-    let broker = KafkaBroker::connect_with(opts)
-        .await
-        .with_context(|| format!("connecting the {role} to the broker"))?;
+    let tls = opts.tls;
+    let broker = KafkaBroker::connect_with(opts).await.map_err(|e| {
+        // No broker answered: say what to check (a refused setting says it).
+        let unanswered = matches!(
+            e,
+            callq_broker::Error::Connection(_) | callq_broker::Error::Timeout(_)
+        );
+        // librdkafka's "SSL handshake failed: ... certificate verify failed".
+        let handshake = e.to_string().contains("SSL handshake");
+        let hint = match (unanswered, tls) {
+            (true, false) => Some(
+                "if the brokers only take TLS on that port, use kafkas:// (the CA in \
+                 SSL_CERT_FILE when it is not a system one)",
+            ),
+            (true, true) if handshake => Some(
+                "over TLS: each broker's certificate must name the host it is reached by (the \
+                 URL's, and those the cluster advertises) and chain to a CA the system trusts \
+                 or the file SSL_CERT_FILE names",
+            ),
+            _ => None,
+        };
+        let e = anyhow::Error::new(e).context(format!("connecting the {role} to the broker"));
+        match hint {
+            Some(hint) => e.context(hint),
+            None => e,
+        }
+    })?;
     info!(role, at = url, "connected to Kafka");
     Ok(Arc::new(broker))
 }
@@ -160,11 +196,11 @@ pub(crate) async fn open_tap(
             "--from and --until read a range of a Kafka topic; RabbitMQ's queues keep no history to read"
         );
         amqp_tap(broker_url).await
-    } else if broker_url.starts_with("kafka://") {
+    } else if is_kafka(broker_url) {
         kafka_tap(broker_url, service, range).await
     } else {
         anyhow::bail!(
-            "capture reads RabbitMQ (amqp://) or Kafka (kafka://), not `{broker_url}`; \
+            "capture reads RabbitMQ (amqp://, amqps://) or Kafka (kafka://, kafkas://), not `{broker_url}`; \
              an embedded broker is tapped in its own process (EmbeddedBroker::tap)"
         )
     }
@@ -263,6 +299,14 @@ mod tests {
         );
     }
 
+    #[cfg(feature = "kafka")]
+    #[tokio::test]
+    async fn kafkas_urls_go_to_the_kafka_adapter() {
+        let why = refused("kafkas://user@h:1").await;
+        assert!(why.starts_with("reading the Kafka URL"), "{why}");
+        assert!(why.contains("kafkas://host:port"), "{why}");
+    }
+
     #[cfg(feature = "amqp")]
     #[test]
     fn the_default_url_is_the_one_a_build_without_rabbitmq_shows() {
@@ -273,6 +317,7 @@ mod tests {
     #[tokio::test]
     async fn without_kafka_a_kafka_url_names_the_feature() {
         assert_eq!(refused("kafka://127.0.0.1:9092").await, WITHOUT_KAFKA);
+        assert_eq!(refused("kafkas://localhost:9093").await, WITHOUT_KAFKA);
         let Err(e) = open_tap("kafka://127.0.0.1:9092", "echo", None).await else {
             panic!("a tap without Kafka");
         };

@@ -413,3 +413,48 @@ pub async fn kafka(url: &str) -> std::sync::Arc<dyn callq_broker::Broker> {
             .unwrap_or_else(|e| panic!("Kafka at {url}: {e}")),
     )
 }
+
+/// `callq call echo echo {"tls": true}` on `url`, trusting the CA file `ca`.
+pub fn tls_call(url: &str, ca: &str) -> std::process::Output {
+    Command::new(callq_bin())
+        .args([
+            "call",
+            "echo",
+            "echo",
+            r#"{"tls": true}"#,
+            "--timeout-ms",
+            "20000",
+        ])
+        .env("CALLQ_BROKER", url)
+        .env("SSL_CERT_FILE", ca)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap()
+}
+
+/// A coordinator and a worker of `echo` on `url` over TLS (trusting `ca`),
+/// and a call through them, tried until it is answered or `timeout`
+/// passes; panics with their logs when it never is.
+pub async fn serve_over_tls(url: &str, ca: &str, dir: &Path, timeout: Duration) -> (Proc, Proc) {
+    let env = [("SSL_CERT_FILE", ca)];
+    let coordinator = Proc::spawn_env("coordinator", &["coordinator"], url, dir, &env);
+    let args = ["worker", "--services", "echo", "--worker-id", "tls1"];
+    let worker = Proc::spawn_env("tls1", &args, url, dir, &env);
+    let started = std::time::Instant::now();
+    let out = loop {
+        let out = tls_call(url, ca);
+        if out.status.success() || started.elapsed() > timeout {
+            break out;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("\"tls\""),
+        "callq call over TLS failed: {stdout}{}\ncoordinator:\n{}\nworker:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        coordinator.log(),
+        worker.log()
+    );
+    (coordinator, worker)
+}

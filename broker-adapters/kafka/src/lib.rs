@@ -75,6 +75,27 @@
 //! revocation and on leaving synchronously, where [`Consumer::close`] waits
 //! for it no longer than [`Options::timeout`].
 //!
+//! # TLS
+//!
+//! `kafkas://host:port[,host:port...]` ([`Options::tls`]) speaks TLS to
+//! every broker (librdkafka's `security.protocol=ssl`, with the system's
+//! OpenSSL): each broker's certificate must name the host the client
+//! reached it by (`ssl.endpoint.identification.algorithm=https`), the
+//! bootstrap servers' and those the cluster's metadata advertises alike,
+//! and chain to a CA of the PEM file that the variable `SSL_CERT_FILE`
+//! names, or else of the system's store (`ssl.ca.location=probe`:
+//! librdkafka looks for the usual bundles, such as Debian's
+//! `/etc/ssl/certs/ca-certificates.crt`). A client certificate is two
+//! librdkafka settings in the URL: `ssl.certificate.location` and
+//! `ssl.key.location` (PEM files); any `ssl.*` setting in the URL wins over
+//! the adapter's. When no broker answers, [`KafkaBroker::connect`] fails
+//! after [`Options::timeout`] with librdkafka's last complaint about the
+//! brokers: a certificate the client does not trust or that names another
+//! host, "SSL handshake failed: ... certificate verify failed"; a plain
+//! `kafka://` connection that the broker closes before it answers the
+//! first request (as a port that takes only TLS does), the hint to use
+//! `kafkas://`.
+//!
 //! # Brokers
 //!
 //! Tested against tansu 0.6 (`scripts/kafka` starts it), which has bugs a
@@ -104,7 +125,8 @@ use callq_broker::{
 };
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -117,6 +139,10 @@ use crate::track::{Admit, Bound, Seen};
 
 /// The URL used when none is configured: a Kafka broker on this machine.
 pub const DEFAULT_URL: &str = "kafka://127.0.0.1:9092";
+
+/// The variable naming the PEM file of the CAs a `kafkas://` connection
+/// trusts instead of the system's (as OpenSSL and rustls read it).
+pub const CA_FILE_VAR: &str = "SSL_CERT_FILE";
 
 /// The header in which a requeued copy carries its delivery count.
 pub const DELIVERY_COUNT_HEADER: &str = "callq-delivery-count";
@@ -176,6 +202,10 @@ pub struct Options {
     /// Records whose hand-outs this process counts at most (see
     /// [`Delivery::delivery_count`](callq_broker::Delivery::delivery_count) in the crate docs).
     pub seen_capacity: usize,
+    /// TLS to every broker (`kafkas://`; see *TLS* in the crate docs):
+    /// `security.protocol=ssl`, the brokers' certificates checked against
+    /// their host names and the CAs of `SSL_CERT_FILE` or the system.
+    pub tls: bool,
     /// Further librdkafka settings for every client (security, tuning),
     /// applied last.
     pub librdkafka: Vec<(String, String)>,
@@ -197,6 +227,7 @@ impl Default for Options {
             fetch_wait: Duration::from_millis(100),
             max_in_flight: 512,
             seen_capacity: 100_000,
+            tls: false,
             librdkafka: Vec::new(),
         }
     }
@@ -204,21 +235,27 @@ impl Default for Options {
 
 impl Options {
     /// Options from a URL: `kafka://host:port[,host:port...][?key=value&...]`
-    /// (the `kafka://` may be left out). Keys: `partitions`, `replication`,
+    /// (the `kafka://` may be left out), or `kafkas://...` for TLS (see
+    /// [`Options::tls`]). Keys: `partitions`, `replication`,
     /// `group_prefix`, `topic_prefix`, `client_id`, `session_timeout_ms`, `revoke_wait_ms`,
     /// `fetch_wait_ms`, `timeout_ms`, `confirm_timeout_ms`; any other key containing a dot is
-    /// passed to librdkafka as it is (`security.protocol=SSL`).
+    /// passed to librdkafka as it is (`ssl.key.location=/etc/callq/client.key`).
     pub fn from_url(url: &str) -> Result<Self, Error> {
-        let rest = url.strip_prefix("kafka://").unwrap_or(url);
+        let (tls, rest) = match url.strip_prefix("kafkas://") {
+            Some(rest) => (true, rest),
+            None => (false, url.strip_prefix("kafka://").unwrap_or(url)),
+        };
         let (hosts, query) = rest.split_once('?').unwrap_or((rest, ""));
         let hosts = hosts.trim_end_matches('/');
         if hosts.is_empty() || hosts.contains('@') || hosts.contains('/') {
             return Err(Error::Refused(format!(
-                "not a Kafka URL: `{url}` (expected kafka://host:port[,host:port...])"
+                "not a Kafka URL: `{url}` (expected kafka://host:port[,host:port...], or \
+                 kafkas://host:port[,host:port...] for TLS)"
             )));
         }
         let mut opts = Options {
             bootstrap: hosts.to_owned(),
+            tls,
             ..Options::default()
         };
         for pair in query.split('&').filter(|p| !p.is_empty()) {
@@ -262,13 +299,88 @@ impl Options {
             .set("socket.timeout.ms", millis(self.timeout).to_string())
             .set("allow.auto.create.topics", "false")
             .set("reconnect.backoff.max.ms", "1000");
+        if self.tls {
+            config
+                .set("security.protocol", "ssl")
+                .set("ssl.endpoint.identification.algorithm", "https")
+                .set(
+                    "ssl.ca.location",
+                    ca_file().unwrap_or_else(|| "probe".to_owned()),
+                );
+        }
         config
+    }
+
+    /// For TLS: fails, saying why, when the CA file that `SSL_CERT_FILE`
+    /// names (and no `ssl.ca.*` setting of the URL replaces) cannot be read.
+    fn check_ca_file(&self) -> Result<(), Error> {
+        if !self.tls
+            || self
+                .librdkafka
+                .iter()
+                .any(|(k, _)| k.starts_with("ssl.ca."))
+        {
+            return Ok(());
+        }
+        let Some(value) = std::env::var_os(CA_FILE_VAR).filter(|v| !v.is_empty()) else {
+            return Ok(());
+        };
+        let path = value.to_str().ok_or_else(|| {
+            Error::Refused(format!(
+                "{CA_FILE_VAR} is not valid UTF-8: librdkafka takes the CA file's name as text"
+            ))
+        })?;
+        std::fs::File::open(path).map(drop).map_err(|e| {
+            Error::Refused(format!(
+                "{CA_FILE_VAR}={path} names the CAs a kafkas:// connection trusts, but the file \
+                 cannot be read: {e}"
+            ))
+        })
     }
 
     fn apply_extra(&self, config: &mut ClientConfig) {
         for (k, v) in &self.librdkafka {
             config.set(k, v);
         }
+    }
+}
+
+/// The PEM file of the CAs to trust that `SSL_CERT_FILE` names, if any.
+fn ca_file() -> Option<String> {
+    std::env::var(CA_FILE_VAR).ok().filter(|v| !v.is_empty())
+}
+
+/// The producer's callbacks: librdkafka's last complaint about the brokers
+/// (a closed connection, a refused TLS handshake), for the error when none
+/// answers. Its log lines are debug events.
+#[derive(Clone, Default)]
+pub(crate) struct Watch {
+    last: Arc<Mutex<Option<String>>>,
+}
+
+impl ClientContext for Watch {
+    fn log(&self, _level: RDKafkaLogLevel, fac: &str, line: &str) {
+        debug!("librdkafka producer {fac}: {line}");
+        // A broker connection that failed: a disconnect is logged (at
+        // info), not reported as an error.
+        if fac == "FAIL" {
+            *lock(&self.last) = Some(line.to_owned());
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        debug!("Kafka producer: {error}: {reason}");
+        // "1/1 brokers are down" follows the reason it repeats.
+        if error.rdkafka_error_code() != Some(RDKafkaErrorCode::AllBrokersDown) {
+            *lock(&self.last) = Some(reason.to_owned());
+        }
+    }
+}
+
+impl Watch {
+    /// The last complaint, if any.
+    fn last(&self) -> Option<String> {
+        lock(&self.last).clone()
     }
 }
 
@@ -302,7 +414,7 @@ type BoundSlot = (Bound, Arc<tokio::sync::Mutex<()>>);
 
 pub(crate) struct Inner {
     pub(crate) opts: Options,
-    producer: FutureProducer,
+    producer: FutureProducer<Watch>,
     admin: AdminClient<DefaultClientContext>,
     /// Bounds the publishes awaiting their delivery report.
     in_flight: tokio::sync::Semaphore,
@@ -339,6 +451,7 @@ impl KafkaBroker {
                 "a topic needs at least one partition".into(),
             ));
         }
+        opts.check_ca_file()?;
         let mut config = opts.client_config();
         config
             .set("enable.idempotence", "true")
@@ -355,8 +468,11 @@ impl KafkaBroker {
                 opts.max_in_flight.max(1).saturating_mul(2).to_string(),
             );
         opts.apply_extra(&mut config);
-        let producer: FutureProducer = config
-            .create()
+        // Connection failures are logged at info: let them reach the Watch.
+        config.set_log_level(RDKafkaLogLevel::Info);
+        let watch = Watch::default();
+        let producer: FutureProducer<Watch> = config
+            .create_with_context(watch.clone())
             .map_err(|e| Error::Refused(format!("Kafka producer settings: {e}")))?;
         let mut config = opts.client_config();
         opts.apply_extra(&mut config);
@@ -381,13 +497,28 @@ impl KafkaBroker {
         // Fail now, with a clear message, if no broker is there.
         let producer = inner.producer.clone();
         let timeout = inner.opts.timeout;
+        let bootstrap = inner.opts.bootstrap.clone();
+        let tls = inner.opts.tls;
+        let scheme = if tls { "kafkas" } else { "kafka" };
         inner
             .blocking("reading the cluster's metadata", move || {
                 producer
                     .client()
                     .fetch_metadata(None, timeout)
                     .map(|_| ())
-                    .map_err(|e| Error::Connection(format!("Kafka metadata: {e}")))
+                    .map_err(|e| {
+                        let why = format!("Kafka metadata from {scheme}://{bootstrap}: {e}");
+                        Error::Connection(match watch.last() {
+                            // A plain connection closed before the broker
+                            // answered its first request: a TLS port's way.
+                            Some(last) if !tls && last.contains("APIVERSION_QUERY") => format!(
+                                "{why}; the brokers' last error: {last} (a broker that takes \
+                                 only TLS there needs kafkas://)"
+                            ),
+                            Some(last) => format!("{why}; the brokers' last error: {last}"),
+                            None => why,
+                        })
+                    })
             })
             .await?;
         Ok(Self { inner })
@@ -1070,6 +1201,32 @@ mod tests {
         assert!(Options::from_url("kafka://h:1?partitions=0").is_err());
         assert!(Options::from_url("kafka://h:1?nonsense=1").is_err());
         assert!(Options::from_url("kafka://user:pw@h:1").is_err());
+    }
+
+    #[test]
+    fn kafkas_urls_speak_tls_and_check_the_host_name() {
+        let plain = Options::from_url("kafka://h:1").expect("plain");
+        assert!(!plain.tls);
+        assert_eq!(plain.client_config().get("security.protocol"), None);
+        let o = Options::from_url("kafkas://a:1,b:2?ssl.key.location=/k&partitions=2")
+            .expect("with TLS");
+        assert!(o.tls);
+        assert_eq!(o.bootstrap, "a:1,b:2");
+        assert_eq!(o.partitions, 2);
+        let config = o.client_config();
+        assert_eq!(config.get("security.protocol"), Some("ssl"));
+        assert_eq!(
+            config.get("ssl.endpoint.identification.algorithm"),
+            Some("https")
+        );
+        let ca = ca_file().unwrap_or_else(|| "probe".to_owned());
+        assert_eq!(config.get("ssl.ca.location"), Some(ca.as_str()));
+        assert_eq!(
+            o.librdkafka,
+            vec![("ssl.key.location".to_string(), "/k".to_string())]
+        );
+        assert!(Options::from_url("kafkas://").is_err());
+        assert!(Options::from_url("kafkas://u@h:1").is_err());
     }
 
     #[test]
