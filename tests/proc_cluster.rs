@@ -265,3 +265,44 @@ async fn the_agent_stops_at_once_when_nothing_is_in_flight() {
     );
     assert!(pid_of(&needle).is_none(), "a worker outlived its agent");
 }
+
+/// What `callq` says when no one can act: a call nobody takes ends
+/// `expired` (exit 3) with a hint that no worker serves the service, and a
+/// broker URL where nothing listens fails with a hint to start the broker
+/// or point `CALLQ_BROKER` at it.
+#[test]
+fn the_cli_says_what_to_do_when_nobody_answers() {
+    let vhost = Vhost::create("hints");
+    let out = std::process::Command::new(support::callq_bin())
+        .args(["call", "ghost", "x", "--timeout-ms", "1500"])
+        .env("CALLQ_BROKER", &vhost.url)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("no worker took the call") && err.contains("`ghost`"),
+        "{err}"
+    );
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = std::process::Command::new(support::callq_bin())
+        .args(["status"])
+        .env(
+            "CALLQ_BROKER",
+            format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
+        )
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("nothing listens there") && err.contains("CALLQ_BROKER"),
+        "{err}"
+    );
+}

@@ -59,7 +59,7 @@ async fn call(
     let args: serde_json::Value = serde_json::from_str(args)
         .with_context(|| format!("the arguments are not JSON: {args}"))?;
     let broker = connect(settings, "client").await?;
-    let client = Client::connect(broker, settings.client.clone()).await?;
+    let client = Client::connect(broker.clone(), settings.client.clone()).await?;
     let reply = client
         .call(
             service,
@@ -72,6 +72,19 @@ async fn call(
         )
         .await?;
     println!("{}", serde_json::to_string(&reply)?);
+    if reply.outcome == Outcome::Expired {
+        // Still waiting in its queue: nobody took it.
+        let queue = callq_broker::call_queue(service);
+        if let Ok(Ok(depth)) = tokio::time::timeout(timeout, broker.depth(&queue)).await
+            && depth.ready > 0
+        {
+            eprintln!(
+                "no worker took the call: {} call(s) wait in `{queue}`; is a worker serving \
+                 `{service}` running on this broker? (`callq status` lists the workers)",
+                depth.ready
+            );
+        }
+    }
     Ok(match reply.outcome {
         Outcome::Ok => 0,
         Outcome::Error => 1,
