@@ -101,7 +101,10 @@ async fn connect_plain(settings: &Settings, role: &str) -> anyhow::Result<Arc<dy
         );
     }
     connect_amqp(url, role).await.map_err(|e| {
-        if format!("{e:#}").contains("Connection refused") {
+        if cfg!(not(feature = "amqp")) {
+            // Refused for the missing feature: that says all.
+            e
+        } else if format!("{e:#}").contains("Connection refused") {
             e.context(
                 "nothing listens there: start RabbitMQ, or point CALLQ_BROKER (or `broker` in the \
                  configuration file) at it, e.g. amqp://user:password@host:5672/%2f",
