@@ -3,10 +3,12 @@
 //! come back on the worker's own queue.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use callq_broker::{Broker, COORDINATOR_QUEUE, Disposition, HEARTBEAT_QUEUE, Message, QueueSpec};
+use callq_broker::{
+    Broker, Bytes, COORDINATOR_QUEUE, Disposition, HEARTBEAT_QUEUE, Message, QueueSpec,
+};
 use callq_schemas::codes;
 use callq_schemas::protocol::{
     Answer, AnswerBody, Lease, Request, RequestBody, SessionWrite, TraceDecision,
@@ -377,8 +379,10 @@ pub(crate) struct Attempt {
     pub(crate) attempt: u32,
     pub(crate) service: String,
     pub(crate) reply_to: Option<String>,
-    /// The digest of the call's body, which each trace request carries.
-    digest: Option<String>,
+    /// The call's body, and its digest once a trace needed it (every
+    /// trace request carries it; a call that asks none costs no hashing).
+    body: Bytes,
+    digest: OnceLock<String>,
     traces: Mutex<Vec<String>>,
     abort: Mutex<Option<Abort>>,
 }
@@ -401,7 +405,7 @@ impl Attempt {
         attempt: u32,
         service: String,
         reply_to: Option<String>,
-        digest: Option<String>,
+        body: Bytes,
     ) -> Self {
         Self {
             link,
@@ -409,7 +413,8 @@ impl Attempt {
             attempt,
             service,
             reply_to,
-            digest,
+            body,
+            digest: OnceLock::new(),
             traces: Mutex::default(),
             abort: Mutex::default(),
         }
@@ -474,7 +479,7 @@ impl Attempt {
                     service: self.service.clone(),
                     call_reply_to: self.reply_to.clone(),
                     session: session.clone(),
-                    digest: self.digest.clone(),
+                    digest: Some(self.digest.get_or_init(|| body_digest(&self.body)).clone()),
                 })
                 .await;
             match asked {
@@ -507,6 +512,17 @@ impl Attempt {
     }
 }
 
+/// The SHA-256 of a call's body, in lowercase hex: what `resume` and
+/// `trace` carry, so that the coordinator refuses a copy of a `call_id`
+/// with another body.
+pub(crate) fn body_digest(body: &[u8]) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(body)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -517,6 +533,14 @@ mod tests {
             epoch,
             ..Answer::new(body)
         }
+    }
+
+    #[test]
+    fn the_body_digest_is_sha256_in_lowercase_hex() {
+        assert_eq!(
+            body_digest(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
     }
 
     #[test]

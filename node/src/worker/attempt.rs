@@ -7,7 +7,7 @@
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
-use callq_broker::Disposition;
+use callq_broker::{Bytes, Disposition};
 use callq_schemas::protocol::{Lease, RequestBody};
 use callq_schemas::{Call, Reply, codes};
 use futures::FutureExt;
@@ -48,7 +48,7 @@ pub(super) async fn run(
     call: &mut Call,
     lease: Lease,
     passed: Passed,
-    digest: Option<String>,
+    body: Bytes,
 ) -> Ran {
     let attempt = passed.attempt;
     let standing = Arc::new(Attempt::new(
@@ -57,7 +57,7 @@ pub(super) async fn run(
         attempt,
         call.service.clone(),
         call.reply_to.clone(),
-        digest,
+        body,
     ));
     let session = match (&call.session_id, &shared.link) {
         (Some(id), Some(link)) => Some(Arc::new(CallSession::new(

@@ -14,6 +14,7 @@ use tracing::{debug, warn};
 
 use super::shared::Shared;
 use super::{WorkerStats, finish};
+use crate::link::body_digest;
 
 /// How a delivery passed the gate.
 #[derive(Debug, Clone, Copy)]
@@ -48,11 +49,10 @@ pub(super) async fn pass(
     call: &Call,
     spec: &QueueSpec,
     lease: Lease,
-    digest: Option<&str>,
 ) -> Gate {
     let ask = past_limit || delivery.redelivered || lease.copy > 1;
     let passed = if shared.link.is_some() && ask {
-        match resume(shared, call, lease, digest).await {
+        match resume(shared, call, lease, &delivery.body).await {
             Ok(attempt) => Passed {
                 attempt,
                 resumed: true,
@@ -108,7 +108,7 @@ async fn resume(
     shared: &Shared,
     call: &Call,
     lease: Lease,
-    digest: Option<&str>,
+    body: &[u8],
 ) -> Result<u32, Disposition> {
     let Some(link) = &shared.link else {
         return Ok(lease.copy);
@@ -120,7 +120,7 @@ async fn resume(
             lease,
             service: call.service.clone(),
             call_reply_to: call.reply_to.clone(),
-            digest: digest.map(str::to_owned),
+            digest: Some(body_digest(body)),
         })
         .await;
     let decision = match asked {

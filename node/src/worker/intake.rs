@@ -105,20 +105,7 @@ async fn decide(shared: &Shared, delivery: &Delivery, past_limit: bool) -> Dispo
         token: Uuid::now_v7(),
     };
     let flight = register(shared, &call, lease, delivery);
-    // What `resume` and `trace` tell the coordinator of the body, so that a
-    // copy of the id with another body is refused.
-    let digest = shared.link.as_ref().map(|_| body_digest(&delivery.body));
-    let passed = match gate::pass(
-        shared,
-        delivery,
-        past_limit,
-        &call,
-        spec,
-        lease,
-        digest.as_deref(),
-    )
-    .await
-    {
+    let passed = match gate::pass(shared, delivery, past_limit, &call, spec, lease).await {
         gate::Gate::Run(passed) => passed,
         gate::Gate::Answer(passed, reply, then) => {
             let answer = (reply, then);
@@ -126,7 +113,9 @@ async fn decide(shared: &Shared, delivery: &Delivery, past_limit: bool) -> Dispo
         }
         gate::Gate::Settle(fate) => return fate,
     };
-    match attempt::run(shared, service, &mut call, lease, passed, digest).await {
+    // The body goes along (a shared buffer) for the digest a trace carries.
+    let body = delivery.body.clone();
+    match attempt::run(shared, service, &mut call, lease, passed, body).await {
         attempt::Ran::Answer { reply, traces } => {
             let answer = (reply, Disposition::Ack);
             finish::finish(shared, &call, lease, passed, &traces, answer, flight).await
@@ -194,15 +183,6 @@ async fn read<'s>(
         );
     };
     Ok((call, copy, service, spec))
-}
-
-/// The SHA-256 of a call's body, in lowercase hex.
-fn body_digest(body: &[u8]) -> String {
-    use sha2::Digest as _;
-    sha2::Sha256::digest(body)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// The dead-letter reason of a call whose `reply_to` its publisher does not
