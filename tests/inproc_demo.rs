@@ -30,6 +30,34 @@ fn the_demo_kills_a_worker_and_accounts_for_every_call() {
     assert!(stdout.contains("contract held"), "{stdout}");
     assert!(!stdout.contains("VIOLATION"), "{stdout}");
     assert!(stdout.contains("failover pause"), "{stdout}");
+    // Throughput and round trip: the median is at least the call's own work
+    // (50 ms) and the percentiles are ordered.
+    let rt = stdout
+        .lines()
+        .find(|l| l.contains("calls/s; round trip"))
+        .unwrap_or_else(|| panic!("no throughput line: {stdout}"));
+    let figure = |key: &str| -> f64 {
+        rt.split(key)
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (p50, p99, max) = (figure("p50 "), figure("p99 "), figure("max "));
+    assert!(p50 >= 50.0 && p50 <= p99 && p99 <= max, "{rt}");
+    assert!(
+        rt.trim_start()
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse::<f64>()
+            .unwrap()
+            > 0.0,
+        "{rt}"
+    );
     assert!(stdout.contains("standbys promoted: 1"), "{stdout}");
     // Outcomes add up to the calls, and only ok and fatal occur.
     let line = stdout

@@ -266,8 +266,9 @@ async fn the_agent_stops_at_once_when_nothing_is_in_flight() {
     assert!(pid_of(&needle).is_none(), "a worker outlived its agent");
 }
 
-/// What `callq` says when no one can act: a call nobody takes ends
-/// `expired` (exit 3) with a hint that no worker serves the service, and a
+/// What `callq` says when no one can act: a call to a queue no worker
+/// consumes says so at once, and ends `expired` (exit 3) with a hint that
+/// no worker serves the service, and a
 /// broker URL where nothing listens fails with a hint to start the broker
 /// or point `CALLQ_BROKER` at it.
 #[test]
@@ -280,6 +281,10 @@ fn the_cli_says_what_to_do_when_nobody_answers() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("no worker consumes `callq.call.ghost` now"),
+        "said at once: {err}"
+    );
     assert!(
         err.contains("no worker took the call") && err.contains("`ghost`"),
         "{err}"

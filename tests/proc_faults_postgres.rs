@@ -146,7 +146,9 @@ async fn a_postgres_restart_mid_load_ends_every_call_once() {
 /// coordinator reaches PostgreSQL (the tests' own cluster, serving a
 /// certificate of the test CA for `localhost`) over TLS, checks the
 /// certificate against `SSL_CERT_FILE`, and leads; PostgreSQL reports its
-/// connection as TLS. Without the CA it refuses the server and never leads.
+/// connection as TLS. So does the `bank` example service's pool, with the
+/// same URL settings. Without the CA the coordinator refuses the server and
+/// never leads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_coordinator_reaches_postgres_over_tls() {
     let pg = std::env::var("CALLQ_FAULTS_POSTGRES")
@@ -175,26 +177,35 @@ async fn the_coordinator_reaches_postgres_over_tls() {
     };
     let mut leader = coordinator("coordinator", &ca);
     wait_log(&leader, "coordinator leading", Duration::from_secs(60));
-    let query = format!(
-        "select s.ssl, s.version from pg_stat_ssl s join pg_stat_activity a using (pid) \
-         where a.application_name = '{app}'"
-    );
-    let out = Command::new("psql")
-        .args([pg.as_str(), "-Atc", &query])
+    assert_tls(&pg, &app, "the coordinator's");
+
+    // The bank service's pool: a worker whose CALLQ_POSTGRES asks for TLS.
+    let bank_app = format!("{app}-bank");
+    let bank_url = url.replace(&app, &bank_app);
+    let args = ["worker", "--services", "bank", "--worker-id", "bank-tls"];
+    let env = [
+        ("CALLQ_POSTGRES", bank_url.as_str()),
+        ("SSL_CERT_FILE", ca.as_str()),
+    ];
+    let mut bank = Proc::spawn_env("bank-tls", &args, &vhost.url, &dir, &env);
+    let account = format!("tls-{}", uuid::Uuid::now_v7().simple());
+    let out = Command::new(support::callq_bin())
+        .args(["call", "bank", "open", "--timeout-ms", "60000"])
+        .arg(format!(r#"{{"account": "{account}", "cents": 100}}"#))
+        .env("CALLQ_BROKER", &vhost.url)
         .output()
         .unwrap();
-    let rows = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    eprintln!("the coordinator's connections in pg_stat_ssl: {rows:?}");
     assert!(
         out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        "bank.open over TLS: {}{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        bank.log()
     );
-    assert!(
-        !rows.is_empty() && rows.lines().all(|l| l.starts_with("t|TLS")),
-        "the coordinator's connection is not TLS: {rows:?}"
-    );
+    assert_tls(&pg, &bank_app, "the bank pool's");
+    assert!(bank.running(), "{}", bank.log());
     assert!(leader.running(), "{}", leader.log());
+    drop(bank);
     drop(leader);
 
     // The system's CAs do not include the test CA.
@@ -205,6 +216,30 @@ async fn the_coordinator_reaches_postgres_over_tls() {
         Duration::from_secs(60),
     );
     assert!(!untrusting.log().contains("coordinator leading"));
+}
+
+/// Asserts that PostgreSQL reports the connections of `app` (there are
+/// some) as TLS.
+fn assert_tls(pg: &str, app: &str, whose: &str) {
+    let query = format!(
+        "select s.ssl, s.version from pg_stat_ssl s join pg_stat_activity a using (pid) \
+         where a.application_name = '{app}'"
+    );
+    let out = Command::new("psql")
+        .args([pg, "-Atc", &query])
+        .output()
+        .unwrap();
+    let rows = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    eprintln!("{whose} connections in pg_stat_ssl: {rows:?}");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !rows.is_empty() && rows.lines().all(|l| l.starts_with("t|TLS")),
+        "{whose} connection is not TLS: {rows:?}"
+    );
 }
 
 /// Waits (bounded) until `proc`'s log holds `needle`.

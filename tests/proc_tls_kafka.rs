@@ -20,6 +20,8 @@ struct TlsKafka {
     port: u16,
     ca: String,
     log: PathBuf,
+    /// The client certificate and its key, as URL settings.
+    client: String,
 }
 
 impl TlsKafka {
@@ -37,12 +39,23 @@ impl TlsKafka {
                 .unwrap_or_else(|_| panic!("CALLQ_KAFKA_TLS_PORT={port} is not a port")),
             ca: var("CALLQ_KAFKA_TLS_CA"),
             log: PathBuf::from(var("CALLQ_KAFKA_TLS_LOG")),
+            client: format!(
+                "ssl.certificate.location={}&ssl.key.location={}",
+                var("CALLQ_KAFKA_TLS_CLIENT_CERT"),
+                var("CALLQ_KAFKA_TLS_CLIENT_KEY")
+            ),
         }
     }
 
-    /// `base` with the test's own topics and groups (`tag`), and the short
-    /// sessions and fetch waits of the other Kafka tests.
-    fn url(base: &str, tag: &str) -> String {
+    /// `base` with the test's own topics and groups (`tag`), the short
+    /// sessions and fetch waits of the other Kafka tests, and the client
+    /// certificate.
+    fn url(&self, base: &str, tag: &str) -> String {
+        format!("{}&{}", Self::anonymous_url(base, tag), self.client)
+    }
+
+    /// [`TlsKafka::url`] without the client certificate.
+    fn anonymous_url(base: &str, tag: &str) -> String {
         format!(
             "{base}?session_timeout_ms=2000&fetch_wait_ms=10\
              &topic_prefix={tag}.&group_prefix={tag}."
@@ -121,14 +134,15 @@ fn tls_accepted(log: &str, port: u16) -> bool {
 /// A coordinator and a worker reach tansu through `kafkas://` only, and
 /// `callq call` gets its answer through it: every TCP connection the two
 /// processes hold goes to the TLS port, and stunnel logged a TLS handshake
-/// for each. A plain `kafka://` connection to the TLS port, and a TLS one to
-/// a host name the certificate does not name, fail with errors that say
-/// what to do, in bounded time.
+/// for each; each shows the client certificate the proxy requires. A plain
+/// `kafka://` connection to the TLS port, a TLS one to a host name the
+/// certificate does not name, and one without a client certificate fail
+/// with errors that say what to do, in bounded time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_goes_through_kafkas_and_plain_or_misnamed_connections_are_refused() {
     let kafka = TlsKafka::get();
     let tag = format!("tls-{}", uuid::Uuid::now_v7().simple());
-    let url = TlsKafka::url(&kafka.base, &tag);
+    let url = kafka.url(&kafka.base, &tag);
     let dir = support::temp_dir("tls-kafka");
     let (mut coordinator, mut worker) =
         support::serve_over_tls(&url, &kafka.ca, &dir, Duration::from_secs(90)).await;
@@ -174,7 +188,7 @@ async fn a_call_goes_through_kafkas_and_plain_or_misnamed_connections_are_refuse
         }
     }
 
-    let plain_url = TlsKafka::url(&kafka.base.replacen("kafkas://", "kafka://", 1), &tag);
+    let plain_url = kafka.url(&kafka.base.replacen("kafkas://", "kafka://", 1), &tag);
     let asked = Instant::now();
     let plain = support::tls_call(&plain_url, &kafka.ca);
     let took = asked.elapsed();
@@ -187,7 +201,7 @@ async fn a_call_goes_through_kafkas_and_plain_or_misnamed_connections_are_refuse
     assert!(took < Duration::from_secs(60), "refused after {took:?}");
     eprintln!("plain kafka:// to the TLS port, refused after {took:?}: {err}");
 
-    let misnamed_url = TlsKafka::url(&format!("kafkas://127.0.0.1:{}", kafka.port), &tag);
+    let misnamed_url = kafka.url(&format!("kafkas://127.0.0.1:{}", kafka.port), &tag);
     let asked = Instant::now();
     let misnamed = support::tls_call(&misnamed_url, &kafka.ca);
     let took = asked.elapsed();
@@ -200,6 +214,19 @@ async fn a_call_goes_through_kafkas_and_plain_or_misnamed_connections_are_refuse
     assert!(err.contains("must name the host"), "{err}");
     assert!(took < Duration::from_secs(60), "refused after {took:?}");
     eprintln!("kafkas:// to 127.0.0.1, refused after {took:?}: {err}");
+
+    // No client certificate: the proxy refuses the handshake.
+    let asked = Instant::now();
+    let anonymous = support::tls_call(&TlsKafka::anonymous_url(&kafka.base, &tag), &kafka.ca);
+    let took = asked.elapsed();
+    let err = String::from_utf8_lossy(&anonymous.stderr);
+    assert!(
+        !anonymous.status.success(),
+        "a connection without a client certificate was taken"
+    );
+    assert!(err.contains("ssl.certificate.location"), "{err}");
+    assert!(took < Duration::from_secs(60), "refused after {took:?}");
+    eprintln!("kafkas:// without a client certificate, refused after {took:?}: {err}");
 
     assert!(coordinator.running(), "{}", coordinator.log());
     assert!(worker.running(), "{}", worker.log());

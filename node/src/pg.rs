@@ -23,6 +23,7 @@ use futures::future::BoxFuture;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+use tokio_postgres::config::SslMode;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{GenericClient, NoTls};
 use tracing::{info, warn};
@@ -58,7 +59,10 @@ const STATEMENT_WAIT: Duration = Duration::from_secs(30);
 
 /// A connection pool on `url` (`postgres://user[:password]@host[:port]/db`)
 /// holding at most `max_size` connections, every wait bounded. Connections
-/// open on first use, so this fails only on a URL it cannot read.
+/// open on first use, so this fails only on a URL it cannot read. With
+/// `sslmode=require` they are TLS, the server's certificate checked against
+/// its host name and the CAs of the system or of the file `SSL_CERT_FILE`
+/// names.
 pub fn pool(url: &str, max_size: usize) -> Result<Pool, HandlerError> {
     let mut config: tokio_postgres::Config = url
         .parse()
@@ -78,13 +82,15 @@ pub fn pool(url: &str, max_size: usize) -> Result<Pool, HandlerError> {
     config
         .keepalives(true)
         .keepalives_idle(Duration::from_secs(10));
-    let manager = Manager::from_config(
-        config,
-        NoTls,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
+    let recycling = || ManagerConfig {
+        recycling_method: RecyclingMethod::Fast,
+    };
+    let manager = if config.get_ssl_mode() == SslMode::Require {
+        let tls = tls_connector().map_err(|e| HandlerError::new("postgres_config", e))?;
+        Manager::from_config(config, tls, recycling())
+    } else {
+        Manager::from_config(config, NoTls, recycling())
+    };
     Pool::builder(manager)
         .config(PoolConfig {
             max_size,
@@ -98,6 +104,25 @@ pub fn pool(url: &str, max_size: usize) -> Result<Pool, HandlerError> {
         .runtime(Runtime::Tokio1)
         .build()
         .map_err(|e| HandlerError::new("postgres_config", e.to_string()))
+}
+
+/// rustls trusting the system's CAs, or those of the file `SSL_CERT_FILE`
+/// names.
+fn tls_connector() -> Result<tokio_postgres_rustls::MakeRustlsConnect, String> {
+    let found = rustls_native_certs::load_native_certs();
+    let mut roots = rustls::RootCertStore::empty();
+    if roots.add_parsable_certificates(found.certs).0 == 0 {
+        return Err(format!(
+            "sslmode=require, but no CA certificate was found ({:?}): set SSL_CERT_FILE to the \
+             CA's PEM file",
+            found.errors
+        ));
+    }
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(
+        rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    ))
 }
 
 /// Creates the outbox table when it is missing.

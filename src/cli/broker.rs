@@ -117,7 +117,9 @@ async fn connect_plain(settings: &Settings, role: &str) -> anyhow::Result<Arc<dy
         } else {
             e.context(
                 "over TLS: the broker's certificate must name the URL's host and chain to a CA \
-                 the system trusts or the file SSL_CERT_FILE names",
+                 the system trusts, the file SSL_CERT_FILE names or the URL's cacertfile=; a \
+                 broker that asks for a client certificate needs certfile=...&keyfile=... in \
+                 the URL",
             )
         }
     })
@@ -142,8 +144,11 @@ async fn connect_kafka(url: &str, role: &str) -> anyhow::Result<Arc<dyn Broker>>
             e,
             callq_broker::Error::Connection(_) | callq_broker::Error::Timeout(_)
         );
-        // librdkafka's "SSL handshake failed: ... certificate verify failed".
-        let handshake = e.to_string().contains("SSL handshake");
+        // librdkafka's "SSL handshake failed: ... certificate verify failed",
+        // or "... alert certificate required" from a broker that wants a
+        // client certificate.
+        let text = e.to_string();
+        let handshake = text.contains("SSL handshake") || text.contains("certificate required");
         let hint = match (unanswered, tls) {
             (true, false) => Some(
                 "if the brokers only take TLS on that port, use kafkas:// (the CA in \
@@ -152,7 +157,8 @@ async fn connect_kafka(url: &str, role: &str) -> anyhow::Result<Arc<dyn Broker>>
             (true, true) if handshake => Some(
                 "over TLS: each broker's certificate must name the host it is reached by (the \
                  URL's, and those the cluster advertises) and chain to a CA the system trusts \
-                 or the file SSL_CERT_FILE names",
+                 or the file SSL_CERT_FILE names; brokers that ask for a client certificate \
+                 need ssl.certificate.location=...&ssl.key.location=... in the URL",
             ),
             _ => None,
         };

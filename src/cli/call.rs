@@ -60,6 +60,16 @@ async fn call(
         .with_context(|| format!("the arguments are not JSON: {args}"))?;
     let broker = connect(settings, "client").await?;
     let client = Client::connect(broker.clone(), settings.client.clone()).await?;
+    let queue = callq_broker::call_queue(service);
+    // Said at once, not after the timeout; the call still waits, for a
+    // worker that is starting alongside (an agent's) to take it.
+    if let Ok(Ok(Some(0))) = tokio::time::timeout(timeout, broker.consumers(&queue)).await {
+        eprintln!(
+            "no worker consumes `{queue}` now: the call waits there until a worker serving \
+             `{service}` starts or {} ms pass (`callq status` lists the workers)",
+            timeout.as_millis()
+        );
+    }
     let reply = client
         .call(
             service,
@@ -74,7 +84,6 @@ async fn call(
     println!("{}", serde_json::to_string(&reply)?);
     if reply.outcome == Outcome::Expired {
         // Still waiting in its queue: nobody took it.
-        let queue = callq_broker::call_queue(service);
         if let Ok(Ok(depth)) = tokio::time::timeout(timeout, broker.depth(&queue)).await
             && depth.ready > 0
         {

@@ -94,32 +94,30 @@ fn render_status(report: &StatusReport) -> String {
         c.deaths,
         c.promotions
     );
-    let _ = writeln!(
-        out,
-        "\n{:<40} {:<9} {:>9} {:>8}  SERVICES",
-        "WORKER", "STATE", "LOAD", "SEEN"
-    );
-    for w in &c.workers {
-        let _ = writeln!(
-            out,
-            "{:<40} {:<9} {:>9} {:>6}ms  {}",
-            w.worker_id,
-            w.state.as_str(),
+    let mut workers = vec![row(&["WORKER", "STATE", "LOAD", "SEEN", "SERVICES"])];
+    workers.extend(c.workers.iter().map(|w| {
+        vec![
+            w.worker_id.clone(),
+            w.state.as_str().to_owned(),
             format!("{}/{}", w.capacity.saturating_sub(w.free), w.capacity),
-            w.last_seen_ms,
-            w.services.join(",")
-        );
-    }
+            format!("{}ms", w.last_seen_ms),
+            w.services.join(","),
+        ]
+    }));
+    out.push('\n');
+    out.push_str(&table(&workers, &[false, false, true, true, false]));
     if !c.standby_per_service.is_empty() {
-        let _ = writeln!(out, "\n{:<24} {:>8} {:>8}", "SERVICE", "STANDBYS", "WANTED");
-        for (service, wanted) in &c.standby_per_service {
+        let mut standbys = vec![row(&["SERVICE", "STANDBYS", "WANTED"])];
+        standbys.extend(c.standby_per_service.iter().map(|(service, wanted)| {
             let have = c
                 .workers
                 .iter()
                 .filter(|w| w.state == WorkerState::Standby && w.services.contains(service))
                 .count();
-            let _ = writeln!(out, "{service:<24} {have:>8} {wanted:>8}");
-        }
+            vec![service.clone(), have.to_string(), wanted.to_string()]
+        }));
+        out.push('\n');
+        out.push_str(&table(&standbys, &[false, true, true]));
     }
     // Kafka keeps no ready count: what waits is the consumer group's lag.
     let depth = if report.broker == "kafka" {
@@ -127,12 +125,117 @@ fn render_status(report: &StatusReport) -> String {
     } else {
         "READY"
     };
-    let _ = writeln!(out, "\n{:<32} {depth:>8}", "QUEUE");
-    for (queue, ready) in &report.queues {
-        let _ = writeln!(out, "{queue:<32} {ready:>8}");
-    }
+    let mut queues = vec![row(&["QUEUE", depth])];
+    queues.extend(
+        report
+            .queues
+            .iter()
+            .map(|(queue, ready)| vec![queue.clone(), ready.to_string()]),
+    );
+    out.push('\n');
+    out.push_str(&table(&queues, &[false, true]));
     if !c.agents.is_empty() {
         let _ = writeln!(out, "\nagents: {}", c.agents.join(", "));
     }
     out
+}
+
+fn row(cells: &[&str]) -> Vec<String> {
+    cells.iter().map(|&c| c.to_owned()).collect()
+}
+
+/// Rows as columns as wide as their widest cell, two spaces apart;
+/// `right[i]` aligns column `i` to the right. The last column is not padded.
+fn table(rows: &[Vec<String>], right: &[bool]) -> String {
+    let mut widths = vec![0; right.len()];
+    for r in rows {
+        for (w, cell) in widths.iter_mut().zip(r) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for r in rows {
+        let mut line = String::new();
+        for (i, cell) in r.iter().enumerate() {
+            if i > 0 {
+                line.push_str("  ");
+            }
+            let pad = widths[i].saturating_sub(cell.chars().count());
+            let last = i + 1 == r.len();
+            if right.get(i).copied().unwrap_or(false) {
+                line.push_str(&" ".repeat(pad));
+                line.push_str(cell);
+            } else {
+                line.push_str(cell);
+                if !last {
+                    line.push_str(&" ".repeat(pad));
+                }
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use callq_schemas::protocol::WorkerStatus;
+
+    use super::*;
+
+    #[test]
+    fn the_table_stays_aligned_with_long_worker_ids() {
+        let worker = |id: &str, free| WorkerStatus {
+            worker_id: id.to_owned(),
+            state: WorkerState::Active,
+            services: vec!["echo".to_owned(), "mail".to_owned()],
+            capacity: 64,
+            free,
+            last_seen_ms: 12,
+        };
+        let long = "callq-worker-7d9f8b6c5-x2k4p.cluster.example.internal-0123456789.3";
+        let report = StatusReport {
+            cluster: ClusterStatus {
+                workers: vec![worker("w1", 64), worker(long, 0)],
+                ..ClusterStatus::default()
+            },
+            broker: "amqp".to_owned(),
+            queues: BTreeMap::from([("callq.call.echo".to_owned(), 7)]),
+        };
+        let text = render_status(&report);
+        let lines: Vec<&str> = text.lines().collect();
+        let header = lines.iter().position(|l| l.starts_with("WORKER")).unwrap();
+        // Every column starts at the same place in the header and each row.
+        let col = |l: &str, word: &str| l.find(word).unwrap();
+        let services = col(lines[header], "SERVICES");
+        for l in &lines[header + 1..header + 3] {
+            assert_eq!(col(l, "echo,mail"), services, "{text}");
+            assert!(l.contains("active"), "{text}");
+        }
+        assert_eq!(
+            col(lines[header + 1], "active"),
+            col(lines[header], "STATE"),
+            "{text}"
+        );
+        assert_eq!(
+            col(lines[header + 2], "active"),
+            col(lines[header], "STATE"),
+            "{text}"
+        );
+        // Right-aligned: the load ends where its heading ends.
+        let end = |l: &str, word: &str| l.find(word).unwrap() + word.len();
+        assert_eq!(
+            end(lines[header + 2], "64/64"),
+            end(lines[header], "LOAD"),
+            "{text}"
+        );
+        assert_eq!(
+            end(lines[header + 1], "0/64"),
+            end(lines[header], "LOAD"),
+            "{text}"
+        );
+        assert!(text.contains("callq.call.echo      7"), "{text}");
+    }
 }

@@ -143,6 +143,23 @@ impl ChaosReport {
             .collect()
     }
 
+    /// Calls ended per second of the load.
+    pub fn rate(&self) -> f64 {
+        self.ended.len() as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// The round trip's median, 99th percentile and maximum, in
+    /// milliseconds (zeros when no call ended).
+    pub fn latency_ms(&self) -> (f64, f64, f64) {
+        let mut l: Vec<Duration> = self.ended.iter().map(|e| e.latency).collect();
+        l.sort_unstable();
+        let at = |q: f64| {
+            l.get(((l.len() as f64 * q).ceil() as usize).saturating_sub(1))
+                .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+        };
+        (at(0.50), at(0.99), at(1.0))
+    }
+
     /// The longest a retried call waited beyond its own work: the failover
     /// pause its client felt.
     pub fn failover_pause(&self) -> Option<Duration> {
@@ -216,11 +233,17 @@ impl ChaosReport {
             self.ended.len(),
             self.elapsed.as_secs_f64()
         );
+        let (p50, p99, max) = self.latency_ms();
+        println!(
+            "  {:.0} calls/s; round trip p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms (each call works {} ms)",
+            self.rate(),
+            self.work.as_millis()
+        );
         let pauses: HashMap<_, _> = self.failover_pauses().into_iter().collect();
         for (w, at) in &self.kills {
             match pauses.get(w) {
                 Some(p) => println!(
-                    "  killed {w} at {:.2} s; the next reply of a call it held came {:.0} ms later",
+                    "  killed {w} at {:.2} s; the first reply to a call it held came {:.0} ms later (failover delay)",
                     at.as_secs_f64(),
                     p.as_secs_f64() * 1000.0
                 ),
@@ -241,7 +264,7 @@ impl ChaosReport {
         }
         if let Some(p) = self.failover_pause() {
             println!(
-                "  failover pause: the longest a retried call waited beyond its own work was {:.0} ms",
+                "  failover pause: the retried call that waited longest waited {:.0} ms beyond its own work (its client's worst case)",
                 p.as_secs_f64() * 1000.0
             );
         }

@@ -41,7 +41,6 @@ use callq_broker::{
     Broker, Bytes, Consumer, DEAD_REASON_HEADER, Delivery, Disposition, Error, Headers, Message,
     QueueDepth, QueueSpec, RELEASED_HEADER, call_queue_service,
 };
-use deadpool_lapin::{Pool, Runtime};
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
@@ -50,8 +49,12 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::uri::AMQPUri;
-use lapin::{Acker, BasicProperties, Channel, Confirmation, ConnectionProperties, ExchangeKind};
+use lapin::{Acker, BasicProperties, Channel, Confirmation, ExchangeKind};
 use tracing::{debug, warn};
+
+use crate::connect::{Connector, Pool, split_tls};
+
+mod connect;
 
 /// The URL used when none is configured: a RabbitMQ on this machine.
 pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -174,8 +177,8 @@ impl AmqpBroker {
     /// Connects with the given options; fails when the broker cannot be
     /// reached within [`Options::timeout`].
     pub async fn connect_with(opts: Options) -> Result<Self, Error> {
-        let mut uri: AMQPUri = opts
-            .url
+        let (url, tls) = split_tls(&opts.url)?;
+        let mut uri: AMQPUri = url
             .parse()
             .map_err(|e| Error::Refused(format!("not an AMQP URL ({e}): {}", redact(&opts.url))))?;
         if uri.query.heartbeat.is_none() {
@@ -197,30 +200,28 @@ impl AmqpBroker {
         let user = Some(uri.authority.userinfo.username.as_str())
             .filter(|u| !u.is_empty() && u.len() <= MAX_QUEUE_NAME)
             .map(ShortString::from);
-        let config = deadpool_lapin::Config {
-            url: Some(uri.to_string()),
-            pool: Some(deadpool_lapin::PoolConfig {
-                max_size: opts.pool_size.max(1),
-                timeouts: deadpool_lapin::Timeouts {
-                    wait: Some(opts.timeout),
-                    create: Some(opts.timeout),
-                    recycle: Some(opts.timeout),
-                },
-                ..deadpool_lapin::PoolConfig::default()
-            }),
+        let config = deadpool::managed::PoolConfig {
+            max_size: opts.pool_size.max(1),
+            timeouts: deadpool::managed::Timeouts {
+                wait: Some(opts.timeout),
+                create: Some(opts.timeout),
+                recycle: Some(opts.timeout),
+            },
+            ..deadpool::managed::PoolConfig::default()
         };
         // Publishes get connections of their own: RabbitMQ throttles a
         // publishing connection (flow control) by no longer reading from it,
         // which would hold up the acks of consumers sharing it.
         let make_pool = |role: &str| {
-            let name = format!("{} ({role})", opts.name);
-            config
-                .create_pool(
-                    move || {
-                        ConnectionProperties::default().with_connection_name(name.clone().into())
-                    },
-                    Runtime::Tokio1,
-                )
+            let connector = Connector {
+                url: uri.to_string(),
+                name: format!("{} ({role})", opts.name),
+                tls: tls.clone(),
+            };
+            Pool::builder(connector)
+                .config(config)
+                .runtime(deadpool::Runtime::Tokio1)
+                .build()
                 .map_err(|e| Error::Refused(format!("RabbitMQ connection pool: {e}")))
         };
         let pool = make_pool("consume")?;
@@ -744,21 +745,7 @@ impl Broker for AmqpBroker {
 
     async fn depth(&self, queue: &str) -> Result<QueueDepth, Error> {
         let inner = &self.inner;
-        let ch = inner.cached(&inner.admin, false).await?;
-        let options = QueueDeclareOptions {
-            passive: true,
-            ..QueueDeclareOptions::default()
-        };
-        let declared = inner
-            .within(
-                "queue.declare (passive)",
-                ch.queue_declare(queue_name(queue)?, options, FieldTable::default()),
-            )
-            .await?
-            .map_err(|e| match amqp_code(&e) {
-                Some(NOT_FOUND) => Error::NoSuchQueue(queue.into()),
-                _ => inner.connection_error(&format!("reading the depth of `{queue}`"), e),
-            })?;
+        let declared = self.passive(queue, "reading the depth").await?;
         let unsettled = lock(&inner.leases).get(queue).map_or(0, |list| {
             list.iter()
                 .filter_map(Weak::upgrade)
@@ -770,6 +757,37 @@ impl Broker for AmqpBroker {
             ready: u64::from(declared.message_count()),
             unsettled,
         })
+    }
+
+    async fn consumers(&self, queue: &str) -> Result<Option<u64>, Error> {
+        match self.passive(queue, "counting the consumers").await {
+            Ok(declared) => Ok(Some(u64::from(declared.consumer_count()))),
+            Err(Error::NoSuchQueue(_)) => Ok(Some(0)),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl AmqpBroker {
+    /// The queue as a passive `queue.declare` reports it: its ready count
+    /// and its consumers. `doing` says what for, in errors.
+    async fn passive(&self, queue: &str, doing: &str) -> Result<lapin::Queue, Error> {
+        let inner = &self.inner;
+        let ch = inner.cached(&inner.admin, false).await?;
+        let options = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        inner
+            .within(
+                "queue.declare (passive)",
+                ch.queue_declare(queue_name(queue)?, options, FieldTable::default()),
+            )
+            .await?
+            .map_err(|e| match amqp_code(&e) {
+                Some(NOT_FOUND) => Error::NoSuchQueue(queue.into()),
+                _ => inner.connection_error(&format!("{doing} of `{queue}`"), e),
+            })
     }
 }
 

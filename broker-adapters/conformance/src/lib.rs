@@ -21,6 +21,7 @@
 //! | [`bounded_memory_under_a_slow_consumer`] | 6. bounded memory |
 //! | [`settle_after_consumer_drop_is_lease_lost`] | 7. a lost lease changes nothing |
 //! | [`publish_to_undeclared_queue_fails`] | [`Broker::publish`]'s `NoSuchQueue` (adapter-dependent, see its docs) |
+//! | [`consumers_are_counted`] | [`Broker::consumers`], where the broker can tell |
 //!
 //! Every test declares fresh queues named `callq.conformance.<test>.<uuid>`,
 //! so tests may run in parallel against one real broker and leave no state a
@@ -137,6 +138,7 @@ macro_rules! conformance_suite {
             bounded_memory_under_a_slow_consumer,
             settle_after_consumer_drop_is_lease_lost,
             publish_to_undeclared_queue_fails,
+            consumers_are_counted,
         );
     };
     (@tests $args:tt $make:expr; $($test:ident),* $(,)?) => {
@@ -978,4 +980,41 @@ pub async fn publish_to_undeclared_queue_fails(broker: Arc<dyn Broker>) {
     let d = next(&mut consumer, "the message published after the refusals").await;
     assert_eq!(d.body.as_ref(), b"still here");
     settle(d, Disposition::Ack).await;
+}
+
+/// [`Broker::consumers`]: none on a queue nobody consumes or that does not
+/// exist, one while a consumer is open, none again once it is closed; or
+/// `None` every time, from an adapter that cannot tell.
+pub async fn consumers_are_counted(broker: Arc<dyn Broker>) {
+    let count = |queue: String| {
+        let broker = broker.clone();
+        async move {
+            match within("counting consumers", broker.consumers(&queue)).await {
+                Ok(n) => n,
+                Err(e) => panic!("counting the consumers of `{queue}` failed: {e}"),
+            }
+        }
+    };
+    let queue = unique("consumers");
+    let missing = count(unique("consumers_missing")).await;
+    declare(&*broker, &QueueSpec::plain(&queue)).await;
+    let before = count(queue.clone()).await;
+    let consumer = consume(&*broker, &queue, 1).await;
+    let during = count(queue.clone()).await;
+    within("closing the consumer", consumer.close()).await;
+    // A broker may count a consumer gone a moment after it closed
+    // (RabbitMQ's quorum queues apply it through their log).
+    let mut after = count(queue.clone()).await;
+    for _ in 0..WAIT.as_millis() / POLL.as_millis() {
+        if after != Some(1) {
+            break;
+        }
+        tokio::time::sleep(POLL).await;
+        after = count(queue.clone()).await;
+    }
+    let seen = [missing, before, during, after];
+    assert!(
+        seen == [Some(0), Some(0), Some(1), Some(0)] || seen == [None; 4],
+        "consumers of a missing queue, before, during and after a consumer: {seen:?}"
+    );
 }

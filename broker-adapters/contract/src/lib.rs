@@ -535,6 +535,15 @@ pub trait Broker: Send + Sync + 'static {
 
     /// The queue's current depth.
     async fn depth(&self, queue: &str) -> Result<QueueDepth, Error>;
+
+    /// How many consumers the queue has now, where the broker can tell
+    /// (RabbitMQ, the embedded broker); `None` where it cannot (Kafka: the
+    /// adapter does not inspect consumer groups). A queue that does not
+    /// exist has none.
+    async fn consumers(&self, queue: &str) -> Result<Option<u64>, Error> {
+        let _ = queue;
+        Ok(None)
+    }
 }
 
 /// A consumer of one queue.

@@ -294,6 +294,14 @@ impl Broker for EmbeddedBroker {
     async fn depth(&self, queue: &str) -> Result<QueueDepth, Error> {
         Ok(self.queue(queue)?.depth())
     }
+
+    async fn consumers(&self, queue: &str) -> Result<Option<u64>, Error> {
+        Ok(Some(match self.queue(queue) {
+            Ok(q) => q.lock().consumers.len() as u64,
+            Err(Error::NoSuchQueue(_)) => 0,
+            Err(e) => return Err(e),
+        }))
+    }
 }
 
 /// One queue: its messages, its consumers' leases, and the notifications

@@ -287,6 +287,10 @@ impl Broker for Signed {
     async fn depth(&self, queue: &str) -> Result<QueueDepth, Error> {
         self.inner.depth(queue).await
     }
+
+    async fn consumers(&self, queue: &str) -> Result<Option<u64>, Error> {
+        self.inner.consumers(queue).await
+    }
 }
 
 /// A consumer of a control queue that hands on only what the cluster key
