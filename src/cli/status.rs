@@ -207,35 +207,16 @@ mod tests {
         let text = render_status(&report);
         let lines: Vec<&str> = text.lines().collect();
         let header = lines.iter().position(|l| l.starts_with("WORKER")).unwrap();
-        // Every column starts at the same place in the header and each row.
-        let col = |l: &str, word: &str| l.find(word).unwrap();
-        let services = col(lines[header], "SERVICES");
-        for l in &lines[header + 1..header + 3] {
-            assert_eq!(col(l, "echo,mail"), services, "{text}");
-            assert!(l.contains("active"), "{text}");
+        // Every left-aligned column starts where its heading starts; the
+        // right-aligned load ends where its heading ends.
+        let start = |l: &str, word: &str| l.find(word).unwrap();
+        let end = |l: &str, word: &str| start(l, word) + word.len();
+        let head = lines[header];
+        for (row, load) in [(lines[header + 1], "0/64"), (lines[header + 2], "64/64")] {
+            assert_eq!(start(row, "echo,mail"), start(head, "SERVICES"), "{text}");
+            assert_eq!(start(row, "active"), start(head, "STATE"), "{text}");
+            assert_eq!(end(row, load), end(head, "LOAD"), "{text}");
         }
-        assert_eq!(
-            col(lines[header + 1], "active"),
-            col(lines[header], "STATE"),
-            "{text}"
-        );
-        assert_eq!(
-            col(lines[header + 2], "active"),
-            col(lines[header], "STATE"),
-            "{text}"
-        );
-        // Right-aligned: the load ends where its heading ends.
-        let end = |l: &str, word: &str| l.find(word).unwrap() + word.len();
-        assert_eq!(
-            end(lines[header + 2], "64/64"),
-            end(lines[header], "LOAD"),
-            "{text}"
-        );
-        assert_eq!(
-            end(lines[header + 1], "0/64"),
-            end(lines[header], "LOAD"),
-            "{text}"
-        );
         assert!(text.contains("callq.call.echo      7"), "{text}");
     }
 }
