@@ -23,6 +23,7 @@
 #![warn(clippy::too_many_lines)]
 
 mod ledger;
+pub mod metrics;
 mod pg_store;
 mod service;
 mod store;

@@ -19,6 +19,7 @@ pub mod capture;
 mod client;
 mod handler;
 mod link;
+pub mod metrics;
 pub mod pg;
 pub mod probe;
 pub mod replay;

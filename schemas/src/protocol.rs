@@ -66,6 +66,19 @@ pub enum ResumeDecision {
     },
 }
 
+impl ResumeDecision {
+    /// The decision's name on the wire (`run`, `done`, ...).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Run { .. } => "run",
+            Self::Done { .. } => "done",
+            Self::Fatal { .. } => "fatal",
+            Self::Superseded { .. } => "superseded",
+            Self::Refused { .. } => "refused",
+        }
+    }
+}
+
 /// The answer to `trace`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "decision", rename_all = "snake_case")]

@@ -1,6 +1,7 @@
-//! `GET /healthz` and `GET /readyz` of the long-running processes
-//! (`coordinator`, `worker`, `agent`) on the address the setting `http`
-//! names (`CALLQ_HTTP`; off unless set), for probes and load balancers.
+//! `GET /healthz`, `GET /readyz` and `GET /metrics` of the long-running
+//! processes (`coordinator`, `worker`, `agent`) on the address the setting
+//! `http` names (`CALLQ_HTTP`; off unless set), for probes, load balancers
+//! and Prometheus.
 //!
 //! `/healthz` answers 200 while the process runs. `/readyz` answers 200
 //! with what the process does (`active`, `standby`, `leading`, `standing
@@ -20,6 +21,7 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use callq_node::WorkerStats;
 use callq_schemas::protocol::WorkerState;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -54,14 +56,25 @@ impl Health {
         Arc::default()
     }
 
-    /// The process does `what`, and is ready.
+    /// The process does `what`, and is ready. A coordinator's `leading`
+    /// and `standing by` set the gauge `callq_coordinator_leader`.
     pub(crate) fn ready(&self, what: &'static str) {
+        match what {
+            "leading" => leader(true),
+            "standing by" => leader(false),
+            _ => {}
+        }
         *self.lock() = Readiness::Ready(what);
     }
 
-    /// The process is not ready, for `why`.
+    /// The process is not ready, for `why`; a coordinator that was leading
+    /// no longer counts as the leader.
     pub(crate) fn unready(&self, why: impl Into<String>) {
-        *self.lock() = Readiness::Unready(why.into());
+        let mut state = self.lock();
+        if matches!(*state, Readiness::Ready("leading")) {
+            leader(false);
+        }
+        *state = Readiness::Unready(why.into());
     }
 
     /// Answers with the state of this worker (promoted, draining on the
@@ -126,11 +139,19 @@ pub(crate) async fn serve(
         return Ok(());
     };
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
-        format!("serving /healthz and /readyz on `{addr}` (setting http, CALLQ_HTTP)")
+        format!("serving /healthz, /readyz and /metrics on `{addr}` (setting http, CALLQ_HTTP)")
     })?;
-    info!(at = %listener.local_addr().map_or_else(|_| addr.to_owned(), |a| a.to_string()), "serving /healthz and /readyz");
+    info!(at = %listener.local_addr().map_or_else(|_| addr.to_owned(), |a| a.to_string()), "serving /healthz, /readyz and /metrics");
+    let metrics = install_metrics();
     let app = Router::new()
         .route("/healthz", get(|| async { "alive\n" }))
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = metrics.clone();
+                async move { render_metrics(metrics.as_ref()) }
+            }),
+        )
         .route(
             "/readyz",
             get(|State(health): State<Arc<Health>>| async move { health.answer() }),
@@ -146,6 +167,56 @@ pub(crate) async fn serve(
         }
     });
     Ok(())
+}
+
+/// 1 while this coordinator leads, 0 while it stands by or lost what it
+/// leads with.
+pub(crate) const LEADER: &str = "callq_coordinator_leader";
+
+fn leader(leads: bool) {
+    metrics::gauge!(LEADER).set(if leads { 1.0 } else { 0.0 });
+}
+
+/// The process's metrics recorder (the `metrics` facade's, installed once),
+/// or `None` if another recorder was installed first.
+fn install_metrics() -> Option<PrometheusHandle> {
+    static HANDLE: std::sync::OnceLock<Option<PrometheusHandle>> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("duration_seconds".into()), &BUCKETS)
+                .map_err(|e| warn!("metrics: {e}"))
+                .ok()?;
+            builder
+                .install_recorder()
+                .map_err(|e| warn!("metrics: no recorder: {e}"))
+                .ok()
+        })
+        .clone()
+}
+
+/// Histogram buckets of durations, in seconds: 1 ms to 60 s.
+const BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 15.0, 60.0,
+];
+
+/// `/metrics`: Prometheus's text format.
+fn render_metrics(handle: Option<&PrometheusHandle>) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    match handle {
+        Some(h) => {
+            h.run_upkeep();
+            (
+                [(
+                    axum::http::header::CONTENT_TYPE,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                )],
+                h.render(),
+            )
+                .into_response()
+        }
+        None => (StatusCode::SERVICE_UNAVAILABLE, "no metrics recorder\n").into_response(),
+    }
 }
 
 /// Bounds every request's handling: a probe is answered within

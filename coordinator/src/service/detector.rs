@@ -153,6 +153,7 @@ impl<S: Store> Coordinator<S> {
             };
             warn!(worker = id, services = ?w.services, in_flight = w.in_flight.len(), "worker dead: no heartbeat for {silence:?}");
             self.detector.deaths += 1;
+            crate::metrics::count(crate::metrics::DEATHS);
             self.notices.forget_reader(&id);
             let calls: Vec<InFlight> = w.in_flight.values().cloned().collect();
             if let Err(e) = self.ledger.worker_lost(&id, &calls) {

@@ -79,6 +79,7 @@ impl<S: Store> Coordinator<S> {
                 body,
             } => {
                 let message = self.reissued_copy(call_id, &service, attempt, body);
+                crate::metrics::count(crate::metrics::REISSUES);
                 (call_queue(&service), message)
             }
             Effect::AnswerFatal { reply_to, reply } => {
@@ -87,6 +88,7 @@ impl<S: Store> Coordinator<S> {
                     return;
                 }
                 warn!(call_id = %reply.call_id, "answering fatal: {}", reply.error.as_ref().map(|e| e.message.as_str()).unwrap_or_default());
+                crate::metrics::count(crate::metrics::FATAL);
                 (
                     reply_to,
                     Message::new(reply.to_bytes()).key(reply.call_id.to_string()),

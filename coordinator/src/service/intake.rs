@@ -129,6 +129,7 @@ impl<S: Store> Coordinator<S> {
                     // Its sender gave up on it: granting it now could only
                     // make a call look as if it left a trace.
                     self.stale_dropped += 1;
+                    crate::metrics::count(crate::metrics::STALE_DROPPED);
                     debug!(worker = %req.worker_id, kind = req.body.kind(), "stale request dropped: its sender gave up on it");
                 }
                 Ok(req) => {

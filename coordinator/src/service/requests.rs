@@ -56,6 +56,9 @@ impl<S: Store> Coordinator<S> {
             body,
             ..
         } = req;
+        if matches!(body, RequestBody::Heartbeat { .. }) {
+            crate::metrics::count(crate::metrics::HEARTBEATS);
+        }
         let answer = match body {
             RequestBody::Heartbeat {
                 services,

@@ -73,6 +73,7 @@ impl Standbys {
             info!(worker = id, service, "promoting a standby");
             w.state = WorkerState::Active;
             self.promotions += 1;
+            crate::metrics::count(crate::metrics::PROMOTIONS);
             covered.extend(dead.services.iter().filter(|s| w.services.contains(s)));
             out.push((w.queue.clone(), Answer::new(AnswerBody::Promote {})));
         }

@@ -266,6 +266,7 @@ async fn run_handler(
     args: serde_json::Value,
 ) -> Reply {
     let stats = &shared.stats;
+    let clock = std::time::Instant::now();
     // A handler may panic before its future exists (in the closure's own
     // body) or while it runs: both are caught.
     let started = std::panic::catch_unwind(AssertUnwindSafe(|| service.invoke(method, ctx, args)));
@@ -274,6 +275,7 @@ async fn run_handler(
         Ok(None) => Ok(None),
         Ok(Some(run)) => AssertUnwindSafe(run).catch_unwind().await.map(Some),
     };
+    crate::metrics::handled(service, method, &outcome, clock.elapsed());
     match outcome {
         Err(panic) => {
             WorkerStats::bump(&stats.panicked);

@@ -127,6 +127,7 @@ async fn resume(
         Ok(AnswerBody::Resume { decision, .. }) => decision,
         Ok(other) => {
             warn!(worker = %shared.opts.worker_id, call_id = %call.call_id, "unexpected answer to resume: {other:?}");
+            crate::metrics::resumed("released");
             return Err(Disposition::Release);
         }
         Err(e) => {
@@ -141,9 +142,11 @@ async fn resume(
             {
                 debug!(worker = %shared.opts.worker_id, call_id = %call.call_id, "telling the coordinator the delivery went back unrun: {e}");
             }
+            crate::metrics::resumed("released");
             return Err(Disposition::Release);
         }
     };
+    crate::metrics::resumed(decision.as_str());
     if let ResumeDecision::Run { attempt } = decision {
         return Ok(attempt);
     }

@@ -82,14 +82,17 @@ pub(super) async fn next_delivery(
 /// Runs one delivery to its end: decides its fate, then settles it.
 pub(super) async fn handle(shared: Arc<Shared>, (delivery, past_limit): Arriving) {
     shared.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+    crate::metrics::in_flight(1.0);
     let fate = decide(&shared, &delivery, past_limit).await;
-    if matches!(fate, Disposition::DeadLetter { .. }) {
+    if let Disposition::DeadLetter { reason } = &fate {
         WorkerStats::bump(&shared.stats.dead_lettered);
+        crate::metrics::dead_lettered(reason);
     }
     if let Err(e) = delivery.settle(fate).await {
         warn!(worker = %shared.opts.worker_id, "settling a delivery failed: {e}");
     }
     shared.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+    crate::metrics::in_flight(-1.0);
 }
 
 /// The one place where a delivery's fate is decided. The reply, if any, is

@@ -1,0 +1,81 @@
+//! What a worker counts, through the `metrics` facade: the binary installs
+//! a Prometheus recorder and serves it on `/metrics`; without a recorder
+//! (the library in tests) every count is a no-op. Labels are bounded: the
+//! services a worker serves, the methods they define (any other is
+//! `unknown`), outcomes and dead-letter codes from fixed sets. Names are
+//! listed in docs/OPERATIONS.md.
+
+use std::time::Duration;
+
+use crate::handler::{HandlerError, Service};
+
+/// Handler runs by service, method and outcome (`ok`, `error`, `panicked`).
+pub const CALLS: &str = "callq_calls_total";
+/// How long handlers ran, by service (OpenTelemetry's
+/// `messaging.process.duration`).
+pub const PROCESS_DURATION: &str = "messaging_process_duration_seconds";
+/// Deliveries being handled now.
+pub const IN_FLIGHT: &str = "callq_calls_in_flight";
+/// Deliveries dead-lettered, by the code their reason starts with.
+pub const DEAD_LETTERS: &str = "callq_dead_letters_total";
+/// Deliveries that asked the coordinator `resume`, by its answer (`run`,
+/// `done`, `fatal`, `superseded`, `refused`, `released`).
+pub const RESUMES: &str = "callq_resumes_total";
+
+/// Counts one handler run.
+pub(crate) fn handled<E>(
+    service: &Service,
+    method: &str,
+    outcome: &Result<Option<Result<serde_json::Value, HandlerError>>, E>,
+    took: Duration,
+) {
+    let (method, outcome) = match outcome {
+        Err(_) => (method, "panicked"),
+        // No such method: a caller picks the name, so it is not a label.
+        Ok(None) => ("unknown", "error"),
+        Ok(Some(Ok(_))) => (method, "ok"),
+        Ok(Some(Err(_))) => (method, "error"),
+    };
+    let service = service.name().to_owned();
+    metrics::counter!(CALLS, "service" => service.clone(), "method" => method.to_owned(), "outcome" => outcome)
+        .increment(1);
+    metrics::histogram!(PROCESS_DURATION, "service" => service).record(took.as_secs_f64());
+}
+
+/// A delivery is being handled (`+1`) or was settled (`-1`).
+pub(crate) fn in_flight(delta: f64) {
+    metrics::gauge!(IN_FLIGHT).increment(delta);
+}
+
+/// Counts a dead letter by the code its reason starts with (`bad_request:
+/// ...` is `bad_request`); a reason without one is `other`.
+pub(crate) fn dead_lettered(reason: &str) {
+    metrics::counter!(DEAD_LETTERS, "reason" => reason_code(reason)).increment(1);
+}
+
+/// Counts a `resume` by its answer.
+pub(crate) fn resumed(answer: &'static str) {
+    metrics::counter!(RESUMES, "answer" => answer).increment(1);
+}
+
+fn reason_code(reason: &str) -> String {
+    let code = reason.split(':').next().unwrap_or_default().trim();
+    let bounded = !code.is_empty()
+        && code.len() <= 40
+        && code.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
+    if bounded { code } else { "other" }.to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reason_code;
+
+    #[test]
+    fn dead_letter_labels_are_codes() {
+        assert_eq!(reason_code("bad_request: not JSON"), "bad_request");
+        assert_eq!(reason_code("delivery_limit"), "delivery_limit");
+        assert_eq!(reason_code("Anything a caller wrote: x"), "other");
+        assert_eq!(reason_code(&"a".repeat(41)), "other");
+        assert_eq!(reason_code(""), "other");
+    }
+}

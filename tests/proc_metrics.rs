@@ -1,0 +1,194 @@
+//! `/metrics` of a coordinator and two workers on RabbitMQ (`CALLQ_HTTP`),
+//! scraped around a known load: the counters match what the test's client
+//! saw in its replies, Prometheus's own parser (Python's
+//! `prometheus_client`) reads every scrape, labels stay bounded, and a
+//! worker killed is one death on the coordinator.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use callq_node::{Admin, CallOptions, Client, ClientOptions};
+use callq_schemas::Outcome;
+use callq_schemas::protocol::WorkerState;
+use futures::future::join_all;
+use serde_json::json;
+use support::{Proc, Vhost, count, free_port, http_get, wait_status};
+use tokio::time::Instant;
+
+/// `/metrics` of the process on `port`, read by Prometheus's Python parser:
+/// each sample as `name{label="value",...}` (labels sorted) and its value.
+fn scrape(port: u16) -> BTreeMap<String, f64> {
+    let (code, body) = http_get(port, "/metrics").expect("nothing answers /metrics");
+    assert_eq!(code, 200, "{body}");
+    let python = std::env::var("CALLQ_PYTHON").unwrap_or_else(|_| "python3".into());
+    let parse = "import sys\n\
+        from prometheus_client.parser import text_string_to_metric_families as parse\n\
+        for family in parse(sys.stdin.read()):\n\
+        \x20   for s in family.samples:\n\
+        \x20       labels = ','.join(f'{k}=\"{v}\"' for k, v in sorted(s.labels.items()))\n\
+        \x20       print(f'{s.name}{{{labels}}} {s.value!r}')\n";
+    let mut child = std::process::Command::new(python)
+        .args(["-c", parse])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 with prometheus_client (scripts/services installs it)");
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), body.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "Prometheus's parser refused the scrape: {}\n{body}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let (name, value) = l.rsplit_once(' ').unwrap();
+            (name.to_owned(), value.parse().unwrap())
+        })
+        .collect()
+}
+
+/// The sum of the samples of `name` whose labels include every one of
+/// `labels` (`key="value"`).
+fn sum(samples: &BTreeMap<String, f64>, name: &str, labels: &[&str]) -> f64 {
+    samples
+        .iter()
+        .filter(|(k, _)| k.starts_with(&format!("{name}{{")))
+        .filter(|(k, _)| labels.iter().all(|l| k.contains(l)))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+/// Sends `n` calls of `service.method` at once; the replies' outcomes.
+/// (`mail.send` writes to `outbox.outbox` in the test's directory.)
+async fn calls(client: &Client, service: &str, method: &str, n: usize) -> Vec<Outcome> {
+    let outbox = support::temp_dir("metrics-mail").join("mail.outbox");
+    let outbox = outbox.to_str().unwrap();
+    let opts = CallOptions {
+        timeout: Some(Duration::from_secs(60)),
+        ..CallOptions::default()
+    };
+    join_all((0..n).map(|i| {
+        let opts = opts.clone();
+        async move {
+            let args = json!({ "i": i, "to": format!("m{i}@example.com"), "outbox": outbox });
+            client
+                .call(service, method, args, opts)
+                .await
+                .unwrap()
+                .outcome
+        }
+    }))
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_what_the_clients_saw() {
+    let vhost = Vhost::create("metrics");
+    let dir = support::temp_dir("metrics");
+    let (pc, p1, p2) = (free_port(), free_port(), free_port());
+    let http = |port: u16| format!("127.0.0.1:{port}");
+    let (hc, h1, h2) = (http(pc), http(p1), http(p2));
+    let _coordinator = Proc::spawn_env(
+        "coordinator",
+        &["coordinator"],
+        &vhost.url,
+        &dir,
+        &[("CALLQ_HTTP", hc.as_str())],
+    );
+    let worker = |id: &str, addr: &str| {
+        let args = ["worker", "--services", "echo,mail", "--worker-id", id];
+        Proc::spawn_env(id, &args, &vhost.url, &dir, &[("CALLQ_HTTP", addr)])
+    };
+    let mut w1 = worker("w1", &h1);
+    let mut w2 = worker("w2", &h2);
+    let broker = support::amqp(&vhost.url).await;
+    let admin = Admin::connect(broker.clone(), Duration::from_secs(10))
+        .await
+        .unwrap();
+    wait_status(&admin, "2 active workers", Duration::from_secs(60), |s| {
+        count(s, WorkerState::Active) == 2
+    })
+    .await;
+    let client = Client::connect(broker.clone(), ClientOptions::default())
+        .await
+        .unwrap();
+
+    // The load: echo and mail calls answered ok, and calls of a method
+    // no service has, answered error.
+    let mut seen: Vec<Outcome> = Vec::new();
+    seen.extend(calls(&client, "echo", "echo", 80).await);
+    seen.extend(calls(&client, "mail", "send", 20).await);
+    seen.extend(calls(&client, "echo", "no-such-method", 10).await);
+    let ok = seen.iter().filter(|o| **o == Outcome::Ok).count() as f64;
+    let error = seen.iter().filter(|o| **o == Outcome::Error).count() as f64;
+    assert_eq!((ok, error), (100.0, 10.0), "{seen:?}");
+
+    let (s1, s2) = (scrape(p1), scrape(p2));
+    let both = |name: &str, labels: &[&str]| sum(&s1, name, labels) + sum(&s2, name, labels);
+    assert_eq!(
+        both("callq_calls_total", &[r#"outcome="ok""#]),
+        ok,
+        "{s1:#?}\n{s2:#?}"
+    );
+    assert_eq!(both("callq_calls_total", &[r#"outcome="error""#]), error);
+    assert_eq!(
+        both(
+            "callq_calls_total",
+            &[r#"service="mail""#, r#"method="send""#]
+        ),
+        20.0
+    );
+    // The caller's method name is no label.
+    assert_eq!(
+        both("callq_calls_total", &[r#"method="unknown""#]),
+        error,
+        "{s1:#?}"
+    );
+    assert!(
+        s1.keys()
+            .chain(s2.keys())
+            .all(|k| !k.contains("no-such-method"))
+    );
+    assert_eq!(
+        both("messaging_process_duration_seconds_count", &[]),
+        ok + error
+    );
+    assert_eq!(both("callq_calls_in_flight", &[]), 0.0);
+
+    // Ten times the calls, the same series: no label grows with the load.
+    let series = (s1.len(), s2.len());
+    let more = calls(&client, "echo", "echo", 800).await;
+    assert!(more.iter().all(|o| *o == Outcome::Ok));
+    let (t1, t2) = (scrape(p1), scrape(p2));
+    assert_eq!((t1.len(), t2.len()), series, "{t1:#?}\n{t2:#?}");
+    assert_eq!(
+        sum(&t1, "callq_calls_total", &[r#"outcome="ok""#])
+            + sum(&t2, "callq_calls_total", &[r#"outcome="ok""#]),
+        ok + 800.0
+    );
+
+    // The coordinator leads, has heard heartbeats, and counts a killed
+    // worker as one death.
+    let sc = scrape(pc);
+    assert_eq!(sum(&sc, "callq_coordinator_leader", &[]), 1.0, "{sc:#?}");
+    assert!(sum(&sc, "callq_heartbeats_total", &[]) > 0.0, "{sc:#?}");
+    assert_eq!(sum(&sc, "callq_worker_deaths_total", &[]), 0.0);
+    w2.kill9();
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let sc = scrape(pc);
+        if sum(&sc, "callq_worker_deaths_total", &[]) == 1.0 {
+            break;
+        }
+        assert!(Instant::now() < until, "no death counted: {sc:#?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(w1.running(), "{}", w1.log());
+}
