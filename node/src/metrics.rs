@@ -53,6 +53,15 @@ pub(crate) fn dead_lettered(reason: &str) {
     metrics::counter!(DEAD_LETTERS, "reason" => reason_code(reason)).increment(1);
 }
 
+/// Attempts whose result was dropped because the coordinator refused it
+/// (the call was re-issued, decided, or carried by another delivery).
+pub const REVOKED: &str = "callq_attempts_revoked_total";
+
+/// Counts an attempt revoked.
+pub(crate) fn revoked() {
+    metrics::counter!(REVOKED).increment(1);
+}
+
 /// Counts a `resume` by its answer.
 pub(crate) fn resumed(answer: &'static str) {
     metrics::counter!(RESUMES, "answer" => answer).increment(1);

@@ -13,6 +13,7 @@ use callq_schemas::protocol::{ClusterStatus, WorkerState};
 use callq_testkit::ClusterOptions;
 use callq_testkit::chaos::{self, ChaosReport, ChaosSpec, Fleet};
 
+pub mod containers;
 pub mod outcomes;
 
 /// A RabbitMQ virtual host for one test, deleted when dropped.

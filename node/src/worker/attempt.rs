@@ -167,7 +167,7 @@ async fn aborted(
 ) -> Option<Disposition> {
     match standing.aborted()? {
         Abort::Revoked { reason, superseded } => {
-            WorkerStats::bump(&shared.stats.revoked);
+            shared.stats.revoke();
             info!(worker = %shared.opts.worker_id, call_id = %call.call_id, attempt, superseded, "attempt revoked, its result is dropped: {reason}");
             // Where another delivery holds the call (or it is decided), this
             // one is a spare and goes away: sent back, it would claim the

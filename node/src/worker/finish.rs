@@ -126,7 +126,7 @@ pub(super) async fn complete_first(
             Ledgered::SessionRefused { code, reason }
         }
         CompleteDecision::Fatal { reply } => {
-            WorkerStats::bump(&stats.revoked);
+            stats.revoke();
             warn!(worker = %shared.opts.worker_id, %call_id, "the call was decided fatal while it ran; its result is dropped");
             Ledgered::Settle(publish_reply(shared, reply_to, &reply).await)
         }
@@ -134,12 +134,12 @@ pub(super) async fn complete_first(
             reason,
             superseded: true,
         } => {
-            WorkerStats::bump(&stats.revoked);
+            stats.revoke();
             warn!(worker = %shared.opts.worker_id, %call_id, "completion refused, the result is dropped; another delivery carries the call: {reason}");
             Ledgered::Settle(Disposition::Ack)
         }
         CompleteDecision::Refused { reason, .. } => {
-            WorkerStats::bump(&stats.revoked);
+            stats.revoke();
             warn!(worker = %shared.opts.worker_id, %call_id, "completion refused, the result is dropped; the delivery goes back for `resume` to settle: {reason}");
             Ledgered::Settle(Disposition::Release)
         }

@@ -162,6 +162,12 @@ impl WorkerStats {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// An attempt's result was dropped: the coordinator refused it.
+    fn revoke(&self) {
+        Self::bump(&self.revoked);
+        crate::metrics::revoked();
+    }
+
     fn add(counter: &AtomicU64, n: usize) {
         counter.fetch_add(u64::try_from(n).unwrap_or(u64::MAX), Ordering::Relaxed);
     }
