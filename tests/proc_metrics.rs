@@ -160,7 +160,18 @@ async fn metrics_count_what_the_clients_saw() {
         both("messaging_process_duration_seconds_count", &[]),
         ok + error
     );
-    assert_eq!(both("callq_calls_in_flight", &[]), 0.0);
+    // A call is settled (acked) just after its reply went out.
+    let until = Instant::now() + Duration::from_secs(10);
+    while sum(&scrape(p1), "callq_calls_in_flight", &[])
+        + sum(&scrape(p2), "callq_calls_in_flight", &[])
+        != 0.0
+    {
+        assert!(
+            Instant::now() < until,
+            "calls still in flight after their replies"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // Ten times the calls, the same series: no label grows with the load.
     let series = (s1.len(), s2.len());
@@ -191,4 +202,61 @@ async fn metrics_count_what_the_clients_saw() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(w1.running(), "{}", w1.log());
+}
+
+/// `CALLQ_LOG_FORMAT=json`: every line a worker logs is one JSON object,
+/// and the lines about a call carry its `call_id` (with the worker, the
+/// service and the method).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_parse_line_by_line_and_name_the_call() {
+    let vhost = Vhost::create("jsonlogs");
+    let dir = support::temp_dir("jsonlogs");
+    let _coordinator = Proc::spawn("coordinator", &["coordinator"], &vhost.url, &dir);
+    let args = ["worker", "--services", "echo", "--worker-id", "j1"];
+    let env = [
+        ("CALLQ_LOG_FORMAT", "json"),
+        ("CALLQ_LOG", "info,callq_node=debug"),
+    ];
+    let worker = Proc::spawn_env("j1", &args, &vhost.url, &dir, &env);
+    let broker = support::amqp(&vhost.url).await;
+    let admin = Admin::connect(broker.clone(), Duration::from_secs(10))
+        .await
+        .unwrap();
+    wait_status(&admin, "the worker active", Duration::from_secs(60), |s| {
+        count(s, WorkerState::Active) == 1
+    })
+    .await;
+    let client = Client::connect(broker, ClientOptions::default())
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let reply = client
+            .call("echo", "echo", json!({ "i": i }), CallOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(reply.outcome, Outcome::Ok);
+        ids.push(reply.call_id.to_string());
+    }
+    let log = worker.log();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
+        .collect();
+    assert!(
+        lines.iter().all(|l| l["level"].is_string()
+            && l["message"].is_string()
+            && l["timestamp"].is_string()),
+        "{log}"
+    );
+    for id in &ids {
+        let received = lines
+            .iter()
+            .find(|l| l["message"] == "call received" && l["call_id"] == id.as_str())
+            .unwrap_or_else(|| panic!("no line names call {id}:\n{log}"));
+        assert_eq!(received["worker"], "j1", "{received}");
+        assert_eq!(received["service"], "echo", "{received}");
+        assert_eq!(received["method"], "echo", "{received}");
+    }
 }

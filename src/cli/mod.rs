@@ -68,16 +68,34 @@ enum Command {
 
 impl Cli {
     /// Logs to stderr, filtered by `CALLQ_LOG` or else by the command's
-    /// default.
+    /// default: lines for a person, or with `CALLQ_LOG_FORMAT=json` one
+    /// JSON object per line (`timestamp`, `level`, `target`, `message` and
+    /// the event's fields, such as `call_id` and `worker`).
     pub(crate) fn init_logging(&self) {
-        tracing_subscriber::fmt()
-            .with_env_filter(
-                tracing_subscriber::EnvFilter::try_from_env("CALLQ_LOG")
-                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(self.default_filter())),
-            )
-            .with_writer(std::io::stderr)
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init();
+        let filter = tracing_subscriber::EnvFilter::try_from_env("CALLQ_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(self.default_filter()));
+        let format = std::env::var("CALLQ_LOG_FORMAT").unwrap_or_default();
+        let builder = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr);
+        match format.trim().to_ascii_lowercase().as_str() {
+            "json" => builder
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .with_span_list(false)
+                .init(),
+            other => {
+                builder
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                    .init();
+                if !other.is_empty() && other != "text" {
+                    tracing::warn!(
+                        "CALLQ_LOG_FORMAT={other} is not a log format: `json` or `text`; logging text"
+                    );
+                }
+            }
+        }
     }
 
     fn default_filter(&self) -> &'static str {

@@ -11,7 +11,7 @@ use callq_broker::{Delivery, Disposition, Error as BrokerError, QueueSpec};
 use callq_schemas::protocol::Lease;
 use callq_schemas::{Call, Reply, codes, decode_call, peek};
 use futures::{StreamExt, stream};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use super::shared::{Flight, FlightGuard, Shared};
@@ -107,6 +107,15 @@ async fn decide(shared: &Shared, delivery: &Delivery, past_limit: bool) -> Dispo
         copy,
         token: Uuid::now_v7(),
     };
+    debug!(
+        worker = %shared.opts.worker_id,
+        call_id = %call.call_id,
+        service = %call.service,
+        method = %call.method,
+        copy,
+        redelivered = delivery.redelivered,
+        "call received"
+    );
     let flight = register(shared, &call, lease, delivery);
     let passed = match gate::pass(shared, delivery, past_limit, &call, spec, lease).await {
         gate::Gate::Run(passed) => passed,
