@@ -125,7 +125,9 @@ async fn the_agent_restarts_a_killed_worker_process() {
     let _coordinator =
         Proc::spawn_env("coordinator", &["coordinator"], &vhost.url, &dir, &STANDBYS);
     let agent_id = format!("agent-{}", vhost.name);
-    let mut agent = Proc::spawn(
+    let http = support::free_port();
+    let http_addr = format!("127.0.0.1:{http}");
+    let mut agent = Proc::spawn_env(
         "agent",
         &[
             "agent",
@@ -138,6 +140,7 @@ async fn the_agent_restarts_a_killed_worker_process() {
         ],
         &vhost.url,
         &dir,
+        &[("CALLQ_HTTP", http_addr.as_str())],
     );
     let broker = support::amqp(&vhost.url).await;
     let admin = Admin::connect(broker.clone(), Duration::from_secs(10))
@@ -204,6 +207,23 @@ async fn the_agent_restarts_a_killed_worker_process() {
         .await
         .unwrap();
     assert_eq!(reply.outcome, callq_schemas::Outcome::Ok, "{reply:?}");
+    // The agent's /metrics: the restart, and its workers and standbys
+    // running (its workers serve no HTTP of their own).
+    let (code, metrics) = support::http_get(http, "/metrics").expect("the agent's /metrics");
+    assert_eq!(code, 200, "{metrics}");
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name}:\n{metrics}"))
+    };
+    assert_eq!(value("callq_agent_worker_restarts_total"), 1.0, "{metrics}");
+    assert!(value("callq_agent_workers_running") >= 2.0, "{metrics}");
+    assert!(
+        value("callq_agent_workers_started_total") >= 3.0,
+        "{metrics}"
+    );
     // An agent killed with SIGKILL leaves no worker behind: each sees its
     // stdin pipe close, drains and exits.
     let workers = format!("--worker-id {agent_id}.");

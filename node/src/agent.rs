@@ -208,6 +208,9 @@ impl Launcher for Processes {
             .args(["--services", &spec.services.join(",")])
             .args(["--capacity", &spec.capacity.to_string()])
             .arg("--supervised")
+            // The agent answers the probes and serves the metrics of its
+            // host: its workers would all bind its address.
+            .env_remove("CALLQ_HTTP")
             .kill_on_drop(true)
             // The worker drains and exits when this pipe closes: when the
             // agent dies, even by SIGKILL, its workers do not outlive it.
@@ -365,6 +368,7 @@ impl Agent {
                 }
                 Some(joined) = node.running.join_next(), if !node.running.is_empty() => {
                     self.stats.running.store(node.running.len() as u64, Ordering::Relaxed);
+                    crate::metrics::agent_running(node.running.len());
                     match joined {
                         Ok(exit) => self.ended(&mut node, exit),
                         Err(e) => error!(agent = %id, "a worker task failed: {e}"),
@@ -449,6 +453,7 @@ impl Agent {
         }
         info!(agent = %id, ?services, "starting a standby on the coordinator's request");
         self.stats.standbys_started.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::count(crate::metrics::AGENT_STANDBYS);
         let name = format!("{id}.s{}", node.next_slot + 1);
         let spec = WorkerSpec {
             services,
@@ -481,6 +486,7 @@ impl Agent {
                     (self.opts.restart_backoff * 2u32.pow(exp)).min(Duration::from_secs(60));
                 warn!(agent = %id, worker = slot.name, "worker crashed ({why}); restarting in {delay:?}");
                 self.stats.restarted.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::count(crate::metrics::AGENT_RESTARTS);
                 self.start(slot, i, delay, &node.stop, &mut node.running);
                 return;
             }
@@ -532,6 +538,7 @@ impl Agent {
                 }
             }
             stats.launched.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::count(crate::metrics::AGENT_STARTS);
             info!(worker = worker_id, services = ?spec.services, standby = spec.standby, "starting a worker");
             let started = tokio::time::Instant::now();
             let ended = launcher.launch(&worker_id, &spec, stop).await;
@@ -540,5 +547,6 @@ impl Agent {
         self.stats
             .running
             .store(running.len() as u64, Ordering::Relaxed);
+        crate::metrics::agent_running(running.len());
     }
 }

@@ -22,6 +22,25 @@ pub const DEAD_LETTERS: &str = "callq_dead_letters_total";
 /// `done`, `fatal`, `superseded`, `refused`, `released`).
 pub const RESUMES: &str = "callq_resumes_total";
 
+/// Workers an agent started, restarts included.
+pub const AGENT_STARTS: &str = "callq_agent_workers_started_total";
+/// Crashed workers an agent restarted.
+pub const AGENT_RESTARTS: &str = "callq_agent_worker_restarts_total";
+/// Standbys an agent started because the coordinator asked.
+pub const AGENT_STANDBYS: &str = "callq_agent_standbys_started_total";
+/// Workers an agent runs now.
+pub const AGENT_RUNNING: &str = "callq_agent_workers_running";
+
+/// Counts one more of `name`.
+pub(crate) fn count(name: &'static str) {
+    metrics::counter!(name).increment(1);
+}
+
+/// The workers an agent runs now.
+pub(crate) fn agent_running(n: usize) {
+    metrics::gauge!(AGENT_RUNNING).set(n as f64);
+}
+
 /// Counts one handler run.
 pub(crate) fn handled<E>(
     service: &Service,
@@ -56,11 +75,6 @@ pub(crate) fn dead_lettered(reason: &str) {
 /// Attempts whose result was dropped because the coordinator refused it
 /// (the call was re-issued, decided, or carried by another delivery).
 pub const REVOKED: &str = "callq_attempts_revoked_total";
-
-/// Counts an attempt revoked.
-pub(crate) fn revoked() {
-    metrics::counter!(REVOKED).increment(1);
-}
 
 /// Counts a `resume` by its answer.
 pub(crate) fn resumed(answer: &'static str) {

@@ -165,7 +165,7 @@ impl WorkerStats {
     /// An attempt's result was dropped: the coordinator refused it.
     fn revoke(&self) {
         Self::bump(&self.revoked);
-        crate::metrics::revoked();
+        crate::metrics::count(crate::metrics::REVOKED);
     }
 
     fn add(counter: &AtomicU64, n: usize) {
