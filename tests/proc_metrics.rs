@@ -202,6 +202,79 @@ async fn metrics_count_what_the_clients_saw() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(w1.running(), "{}", w1.log());
+
+    // Every metric the dashboard and the alert rules use is in these
+    // scrapes (before its first event too: counters start at 0).
+    let sc = scrape(pc);
+    let scraped: std::collections::BTreeSet<String> = [&sc, &t1, &t2]
+        .into_iter()
+        .flat_map(|s| s.keys())
+        .map(|k| family(k.split('{').next().unwrap()))
+        .collect();
+    for file in [
+        "deploy/prometheus/callq-alerts.yaml",
+        "deploy/grafana/callq-dashboard.json",
+    ] {
+        let text = std::fs::read_to_string(support::containers::root().join(file)).unwrap();
+        let used = metric_names(&text);
+        assert!(used.len() >= 6, "{file}: {used:?}");
+        let missing: Vec<_> = used.iter().filter(|m| !scraped.contains(*m)).collect();
+        assert!(
+            missing.is_empty(),
+            "{file} uses {missing:?}, not in any scrape: {scraped:?}"
+        );
+    }
+}
+
+/// A sample's metric family: its name without a histogram's suffix.
+fn family(sample: &str) -> String {
+    ["_bucket", "_count", "_sum"]
+        .iter()
+        .find_map(|s| sample.strip_suffix(s))
+        .unwrap_or(sample)
+        .to_owned()
+}
+
+/// The metric names (`callq_...`, `messaging_...`) a file mentions.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let bytes = text.as_bytes();
+    for prefix in ["callq_", "messaging_"] {
+        for (at, _) in text.match_indices(prefix) {
+            if at > 0 && (bytes[at - 1].is_ascii_alphanumeric() || bytes[at - 1] == b'_') {
+                continue;
+            }
+            let end = text[at..]
+                .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+                .map_or(text.len(), |n| at + n);
+            names.insert(family(&text[at..end]));
+        }
+    }
+    names
+}
+
+/// The alert rules pass `promtool check rules`, and their unit tests
+/// (`callq-alerts.test.yaml`: each alert fires where it should and only
+/// there) pass `promtool test rules`.
+#[test]
+fn the_alert_rules_fire_where_they_should() {
+    let dir = support::containers::root().join("deploy/prometheus");
+    for args in [
+        ["check", "rules", "callq-alerts.yaml"],
+        ["test", "rules", "callq-alerts.test.yaml"],
+    ] {
+        let out = std::process::Command::new("promtool")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .expect("promtool (Debian's prometheus package; scripts/services installs it)");
+        assert!(
+            out.status.success(),
+            "promtool {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 /// `CALLQ_LOG_FORMAT=json`: every line a worker logs is one JSON object,

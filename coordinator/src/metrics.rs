@@ -15,6 +15,55 @@ pub const HEARTBEATS: &str = "callq_heartbeats_total";
 /// Requests dropped because their sender had given up on them.
 pub const STALE_DROPPED: &str = "callq_stale_requests_dropped_total";
 
+/// How long the ledger's group commits took (the store's write included).
+pub const COMMIT_DURATION: &str = "callq_ledger_commit_duration_seconds";
+/// Requests per group commit.
+pub const BATCH_SIZE: &str = "callq_ledger_batch_size";
+/// Calls waiting in a service's call queue (RabbitMQ: ready; Kafka: the
+/// consumer lag), read once a heartbeat interval.
+pub const QUEUE_DEPTH: &str = "callq_queue_depth";
+
+/// Describes the coordinator's metrics to the recorder and starts its
+/// counters at 0, so that a scrape shows them before their first event
+/// (and `increase()` sees that event).
+pub fn describe() {
+    for (name, help) in [
+        (DEATHS, "Workers declared dead."),
+        (PROMOTIONS, "Standbys promoted."),
+        (
+            REISSUES,
+            "Calls of dead workers published again as their next attempt.",
+        ),
+        (FATAL, "Calls answered fatal."),
+        (HEARTBEATS, "Worker heartbeats read."),
+        (
+            STALE_DROPPED,
+            "Requests dropped because their sender had given up on them.",
+        ),
+    ] {
+        metrics::describe_counter!(name, help);
+        metrics::counter!(name).absolute(0);
+    }
+    metrics::describe_histogram!(
+        COMMIT_DURATION,
+        metrics::Unit::Seconds,
+        "Group commits of the ledger."
+    );
+    metrics::describe_histogram!(BATCH_SIZE, "Requests per group commit.");
+    metrics::describe_gauge!(QUEUE_DEPTH, "Calls waiting in a service's call queue.");
+}
+
 pub(crate) fn count(name: &'static str) {
     metrics::counter!(name).increment(1);
+}
+
+/// One group commit of `batch` requests that took `took`.
+pub(crate) fn committed(batch: usize, took: std::time::Duration) {
+    metrics::histogram!(COMMIT_DURATION).record(took.as_secs_f64());
+    metrics::histogram!(BATCH_SIZE).record(batch as f64);
+}
+
+/// The depth of `service`'s call queue.
+pub(crate) fn queue_depth(service: &str, ready: u64) {
+    metrics::gauge!(QUEUE_DEPTH, "service" => service.to_owned()).set(ready as f64);
 }

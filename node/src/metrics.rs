@@ -31,6 +31,56 @@ pub const AGENT_STANDBYS: &str = "callq_agent_standbys_started_total";
 /// Workers an agent runs now.
 pub const AGENT_RUNNING: &str = "callq_agent_workers_running";
 
+/// The codes a dead letter's reason starts with, started at 0.
+const DEAD_LETTER_CODES: [&str; 5] = [
+    "bad_request",
+    "delivery_limit",
+    "body_mismatch",
+    "reply_not_owned",
+    "unknown_service",
+];
+
+/// Describes a worker's metrics to the recorder and starts its counters
+/// without labels, and the dead letters of each known code, at 0, so that
+/// a scrape shows them before their first event.
+pub fn describe_worker() {
+    metrics::describe_counter!(CALLS, "Handler runs by service, method and outcome.");
+    metrics::describe_histogram!(
+        PROCESS_DURATION,
+        metrics::Unit::Seconds,
+        "How long handlers ran."
+    );
+    metrics::describe_gauge!(IN_FLIGHT, "Deliveries being handled now.");
+    metrics::gauge!(IN_FLIGHT).set(0.0);
+    metrics::describe_counter!(DEAD_LETTERS, "Deliveries dead-lettered, by reason code.");
+    for code in DEAD_LETTER_CODES {
+        metrics::counter!(DEAD_LETTERS, "reason" => code).absolute(0);
+    }
+    metrics::describe_counter!(REVOKED, "Attempts whose result the coordinator refused.");
+    metrics::counter!(REVOKED).absolute(0);
+    metrics::describe_counter!(RESUMES, "resume requests by answer.");
+    for answer in ["run", "done", "fatal", "superseded", "refused", "released"] {
+        metrics::counter!(RESUMES, "answer" => answer).absolute(0);
+    }
+}
+
+/// Describes an agent's metrics and starts them at 0.
+pub fn describe_agent() {
+    for (name, help) in [
+        (AGENT_STARTS, "Worker processes started, restarts included."),
+        (AGENT_RESTARTS, "Crashed workers restarted."),
+        (
+            AGENT_STANDBYS,
+            "Standbys started because the coordinator asked.",
+        ),
+    ] {
+        metrics::describe_counter!(name, help);
+        metrics::counter!(name).absolute(0);
+    }
+    metrics::describe_gauge!(AGENT_RUNNING, "Worker processes running now.");
+    metrics::gauge!(AGENT_RUNNING).set(0.0);
+}
+
 /// Counts one more of `name`.
 pub(crate) fn count(name: &'static str) {
     metrics::counter!(name).increment(1);

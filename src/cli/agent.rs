@@ -43,6 +43,7 @@ pub(crate) async fn run(args: Args, config: Option<&Path>) -> anyhow::Result<Exi
     let health = Health::new();
     let probes = CancellationToken::new();
     health::serve(settings.http.as_deref(), health.clone(), probes.clone()).await?;
+    callq_node::metrics::describe_agent();
     let shutdown = shutdown_on_signal();
     health::unready_on(&shutdown, &health);
     let served = agent(&settings, args, worker_args, shutdown, &health).await;

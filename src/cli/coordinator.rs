@@ -23,6 +23,7 @@ pub(crate) async fn run(config: Option<&Path>) -> anyhow::Result<ExitCode> {
     let health = Health::new();
     let probes = CancellationToken::new();
     health::serve(settings.http.as_deref(), health.clone(), probes.clone()).await?;
+    callq_coordinator::metrics::describe();
     let shutdown = shutdown_on_signal();
     unready_on(&shutdown, &health);
     let served = coordinator(&settings, shutdown, &health).await;

@@ -53,6 +53,7 @@ pub(crate) async fn run(args: Args, config: Option<&Path>) -> anyhow::Result<Exi
     // answers for the node (its workers share the agent's settings).
     let http = settings.http.as_deref().filter(|_| !args.supervised);
     health::serve(http, health.clone(), probes.clone()).await?;
+    callq_node::metrics::describe_worker();
     let served = worker(&settings, args, shutdown, &health).await;
     probes.cancel();
     served?;

@@ -92,7 +92,10 @@ impl<S: Store> Coordinator<S> {
     /// the requests are requeued, to be asked again.
     async fn process(&mut self, batch: Vec<Delivery>) {
         let answers = self.apply_all(&batch);
-        let effects = match self.ledger.commit() {
+        let clock = std::time::Instant::now();
+        let committed = self.ledger.commit();
+        crate::metrics::committed(batch.len(), clock.elapsed());
+        let effects = match committed {
             Ok(effects) => effects,
             Err(e) => {
                 error!(

@@ -117,6 +117,8 @@ pub struct Coordinator<S: Store> {
     serving: Option<Arc<std::sync::atomic::AtomicBool>>,
     /// Times the coordinator connected again after losing the broker.
     reconnects: u64,
+    /// When the call queues' depths were last read (for the metrics).
+    queues_sampled: Option<std::time::Instant>,
 }
 
 impl<S: Store> Coordinator<S> {
@@ -140,6 +142,7 @@ impl<S: Store> Coordinator<S> {
             unauthenticated: None,
             serving: None,
             reconnects: 0,
+            queues_sampled: None,
         }
     }
 
@@ -250,7 +253,28 @@ impl<S: Store> Coordinator<S> {
         }
         self.sweep_sessions().await;
         self.restore_standbys().await;
+        self.sample_queues().await;
         Ok(())
+    }
+
+    /// Reads the depth of every served call queue into the metric
+    /// `callq_queue_depth`, at most once a second.
+    async fn sample_queues(&mut self) {
+        if self
+            .queues_sampled
+            .is_some_and(|at| at.elapsed() < std::time::Duration::from_secs(1))
+        {
+            return;
+        }
+        self.queues_sampled = Some(std::time::Instant::now());
+        for service in self.registry.services() {
+            let queue = callq_broker::call_queue(&service);
+            if let Ok(Ok(depth)) =
+                tokio::time::timeout(self.opts.silence(), self.broker.depth(&queue)).await
+            {
+                crate::metrics::queue_depth(&service, depth.ready);
+            }
+        }
     }
 
     /// Keeps the leadership: a leader whose lease went to another

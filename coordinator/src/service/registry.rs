@@ -105,6 +105,14 @@ impl WorkerEntry {
 }
 
 impl Registry {
+    /// The services the registered workers serve, each once.
+    pub(super) fn services(&self) -> std::collections::BTreeSet<String> {
+        self.workers
+            .values()
+            .flat_map(|w| w.services.iter().cloned())
+            .collect()
+    }
+
     /// Whether the worker is registered.
     pub(super) fn has_worker(&self, id: &str) -> bool {
         self.workers.contains_key(id)
