@@ -227,6 +227,7 @@ impl HungWorker {
             capacity: 1,
             free: 0,
             partitions: Default::default(),
+            finished: Default::default(),
             in_flight: vec![InFlightCall {
                 lease,
                 service: "mail".into(),

@@ -333,3 +333,63 @@ async fn json_logs_parse_line_by_line_and_name_the_call() {
         assert_eq!(received["method"], "echo", "{received}");
     }
 }
+
+/// `callq status --watch` redraws in place (each frame starts by clearing
+/// the screen) and shows the calls per second of a service under load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_watch_redraws_with_the_rate_of_each_service() {
+    let vhost = Vhost::create("watch");
+    let dir = support::temp_dir("watch");
+    let _coordinator = Proc::spawn("coordinator", &["coordinator"], &vhost.url, &dir);
+    let args = ["worker", "--services", "echo", "--worker-id", "watch1"];
+    let _worker = Proc::spawn("watch1", &args, &vhost.url, &dir);
+    let broker = support::amqp(&vhost.url).await;
+    let admin = Admin::connect(broker.clone(), Duration::from_secs(10))
+        .await
+        .unwrap();
+    wait_status(&admin, "the worker active", Duration::from_secs(60), |s| {
+        count(s, WorkerState::Active) == 1
+    })
+    .await;
+    let client = Client::connect(broker, ClientOptions::default())
+        .await
+        .unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let batch = calls(&client, "echo", "echo", 20).await;
+                assert!(batch.iter().all(|o| *o == Outcome::Ok));
+                n += 20;
+            }
+            n
+        })
+    };
+    let out = tokio::process::Command::new(support::callq_bin())
+        .args(["status", "--watch", "--interval-ms", "700", "--frames", "4"])
+        .env("CALLQ_BROKER", &vhost.url)
+        .output()
+        .await
+        .unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let done = load.await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let frames: Vec<&str> = text.split("\x1b[H\x1b[2J").skip(1).collect();
+    assert_eq!(frames.len(), 4, "{text}");
+    let last = frames[3];
+    let echo = last
+        .lines()
+        .find(|l| l.starts_with("echo "))
+        .unwrap_or_else(|| panic!("no echo line: {last}"));
+    let rate: f64 = echo.split_whitespace().nth(1).unwrap().parse().unwrap();
+    eprintln!("{last}\n{done} calls made");
+    assert!(rate > 0.0, "{last}");
+    assert!(last.contains("WORKER") && last.contains("watch1"), "{last}");
+}

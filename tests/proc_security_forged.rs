@@ -120,6 +120,7 @@ async fn attack(raw: &Arc<dyn Broker>, victim: Uuid, workers: &[String]) -> u64 
                 free: 0,
                 in_flight,
                 partitions: BTreeMap::new(),
+                finished: BTreeMap::new(),
             },
         )
     };

@@ -108,6 +108,7 @@ impl Bus {
                 free: 8,
                 in_flight,
                 partitions,
+                finished: Default::default(),
             },
         )
         .await;
@@ -403,6 +404,7 @@ async fn a_heartbeat_claiming_more_than_its_capacity_is_refused() {
         free,
         in_flight,
         partitions: Default::default(),
+        finished: Default::default(),
     };
     bus.send("ghost", beat(8, 0, calls.clone())).await;
     bus.send("huge", beat(1 << 20, 1 << 20, Vec::new())).await;

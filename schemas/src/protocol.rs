@@ -280,6 +280,10 @@ pub enum RequestBody {
         /// re-issues a dead worker's calls into them.
         #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
         partitions: BTreeMap<String, Vec<u32>>,
+        /// Per service, the calls its handlers ran to an answer since the
+        /// worker started (for rates in `callq status --watch`).
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        finished: BTreeMap<String, u64>,
     },
     /// May I run this redelivered (or re-issued) copy?
     Resume {
@@ -429,6 +433,10 @@ pub struct WorkerStatus {
     pub free: u32,
     /// Milliseconds since its last heartbeat.
     pub last_seen_ms: u64,
+    /// Per service, the calls its handlers ran to an answer since it
+    /// started, as its last heartbeat said. Absent: none reported.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub finished: std::collections::BTreeMap<String, u64>,
 }
 
 /// The cluster as the coordinator sees it.

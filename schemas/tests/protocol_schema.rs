@@ -201,6 +201,9 @@ fn request_bodies() -> Vec<RequestBody> {
             partitions: [("bank".to_owned(), vec![0, 2]), ("mail".to_owned(), vec![])]
                 .into_iter()
                 .collect(),
+            finished: [("bank".to_owned(), 12), ("mail".to_owned(), u64::MAX)]
+                .into_iter()
+                .collect(),
         },
         RequestBody::Heartbeat {
             services: Vec::new(),
@@ -209,6 +212,7 @@ fn request_bodies() -> Vec<RequestBody> {
             free: 0,
             in_flight: Vec::new(),
             partitions: Default::default(),
+            finished: Default::default(),
         },
         RequestBody::Heartbeat {
             services: vec!["bank".into()],
@@ -217,6 +221,7 @@ fn request_bodies() -> Vec<RequestBody> {
             free: u32::MAX,
             in_flight: Vec::new(),
             partitions: Default::default(),
+            finished: Default::default(),
         },
         RequestBody::Resume {
             req_id: uuid(2),
@@ -390,6 +395,7 @@ fn answer_bodies() -> Vec<AnswerBody> {
                 capacity: 8,
                 free: 7,
                 last_seen_ms: 120,
+                finished: [("bank".to_owned(), 41)].into_iter().collect(),
             },
             WorkerStatus {
                 worker_id: "w-2".into(),
@@ -398,6 +404,7 @@ fn answer_bodies() -> Vec<AnswerBody> {
                 capacity: 0,
                 free: 0,
                 last_seen_ms: u64::MAX,
+                finished: Default::default(),
             },
         ],
         agents: vec!["node-1".into()],

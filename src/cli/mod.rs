@@ -17,6 +17,7 @@ mod health;
 mod replay;
 mod shutdown;
 mod status;
+mod watch;
 mod worker;
 
 #[derive(Parser)]

@@ -18,13 +18,30 @@ use super::config::Settings;
 #[derive(clap::Args)]
 pub(crate) struct Args {
     /// Print JSON instead of a table.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "watch")]
     json: bool,
+    /// Redraw the table in place every `--interval-ms`, with the calls per
+    /// second of each service, until Ctrl-C.
+    #[arg(long)]
+    watch: bool,
+    /// How often `--watch` redraws, in milliseconds.
+    #[arg(long, default_value_t = 2_000, requires = "watch")]
+    interval_ms: u64,
+    /// Stop `--watch` after this many frames (default: run until Ctrl-C).
+    #[arg(long, requires = "watch")]
+    frames: Option<u64>,
 }
 
-/// Prints the status, as JSON or as a table.
+/// Prints the status, as JSON or as a table, once or (`--watch`) again and
+/// again.
 pub(crate) async fn run(args: Args, config: Option<&Path>) -> anyhow::Result<ExitCode> {
-    let report = status(&Settings::load(config)?).await?;
+    let settings = Settings::load(config)?;
+    if args.watch {
+        let every = std::time::Duration::from_millis(args.interval_ms.max(100));
+        super::watch::run(&settings, every, args.frames).await?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let report = status(&settings).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -49,8 +66,24 @@ pub(crate) struct StatusReport {
 
 /// `callq status`.
 async fn status(settings: &Settings) -> anyhow::Result<StatusReport> {
+    let (broker, admin) = open(settings).await?;
+    report(&broker, &admin).await
+}
+
+/// The broker and the coordinator's admin handle a status reads through.
+pub(crate) async fn open(
+    settings: &Settings,
+) -> anyhow::Result<(std::sync::Arc<dyn callq_broker::Broker>, Admin)> {
     let broker = connect(settings, "status").await?;
     let admin = Admin::connect(broker.clone(), settings.patience()).await?;
+    Ok((broker, admin))
+}
+
+/// The status, read once through `broker` and `admin`.
+pub(crate) async fn report(
+    broker: &std::sync::Arc<dyn callq_broker::Broker>,
+    admin: &Admin,
+) -> anyhow::Result<StatusReport> {
     let cluster = admin
         .status()
         .await
@@ -81,7 +114,7 @@ async fn status(settings: &Settings) -> anyhow::Result<StatusReport> {
 }
 
 /// The status as a table for people.
-fn render_status(report: &StatusReport) -> String {
+pub(crate) fn render_status(report: &StatusReport) -> String {
     use std::fmt::Write as _;
     let c = &report.cluster;
     let mut out = String::new();
@@ -140,13 +173,13 @@ fn render_status(report: &StatusReport) -> String {
     out
 }
 
-fn row(cells: &[&str]) -> Vec<String> {
+pub(crate) fn row(cells: &[&str]) -> Vec<String> {
     cells.iter().map(|&c| c.to_owned()).collect()
 }
 
 /// Rows as columns as wide as their widest cell, two spaces apart;
 /// `right[i]` aligns column `i` to the right. The last column is not padded.
-fn table(rows: &[Vec<String>], right: &[bool]) -> String {
+pub(crate) fn table(rows: &[Vec<String>], right: &[bool]) -> String {
     let mut widths = vec![0; right.len()];
     for r in rows {
         for (w, cell) in widths.iter_mut().zip(r) {
@@ -194,6 +227,7 @@ mod tests {
             capacity: 64,
             free,
             last_seen_ms: 12,
+            finished: BTreeMap::new(),
         };
         let long = "callq-worker-7d9f8b6c5-x2k4p.cluster.example.internal-0123456789.3";
         let report = StatusReport {

@@ -25,6 +25,8 @@ pub(super) struct WorkerEntry {
     /// Per service, the partitions of its call queue the worker owns, where
     /// the broker partitions.
     pub(super) partitions: BTreeMap<String, Vec<u32>>,
+    /// Per service, the calls it ran to an answer, as it last reported.
+    pub(super) finished: BTreeMap<String, u64>,
 }
 
 /// A node agent as the registry knows it.
@@ -44,6 +46,7 @@ pub(super) struct Beat {
     pub(super) free: u32,
     pub(super) in_flight: Vec<InFlightCall>,
     pub(super) partitions: BTreeMap<String, Vec<u32>>,
+    pub(super) finished: BTreeMap<String, u64>,
 }
 
 /// The workers and node agents of the cluster.
@@ -65,6 +68,7 @@ impl WorkerEntry {
             last_seen: Instant::now(),
             in_flight: HashMap::new(),
             partitions: BTreeMap::new(),
+            finished: BTreeMap::new(),
         }
     }
 
@@ -128,6 +132,12 @@ impl Registry {
         if order.is_none() {
             entry.state = beat.state;
         }
+        // Its own services only: a heartbeat names no more than those.
+        entry.finished = beat
+            .finished
+            .into_iter()
+            .filter(|(service, _)| beat.services.contains(service))
+            .collect();
         entry.services = beat.services;
         entry.capacity = beat.capacity;
         entry.free = beat.free;
@@ -266,6 +276,7 @@ impl Registry {
                 free: w.free,
                 last_seen_ms: u64::try_from(now.duration_since(w.last_seen).as_millis())
                     .unwrap_or(u64::MAX),
+                finished: w.finished.clone(),
             })
             .collect();
         workers.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));

@@ -67,6 +67,7 @@ impl<S: Store> Coordinator<S> {
                 free,
                 in_flight,
                 partitions,
+                finished,
             } => {
                 if let Err(why) = heartbeat_in_bounds(&services, capacity, free, in_flight.len()) {
                     warn!(%worker, "heartbeat refused: {why}");
@@ -79,6 +80,7 @@ impl<S: Store> Coordinator<S> {
                     free,
                     in_flight,
                     partitions,
+                    finished,
                 };
                 self.heartbeat(worker, to.clone(), beat)
             }

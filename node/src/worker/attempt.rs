@@ -276,6 +276,7 @@ async fn run_handler(
         Ok(Some(run)) => AssertUnwindSafe(run).catch_unwind().await.map(Some),
     };
     crate::metrics::handled(service, method, &outcome, clock.elapsed());
+    stats.finish(service.name());
     match outcome {
         Err(panic) => {
             WorkerStats::bump(&stats.panicked);

@@ -143,6 +143,9 @@ pub struct WorkerStats {
     /// The worker's state, as its heartbeats report it (`None` before it
     /// runs).
     state: std::sync::Mutex<Option<WorkerState>>,
+    /// Per service, the calls its handlers ran to an answer (its services
+    /// only: bounded).
+    finished: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 impl WorkerStats {
@@ -150,6 +153,22 @@ impl WorkerStats {
     /// runs), for a readiness probe.
     pub fn state(&self) -> Option<WorkerState> {
         self.state.lock().ok().and_then(|s| *s)
+    }
+
+    /// Per service, the calls its handlers ran to an answer so far.
+    pub fn finished_by_service(&self) -> std::collections::BTreeMap<String, u64> {
+        self.finished.lock().map(|f| f.clone()).unwrap_or_default()
+    }
+
+    fn finish(&self, service: &str) {
+        if let Ok(mut f) = self.finished.lock() {
+            match f.get_mut(service) {
+                Some(n) => *n += 1,
+                None => {
+                    f.insert(service.to_owned(), 1);
+                }
+            }
+        }
     }
 
     fn set_state(&self, state: WorkerState) {

@@ -169,6 +169,7 @@ impl Shared {
             free: capacity.saturating_sub(busy),
             in_flight,
             partitions,
+            finished: self.stats.finished_by_service(),
         };
         (beat, tokens)
     }
