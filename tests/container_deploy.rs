@@ -417,9 +417,9 @@ fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<
 /// compose file whose callq services are in the host's network namespace
 /// (`network_mode: host`, without `extra_hosts` and `hostname`, and with
 /// HOSTNAME set per service: it names a coordinator's lease holder, which
-/// the two coordinators must not share, and `CALLQ_HTTP` on a port of the
-/// kernel's choosing, since they share the host's ports), and points them
-/// at 127.0.0.1.
+/// the two coordinators must not share, and `CALLQ_HTTP` on a port of its
+/// own, since they share the host's ports: the coordinators' `/readyz`
+/// says which leads), and points them at 127.0.0.1.
 #[test]
 fn the_compose_cluster_serves_calls_and_drains_its_workers() {
     let vhost = Vhost::create();
@@ -444,15 +444,18 @@ for name, svc in doc["services"].items():
     svc["network_mode"] = "host"
     svc.pop("extra_hosts", None)
     svc.pop("hostname", None)
-    svc["environment"] = dict(svc.get("environment", {}), HOSTNAME=name, CALLQ_HTTP="127.0.0.1:0")
+    http = {"coordinator-1": sys.argv[3], "coordinator-2": sys.argv[4]}.get(name, "0")
+    svc["environment"] = dict(svc.get("environment", {}), HOSTNAME=name, CALLQ_HTTP="127.0.0.1:" + http)
 yaml.safe_dump(doc, open(sys.argv[2], "w"), sort_keys=False)
 "#;
+    let ports = [support::free_port(), support::free_port()];
     ok(
         Command::new(python())
             .env("PYTHONPATH", python_packages())
             .args(["-c", transform])
             .arg(root().join("deploy/compose.yaml"))
-            .arg(&file),
+            .arg(&file)
+            .args(ports.map(|p| p.to_string())),
         "Python 3",
     );
     let project = Project {
@@ -478,20 +481,10 @@ yaml.safe_dump(doc, open(sys.argv[2], "w"), sort_keys=False)
         "a leading and a standing-by coordinator",
         Duration::from_secs(40),
         || {
-            let (one, two) = (
-                project.logs(&["coordinator-1"]),
-                project.logs(&["coordinator-2"]),
-            );
-            match (
-                one.contains("coordinator leading"),
-                two.contains("coordinator leading"),
-            ) {
-                (true, false) if two.contains("standing by") => {
-                    Some(("coordinator-1", "coordinator-2"))
-                }
-                (false, true) if one.contains("standing by") => {
-                    Some(("coordinator-2", "coordinator-1"))
-                }
+            let role = |port| support::http_get(port, "/readyz").map(|(_, body)| body);
+            match (role(ports[0])?.as_str(), role(ports[1])?.as_str()) {
+                ("leading", "standing by") => Some(("coordinator-1", "coordinator-2")),
+                ("standing by", "leading") => Some(("coordinator-2", "coordinator-1")),
                 _ => None,
             }
         },

@@ -20,10 +20,13 @@ fn postgres() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1/test".to_owned())
 }
 
-/// A coordinator of the vhost's cluster, its ledger in PostgreSQL.
-fn coordinator(name: &str, vhost: &Vhost, dir: &std::path::Path) -> Proc {
+/// A coordinator of the vhost's cluster, its ledger in PostgreSQL, with a
+/// lease of `lease_ms`; its `/readyz` on the port returned.
+fn coordinator(name: &str, vhost: &Vhost, dir: &std::path::Path, lease_ms: &str) -> (Proc, u16) {
     let pg = postgres();
-    Proc::spawn_env(
+    let http = support::free_port();
+    let addr = format!("127.0.0.1:{http}");
+    let proc = Proc::spawn_env(
         name,
         &["coordinator"],
         &vhost.url,
@@ -31,24 +34,11 @@ fn coordinator(name: &str, vhost: &Vhost, dir: &std::path::Path) -> Proc {
         &[
             ("CALLQ_COORDINATOR__POSTGRES", pg.as_str()),
             ("CALLQ_COORDINATOR__CLUSTER", vhost.name.as_str()),
-            ("CALLQ_COORDINATOR__LEASE_MS", "1000"),
+            ("CALLQ_COORDINATOR__LEASE_MS", lease_ms),
+            ("CALLQ_HTTP", addr.as_str()),
         ],
-    )
-}
-
-/// Waits (bounded) until `proc`'s log holds `needle`: a process's log is
-/// the only signal it gives of its state.
-fn wait_log(proc: &Proc, needle: &str, timeout: Duration) {
-    let until = Instant::now() + timeout;
-    while !proc.log().contains(needle) {
-        assert!(
-            Instant::now() < until,
-            "{} never logged `{needle}`:\n{}",
-            proc.name,
-            proc.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    );
+    (proc, http)
 }
 
 /// Two coordinators, two workers, 2,000 calls in flight; the leader killed
@@ -59,17 +49,17 @@ fn wait_log(proc: &Proc, needle: &str, timeout: Duration) {
 async fn the_standby_coordinator_takes_over_when_the_leader_is_killed() {
     let vhost = Vhost::create("pgcoord");
     let dir = support::temp_dir("pgcoord");
-    let mut first = coordinator("coordinator-1", &vhost, &dir);
-    wait_log(&first, "coordinator leading", Duration::from_secs(30));
-    let mut second = coordinator("coordinator-2", &vhost, &dir);
-    wait_log(&second, "standing by", Duration::from_secs(30));
+    let (mut first, first_http) = coordinator("coordinator-1", &vhost, &dir, "1000");
+    support::wait_ready_as(first_http, "leading", Duration::from_secs(30)).await;
+    let (mut second, second_http) = coordinator("coordinator-2", &vhost, &dir, "1000");
+    support::wait_ready_as(second_http, "standing by", Duration::from_secs(30)).await;
     let (procs, broker, client) = support::two_workers(&vhost, &dir).await;
     let load = support::load_in_background(load(&dir, 2_000, 1), &client, &broker, procs).await;
     tokio::time::sleep(Duration::from_millis(400)).await;
     first.kill9();
     let killed = Instant::now();
     eprintln!("kill -9 coordinator-1");
-    wait_log(&second, "coordinator leading", Duration::from_secs(30));
+    support::wait_ready_as(second_http, "leading", Duration::from_secs(30)).await;
     eprintln!(
         "coordinator-2 leads {:.0} ms after the kill (lease 1,000 ms)",
         killed.elapsed().as_secs_f64() * 1000.0
@@ -87,10 +77,10 @@ async fn the_standby_coordinator_takes_over_when_the_leader_is_killed() {
 async fn a_paused_leader_is_fenced_when_it_wakes() {
     let vhost = Vhost::create("pgfence");
     let dir = support::temp_dir("pgfence");
-    let first = coordinator("coordinator-1", &vhost, &dir);
-    wait_log(&first, "coordinator leading", Duration::from_secs(30));
-    let second = coordinator("coordinator-2", &vhost, &dir);
-    wait_log(&second, "standing by", Duration::from_secs(30));
+    let (first, first_http) = coordinator("coordinator-1", &vhost, &dir, "1000");
+    support::wait_ready_as(first_http, "leading", Duration::from_secs(30)).await;
+    let (_second, second_http) = coordinator("coordinator-2", &vhost, &dir, "1000");
+    support::wait_ready_as(second_http, "standing by", Duration::from_secs(30)).await;
     let worker = Proc::spawn(
         "w1",
         &[
@@ -140,10 +130,10 @@ async fn a_paused_leader_is_fenced_when_it_wakes() {
     };
     signal("-STOP");
     eprintln!("kill -STOP coordinator-1");
-    wait_log(&second, "coordinator leading", Duration::from_secs(30));
+    support::wait_ready_as(second_http, "leading", Duration::from_secs(30)).await;
     signal("-CONT");
     eprintln!("kill -CONT coordinator-1");
-    wait_log(&first, "lost the lead", Duration::from_secs(30));
+    support::wait_ready_as(first_http, "standing by", Duration::from_secs(30)).await;
     assert!(
         first.log().contains("superseded"),
         "the old leader's write was refused for its epoch:\n{}",
@@ -180,7 +170,7 @@ async fn a_paused_leader_is_fenced_when_it_wakes() {
         .publish(&worker_queue("w1"), Message::new(stale.to_bytes()))
         .await
         .unwrap();
-    wait_log(
+    support::wait_log(
         &worker,
         "order of a coordinator that no longer leads dropped",
         Duration::from_secs(30),
@@ -196,30 +186,16 @@ async fn a_paused_leader_is_fenced_when_it_wakes() {
 async fn a_leader_stopped_with_sigterm_hands_over_at_once() {
     let vhost = Vhost::create("pghandover");
     let dir = support::temp_dir("pghandover");
-    let pg = postgres();
-    let coordinator = |name: &str| {
-        Proc::spawn_env(
-            name,
-            &["coordinator"],
-            &vhost.url,
-            &dir,
-            &[
-                ("CALLQ_COORDINATOR__POSTGRES", pg.as_str()),
-                ("CALLQ_COORDINATOR__CLUSTER", vhost.name.as_str()),
-                ("CALLQ_COORDINATOR__LEASE_MS", "10000"),
-            ],
-        )
-    };
-    let mut first = coordinator("coordinator-1");
-    wait_log(&first, "coordinator leading", Duration::from_secs(30));
-    let second = coordinator("coordinator-2");
-    wait_log(&second, "standing by", Duration::from_secs(30));
+    let (mut first, first_http) = coordinator("coordinator-1", &vhost, &dir, "10000");
+    support::wait_ready_as(first_http, "leading", Duration::from_secs(30)).await;
+    let (_second, second_http) = coordinator("coordinator-2", &vhost, &dir, "10000");
+    support::wait_ready_as(second_http, "standing by", Duration::from_secs(30)).await;
     first.terminate();
     let stopped = Instant::now();
     let status = first.wait_exit(Duration::from_secs(20));
     assert!(status.is_some_and(|s| s.success()), "{}", first.log());
     assert!(first.log().contains("lease given up"), "{}", first.log());
-    wait_log(&second, "coordinator leading", Duration::from_secs(30));
+    support::wait_ready_as(second_http, "leading", Duration::from_secs(30)).await;
     let took = stopped.elapsed();
     eprintln!("coordinator-2 leads {took:?} after SIGTERM to the leader (lease 10 s)");
     assert!(

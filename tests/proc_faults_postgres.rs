@@ -162,7 +162,8 @@ async fn the_coordinator_reaches_postgres_over_tls() {
         "{}?sslmode=require&application_name={app}",
         pg.replace("127.0.0.1", "localhost")
     );
-    let coordinator = |name: &str, ca: &str| {
+    let coordinator = |name: &str, ca: &str, http: u16| {
+        let addr = format!("127.0.0.1:{http}");
         Proc::spawn_env(
             name,
             &["coordinator"],
@@ -172,11 +173,13 @@ async fn the_coordinator_reaches_postgres_over_tls() {
                 ("CALLQ_COORDINATOR__POSTGRES", url.as_str()),
                 ("CALLQ_COORDINATOR__CLUSTER", vhost.name.as_str()),
                 ("SSL_CERT_FILE", ca),
+                ("CALLQ_HTTP", addr.as_str()),
             ],
         )
     };
-    let mut leader = coordinator("coordinator", &ca);
-    wait_log(&leader, "coordinator leading", Duration::from_secs(60));
+    let http = support::free_port();
+    let mut leader = coordinator("coordinator", &ca, http);
+    support::wait_ready_as(http, "leading", Duration::from_secs(60)).await;
     assert_tls(&pg, &app, "the coordinator's");
 
     // The bank service's pool: a worker whose CALLQ_POSTGRES asks for TLS.
@@ -209,8 +212,12 @@ async fn the_coordinator_reaches_postgres_over_tls() {
     drop(leader);
 
     // The system's CAs do not include the test CA.
-    let untrusting = coordinator("untrusting", "/etc/ssl/certs/ca-certificates.crt");
-    wait_log(
+    let untrusting = coordinator(
+        "untrusting",
+        "/etc/ssl/certs/ca-certificates.crt",
+        support::free_port(),
+    );
+    support::wait_log(
         &untrusting,
         "invalid peer certificate",
         Duration::from_secs(60),
@@ -240,18 +247,4 @@ fn assert_tls(pg: &str, app: &str, whose: &str) {
         !rows.is_empty() && rows.lines().all(|l| l.starts_with("t|TLS")),
         "{whose} connection is not TLS: {rows:?}"
     );
-}
-
-/// Waits (bounded) until `proc`'s log holds `needle`.
-fn wait_log(proc: &Proc, needle: &str, timeout: Duration) {
-    let until = std::time::Instant::now() + timeout;
-    while !proc.log().contains(needle) {
-        assert!(
-            std::time::Instant::now() < until,
-            "{} never logged `{needle}`:\n{}",
-            proc.name,
-            proc.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }

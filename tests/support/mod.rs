@@ -489,3 +489,40 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
         .to_owned();
     Some((status, body))
 }
+
+/// Waits (bounded) until `proc`'s log holds `needle`: for what a process
+/// says only in its log (why it lost the lead, an order it dropped, a
+/// certificate it refused); its state is read from `/readyz` instead
+/// ([`wait_ready_as`]).
+pub fn wait_log(proc: &Proc, needle: &str, timeout: Duration) {
+    let until = std::time::Instant::now() + timeout;
+    while !proc.log().contains(needle) {
+        assert!(
+            std::time::Instant::now() < until,
+            "{} never logged `{needle}`:\n{}",
+            proc.name,
+            proc.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits (bounded) until `GET /readyz` on 127.0.0.1:`port` answers 200
+/// with `what` (`leading`, `standing by`, `active`, ...).
+pub async fn wait_ready_as(port: u16, what: &str, timeout: Duration) {
+    let until = std::time::Instant::now() + timeout;
+    loop {
+        let got = http_get(port, "/readyz");
+        if got
+            .as_ref()
+            .is_some_and(|(code, body)| *code == 200 && body == what)
+        {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "/readyz on port {port} did not answer 200 `{what}` within {timeout:?}: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
