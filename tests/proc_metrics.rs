@@ -277,20 +277,13 @@ fn the_alert_rules_fire_where_they_should() {
     }
 }
 
-/// `CALLQ_LOG_FORMAT=json`: every line a worker logs is one JSON object,
-/// and the lines about a call carry its `call_id` (with the worker, the
-/// service and the method).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn json_logs_parse_line_by_line_and_name_the_call() {
-    let vhost = Vhost::create("jsonlogs");
-    let dir = support::temp_dir("jsonlogs");
-    let _coordinator = Proc::spawn("coordinator", &["coordinator"], &vhost.url, &dir);
-    let args = ["worker", "--services", "echo", "--worker-id", "j1"];
-    let env = [
-        ("CALLQ_LOG_FORMAT", "json"),
-        ("CALLQ_LOG", "info,callq_node=debug"),
-    ];
-    let worker = Proc::spawn_env("j1", &args, &vhost.url, &dir, &env);
+/// A coordinator and a worker of `echo` (`id`, with `env`) on `vhost`,
+/// the worker active, and a client.
+async fn one_worker(vhost: &Vhost, id: &str, env: &[(&str, &str)]) -> (Proc, Proc, Client) {
+    let dir = support::temp_dir(id);
+    let coordinator = Proc::spawn("coordinator", &["coordinator"], &vhost.url, &dir);
+    let args = ["worker", "--services", "echo", "--worker-id", id];
+    let worker = Proc::spawn_env(id, &args, &vhost.url, &dir, env);
     let broker = support::amqp(&vhost.url).await;
     let admin = Admin::connect(broker.clone(), Duration::from_secs(10))
         .await
@@ -302,6 +295,20 @@ async fn json_logs_parse_line_by_line_and_name_the_call() {
     let client = Client::connect(broker, ClientOptions::default())
         .await
         .unwrap();
+    (coordinator, worker, client)
+}
+
+/// `CALLQ_LOG_FORMAT=json`: every line a worker logs is one JSON object,
+/// and the lines about a call carry its `call_id` (with the worker, the
+/// service and the method).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_parse_line_by_line_and_name_the_call() {
+    let vhost = Vhost::create("jsonlogs");
+    let env = [
+        ("CALLQ_LOG_FORMAT", "json"),
+        ("CALLQ_LOG", "info,callq_node=debug"),
+    ];
+    let (_coordinator, worker, client) = one_worker(&vhost, "j1", &env).await;
     let mut ids = Vec::new();
     for i in 0..3 {
         let reply = client
@@ -339,21 +346,7 @@ async fn json_logs_parse_line_by_line_and_name_the_call() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_watch_redraws_with_the_rate_of_each_service() {
     let vhost = Vhost::create("watch");
-    let dir = support::temp_dir("watch");
-    let _coordinator = Proc::spawn("coordinator", &["coordinator"], &vhost.url, &dir);
-    let args = ["worker", "--services", "echo", "--worker-id", "watch1"];
-    let _worker = Proc::spawn("watch1", &args, &vhost.url, &dir);
-    let broker = support::amqp(&vhost.url).await;
-    let admin = Admin::connect(broker.clone(), Duration::from_secs(10))
-        .await
-        .unwrap();
-    wait_status(&admin, "the worker active", Duration::from_secs(60), |s| {
-        count(s, WorkerState::Active) == 1
-    })
-    .await;
-    let client = Client::connect(broker, ClientOptions::default())
-        .await
-        .unwrap();
+    let (_coordinator, _worker, client) = one_worker(&vhost, "watch1", &[]).await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let load = {
         let stop = stop.clone();
