@@ -218,6 +218,12 @@ pub struct Ledger<S: Store> {
     effects: Vec<Effect>,
     sessions: HashMap<String, SessionRecord>,
     dirty_sessions: HashSet<String>,
+    /// Sessions kept in memory at most, between commits
+    /// ([`SESSIONS_CACHED`]).
+    sessions_cached: usize,
+    /// Of each session in memory, the last use the store holds: a read
+    /// writes its use only when that is a quarter of the expiry old.
+    stored_used: HashMap<String, i64>,
     session_idle_ms: i64,
     session_forget_ms: i64,
 }
@@ -234,6 +240,8 @@ impl<S: Store> Ledger<S> {
             effects: Vec::new(),
             sessions: HashMap::new(),
             dirty_sessions: HashSet::new(),
+            sessions_cached: SESSIONS_CACHED,
+            stored_used: HashMap::new(),
             session_idle_ms: 30 * 60 * 1000,
             session_forget_ms: 7 * 24 * 3600 * 1000,
         })
@@ -255,20 +263,32 @@ impl<S: Store> Ledger<S> {
         if !self.sessions.contains_key(id)
             && let Some(r) = self.store.get_session(id)?
         {
-            if self.sessions.len() >= SESSIONS_CACHED {
-                // Forget a clean one; the store has it.
-                let clean = self
-                    .sessions
-                    .keys()
-                    .find(|k| !self.dirty_sessions.contains(*k))
-                    .cloned();
-                if let Some(k) = clean {
-                    self.sessions.remove(&k);
-                }
-            }
+            self.trim_sessions(self.sessions_cached.saturating_sub(1));
+            self.stored_used.insert(id.to_owned(), r.used_ms);
             self.sessions.insert(id.to_owned(), r);
         }
         Ok(self.sessions.get_mut(id))
+    }
+
+    /// Forgets clean sessions (the store has them) until at most `keep`
+    /// are in memory. Dirty ones stay until their commit: between commits
+    /// the cache may hold one batch's worth more than its bound.
+    fn trim_sessions(&mut self, keep: usize) {
+        if self.sessions.len() <= keep {
+            return;
+        }
+        let excess = self.sessions.len() - keep;
+        let clean: Vec<String> = self
+            .sessions
+            .keys()
+            .filter(|k| !self.dirty_sessions.contains(*k))
+            .take(excess)
+            .cloned()
+            .collect();
+        for k in clean {
+            self.sessions.remove(&k);
+            self.stored_used.remove(&k);
+        }
     }
 
     /// A session as a worker reads it at `now_ms`: its data when the worker
@@ -281,11 +301,16 @@ impl<S: Store> Ledger<S> {
         now_ms: i64,
     ) -> Result<SessionState, Error> {
         let idle = self.session_idle_ms;
-        let Some(rec) = self.load_session(id)? else {
-            return Ok(SessionState::Open {
-                version: 0,
-                data: (have != Some(0)).then(Map::new),
-            });
+        let unknown = SessionState::Open {
+            version: 0,
+            data: (have != Some(0)).then(Map::new),
+        };
+        if self.load_session(id)?.is_none() {
+            return Ok(unknown);
+        }
+        let stored = self.stored_used.get(id).copied().unwrap_or(i64::MIN);
+        let Some(rec) = self.sessions.get_mut(id) else {
+            return Ok(unknown);
         };
         let state = match rec.life {
             SessionLife::Expired => SessionState::Expired,
@@ -297,7 +322,10 @@ impl<S: Store> Ledger<S> {
                 return Ok(SessionState::Expired);
             }
             SessionLife::Open => {
-                let persist = now_ms - rec.used_ms > idle / 4;
+                // Measured from the use the store holds, not the last read
+                // in memory: reads closer together than a quarter of the
+                // expiry still reach the store.
+                let persist = now_ms.saturating_sub(stored) > idle / 4;
                 rec.used_ms = now_ms;
                 let state = SessionState::Open {
                     version: rec.version,
@@ -339,7 +367,13 @@ impl<S: Store> Ledger<S> {
         let mut expired = 0;
         for (id, stored) in self.store.idle_sessions(before, max)? {
             // Memory knows of uses the store has not heard of yet.
-            let rec = self.sessions.entry(id.clone()).or_insert(stored);
+            let rec = match self.sessions.entry(id.clone()) {
+                std::collections::hash_map::Entry::Occupied(known) => known.into_mut(),
+                std::collections::hash_map::Entry::Vacant(new) => {
+                    self.stored_used.insert(id.clone(), stored.used_ms);
+                    new.insert(stored)
+                }
+            };
             if rec.idle_since(before) {
                 rec.life = SessionLife::Expired;
                 rec.data.clear();
@@ -876,6 +910,7 @@ impl<S: Store> Ledger<S> {
             for id in &session_ids {
                 // Read back from the store when next asked.
                 self.sessions.remove(id);
+                self.stored_used.remove(id);
             }
             for (id, r) in self.store.open_calls()? {
                 if ids.contains(&id) {
@@ -884,6 +919,14 @@ impl<S: Store> Ledger<S> {
             }
             return Err(e);
         }
+        for id in &session_ids {
+            if let Some(r) = self.sessions.get(id) {
+                self.stored_used.insert(id.clone(), r.used_ms);
+            }
+        }
+        // The sessions a sweep or a batch brought in beyond the bound go
+        // back to the store's keeping.
+        self.trim_sessions(self.sessions_cached);
         // Decided calls leave memory; the store answers for them.
         for id in &ids {
             if self

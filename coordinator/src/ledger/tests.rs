@@ -718,3 +718,80 @@ fn a_spare_delivery_is_told_to_go_away_and_only_a_lone_one_comes_back() {
         ResumeDecision::Run { attempt: 3 }
     );
 }
+
+/// A session that is only read, more often than a quarter of its expiry,
+/// still has its use written to the store (a restarted coordinator, or one
+/// that let the session out of its cache, must not expire it): the write
+/// is measured from the use the store holds, not from the last read.
+#[test]
+fn reads_of_a_session_reach_the_store_at_least_every_quarter_expiry() {
+    use callq_schemas::protocol::SessionWrite;
+    let dir = std::env::temp_dir().join(format!("callq-reads-{}", Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut l = Ledger::open(RedbStore::open(dir.join("l.redb")).unwrap()).unwrap();
+    l.set_session_idle(std::time::Duration::from_millis(1_000));
+    let write = SessionWrite {
+        session_id: "read-only".into(),
+        base: 0,
+        set: [("k".to_owned(), json!(1))].into_iter().collect(),
+        close: false,
+    };
+    l.complete(lease(Uuid::now_v7(), 1), 1, None, Some(&write), 0)
+        .unwrap();
+    l.commit().unwrap();
+    for now in (100..=3_000).step_by(100) {
+        l.session("read-only", Some(1), now).unwrap();
+        l.commit().unwrap();
+        let stored = l.store().get_session("read-only").unwrap().unwrap();
+        assert!(
+            now - stored.used_ms <= 250 + 100,
+            "at {now} the store's last use is {}",
+            stored.used_ms
+        );
+    }
+    // A coordinator that starts on this store does not expire it.
+    drop(l);
+    let mut l = Ledger::open(RedbStore::open(dir.join("l.redb")).unwrap()).unwrap();
+    l.set_session_idle(std::time::Duration::from_millis(1_000));
+    assert_eq!(l.sweep_sessions(3_500, 100).unwrap(), 0);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The session cache keeps its bound: sessions brought in by reads and by a
+/// sweep are let go (the store keeps them) once committed.
+#[test]
+fn the_session_cache_keeps_its_bound_through_sweeps() {
+    use callq_schemas::protocol::SessionWrite;
+    let dir = std::env::temp_dir().join(format!("callq-bound-{}", Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut l = Ledger::open(RedbStore::open(dir.join("l.redb")).unwrap()).unwrap();
+    l.set_session_idle(std::time::Duration::from_millis(1_000));
+    l.sessions_cached = 3;
+    for i in 0..10 {
+        let write = SessionWrite {
+            session_id: format!("s{i}"),
+            base: 0,
+            set: [("k".to_owned(), json!(i))].into_iter().collect(),
+            close: false,
+        };
+        l.complete(lease(Uuid::now_v7(), 1), 1, None, Some(&write), 0)
+            .unwrap();
+        l.commit().unwrap();
+        assert!(l.sessions.len() <= 3, "{} cached", l.sessions.len());
+    }
+    // Every one is idle at 2,000: the sweep expires all ten, a batch at a
+    // time, and the cache is back within its bound after each commit.
+    let mut expired = 0;
+    while expired < 10 {
+        let n = l.sweep_sessions(2_000, 4).unwrap();
+        assert!(n > 0, "the sweep stalled at {expired}");
+        expired += n;
+        l.commit().unwrap();
+        assert!(l.sessions.len() <= 3, "{} cached", l.sessions.len());
+    }
+    for i in 0..10 {
+        let s = l.store().get_session(&format!("s{i}")).unwrap().unwrap();
+        assert_eq!(s.life, SessionLife::Expired, "s{i}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
