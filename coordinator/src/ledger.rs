@@ -218,6 +218,8 @@ pub struct Ledger<S: Store> {
     effects: Vec<Effect>,
     sessions: HashMap<String, SessionRecord>,
     dirty_sessions: HashSet<String>,
+    /// How long a decided call's record is kept.
+    retention_ms: i64,
     /// Sessions kept in memory at most, between commits
     /// ([`SESSIONS_CACHED`]).
     sessions_cached: usize,
@@ -240,6 +242,7 @@ impl<S: Store> Ledger<S> {
             effects: Vec::new(),
             sessions: HashMap::new(),
             dirty_sessions: HashSet::new(),
+            retention_ms: 7 * 24 * 3600 * 1000,
             sessions_cached: SESSIONS_CACHED,
             stored_used: HashMap::new(),
             session_idle_ms: 30 * 60 * 1000,
@@ -250,6 +253,21 @@ impl<S: Store> Ledger<S> {
     /// Sessions idle this long expire (30 minutes unless set).
     pub fn set_session_idle(&mut self, idle: std::time::Duration) {
         self.session_idle_ms = i64::try_from(idle.as_millis()).unwrap_or(i64::MAX).max(1);
+    }
+
+    /// How long a decided call's record is kept (7 days unless set).
+    pub fn set_retention(&mut self, retention: std::time::Duration) {
+        self.retention_ms = i64::try_from(retention.as_millis())
+            .unwrap_or(i64::MAX)
+            .max(1);
+    }
+
+    /// Deletes from the store up to `max` records of calls decided longer
+    /// than the retention before `now_ms`; returns how many. A copy of such
+    /// a call that arrives later finds no record and runs as a new call.
+    pub fn forget_decided(&mut self, now_ms: i64, max: usize) -> Result<usize, Error> {
+        self.store
+            .forget_decided(now_ms.saturating_sub(self.retention_ms), max)
     }
 
     /// Ended sessions are forgotten this long after their last use (7 days

@@ -45,6 +45,11 @@ create table if not exists callq_calls (
     primary key (cluster, call_id)
 );
 create index if not exists callq_calls_open on callq_calls (cluster) where open;
+-- When a call was first written decided, for its deletion after the
+-- retention; records decided before the column existed count from now.
+alter table callq_calls add column if not exists decided_at timestamptz;
+update callq_calls set decided_at = now() where not open and decided_at is null;
+create index if not exists callq_calls_decided on callq_calls (cluster, decided_at) where not open;
 create table if not exists callq_sessions (
     cluster text not null,
     session_id text not null,
@@ -371,11 +376,14 @@ impl Store for PgStore {
                 bounded(
                     "writing calls",
                     tx.execute(
-                        "insert into callq_calls (cluster, call_id, open, record, epoch) \
-                         select $1::text, u.id, u.o, u.r, $5::bigint \
+                        "insert into callq_calls (cluster, call_id, open, record, epoch, decided_at) \
+                         select $1::text, u.id, u.o, u.r, $5::bigint, \
+                         case when u.o then null else now() end \
                          from unnest($2::uuid[], $3::bool[], $4::jsonb[]) as u(id, o, r) \
                          on conflict (cluster, call_id) do update \
-                         set open = excluded.open, record = excluded.record, epoch = excluded.epoch",
+                         set open = excluded.open, record = excluded.record, epoch = excluded.epoch, \
+                         decided_at = case when excluded.open then null \
+                         else coalesce(callq_calls.decided_at, now()) end",
                         &[&cluster, &ids, &open, &bodies, &epoch],
                     ),
                 )
@@ -402,6 +410,20 @@ impl Store for PgStore {
         }
         self.renewed = started;
         Ok(())
+    }
+
+    fn forget_decided(&mut self, before_ms: i64, max: usize) -> Result<usize, Error> {
+        let limit = i64::try_from(max).unwrap_or(i64::MAX);
+        let deleted = self.block(bounded(
+            "forgetting decided calls",
+            self.client.execute(
+                "delete from callq_calls where cluster = $1 and call_id in \
+                 (select call_id from callq_calls where cluster = $1 and not open \
+                 and decided_at < to_timestamp($2::bigint / 1000.0) limit $3)",
+                &[&self.cluster, &before_ms, &limit],
+            ),
+        ))?;
+        Ok(usize::try_from(deleted).unwrap_or(usize::MAX))
     }
 
     fn open_calls(&self) -> Result<Vec<(Uuid, CallRecord)>, Error> {

@@ -40,6 +40,13 @@ pub trait Store: Send + Sync {
     /// Every record whose call is not yet decided, for a coordinator that
     /// starts (or takes over) to rebuild its memory.
     fn open_calls(&self) -> Result<Vec<(Uuid, CallRecord)>, Error>;
+
+    /// Deletes up to `max` records of calls decided before `before_ms`
+    /// (milliseconds since the Unix epoch, by the store's clock: a record's
+    /// decision time is when the store first wrote it decided); returns how
+    /// many. Open calls are never deleted.
+    fn forget_decided(&mut self, before_ms: i64, max: usize) -> Result<usize, Error>;
+
     /// Keeps this coordinator's right to write, where the store grants it
     /// by a lease ([`Error::Fenced`] once it is lost). Called every tick.
     fn renew(&mut self) -> Result<(), Error> {
@@ -59,6 +66,16 @@ pub trait Store: Send + Sync {
 const CALLS: TableDefinition<'_, u128, &[u8]> = TableDefinition::new("calls");
 const OPEN: TableDefinition<'_, u128, ()> = TableDefinition::new("open_calls");
 const SESSIONS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("sessions");
+/// Decided calls by the time they were first written decided (ms since
+/// the Unix epoch), for their deletion after the retention.
+const DECIDED: TableDefinition<'_, (u64, u128), ()> = TableDefinition::new("decided_calls");
+
+/// Now, in milliseconds since the Unix epoch, by this host's clock.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
 
 /// The embedded store (redb): one file, one write transaction per batch,
 /// fsynced before it returns.
@@ -82,6 +99,7 @@ impl RedbStore {
         tx.open_table(CALLS).map_err(store_err)?;
         tx.open_table(OPEN).map_err(store_err)?;
         tx.open_table(SESSIONS).map_err(store_err)?;
+        tx.open_table(DECIDED).map_err(store_err)?;
         tx.commit().map_err(store_err)?;
         Ok(Self { db })
     }
@@ -179,19 +197,58 @@ impl Store for RedbStore {
             }
             let mut calls = tx.open_table(CALLS).map_err(store_err)?;
             let mut open = tx.open_table(OPEN).map_err(store_err)?;
+            let mut decided = tx.open_table(DECIDED).map_err(store_err)?;
+            let now = u64::try_from(now_ms()).unwrap_or(0);
             for (id, record) in records {
                 let bytes = serde_json::to_vec(record).map_err(store_err)?;
-                calls
+                let was = calls
                     .insert(id.as_u128(), bytes.as_slice())
-                    .map_err(store_err)?;
+                    .map_err(store_err)?
+                    .map(|old| decode(old.value()))
+                    .transpose()?;
                 if matches!(record.state, CallState::Open) {
                     open.insert(id.as_u128(), ()).map_err(store_err)?;
                 } else {
                     open.remove(id.as_u128()).map_err(store_err)?;
+                    // Timed from its first decided write only.
+                    if was.is_none_or(|w| matches!(w.state, CallState::Open)) {
+                        decided.insert((now, id.as_u128()), ()).map_err(store_err)?;
+                    }
                 }
             }
         }
         tx.commit().map_err(store_err)
+    }
+
+    fn forget_decided(&mut self, before_ms: i64, max: usize) -> Result<usize, Error> {
+        let before = u64::try_from(before_ms).unwrap_or(0);
+        let tx = self.db.begin_write().map_err(store_err)?;
+        let mut forgotten = 0;
+        {
+            let mut decided = tx.open_table(DECIDED).map_err(store_err)?;
+            let mut calls = tx.open_table(CALLS).map_err(store_err)?;
+            let due: Vec<(u64, u128)> = decided
+                .range(..(before, 0))
+                .map_err(store_err)?
+                .take(max)
+                .map(|entry| entry.map(|(k, _)| k.value()).map_err(store_err))
+                .collect::<Result<_, _>>()?;
+            for key in due {
+                decided.remove(key).map_err(store_err)?;
+                let still_decided = calls
+                    .get(key.1)
+                    .map_err(store_err)?
+                    .map(|b| decode(b.value()))
+                    .transpose()?
+                    .is_some_and(|r| !matches!(r.state, CallState::Open));
+                if still_decided {
+                    calls.remove(key.1).map_err(store_err)?;
+                    forgotten += 1;
+                }
+            }
+        }
+        tx.commit().map_err(store_err)?;
+        Ok(forgotten)
     }
 
     fn open_calls(&self) -> Result<Vec<(Uuid, CallRecord)>, Error> {
@@ -215,6 +272,8 @@ impl Store for RedbStore {
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     records: HashMap<Uuid, CallRecord>,
+    /// When each decided call was first written decided.
+    decided_at: HashMap<Uuid, i64>,
     sessions: HashMap<String, SessionRecord>,
     /// Transactions committed so far.
     pub transactions: usize,
@@ -277,6 +336,9 @@ impl Store for MemoryStore {
             return Err(Error::Store("injected failure".into()));
         }
         for (id, r) in records {
+            if !matches!(r.state, CallState::Open) {
+                self.decided_at.entry(*id).or_insert_with(now_ms);
+            }
             self.records.insert(*id, (*r).clone());
         }
         for (id, s) in sessions {
@@ -284,6 +346,21 @@ impl Store for MemoryStore {
         }
         self.transactions += 1;
         Ok(())
+    }
+
+    fn forget_decided(&mut self, before_ms: i64, max: usize) -> Result<usize, Error> {
+        let due: Vec<Uuid> = self
+            .decided_at
+            .iter()
+            .filter(|(_, at)| **at < before_ms)
+            .take(max)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &due {
+            self.decided_at.remove(id);
+            self.records.remove(id);
+        }
+        Ok(due.len())
     }
 
     fn open_calls(&self) -> Result<Vec<(Uuid, CallRecord)>, Error> {

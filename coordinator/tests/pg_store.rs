@@ -140,3 +140,50 @@ async fn sessions_are_written_with_the_calls_and_read_back_by_the_next_leader() 
     let other = take_over(&format!("{cluster}-other"), "c").await;
     assert_eq!(other.get_session("s1").unwrap(), None);
 }
+
+/// The retention on PostgreSQL: a record decided before the cut is deleted
+/// (timed from its first decided write, by the database's clock), one
+/// decided after it is kept, an open one never goes, and another cluster's
+/// records are not touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decided_records_past_the_retention_are_forgotten() {
+    let wall = || {
+        i64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis(),
+        )
+        .unwrap()
+    };
+    let decided = |attempt| CallRecord {
+        state: CallState::Done { reply: None },
+        ..record(attempt)
+    };
+    let cluster = format!("test-{}", Uuid::now_v7().simple());
+    let mut a = take_over(&cluster, "a").await;
+    let mut other = take_over(&format!("{cluster}-other"), "o").await;
+    let (old, open, elsewhere) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    a.put_all(&[(old, &decided(1)), (open, &record(1))], &[])
+        .unwrap();
+    other.put_all(&[(elsewhere, &decided(1))], &[]).unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let cut = wall();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    a.put_all(&[(old, &decided(2))], &[]).unwrap();
+    let recent = Uuid::now_v7();
+    a.put_all(&[(recent, &decided(1))], &[]).unwrap();
+    assert_eq!(a.forget_decided(cut, 100).unwrap(), 1);
+    assert!(a.get(old).unwrap().is_none(), "decided before the cut");
+    assert!(a.get(recent).unwrap().is_some(), "decided after the cut");
+    assert_eq!(a.forget_decided(wall() + 60_000, 1).unwrap(), 1);
+    assert_eq!(a.forget_decided(i64::MAX / 1000, 100).unwrap(), 0);
+    assert!(
+        a.get(open).unwrap().is_some(),
+        "an open call is never forgotten"
+    );
+    assert!(
+        other.get(elsewhere).unwrap().is_some(),
+        "another cluster's record was deleted"
+    );
+}

@@ -754,6 +754,10 @@ impl Store for Shared {
     fn open_calls(&self) -> Result<Vec<(Uuid, CallRecord)>, Error> {
         self.0.lock().unwrap().open_calls()
     }
+
+    fn forget_decided(&mut self, before_ms: i64, max: usize) -> Result<usize, Error> {
+        self.0.lock().unwrap().forget_decided(before_ms, max)
+    }
 }
 
 #[tokio::test(start_paused = true)]

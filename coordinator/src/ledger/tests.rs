@@ -795,3 +795,106 @@ fn the_session_cache_keeps_its_bound_through_sweeps() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A record as the stores keep it, decided (`Done`) or not.
+fn stored_record(decided: bool) -> CallRecord {
+    CallRecord {
+        service: "mail".into(),
+        reply_to: Some("callq.reply.c".into()),
+        attempt: 1,
+        holder: None,
+        traces: vec!["mail.sent".into()],
+        state: if decided {
+            CallState::Done { reply: None }
+        } else {
+            CallState::Open
+        },
+        lost: Vec::new(),
+        digest: None,
+    }
+}
+
+/// What the retention does on a store: a record decided before the cut is
+/// deleted, one decided after it is kept, an open one is never deleted, and
+/// a record is timed from its first decided write.
+fn retention_on(store: &mut impl Store) {
+    let wall = || {
+        i64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis(),
+        )
+        .unwrap()
+    };
+    let (old, open) = (Uuid::now_v7(), Uuid::now_v7());
+    store
+        .put_all(
+            &[(old, &stored_record(true)), (open, &stored_record(false))],
+            &[],
+        )
+        .unwrap();
+    // Written decided again later (a lost lease remembered): still timed
+    // from the first write.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let cut = wall();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    store.put_all(&[(old, &stored_record(true))], &[]).unwrap();
+    let recent = Uuid::now_v7();
+    store
+        .put_all(&[(recent, &stored_record(true))], &[])
+        .unwrap();
+    assert_eq!(store.forget_decided(cut, 100).unwrap(), 1);
+    assert!(store.get(old).unwrap().is_none(), "decided before the cut");
+    assert!(
+        store.get(recent).unwrap().is_some(),
+        "decided after the cut"
+    );
+    assert!(store.get(open).unwrap().is_some());
+    // Everything decided, however recent, goes with a cut in the future;
+    // the open call stays.
+    assert_eq!(store.forget_decided(wall() + 60_000, 100).unwrap(), 1);
+    assert!(store.get(recent).unwrap().is_none());
+    assert_eq!(store.forget_decided(i64::MAX, 100).unwrap(), 0);
+    assert!(
+        store.get(open).unwrap().is_some(),
+        "an open call is never forgotten"
+    );
+    assert_eq!(store.open_calls().unwrap().len(), 1);
+}
+
+#[test]
+fn decided_records_past_the_retention_are_forgotten_in_memory() {
+    retention_on(&mut MemoryStore::default());
+}
+
+#[test]
+fn decided_records_past_the_retention_are_forgotten_in_redb() {
+    let dir = std::env::temp_dir().join(format!("callq-retention-{}", Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).unwrap();
+    retention_on(&mut RedbStore::open(dir.join("l.redb")).unwrap());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Through the ledger: with a retention of 1 s, a call decided now is kept
+/// at now and forgotten two seconds later, a batch at a time.
+#[test]
+fn the_ledger_forgets_decided_calls_after_its_retention() {
+    let mut l = ledger();
+    l.set_retention(std::time::Duration::from_secs(1));
+    let now = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap();
+    let ids: Vec<Uuid> = (0..5).map(|_| Uuid::now_v7()).collect();
+    let records: Vec<CallRecord> = ids.iter().map(|_| stored_record(true)).collect();
+    let batch: Vec<(Uuid, &CallRecord)> = ids.iter().copied().zip(records.iter()).collect();
+    l.store.put_all(&batch, &[]).unwrap();
+    assert_eq!(l.forget_decided(now, 100).unwrap(), 0);
+    assert_eq!(l.forget_decided(now + 2_000, 2).unwrap(), 2);
+    assert_eq!(l.forget_decided(now + 2_000, 100).unwrap(), 3);
+    assert!(ids.iter().all(|id| l.record(*id).unwrap().is_none()));
+}

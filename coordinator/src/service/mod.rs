@@ -126,6 +126,7 @@ impl<S: Store> Coordinator<S> {
     pub fn new(opts: CoordinatorOptions, broker: Arc<dyn Broker>, mut ledger: Ledger<S>) -> Self {
         ledger.set_session_idle(opts.session_idle);
         ledger.set_session_forget(opts.session_forget);
+        ledger.set_retention(opts.retention);
         Self {
             opts,
             broker,

@@ -29,6 +29,11 @@ pub struct CoordinatorOptions {
     /// calls on it are told so, before it is forgotten.
     #[serde(with = "callq_schemas::millis")]
     pub session_forget: Duration,
+    /// How long a decided call's record is kept after its decision. A copy
+    /// of the call that arrives later finds no record and runs again, so
+    /// this must outlast the longest a copy can wait in a queue.
+    #[serde(with = "callq_schemas::millis")]
+    pub retention: Duration,
     /// How far the clocks of workers' hosts may run ahead of the
     /// coordinator's. A request whose sender gives up (`expires_ms`) within
     /// this margin of now is dropped as stale: the coordinator never
@@ -47,6 +52,7 @@ impl Default for CoordinatorOptions {
             standby_per_service: BTreeMap::new(),
             session_idle: Duration::from_secs(30 * 60),
             session_forget: Duration::from_secs(7 * 24 * 3600),
+            retention: Duration::from_secs(7 * 24 * 3600),
             clock_skew: Duration::from_millis(500),
             limits: Limits {
                 max_bytes: 64 * 1024 * 1024,

@@ -17,6 +17,10 @@ const SWEEP_MAX: usize = 1_000;
 /// The longest time between two sweeps.
 const SWEEP_AT_MOST_EVERY: Duration = Duration::from_secs(60);
 
+/// Batches of decided calls one sweep deletes at most (each one
+/// transaction of up to [`SWEEP_MAX`]): up to 10,000 a minute.
+const FORGET_BATCHES: usize = 10;
+
 /// When the sessions were last swept.
 #[derive(Debug)]
 pub(super) struct Sweeper {
@@ -44,6 +48,33 @@ impl Sweeper {
 }
 
 impl<S: Store> Coordinator<S> {
+    /// Deletes the records of calls decided longer than the retention ago,
+    /// a bounded batch at a time, stopping at the first batch that is not
+    /// full.
+    fn forget_decided(&mut self, now: i64) {
+        let mut forgotten = 0;
+        for _ in 0..FORGET_BATCHES {
+            match self.ledger.forget_decided(now, SWEEP_MAX) {
+                Ok(n) => {
+                    forgotten += n;
+                    if n < SWEEP_MAX {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    warn!("forgetting decided calls: {e}");
+                    break;
+                }
+            }
+        }
+        if forgotten > 0 {
+            info!(
+                calls = forgotten,
+                "decided calls past the retention forgotten"
+            );
+        }
+    }
+
     /// Expires idle sessions and forgets those that ended longer than
     /// `session_forget` ago, when a sweep is due.
     pub(super) async fn sweep_sessions(&mut self) {
@@ -61,6 +92,7 @@ impl<S: Store> Coordinator<S> {
             Ok(n) => info!(sessions = n, "ended sessions forgotten"),
             Err(e) => warn!("forgetting ended sessions: {e}"),
         }
+        self.forget_decided(now);
         match self.ledger.commit() {
             Ok(effects) => self.carry_out(effects).await,
             // Nothing expired is durable: the next sweep finds them again.
