@@ -34,7 +34,8 @@ struct Bank {
 }
 
 impl Bank {
-    /// The pool, once the tables exist.
+    /// The pool, once the tables exist (and the outbox's retention sweep
+    /// runs).
     async fn pool(&self) -> Result<&Pool, HandlerError> {
         self.ready
             .get_or_try_init(|| async {
@@ -45,7 +46,12 @@ impl Bank {
                     )
                 })?;
                 create_if_missing(&**client, ACCOUNTS_DDL).await?;
-                create_if_missing(&**client, pg::OUTBOX_DDL).await
+                create_if_missing(&**client, pg::OUTBOX_DDL).await?;
+                drop(pg::sweep_outbox(
+                    self.pool.clone(),
+                    pg::outbox_retention_from_env(),
+                ));
+                Ok::<_, HandlerError>(())
             })
             .await?;
         Ok(&self.pool)

@@ -43,13 +43,22 @@ pub const PG_TX: &str = callq_schemas::protocol::EXACT_TRACE;
 /// names another.
 pub const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1/test";
 
-/// The outbox table, created when missing.
+/// The outbox table, created when missing, with the index its retention
+/// ([`sweep_outbox`]) deletes by.
 pub const OUTBOX_DDL: &str = "create table if not exists callq_outbox (
     call_id uuid primary key,
     attempt integer not null check (attempt >= 1),
     reply jsonb not null,
     committed_at timestamptz not null default now()
-)";
+);
+create index if not exists callq_outbox_committed on callq_outbox (committed_at)";
+
+/// How long an outbox row is kept unless `CALLQ_OUTBOX_RETENTION_MS` says
+/// otherwise: as long as the coordinator keeps a decided call's record.
+pub const OUTBOX_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Outbox rows one transaction of the sweep deletes at most.
+const OUTBOX_BATCH: i64 = 1_000;
 
 /// How long a pool waits for a connection, to open one, or to check one.
 const POOL_WAIT: Duration = Duration::from_secs(10);
@@ -123,6 +132,64 @@ fn tls_connector() -> Result<tokio_postgres_rustls::MakeRustlsConnect, String> {
             .with_root_certificates(roots)
             .with_no_client_auth(),
     ))
+}
+
+/// Deletes up to `max` outbox rows committed longer than `retention` ago
+/// (by the database's clock); how many. A copy of such a call that arrives
+/// later no longer finds its committed result and runs its transaction as
+/// a new call, so the retention must outlast the longest a copy can wait.
+pub async fn forget_outbox(
+    pool: &Pool,
+    retention: Duration,
+    max: i64,
+) -> Result<u64, HandlerError> {
+    let client = pool.get().await.map_err(unavailable)?;
+    client
+        .execute(
+            "delete from callq_outbox where call_id in (select call_id from callq_outbox \
+             where committed_at < now() - make_interval(secs => $1) limit $2)",
+            &[&retention.as_secs_f64(), &max],
+        )
+        .await
+        .map_err(db_error)
+}
+
+/// Deletes the outbox rows past `retention` in the background: once a
+/// minute, up to ten transactions of 1,000 rows.
+pub fn sweep_outbox(pool: Pool, retention: Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            every.tick().await;
+            let mut forgotten = 0;
+            for _ in 0..10 {
+                match forget_outbox(&pool, retention, OUTBOX_BATCH).await {
+                    Ok(n) => {
+                        forgotten += n;
+                        if n < OUTBOX_BATCH.unsigned_abs() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        warn!("forgetting old outbox rows: {}", e.message);
+                        break;
+                    }
+                }
+            }
+            if forgotten > 0 {
+                info!(rows = forgotten, "outbox rows past the retention forgotten");
+            }
+        }
+    })
+}
+
+/// The outbox retention `CALLQ_OUTBOX_RETENTION_MS` names, else
+/// [`OUTBOX_RETENTION`].
+pub fn outbox_retention_from_env() -> Duration {
+    std::env::var("CALLQ_OUTBOX_RETENTION_MS")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .map_or(OUTBOX_RETENTION, Duration::from_millis)
 }
 
 /// Creates the outbox table when it is missing.

@@ -212,3 +212,30 @@ async fn concurrent_transfers_keep_the_sum() {
     }
     assert_eq!(sum, 8_000, "transfers moved money, never made or lost it");
 }
+
+/// The outbox's retention: a row committed longer ago than the retention
+/// is deleted, a recent one kept.
+#[tokio::test]
+async fn outbox_rows_past_the_retention_are_forgotten() {
+    let pool = pool();
+    pg::migrate(&pool).await.unwrap();
+    let (old, recent) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+    let client = pool.get().await.unwrap();
+    client
+        .execute(
+            "insert into callq_outbox (call_id, attempt, reply, committed_at) values \
+             ($1, 1, '{}', now() - interval '8 days'), ($2, 1, '{}', now())",
+            &[&old, &recent],
+        )
+        .await
+        .unwrap();
+    let week = std::time::Duration::from_secs(7 * 24 * 3600);
+    let forgotten = pg::forget_outbox(&pool, week, 1_000).await.unwrap();
+    assert!(forgotten >= 1, "{forgotten}");
+    assert_eq!(outbox_rows(&pool, old).await, 0, "the old row stayed");
+    assert_eq!(outbox_rows(&pool, recent).await, 1, "the recent row went");
+    client
+        .execute("delete from callq_outbox where call_id = $1", &[&recent])
+        .await
+        .unwrap();
+}
