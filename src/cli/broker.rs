@@ -144,11 +144,15 @@ async fn connect_kafka(url: &str, role: &str) -> anyhow::Result<Arc<dyn Broker>>
             e,
             callq_broker::Error::Connection(_) | callq_broker::Error::Timeout(_)
         );
-        // librdkafka's "SSL handshake failed: ... certificate verify failed",
-        // or "... alert certificate required" from a broker that wants a
-        // client certificate.
-        let text = e.to_string();
-        let handshake = text.contains("SSL handshake") || text.contains("certificate required");
+        // librdkafka's "SSL handshake failed: ... certificate verify failed"
+        // or "... certificate verify failed (after 1ms in state
+        // SSL_HANDSHAKE)" (the wording depends on when it fails), or "...
+        // alert certificate required" from a broker that wants a client
+        // certificate.
+        let text = e.to_string().to_ascii_lowercase();
+        let handshake = ["ssl handshake", "ssl_handshake", "certificate"]
+            .iter()
+            .any(|needle| text.contains(needle));
         let hint = match (unanswered, tls) {
             (true, false) => Some(
                 "if the brokers only take TLS on that port, use kafkas:// (the CA in \
