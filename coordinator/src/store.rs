@@ -201,17 +201,18 @@ impl Store for RedbStore {
             let now = u64::try_from(now_ms()).unwrap_or(0);
             for (id, record) in records {
                 let bytes = serde_json::to_vec(record).map_err(store_err)?;
-                let was = calls
+                let existed = calls
                     .insert(id.as_u128(), bytes.as_slice())
                     .map_err(store_err)?
-                    .map(|old| decode(old.value()))
-                    .transpose()?;
+                    .is_some();
                 if matches!(record.state, CallState::Open) {
                     open.insert(id.as_u128(), ()).map_err(store_err)?;
                 } else {
-                    open.remove(id.as_u128()).map_err(store_err)?;
-                    // Timed from its first decided write only.
-                    if was.is_none_or(|w| matches!(w.state, CallState::Open)) {
+                    let was_open = open.remove(id.as_u128()).map_err(store_err)?.is_some();
+                    // Timed from its first decided write only: a record new
+                    // here, or open until now (the open table says which,
+                    // without decoding the old record).
+                    if !existed || was_open {
                         decided.insert((now, id.as_u128()), ()).map_err(store_err)?;
                     }
                 }
