@@ -46,9 +46,9 @@ create table if not exists callq_calls (
 );
 create index if not exists callq_calls_open on callq_calls (cluster) where open;
 -- When a call was first written decided, for its deletion after the
--- retention; records decided before the column existed count from now.
+-- retention (records decided before the column existed are dated by the
+-- leader's sweep: PgStore::forget_decided).
 alter table callq_calls add column if not exists decided_at timestamptz;
-update callq_calls set decided_at = now() where not open and decided_at is null;
 create index if not exists callq_calls_decided on callq_calls (cluster, decided_at) where not open;
 create table if not exists callq_sessions (
     cluster text not null,
@@ -57,6 +57,15 @@ create table if not exists callq_sessions (
     primary key (cluster, session_id)
 );
 ";
+
+/// The databases (by URL) this process has migrated: a process talks to
+/// one or a few.
+static MIGRATED: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<String>>> =
+    std::sync::LazyLock::new(Default::default);
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// How long one round trip to PostgreSQL may take.
 const ROUND_TRIP: Duration = Duration::from_secs(5);
@@ -158,18 +167,24 @@ impl PgStore {
         lease: Duration,
     ) -> Result<Option<Self>, Error> {
         let client = connect(url).await?;
-        bounded("creating the tables", client.batch_execute(PG_MIGRATION))
-            .await
-            .or_else(|e| {
-                // Coordinators starting at once race to create the tables.
-                if e.to_string().contains("duplicate key")
-                    || e.to_string().contains("already exists")
-                {
-                    Ok(())
-                } else {
-                    Err(e)
-                }
-            })?;
+        // Once per database and process: a standby tries the lease every
+        // quarter lease, and `alter table` locks the calls table while the
+        // leader writes to it.
+        if !lock(&MIGRATED).contains(url) {
+            bounded("creating the tables", client.batch_execute(PG_MIGRATION))
+                .await
+                .or_else(|e| {
+                    // Coordinators starting at once race to create the tables.
+                    if e.to_string().contains("duplicate key")
+                        || e.to_string().contains("already exists")
+                    {
+                        Ok(())
+                    } else {
+                        Err(e)
+                    }
+                })?;
+            lock(&MIGRATED).insert(url.to_owned());
+        }
         let renewed = Instant::now();
         let ms = lease.as_secs_f64() * 1000.0;
         let row = bounded(
@@ -414,6 +429,17 @@ impl Store for PgStore {
 
     fn forget_decided(&mut self, before_ms: i64, max: usize) -> Result<usize, Error> {
         let limit = i64::try_from(max).unwrap_or(i64::MAX);
+        // Records decided before the column existed count from now: a batch
+        // of them is dated each time (none are left after the first sweeps).
+        self.block(bounded(
+            "dating decided calls",
+            self.client.execute(
+                "update callq_calls set decided_at = now() where cluster = $1 and call_id in \
+                 (select call_id from callq_calls where cluster = $1 and not open \
+                 and decided_at is null limit $2)",
+                &[&self.cluster, &limit],
+            ),
+        ))?;
         let deleted = self.block(bounded(
             "forgetting decided calls",
             self.client.execute(

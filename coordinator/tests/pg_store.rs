@@ -186,4 +186,37 @@ async fn decided_records_past_the_retention_are_forgotten() {
         other.get(elsewhere).unwrap().is_some(),
         "another cluster's record was deleted"
     );
+
+    // A record decided before the column existed (no date) is dated by the
+    // sweep, kept for a retention from then, and goes after it.
+    let legacy = Uuid::now_v7();
+    a.put_all(&[(legacy, &decided(1))], &[]).unwrap();
+    let (client, connection) = tokio_postgres::connect(&url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+        .execute(
+            "update callq_calls set decided_at = null where cluster = $1 and call_id = $2",
+            &[&cluster, &legacy],
+        )
+        .await
+        .unwrap();
+    let before = wall();
+    assert_eq!(a.forget_decided(before, 100).unwrap(), 0);
+    assert!(
+        a.get(legacy).unwrap().is_some(),
+        "an undated record went at once"
+    );
+    let dated: Option<std::time::SystemTime> = client
+        .query_one(
+            "select decided_at from callq_calls where cluster = $1 and call_id = $2",
+            &[&cluster, &legacy],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(dated.is_some(), "the sweep did not date the record");
+    assert_eq!(a.forget_decided(wall() + 60_000, 100).unwrap(), 1);
+    assert!(a.get(legacy).unwrap().is_none());
 }
