@@ -78,9 +78,10 @@ pub(crate) fn split_tls(url: &str) -> Result<(String, OwnedTLSConfig), Error> {
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         if TLS_KEYS.contains(&key) {
-            let path = percent_decode(value)
-                .ok_or_else(|| Error::Refused(format!("the broker URL's {key} is not UTF-8")))?;
-            files.insert(key, path);
+            let path = percent_encoding::percent_decode_str(value)
+                .decode_utf8()
+                .map_err(|_| Error::Refused(format!("the broker URL's {key} is not UTF-8")))?;
+            files.insert(key, path.into_owned());
         } else {
             kept.push(pair);
         }
@@ -135,22 +136,6 @@ pub(crate) fn split_tls(url: &str) -> Result<(String, OwnedTLSConfig), Error> {
             cert_chain,
         },
     ))
-}
-
-/// `%XX` escapes decoded; `None` if the result is not UTF-8 or an escape
-/// is broken.
-fn percent_decode(s: &str) -> Option<String> {
-    let mut out = Vec::with_capacity(s.len());
-    let mut bytes = s.bytes();
-    while let Some(b) = bytes.next() {
-        if b == b'%' {
-            let hex = [bytes.next()?, bytes.next()?];
-            out.push(u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?);
-        } else {
-            out.push(b);
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 #[cfg(test)]
