@@ -270,10 +270,13 @@ impl<S: Store> Coordinator<S> {
         self.queues_sampled = Some(std::time::Instant::now());
         for service in self.registry.services() {
             let queue = callq_broker::call_queue(&service);
-            if let Ok(Ok(depth)) =
-                tokio::time::timeout(self.opts.silence(), self.broker.depth(&queue)).await
-            {
-                crate::metrics::queue_depth(&service, depth.ready);
+            match tokio::time::timeout(self.opts.silence(), self.broker.depth(&queue)).await {
+                Ok(Ok(depth)) => crate::metrics::queue_depth(&service, depth.ready),
+                // A queue not declared yet, say: the others still count.
+                Ok(Err(_)) => {}
+                // A broker that does not answer would hold the tick up once
+                // per service: the rest wait for the next second.
+                Err(_) => break,
             }
         }
     }
