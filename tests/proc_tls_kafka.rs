@@ -189,45 +189,45 @@ async fn a_call_goes_through_kafkas_and_plain_or_misnamed_connections_are_refuse
     }
 
     let plain_url = kafka.url(&kafka.base.replacen("kafkas://", "kafka://", 1), &tag);
-    let asked = Instant::now();
-    let plain = support::tls_call(&plain_url, &kafka.ca);
-    let took = asked.elapsed();
-    let err = String::from_utf8_lossy(&plain.stderr);
-    assert!(
-        !plain.status.success(),
-        "a plain connection to the TLS port worked"
+    refused(
+        &plain_url,
+        &kafka.ca,
+        "plain kafka:// to the TLS port",
+        &["use kafkas://"],
     );
-    assert!(err.contains("use kafkas://"), "{err}");
-    assert!(took < Duration::from_secs(60), "refused after {took:?}");
-    eprintln!("plain kafka:// to the TLS port, refused after {took:?}: {err}");
-
     let misnamed_url = kafka.url(&format!("kafkas://127.0.0.1:{}", kafka.port), &tag);
-    let asked = Instant::now();
-    let misnamed = support::tls_call(&misnamed_url, &kafka.ca);
-    let took = asked.elapsed();
-    let err = String::from_utf8_lossy(&misnamed.stderr);
-    assert!(
-        !misnamed.status.success(),
-        "a certificate for another name was taken"
+    refused(
+        &misnamed_url,
+        &kafka.ca,
+        "kafkas:// to 127.0.0.1, which the certificate does not name",
+        &["certificate verify failed", "must name the host"],
     );
-    assert!(err.contains("certificate verify failed"), "{err}");
-    assert!(err.contains("must name the host"), "{err}");
-    assert!(took < Duration::from_secs(60), "refused after {took:?}");
-    eprintln!("kafkas:// to 127.0.0.1, refused after {took:?}: {err}");
-
     // No client certificate: the proxy refuses the handshake.
-    let asked = Instant::now();
-    let anonymous = support::tls_call(&TlsKafka::anonymous_url(&kafka.base, &tag), &kafka.ca);
-    let took = asked.elapsed();
-    let err = String::from_utf8_lossy(&anonymous.stderr);
-    assert!(
-        !anonymous.status.success(),
-        "a connection without a client certificate was taken"
+    refused(
+        &TlsKafka::anonymous_url(&kafka.base, &tag),
+        &kafka.ca,
+        "kafkas:// without a client certificate",
+        &["ssl.certificate.location"],
     );
-    assert!(err.contains("ssl.certificate.location"), "{err}");
-    assert!(took < Duration::from_secs(60), "refused after {took:?}");
-    eprintln!("kafkas:// without a client certificate, refused after {took:?}: {err}");
 
     assert!(coordinator.running(), "{}", coordinator.log());
     assert!(worker.running(), "{}", worker.log());
+}
+
+/// A call through `url` fails within a minute, and its error says every
+/// one of `says`.
+fn refused(url: &str, ca: &str, what: &str, says: &[&str]) {
+    let asked = Instant::now();
+    let out = support::tls_call(url, ca);
+    let took = asked.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{what}: the call was answered");
+    for needle in says {
+        assert!(err.contains(needle), "{what}: no `{needle}` in {err}");
+    }
+    assert!(
+        took < Duration::from_secs(60),
+        "{what}: refused after {took:?}"
+    );
+    eprintln!("{what}: refused after {took:?}: {err}");
 }
