@@ -245,6 +245,7 @@ impl HungWorker {
             worker_id: "hung".into(),
             reply_to: "callq.worker.hung".into(),
             expires_ms: None,
+            traceparent: None,
             body,
         };
         self.broker

@@ -160,6 +160,36 @@ async fn metrics_count_what_the_clients_saw() {
         both("messaging_process_duration_seconds_count", &[]),
         ok + error
     );
+    assert_eq!(both("callq_calls_started_total", &[]), ok + error);
+    // The load per service and the free slots, with each heartbeat.
+    for service in ["echo", "mail"] {
+        let series = format!(r#"callq_service_calls_in_flight{{service="{service}"}}"#);
+        assert!(s1.contains_key(&series) && s2.contains_key(&series), "{s1:#?}");
+    }
+    assert!(both("callq_worker_free_slots", &[]) > 0.0, "{s1:#?}");
+    // Each mail left one trace, granted, and completed with the
+    // coordinator before its reply; every reply was confirmed.
+    assert_eq!(
+        both("callq_trace_requests_total", &[r#"decision="granted""#]),
+        20.0
+    );
+    assert_eq!(
+        both("callq_trace_requests_total", &[r#"decision="refused""#]),
+        0.0
+    );
+    assert_eq!(
+        both(
+            "callq_coordinator_request_duration_seconds_count",
+            &[r#"request="complete""#]
+        ),
+        20.0
+    );
+    assert_eq!(
+        both("callq_reply_publish_duration_seconds_count", &[]),
+        ok + error
+    );
+    assert_eq!(both("callq_broker_reconnects_total", &[]), 0.0);
+    assert_eq!(both("callq_session_conflicts_total", &[]), 0.0);
     // A call is settled (acked) just after its reply went out.
     let until = Instant::now() + Duration::from_secs(10);
     while sum(&scrape(p1), "callq_calls_in_flight", &[])
@@ -189,6 +219,16 @@ async fn metrics_count_what_the_clients_saw() {
     // worker as one death.
     let sc = scrape(pc);
     assert_eq!(sum(&sc, "callq_coordinator_leader", &[]), 1.0, "{sc:#?}");
+    // Sampled once a second: two active workers, a store of some size.
+    let until = Instant::now() + Duration::from_secs(10);
+    while sum(&scrape(pc), "callq_workers", &[r#"state="active""#]) != 2.0 {
+        assert!(Instant::now() < until, "{:#?}", scrape(pc));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let sc = scrape(pc);
+    assert_eq!(sum(&sc, "callq_workers", &[r#"state="standby""#]), 0.0);
+    assert!(sum(&sc, "callq_store_bytes", &[]) > 0.0, "{sc:#?}");
+    assert!(sc.keys().any(|k| k.starts_with("callq_ledger_open_calls")));
     assert!(sum(&sc, "callq_heartbeats_total", &[]) > 0.0, "{sc:#?}");
     assert_eq!(sum(&sc, "callq_worker_deaths_total", &[]), 0.0);
     w2.kill9();

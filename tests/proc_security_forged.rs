@@ -44,6 +44,7 @@ fn request(worker: &str, body: RequestBody) -> Message {
         worker_id: worker.into(),
         reply_to: worker_queue(worker),
         expires_ms: None,
+        traceparent: None,
         body,
     };
     Message::new(serde_json::to_vec(&req).unwrap())

@@ -22,6 +22,12 @@ pub const BATCH_SIZE: &str = "callq_ledger_batch_size";
 /// Calls waiting in a service's call queue (RabbitMQ: ready; Kafka: the
 /// consumer lag), read once a heartbeat interval.
 pub const QUEUE_DEPTH: &str = "callq_queue_depth";
+/// Registered workers by state (`active`, `standby`, `draining`).
+pub const WORKERS: &str = "callq_workers";
+/// Call records the ledger holds open (not decided).
+pub const OPEN_CALLS: &str = "callq_ledger_open_calls";
+/// The size of the coordinator's store file (the embedded store only).
+pub const STORE_BYTES: &str = "callq_store_bytes";
 
 /// Describes the coordinator's metrics to the recorder and starts its
 /// counters at 0, so that a scrape shows them before their first event
@@ -51,6 +57,27 @@ pub fn describe() {
     );
     metrics::describe_histogram!(BATCH_SIZE, "Requests per group commit.");
     metrics::describe_gauge!(QUEUE_DEPTH, "Calls waiting in a service's call queue.");
+    metrics::describe_gauge!(WORKERS, "Registered workers by state.");
+    for state in STATES {
+        metrics::gauge!(WORKERS, "state" => state).set(0.0);
+    }
+    metrics::describe_gauge!(OPEN_CALLS, "Call records the ledger holds open.");
+    metrics::describe_gauge!(STORE_BYTES, metrics::Unit::Bytes, "The store file's size.");
+}
+
+const STATES: [&str; 3] = ["active", "standby", "draining"];
+
+/// The registry's workers by state, the ledger's open records, and the
+/// store's size where it has one.
+pub(crate) fn cluster(states: &[&str], open_calls: usize, store_bytes: Option<u64>) {
+    for state in STATES {
+        let n = states.iter().filter(|s| **s == state).count();
+        metrics::gauge!(WORKERS, "state" => state).set(n as f64);
+    }
+    metrics::gauge!(OPEN_CALLS).set(open_calls as f64);
+    if let Some(bytes) = store_bytes {
+        metrics::gauge!(STORE_BYTES).set(bytes as f64);
+    }
 }
 
 pub(crate) fn count(name: &'static str) {

@@ -61,6 +61,12 @@ pub trait Store: Send + Sync {
     fn epoch(&self) -> Option<u64> {
         None
     }
+
+    /// The store's size on disk in bytes, where it is one file of its own
+    /// (the embedded store); `None` otherwise.
+    fn size_bytes(&self) -> Option<u64> {
+        None
+    }
 }
 
 const CALLS: TableDefinition<'_, u128, &[u8]> = TableDefinition::new("calls");
@@ -81,6 +87,7 @@ fn now_ms() -> i64 {
 /// fsynced before it returns.
 pub struct RedbStore {
     db: Database,
+    path: std::path::PathBuf,
 }
 
 fn store_err(e: impl std::fmt::Display) -> Error {
@@ -101,7 +108,10 @@ impl RedbStore {
         tx.open_table(SESSIONS).map_err(store_err)?;
         tx.open_table(DECIDED).map_err(store_err)?;
         tx.commit().map_err(store_err)?;
-        Ok(Self { db })
+        Ok(Self {
+            db,
+            path: path.as_ref().to_owned(),
+        })
     }
 }
 
@@ -135,6 +145,10 @@ fn decode(bytes: &[u8]) -> Result<CallRecord, Error> {
 }
 
 impl Store for RedbStore {
+    fn size_bytes(&self) -> Option<u64> {
+        std::fs::metadata(&self.path).ok().map(|m| m.len())
+    }
+
     fn get(&self, call_id: Uuid) -> Result<Option<CallRecord>, Error> {
         let tx = self.db.begin_read().map_err(store_err)?;
         let table = tx.open_table(CALLS).map_err(store_err)?;

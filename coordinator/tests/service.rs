@@ -74,6 +74,7 @@ impl Bus {
             worker_id: worker.into(),
             reply_to: worker_queue(worker),
             expires_ms: None,
+            traceparent: None,
             body,
         };
         self.broker

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use callq_broker::telemetry::{self, Attribute, Kind, TraceContext};
 use callq_broker::{Broker, Disposition, Message, QueueSpec, reply_queue};
 use callq_schemas::{Call, Limits, Reply, decode_reply};
 use serde::{Deserialize, Serialize};
@@ -183,17 +184,22 @@ impl Client {
             .await
             .map_err(|_| Error::Timeout(timeout))??;
 
+        let queue = callq_broker::call_queue(&call.service);
+        let span = send_span(inner.broker.kind(), &queue, &mut call);
         let mut message = Message::new(call.to_bytes());
         message.key = Some(
             call.session_id
                 .clone()
                 .unwrap_or_else(|| call_id.to_string()),
         );
-        let queue = callq_broker::call_queue(&call.service);
         // Retried with the same call id: a copy that was stored after all is
         // one body under one id, which the cluster runs once.
-        callq_broker::publish_until(inner.broker.as_ref(), &queue, &message, give_up, timeout)
-            .await?;
+        let published =
+            callq_broker::publish_until(inner.broker.as_ref(), &queue, &message, give_up, timeout)
+                .await;
+        let error = published.as_ref().err().map(ToString::to_string);
+        telemetry::end(span, error);
+        published?;
         match tokio::time::timeout_at(give_up, rx).await {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(_)) => Err(Error::Disconnected),
@@ -216,6 +222,34 @@ impl Client {
             .await?;
         Ok(())
     }
+}
+
+/// The call's `send` span, a child of the `traceparent` the caller gave
+/// (or of the current span), which becomes the envelope's `traceparent`:
+/// the parent of every attempt's `process` span. `None` when spans are off.
+fn send_span(kind: &str, queue: &str, call: &mut Call) -> Option<TraceContext> {
+    if !telemetry::enabled() {
+        return None;
+    }
+    let parent = match call.traceparent.as_deref() {
+        Some(given) => telemetry::remote(Some(given)),
+        None => TraceContext::current(),
+    };
+    let attributes = vec![
+        Attribute::new("messaging.system", telemetry::system(kind)),
+        Attribute::new("messaging.operation.name", "send"),
+        Attribute::new("messaging.operation.type", "send"),
+        Attribute::new("messaging.destination.name", queue.to_owned()),
+        Attribute::new("messaging.message.id", call.call_id.to_string()),
+        Attribute::new("callq.method", call.method.clone()),
+    ];
+    let ids = telemetry::call_ids(call.call_id.as_u128());
+    let name = format!("send {queue}");
+    let span = telemetry::start_as(ids, name, Kind::Producer, &parent, attributes)?;
+    if let Some(traceparent) = telemetry::traceparent(&span) {
+        call.traceparent = Some(traceparent);
+    }
+    Some(span)
 }
 
 /// Removes a call's pending entry however its wait ends.

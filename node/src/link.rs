@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use callq_broker::telemetry::{self, Attribute, Kind, TraceContext};
 use callq_broker::{
     Broker, Bytes, COORDINATOR_QUEUE, Disposition, HEARTBEAT_QUEUE, Message, QueueSpec,
 };
@@ -109,13 +110,13 @@ impl Link {
 
     /// Publishes a request that needs no answer.
     pub(crate) async fn send(&self, body: RequestBody) -> Result<(), callq_broker::Error> {
-        self.publish(COORDINATOR_QUEUE, body, None).await
+        self.publish(COORDINATOR_QUEUE, body, None, None).await
     }
 
     /// Publishes a heartbeat: to the heartbeat queue, which costs the broker
     /// no disk write.
     pub(crate) async fn beat(&self, body: RequestBody) -> Result<(), callq_broker::Error> {
-        self.publish(HEARTBEAT_QUEUE, body, None).await
+        self.publish(HEARTBEAT_QUEUE, body, None, None).await
     }
 
     /// Whether the link's connection is gone: nothing sent on it is
@@ -134,12 +135,14 @@ impl Link {
         queue: &str,
         body: RequestBody,
         expires_ms: Option<i64>,
+        traceparent: Option<String>,
     ) -> Result<(), callq_broker::Error> {
         let req = Request {
             v: 1,
             worker_id: self.worker_id.clone(),
             reply_to: self.queue.clone(),
             expires_ms,
+            traceparent,
             body,
         };
         let publish = self.broker.publish(queue, Message::new(req.to_bytes()));
@@ -163,10 +166,46 @@ impl Link {
             return Err(Unreachable(Duration::ZERO));
         }
         let req_id = Uuid::now_v7();
-        let expires_ms = match body(req_id) {
+        let first = body(req_id);
+        let kind = first.kind();
+        let expires_ms = match first {
             RequestBody::Complete { .. } => None,
             _ => Some(self.clock.ms_in(self.patience)),
         };
+        // The round trip is a span of the call's trace (a child of the
+        // attempt's `process` span), the parent of the coordinator's.
+        let span = telemetry::enabled()
+            .then(|| {
+                let name = kind.to_owned();
+                TraceContext::map_current(|cx| telemetry::start(name, Kind::Client, cx, vec![]))
+            })
+            .flatten();
+        let traceparent = span.as_ref().and_then(telemetry::traceparent);
+        let clock = std::time::Instant::now();
+        let answer = self
+            .ask_until_answered(req_id, &body, expires_ms, traceparent)
+            .await;
+        crate::metrics::coordinator_round_trip(kind, clock.elapsed());
+        match &answer {
+            Ok(answer) => {
+                telemetry::set(
+                    span.as_ref(),
+                    Attribute::new("callq.decision", answer.decision()),
+                );
+                telemetry::end(span, None);
+            }
+            Err(e) => telemetry::end(span, Some(e.to_string())),
+        }
+        answer
+    }
+
+    async fn ask_until_answered(
+        &self,
+        req_id: Uuid,
+        body: &impl Fn(Uuid) -> RequestBody,
+        expires_ms: Option<i64>,
+        traceparent: Option<String>,
+    ) -> Result<AnswerBody, Unreachable> {
         let (tx, mut rx) = oneshot::channel();
         if let Ok(mut w) = self.waiters.lock() {
             w.insert(req_id, tx);
@@ -179,7 +218,12 @@ impl Link {
         loop {
             let try_until = (tokio::time::Instant::now() + self.try_timeout).min(give_up);
             let sent = self
-                .publish(COORDINATOR_QUEUE, body(req_id), expires_ms)
+                .publish(
+                    COORDINATOR_QUEUE,
+                    body(req_id),
+                    expires_ms,
+                    traceparent.clone(),
+                )
                 .await;
             if let Err(e) = sent {
                 debug!(worker = %self.worker_id, "a coordinator request was not sent: {e}");
@@ -482,6 +526,10 @@ impl Attempt {
                     digest: Some(self.digest.get_or_init(|| body_digest(&self.body)).clone()),
                 })
                 .await;
+            crate::metrics::traced(match &asked {
+                Ok(answer @ AnswerBody::Trace { .. }) => answer.decision(),
+                _ => "unanswered",
+            });
             match asked {
                 Ok(AnswerBody::Trace {
                     decision: TraceDecision::Granted,

@@ -22,6 +22,26 @@ pub const DEAD_LETTERS: &str = "callq_dead_letters_total";
 /// `done`, `fatal`, `superseded`, `refused`, `released`).
 pub const RESUMES: &str = "callq_resumes_total";
 
+/// Handler runs started, by service.
+pub const STARTED: &str = "callq_calls_started_total";
+/// Deliveries being handled now, by service (sampled with each heartbeat).
+pub const SERVICE_IN_FLIGHT: &str = "callq_service_calls_in_flight";
+/// Calls the worker could take now (its capacity is shared by its
+/// services; sampled with each heartbeat).
+pub const FREE_SLOTS: &str = "callq_worker_free_slots";
+/// Trace requests by the coordinator's answer (`granted`, `refused`,
+/// `session_refused`, `unanswered`).
+pub const TRACES: &str = "callq_trace_requests_total";
+/// How long the coordinator took to answer, by request (`resume`, `trace`,
+/// `complete`, `session`), from the first send to the answer.
+pub const COORDINATOR_ROUND_TRIP: &str = "callq_coordinator_request_duration_seconds";
+/// How long a reply took to publish and be confirmed by the broker.
+pub const REPLY_PUBLISH: &str = "callq_reply_publish_duration_seconds";
+/// Session writes refused because another call changed the session first.
+pub const SESSION_CONFLICTS: &str = "callq_session_conflicts_total";
+/// Handler runs again on fresher session data after such a conflict.
+pub const SESSION_RERUNS: &str = "callq_session_reruns_total";
+
 /// Workers an agent started, restarts included.
 pub const AGENT_STARTS: &str = "callq_agent_workers_started_total";
 /// Crashed workers an agent restarted.
@@ -61,6 +81,47 @@ pub fn describe_worker() {
     metrics::describe_counter!(RESUMES, "resume requests by answer.");
     for answer in ["run", "done", "fatal", "superseded", "refused", "released"] {
         metrics::counter!(RESUMES, "answer" => answer).absolute(0);
+    }
+    metrics::describe_counter!(STARTED, "Handler runs started, by service.");
+    metrics::describe_gauge!(
+        SERVICE_IN_FLIGHT,
+        "Deliveries being handled now, by service."
+    );
+    metrics::describe_gauge!(FREE_SLOTS, "Calls the worker could take now.");
+    metrics::describe_counter!(TRACES, "Trace requests by the coordinator's answer.");
+    for decision in ["granted", "refused", "session_refused", "unanswered"] {
+        metrics::counter!(TRACES, "decision" => decision).absolute(0);
+    }
+    metrics::describe_histogram!(
+        COORDINATOR_ROUND_TRIP,
+        metrics::Unit::Seconds,
+        "How long the coordinator took to answer, by request."
+    );
+    for request in ["resume", "trace", "complete", "session"] {
+        // Registered before their first sample: the series are there from
+        // the first scrape, and their number never grows with the load.
+        let _ = metrics::histogram!(COORDINATOR_ROUND_TRIP, "request" => request);
+    }
+    metrics::describe_histogram!(
+        REPLY_PUBLISH,
+        metrics::Unit::Seconds,
+        "How long a reply took to publish and be confirmed."
+    );
+    metrics::describe_counter!(SESSION_CONFLICTS, "Session writes refused as conflicts.");
+    metrics::describe_counter!(
+        SESSION_RERUNS,
+        "Handler runs again after a session conflict."
+    );
+    for name in [SESSION_CONFLICTS, SESSION_RERUNS] {
+        metrics::counter!(name).absolute(0);
+    }
+}
+
+/// Starts the per-service series of a worker's services at 0.
+pub fn describe_services<'a>(services: impl IntoIterator<Item = &'a str>) {
+    for service in services {
+        metrics::counter!(STARTED, "service" => service.to_owned()).absolute(0);
+        metrics::gauge!(SERVICE_IN_FLIGHT, "service" => service.to_owned()).set(0.0);
     }
 }
 
@@ -109,6 +170,35 @@ pub(crate) fn handled<E>(
     metrics::counter!(CALLS, "service" => service.clone(), "method" => method.to_owned(), "outcome" => outcome)
         .increment(1);
     metrics::histogram!(PROCESS_DURATION, "service" => service).record(took.as_secs_f64());
+}
+
+/// A handler run starts.
+pub(crate) fn started(service: &Service) {
+    metrics::counter!(STARTED, "service" => service.name().to_owned()).increment(1);
+}
+
+/// The calls in flight per service and the free slots, as a heartbeat
+/// reports them.
+pub(crate) fn load<'a>(busy: impl IntoIterator<Item = (&'a str, usize)>, free: u32) {
+    for (service, n) in busy {
+        metrics::gauge!(SERVICE_IN_FLIGHT, "service" => service.to_owned()).set(n as f64);
+    }
+    metrics::gauge!(FREE_SLOTS).set(f64::from(free));
+}
+
+/// Counts a trace request by its answer.
+pub(crate) fn traced(decision: &'static str) {
+    metrics::counter!(TRACES, "decision" => decision).increment(1);
+}
+
+/// Records a coordinator round trip.
+pub(crate) fn coordinator_round_trip(kind: &'static str, took: Duration) {
+    metrics::histogram!(COORDINATOR_ROUND_TRIP, "request" => kind).record(took.as_secs_f64());
+}
+
+/// Records a reply's publish.
+pub(crate) fn reply_published(took: Duration) {
+    metrics::histogram!(REPLY_PUBLISH).record(took.as_secs_f64());
 }
 
 /// A delivery is being handled (`+1`) or was settled (`-1`).

@@ -254,6 +254,11 @@ pub struct Request {
     /// nobody waits for. Absent: the request never goes stale.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_ms: Option<i64>,
+    /// The W3C trace context of the worker's span that asks (`resume`,
+    /// `trace`, `complete`), so that the coordinator's span joins the
+    /// call's trace. Absent where the worker records no spans.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
     /// What it asks.
     #[serde(flatten)]
     pub body: RequestBody,
@@ -569,6 +574,29 @@ impl RequestBody {
             RequestBody::AgentHeartbeat { .. } => "agent_heartbeat",
             RequestBody::Drain { .. } => "drain",
             RequestBody::Status { .. } => "status",
+        }
+    }
+}
+
+impl AnswerBody {
+    /// The decision an answer carries (`run`, `granted`, `accepted`,
+    /// `refused`, ...), for spans and metrics; `answered` for answers that
+    /// decide nothing.
+    pub fn decision(&self) -> &'static str {
+        match self {
+            AnswerBody::Resume { decision, .. } => decision.as_str(),
+            AnswerBody::Trace { decision, .. } => match decision {
+                TraceDecision::Granted => "granted",
+                TraceDecision::Refused { .. } => "refused",
+                TraceDecision::SessionRefused { .. } => "session_refused",
+            },
+            AnswerBody::Complete { decision, .. } => match decision {
+                CompleteDecision::Accepted => "accepted",
+                CompleteDecision::Fatal { .. } => "fatal",
+                CompleteDecision::Refused { .. } => "refused",
+                CompleteDecision::SessionRefused { .. } => "session_refused",
+            },
+            _ => "answered",
         }
     }
 }

@@ -508,6 +508,7 @@ fn requests() -> Vec<Value> {
                 worker_id: "w-1".into(),
                 reply_to: "callq.worker.w-1".into(),
                 expires_ms: Some(1_796_000_000_000),
+                traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
                 body,
             })
             .unwrap()
@@ -626,10 +627,10 @@ impl Site {
             "/state" => &["state"],
             _ => &[],
         };
-        // `expires_ms` may stand on any request, `epoch` on any answer:
-        // the root schema names them.
+        // `expires_ms` and `traceparent` may stand on any request, `epoch`
+        // on any answer: the root schema names them.
         let root_optional: &[&str] = match (self.side, self.at.as_str()) {
-            (Side::Request, "") => &["expires_ms"],
+            (Side::Request, "") => &["expires_ms", "traceparent"],
             (Side::Answer, "") => &["epoch"],
             _ => &[],
         };
@@ -957,10 +958,12 @@ fn the_schemas_name_every_field_and_variant_of_the_serde_types() {
         // Optional fields every request, or every answer, may carry.
         let mut named = keys(&s["properties"]);
         if side == Side::Request {
-            assert!(
-                named.remove("expires_ms"),
-                "the request schema names expires_ms"
-            );
+            for optional in ["expires_ms", "traceparent"] {
+                assert!(
+                    named.remove(optional),
+                    "the request schema names {optional}"
+                );
+            }
         } else {
             assert!(named.remove("epoch"), "the answer schema names epoch");
         }

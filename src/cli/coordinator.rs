@@ -24,6 +24,7 @@ pub(crate) async fn run(config: Option<&Path>) -> anyhow::Result<ExitCode> {
     let probes = CancellationToken::new();
     health::serve(settings.http.as_deref(), health.clone(), probes.clone()).await?;
     callq_coordinator::metrics::describe();
+    health::describe_reconnects();
     let shutdown = shutdown_on_signal();
     unready_on(&shutdown, &health);
     let served = coordinator(&settings, shutdown, &health).await;
@@ -151,6 +152,7 @@ async fn connect_patiently(
         match connect(settings, "coordinator").await {
             Ok(broker) => return Some(broker),
             Err(e) => {
+                health::reconnecting();
                 let pause = backoff.next_delay();
                 warn!("{e:#}; trying again in {pause:?}");
                 tokio::select! {

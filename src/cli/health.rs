@@ -177,6 +177,23 @@ fn leader(leads: bool) {
     metrics::gauge!(LEADER).set(if leads { 1.0 } else { 0.0 });
 }
 
+/// Times the process lost (or could not reach) the broker and connects again.
+pub(crate) const RECONNECTS: &str = "callq_broker_reconnects_total";
+
+/// Describes the reconnect counter and starts it at 0.
+pub(crate) fn describe_reconnects() {
+    metrics::describe_counter!(
+        RECONNECTS,
+        "Times the process lost (or could not reach) the broker and connects again."
+    );
+    metrics::counter!(RECONNECTS).absolute(0);
+}
+
+/// Counts a reconnect.
+pub(crate) fn reconnecting() {
+    metrics::counter!(RECONNECTS).increment(1);
+}
+
 /// The process's metrics recorder (the `metrics` facade's, installed once),
 /// or `None` if another recorder was installed first.
 fn install_metrics() -> Option<PrometheusHandle> {

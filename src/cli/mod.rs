@@ -17,6 +17,7 @@ mod health;
 mod replay;
 mod shutdown;
 mod status;
+mod telemetry;
 mod watch;
 mod worker;
 
@@ -113,8 +114,29 @@ impl Cli {
         }
     }
 
-    /// Runs the command; its outcome is the process's exit code.
+    /// Runs the command; its outcome is the process's exit code. With
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` set, its spans are exported (the last
+    /// ones before it exits).
     pub(crate) async fn run(self) -> anyhow::Result<ExitCode> {
+        let traces = telemetry::install(self.service_name())?;
+        let ran = self.run_command().await;
+        traces.finish().await;
+        ran
+    }
+
+    /// The process's name in its spans, unless `OTEL_SERVICE_NAME` names it.
+    fn service_name(&self) -> &'static str {
+        match self.command {
+            Command::Coordinator {} => "callq-coordinator",
+            Command::Worker(_) => "callq-worker",
+            Command::Agent(_) => "callq-agent",
+            Command::Demo(_) => "callq-demo",
+            Command::Call(_) | Command::Replay(_) => "callq-client",
+            Command::Status(_) | Command::Drain(_) | Command::Capture(_) => "callq",
+        }
+    }
+
+    async fn run_command(self) -> anyhow::Result<ExitCode> {
         let config = self.config.as_deref();
         match self.command {
             Command::Demo(args) => demo::run(args).await,

@@ -54,6 +54,7 @@ pub(crate) async fn run(args: Args, config: Option<&Path>) -> anyhow::Result<Exi
     let http = settings.http.as_deref().filter(|_| !args.supervised);
     health::serve(http, health.clone(), probes.clone()).await?;
     callq_node::metrics::describe_worker();
+    health::describe_reconnects();
     let served = worker(&settings, args, shutdown, &health).await;
     probes.cancel();
     served?;
@@ -71,6 +72,7 @@ async fn worker(
     health: &Arc<Health>,
 ) -> anyhow::Result<()> {
     let found = built_in(&args.services)?;
+    callq_node::metrics::describe_services(found.iter().map(Service::name));
     let mut opts = settings.worker.clone();
     if let Some(id) = args.worker_id {
         opts.worker_id = id;
@@ -118,6 +120,7 @@ async fn worker(
             return Ok(());
         }
         health.unready(format!("without the broker: {ended}"));
+        health::reconnecting();
         let pause = backoff.next_delay();
         warn!(worker = %id, "{ended}; reconnecting in {pause:?}");
         tokio::select! {

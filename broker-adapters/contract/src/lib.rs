@@ -74,6 +74,7 @@ pub use bytes::Bytes;
 
 mod retry;
 pub use retry::{Backoff, publish_until, publish_within};
+pub mod telemetry;
 
 /// Message headers: string keys and string values, as every broker can carry
 /// them (AMQP table entries, Kafka record headers).

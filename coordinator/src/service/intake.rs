@@ -2,6 +2,7 @@
 //! batches; each batch is applied with one group commit, and only then
 //! answered and acked (or, when the commit fails, requeued unanswered).
 
+use callq_broker::telemetry;
 use callq_broker::{Broker, COORDINATOR_QUEUE, Consumer, Delivery, Disposition, HEARTBEAT_QUEUE};
 use callq_schemas::Limits;
 use callq_schemas::protocol::Request;
@@ -98,6 +99,9 @@ impl<S: Store> Coordinator<S> {
         let effects = match committed {
             Ok(effects) => effects,
             Err(e) => {
+                for span in self.spans.drain(..) {
+                    telemetry::end(Some(span), Some(format!("group commit failed: {e}")));
+                }
                 error!(
                     "group commit failed, requeueing {} requests: {e}",
                     batch.len()
@@ -109,6 +113,9 @@ impl<S: Store> Coordinator<S> {
             }
         };
         self.tell(answers).await;
+        for span in self.spans.drain(..) {
+            telemetry::end(Some(span), None);
+        }
         self.carry_out(effects).await;
         stream::iter(batch)
             .for_each_concurrent(IN_FLIGHT, |d| async move {

@@ -119,6 +119,9 @@ pub struct Coordinator<S: Store> {
     reconnects: u64,
     /// When the call queues' depths were last read (for the metrics).
     queues_sampled: Option<std::time::Instant>,
+    /// The spans of the batch's requests, ended once it is committed and
+    /// answered (at most a batch of them).
+    spans: Vec<callq_broker::telemetry::TraceContext>,
 }
 
 impl<S: Store> Coordinator<S> {
@@ -144,6 +147,7 @@ impl<S: Store> Coordinator<S> {
             serving: None,
             reconnects: 0,
             queues_sampled: None,
+            spans: Vec::new(),
         }
     }
 
@@ -254,13 +258,14 @@ impl<S: Store> Coordinator<S> {
         }
         self.sweep_sessions().await;
         self.restore_standbys().await;
-        self.sample_queues().await;
+        self.sample().await;
         Ok(())
     }
 
     /// Reads the depth of every served call queue into the metric
-    /// `callq_queue_depth`, at most once a second.
-    async fn sample_queues(&mut self) {
+    /// `callq_queue_depth`, the workers by state, the open records and the
+    /// store's size, at most once a second.
+    async fn sample(&mut self) {
         if self
             .queues_sampled
             .is_some_and(|at| at.elapsed() < std::time::Duration::from_secs(1))
@@ -268,6 +273,13 @@ impl<S: Store> Coordinator<S> {
             return;
         }
         self.queues_sampled = Some(std::time::Instant::now());
+        let states: Vec<&str> = self
+            .registry
+            .workers()
+            .map(|(_, w)| w.state.as_str())
+            .collect();
+        let size = self.ledger.store().size_bytes();
+        crate::metrics::cluster(&states, self.ledger.open_calls(), size);
         for service in self.registry.services() {
             let queue = callq_broker::call_queue(&service);
             match tokio::time::timeout(self.opts.silence(), self.broker.depth(&queue)).await {

@@ -2,6 +2,7 @@
 //! operator sends, applied to the ledger and the registry. Nothing they
 //! decide is announced before the batch's group commit.
 
+use callq_broker::telemetry::{self, Attribute, Kind, TraceContext};
 use callq_schemas::protocol::{
     Answer, AnswerBody, ClusterStatus, CompleteDecision, Completion, Lease, Request, RequestBody,
     ResumeDecision, SessionState, SessionWrite, TraceDecision, WorkerState,
@@ -17,6 +18,36 @@ use crate::{Error, Store};
 /// `u16`), and the most services one worker serves.
 const MAX_CAPACITY: u32 = u16::MAX as u32;
 const MAX_SERVICES: usize = callq_schemas::protocol::MAX_SERVICES_PER_WORKER;
+
+/// The coordinator's span of a `resume`, `trace` or `complete` that
+/// carries the asking span's `traceparent`: a child of it, in the call's
+/// trace. `None` when spans are off or the request carries none.
+fn request_span(req: &Request) -> Option<TraceContext> {
+    if !telemetry::enabled() {
+        return None;
+    }
+    let (lease, attempt) = match &req.body {
+        RequestBody::Resume { lease, .. } => (lease, None),
+        RequestBody::Trace { lease, attempt, .. }
+        | RequestBody::Complete { lease, attempt, .. } => (lease, Some(*attempt)),
+        _ => return None,
+    };
+    let parent = telemetry::remote(Some(req.traceparent.as_deref()?));
+    let mut attributes = vec![
+        Attribute::new("messaging.message.id", lease.call_id.to_string()),
+        Attribute::new("callq.worker", req.worker_id.clone()),
+        Attribute::new("callq.copy", i64::from(lease.copy)),
+    ];
+    if let Some(attempt) = attempt {
+        attributes.push(Attribute::new("callq.attempt", i64::from(attempt)));
+    }
+    telemetry::start(
+        req.body.kind().to_owned(),
+        Kind::Server,
+        &parent,
+        attributes,
+    )
+}
 
 /// Whether a heartbeat claims what a worker can hold: no more calls in
 /// flight than its capacity, which a worker's settings bound; a heartbeat
@@ -50,6 +81,7 @@ impl<S: Store> Coordinator<S> {
     /// in `out`. Requests about the cluster's members are taken here, those
     /// about calls and sessions by [`Self::apply_call`].
     pub(super) fn apply(&mut self, req: Request, out: &mut Outbox) -> Result<(), Error> {
+        let span = request_span(&req);
         let Request {
             worker_id: worker,
             reply_to: to,
@@ -107,8 +139,25 @@ impl<S: Store> Coordinator<S> {
                 req_id,
                 status: self.status(),
             }),
-            call => self.apply_call(&worker, call)?,
+            call => match self.apply_call(&worker, call) {
+                Ok(answer) => answer,
+                Err(e) => {
+                    telemetry::end(span, Some(e.to_string()));
+                    return Err(e);
+                }
+            },
         };
+        if let Some(span) = span {
+            if let Some(body) = &answer {
+                telemetry::set(
+                    Some(&span),
+                    Attribute::new("callq.decision", body.decision()),
+                );
+            }
+            // Ended once the batch's group commit is durable and its
+            // answers are out.
+            self.spans.push(span);
+        }
         if let Some(body) = answer {
             out.push((to, Answer::new(body)));
         }

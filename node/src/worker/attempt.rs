@@ -114,10 +114,7 @@ pub(super) async fn run(
             }
             Committed::Settled(fate) => return Ran::Settle(fate),
             Committed::Conflict { code, reason } => {
-                if code == codes::SESSION_CONFLICT
-                    && runs < SESSION_RUNS
-                    && callq_schemas::protocol::retryable(&granted)
-                {
+                if runs_again(&code, runs, &granted) {
                     debug!(worker = %shared.opts.worker_id, call_id = %call.call_id, "{reason}: running the call again");
                     continue;
                 }
@@ -129,6 +126,21 @@ pub(super) async fn run(
             }
         }
     }
+}
+
+/// Whether a run whose session write was refused with `code` runs again
+/// on fresher data: a conflict, within [`SESSION_RUNS`], where its traces
+/// allow.
+fn runs_again(code: &str, runs: u32, granted: &[String]) -> bool {
+    if code != codes::SESSION_CONFLICT {
+        return false;
+    }
+    crate::metrics::count(crate::metrics::SESSION_CONFLICTS);
+    let again = runs < SESSION_RUNS && callq_schemas::protocol::retryable(granted);
+    if again {
+        crate::metrics::count(crate::metrics::SESSION_RERUNS);
+    }
+    again
 }
 
 /// The handler's context for one run.
@@ -148,7 +160,9 @@ fn context(
         session_id: call.session_id.clone(),
         idempotency_key: call.idempotency_key.clone(),
         deadline: call.deadline,
-        traceparent: call.traceparent.clone(),
+        // The handler's own spans are children of the attempt's.
+        traceparent: callq_broker::telemetry::current_traceparent()
+            .or_else(|| call.traceparent.clone()),
         standing: Some(standing.clone()),
         probe: shared.probe.clone(),
         session: session.cloned(),
@@ -266,6 +280,7 @@ async fn run_handler(
     args: serde_json::Value,
 ) -> Reply {
     let stats = &shared.stats;
+    crate::metrics::started(service);
     let clock = std::time::Instant::now();
     // A handler may panic before its future exists (in the closure's own
     // body) or while it runs: both are caught.

@@ -4,6 +4,7 @@
 //! reply first and hands its completion to the batched outbox. The reply is
 //! confirmed by the broker before the delivery is acked.
 
+use callq_broker::telemetry::{self, Attribute};
 use callq_broker::{Disposition, Message};
 use callq_schemas::protocol::{AnswerBody, CompleteDecision, Completion, Lease, RequestBody};
 use callq_schemas::{Call, Reply};
@@ -27,6 +28,7 @@ pub(super) async fn finish(
 ) -> Disposition {
     let reply_to = call.reply_to.as_deref();
     WorkerStats::add(&shared.stats.traces, traces.len());
+    telemetry::set_current(|| Attribute::new("callq.outcome", reply.outcome.as_str()));
     let Some(link) = &shared.link else {
         return then_if_sent(publish_reply(shared, reply_to, &reply).await, then);
     };
@@ -174,7 +176,11 @@ pub(super) async fn publish_reply(
 pub(super) async fn send_reply(shared: &Shared, to: &str, reply: &Reply) -> Disposition {
     let message = Message::new(reply.to_bytes()).key(reply.call_id.to_string());
     let budget = shared.opts.reply_retry;
-    match callq_broker::publish_within(shared.broker.as_ref(), to, &message, budget).await {
+    let clock = std::time::Instant::now();
+    let published =
+        callq_broker::publish_within(shared.broker.as_ref(), to, &message, budget).await;
+    crate::metrics::reply_published(clock.elapsed());
+    match published {
         Ok(()) => Disposition::Ack,
         Err(e @ callq_broker::Error::NoSuchQueue(_)) => {
             // Nobody can ever receive it: the outcome stands, unheard.

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use callq_broker::telemetry::{self, Attribute, FutureExt as _, Kind, TraceContext};
 use callq_broker::{Delivery, Disposition, Error as BrokerError, QueueSpec};
 use callq_schemas::protocol::Lease;
 use callq_schemas::{Call, Reply, codes, decode_call, peek};
@@ -98,7 +99,7 @@ pub(super) async fn handle(shared: Arc<Shared>, (delivery, past_limit): Arriving
 /// The one place where a delivery's fate is decided. The reply, if any, is
 /// confirmed by the broker before this returns `Ack`.
 async fn decide(shared: &Shared, delivery: &Delivery, past_limit: bool) -> Disposition {
-    let (mut call, copy, service, spec) = match read(shared, delivery).await {
+    let (call, copy, service, spec) = match read(shared, delivery).await {
         Ok(read) => read,
         Err(fate) => return fate,
     };
@@ -116,6 +117,67 @@ async fn decide(shared: &Shared, delivery: &Delivery, past_limit: bool) -> Dispo
         redelivered = delivery.redelivered,
         "call received"
     );
+    let span = process_span(shared, &call, copy, delivery.redelivered);
+    let attempt = run(shared, delivery, past_limit, call, lease, service, spec);
+    let fate = match &span {
+        Some(cx) => attempt.with_context(cx.clone()).await,
+        None => attempt.await,
+    };
+    let error = match &fate {
+        Disposition::DeadLetter { reason } => Some(format!("dead-lettered: {reason}")),
+        _ => None,
+    };
+    telemetry::end(span, error);
+    fate
+}
+
+/// The attempt's `process` span: a child of the span the envelope's
+/// `traceparent` names (the client's `send`), so that every attempt of a
+/// call, re-issued ones too, joins the call's trace. `None` when spans are
+/// off.
+fn process_span(
+    shared: &Shared,
+    call: &Call,
+    copy: u32,
+    redelivered: bool,
+) -> Option<TraceContext> {
+    if !telemetry::enabled() {
+        return None;
+    }
+    let parent = telemetry::remote(call.traceparent.as_deref());
+    let queue = callq_broker::call_queue(&call.service);
+    let attributes = vec![
+        Attribute::new("messaging.system", telemetry::system(shared.broker.kind())),
+        Attribute::new("messaging.operation.name", "process"),
+        Attribute::new("messaging.operation.type", "process"),
+        Attribute::new("messaging.destination.name", queue.clone()),
+        Attribute::new("messaging.message.id", call.call_id.to_string()),
+        Attribute::new(
+            "messaging.consumer.group.name",
+            shared.opts.worker_id.clone(),
+        ),
+        Attribute::new("callq.method", call.method.clone()),
+        Attribute::new("callq.copy", i64::from(copy)),
+        Attribute::new("callq.redelivered", redelivered),
+    ];
+    telemetry::start(
+        format!("process {queue}"),
+        Kind::Consumer,
+        &parent,
+        attributes,
+    )
+}
+
+/// Passes the gate, runs the attempt and finishes it.
+async fn run(
+    shared: &Shared,
+    delivery: &Delivery,
+    past_limit: bool,
+    mut call: Call,
+    lease: Lease,
+    service: &Service,
+    spec: &QueueSpec,
+) -> Disposition {
     let flight = register(shared, &call, lease, delivery);
     let passed = match gate::pass(shared, delivery, past_limit, &call, spec, lease).await {
         gate::Gate::Run(passed) => passed,
@@ -125,6 +187,7 @@ async fn decide(shared: &Shared, delivery: &Delivery, past_limit: bool) -> Dispo
         }
         gate::Gate::Settle(fate) => return fate,
     };
+    telemetry::set_current(|| Attribute::new("callq.attempt", i64::from(passed.attempt)));
     // The body goes along (a shared buffer) for the digest a trace carries.
     let body = delivery.body.clone();
     match attempt::run(shared, service, &mut call, lease, passed, body).await {

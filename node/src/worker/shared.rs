@@ -152,6 +152,14 @@ impl Shared {
             }
         }
         let busy = u32::try_from(in_flight.len()).unwrap_or(u32::MAX);
+        let services = self.service_names();
+        crate::metrics::load(
+            services.iter().map(|name| {
+                let n = in_flight.iter().filter(|c| &c.service == name).count();
+                (name.as_str(), n)
+            }),
+            capacity.saturating_sub(busy),
+        );
         let partitions = self
             .assignments
             .lock()
@@ -163,7 +171,7 @@ impl Shared {
             })
             .unwrap_or_default();
         let beat = RequestBody::Heartbeat {
-            services: self.service_names(),
+            services,
             state,
             capacity,
             free: capacity.saturating_sub(busy),
