@@ -50,62 +50,6 @@ use tokio_util::sync::CancellationToken;
 const IDLE_RSS_TARGET_MIB: f64 = 20.0;
 
 // ---------------------------------------------------------------------------
-// The processes, removed however the run ends.
-
-/// A child process, killed and reaped when dropped.
-struct Process {
-    child: Child,
-}
-
-impl Process {
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn still_running(&mut self, what: &str, log: &Path) -> anyhow::Result<()> {
-        if let Some(status) = self.child.try_wait()? {
-            bail!(
-                "the {what} process exited ({status}); its log is {}",
-                log.display()
-            );
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// `target/release/callq`, next to this bench's executable
-/// (`target/release/deps/amqp-*`).
-fn callq_binary() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe().context("locating the bench executable")?;
-    let release = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("the bench executable has no target directory")?;
-    Ok(release.join("callq"))
-}
-
-fn spawn(bin: &Path, args: &[&str], dir: &Path, url: &str, log: &Path) -> anyhow::Result<Process> {
-    let log_file = std::fs::File::create(log)
-        .with_context(|| format!("creating the log {}", log.display()))?;
-    let child = Command::new(bin)
-        .args(args)
-        .current_dir(dir)
-        .env("CALLQ_BROKER", url)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log_file)
-        .spawn()
-        .with_context(|| format!("starting {} {}", bin.display(), args.join(" ")))?;
-    Ok(Process { child })
-}
-
 /// The number on a line of `/proc/<pid>/status` (`VmRSS`, `Threads`, ...).
 fn proc_status(pid: u32, field: &str) -> anyhow::Result<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -408,45 +352,9 @@ async fn worker_rss(bin: &Path, vhost: &Vhost, calls: usize) -> anyhow::Result<R
     let url = &vhost.url();
     let dir = std::env::temp_dir().join(format!("callq-bench-{}", uuid::Uuid::now_v7().simple()));
     std::fs::create_dir_all(&dir)?;
-    let (coordinator_log, worker_log) = (dir.join("coordinator.log"), dir.join("worker.log"));
-    let mut coordinator = spawn(bin, &["coordinator"], &dir, url, &coordinator_log)?;
-    let capacity = PIPELINE.to_string();
-    let mut worker = spawn(
-        bin,
-        &[
-            "worker",
-            "--services",
-            "echo",
-            "--worker-id",
-            "bench-rss",
-            "--capacity",
-            &capacity,
-        ],
-        &dir,
-        url,
-        &worker_log,
-    )?;
-
-    // Registered: the coordinator lists it.
-    let admin = Admin::connect(amqp(url, "admin").await?, Duration::from_secs(5)).await?;
-    let registered = Instant::now();
-    loop {
-        coordinator.still_running("coordinator", &coordinator_log)?;
-        worker.still_running("worker", &worker_log)?;
-        if let Ok(status) = admin.status().await
-            && status.workers.iter().any(|w| w.worker_id == "bench-rss")
-        {
-            break;
-        }
-        ensure!(
-            registered.elapsed() < Duration::from_secs(20),
-            "the worker process did not register within 20 s; logs in {}",
-            dir.display()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let mut pair = support::Pair::start(bin, url, &dir, "bench-rss", &[]).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let pid = worker.pid();
+    let pid = pair.worker.pid();
     let idle_mib = proc_status_mib(pid, "VmRSS")?;
     let idle_threads = proc_status(pid, "Threads")?;
     // The adapter names its connections `callq <role> (consume)` and
@@ -475,9 +383,8 @@ async fn worker_rss(bin: &Path, vhost: &Vhost, calls: usize) -> anyhow::Result<R
     let load = load?;
     let peak_mib = proc_status_mib(pid, "VmHWM")?;
     let load_connections = vhost.connections("callq worker bench-rss")?;
-    worker.still_running("worker", &worker_log)?;
-    drop(worker);
-    drop(coordinator);
+    pair.still_running()?;
+    drop(pair);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(Rss {
         idle_mib,

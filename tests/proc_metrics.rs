@@ -164,7 +164,10 @@ async fn metrics_count_what_the_clients_saw() {
     // The load per service and the free slots, with each heartbeat.
     for service in ["echo", "mail"] {
         let series = format!(r#"callq_service_calls_in_flight{{service="{service}"}}"#);
-        assert!(s1.contains_key(&series) && s2.contains_key(&series), "{s1:#?}");
+        assert!(
+            s1.contains_key(&series) && s2.contains_key(&series),
+            "{s1:#?}"
+        );
     }
     assert!(both("callq_worker_free_slots", &[]) > 0.0, "{s1:#?}");
     // Each mail left one trace, granted, and completed with the

@@ -5,12 +5,13 @@
 //! process. Each bench includes it with `mod support;` and uses a part.
 #![allow(dead_code)]
 
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, anyhow, ensure};
+use anyhow::{Context as _, anyhow, bail, ensure};
 use callq_broker::{Broker, QueueSpec};
 use callq_coordinator::{Coordinator, CoordinatorOptions, Ledger, MemoryStore};
 use callq_node::{Client, ClientOptions, Service, Worker, WorkerOptions, services};
@@ -727,5 +728,137 @@ impl InProcess {
         self.shutdown.cancel();
         stopped(worker, self.worker.1).await?;
         stopped("coordinator", self.coordinator).await
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The processes, removed however the run ends.
+
+/// A child process, killed and reaped when dropped.
+pub(crate) struct Process {
+    child: Child,
+}
+
+impl Process {
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub(crate) fn still_running(&mut self, what: &str, log: &Path) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!(
+                "the {what} process exited ({status}); its log is {}",
+                log.display()
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `target/release/callq`, next to this bench's executable
+/// (`target/release/deps/<bench>-*`).
+pub(crate) fn callq_binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the bench executable")?;
+    let release = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("the bench executable has no target directory")?;
+    Ok(release.join("callq"))
+}
+
+/// Starts `bin args..` in `dir` on the broker `url` with more environment
+/// variables `env`, its stderr to `log`.
+pub(crate) fn spawn(
+    bin: &Path,
+    args: &[&str],
+    dir: &Path,
+    url: &str,
+    log: &Path,
+    env: &[(&str, &str)],
+) -> anyhow::Result<Process> {
+    let log_file = std::fs::File::create(log)
+        .with_context(|| format!("creating the log {}", log.display()))?;
+    let child = Command::new(bin)
+        .args(args)
+        .current_dir(dir)
+        .env("CALLQ_BROKER", url)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_file)
+        .spawn()
+        .with_context(|| format!("starting {} {}", bin.display(), args.join(" ")))?;
+    Ok(Process { child })
+}
+
+/// A `callq coordinator` and a `callq worker` (`echo`, capacity
+/// `PIPELINE`) process in `dir`, logging there; killed when dropped.
+pub(crate) struct Pair {
+    pub(crate) coordinator: Process,
+    pub(crate) worker: Process,
+    dir: PathBuf,
+}
+
+impl Pair {
+    /// Starts both with the environment `env` and waits until the
+    /// coordinator lists the worker `worker_id`.
+    pub(crate) async fn start(
+        bin: &Path,
+        url: &str,
+        dir: &Path,
+        worker_id: &str,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        let log = dir.join("coordinator.log");
+        let coordinator = spawn(bin, &["coordinator"], dir, url, &log, env)?;
+        let capacity = PIPELINE.to_string();
+        let args = [
+            "worker",
+            "--services",
+            "echo",
+            "--worker-id",
+            worker_id,
+            "--capacity",
+            &capacity,
+        ];
+        let worker = spawn(bin, &args, dir, url, &dir.join("worker.log"), env)?;
+        let mut pair = Self {
+            coordinator,
+            worker,
+            dir: dir.to_owned(),
+        };
+        let admin =
+            callq_node::Admin::connect(amqp(url, "admin").await?, Duration::from_secs(5)).await?;
+        let registered = Instant::now();
+        loop {
+            pair.still_running()?;
+            if let Ok(status) = admin.status().await
+                && status.workers.iter().any(|w| w.worker_id == worker_id)
+            {
+                return Ok(pair);
+            }
+            ensure!(
+                registered.elapsed() < Duration::from_secs(20),
+                "the worker process did not register within 20 s; logs in {}",
+                dir.display()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// An error naming the log of a process that exited.
+    pub(crate) fn still_running(&mut self) -> anyhow::Result<()> {
+        let coordinator_log = self.dir.join("coordinator.log");
+        self.coordinator
+            .still_running("coordinator", &coordinator_log)?;
+        self.worker
+            .still_running("worker", &self.dir.join("worker.log"))
     }
 }

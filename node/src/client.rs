@@ -237,7 +237,6 @@ fn send_span(kind: &str, queue: &str, call: &mut Call) -> Option<TraceContext> {
     };
     let attributes = vec![
         Attribute::new("messaging.system", telemetry::system(kind)),
-        Attribute::new("messaging.operation.name", "send"),
         Attribute::new("messaging.operation.type", "send"),
         Attribute::new("messaging.destination.name", queue.to_owned()),
         Attribute::new("messaging.message.id", call.call_id.to_string()),

@@ -146,20 +146,19 @@ fn process_span(
     }
     let parent = telemetry::remote(call.traceparent.as_deref());
     let queue = callq_broker::call_queue(&call.service);
-    let attributes = vec![
+    // Few attributes, most of them static: every call pays for them, in
+    // the span and in its export.
+    let mut attributes = vec![
         Attribute::new("messaging.system", telemetry::system(shared.broker.kind())),
-        Attribute::new("messaging.operation.name", "process"),
         Attribute::new("messaging.operation.type", "process"),
         Attribute::new("messaging.destination.name", queue.clone()),
         Attribute::new("messaging.message.id", call.call_id.to_string()),
-        Attribute::new(
-            "messaging.consumer.group.name",
-            shared.opts.worker_id.clone(),
-        ),
         Attribute::new("callq.method", call.method.clone()),
         Attribute::new("callq.copy", i64::from(copy)),
-        Attribute::new("callq.redelivered", redelivered),
     ];
+    if redelivered {
+        attributes.push(Attribute::new("callq.redelivered", true));
+    }
     telemetry::start(
         format!("process {queue}"),
         Kind::Consumer,
