@@ -199,12 +199,19 @@ fn decode<T: DeserializeOwned + Versioned>(body: &[u8], limits: &Limits) -> Resu
 /// version is reported as the version, the real cause.
 fn classify(body: &[u8], e: serde_json::Error) -> DecodeError {
     use serde_json::error::Category;
-    match e.classify() {
-        Category::Syntax | Category::Eof | Category::Io => DecodeError::NotJson(e.to_string()),
-        Category::Data => match peek(body, body.len()).v {
-            Some(v) if v != VERSION.to_string() => DecodeError::UnknownVersion(v),
-            _ => DecodeError::Invalid(e.to_string()),
-        },
+    let data = match e.classify() {
+        Category::Data => true,
+        // serde_json reports some type errors in valid JSON (a number where
+        // an enum's name goes) as syntax errors (a fuzz finding).
+        Category::Syntax => serde_json::from_slice::<serde_json::Value>(body).is_ok(),
+        Category::Eof | Category::Io => false,
+    };
+    if !data {
+        return DecodeError::NotJson(e.to_string());
+    }
+    match peek(body, body.len()).v {
+        Some(v) if v != VERSION.to_string() => DecodeError::UnknownVersion(v),
+        _ => DecodeError::Invalid(e.to_string()),
     }
 }
 
@@ -281,7 +288,16 @@ pub fn peek(body: &[u8], max_scan: usize) -> Peek {
     }
     loop {
         s.ws();
+        let key_start = s.i;
         let Some(key) = s.string() else { return out };
+        // A key written with escapes (`"reply\u005fto"`) is the same key.
+        let unescaped;
+        let key = if key.contains(&b'\\') {
+            unescaped = serde_json::from_slice::<String>(&body[key_start..s.i]).unwrap_or_default();
+            unescaped.as_bytes()
+        } else {
+            key
+        };
         s.ws();
         if !s.eat(b':') {
             return out;
@@ -538,6 +554,12 @@ mod tests {
         let escaped = br#"{"a": "x\"y", "reply_to": "q\u002e1"}"#;
         assert_eq!(peek(escaped, usize::MAX).reply_to.as_deref(), Some("q.1"));
         assert_eq!(peek(b"garbage", usize::MAX), Peek::default());
+        // Keys written with escapes are the same keys (a fuzz finding).
+        let p = peek(br#"{"reply\u005fto": "q", "\u0076": 2}"#, usize::MAX);
+        assert_eq!(
+            (p.reply_to.as_deref(), p.v.as_deref()),
+            (Some("q"), Some("2"))
+        );
         assert_eq!(peek(br#"{"reply_to": 5}"#, usize::MAX).reply_to, None);
         // Nested reply_to keys are not the envelope's.
         assert_eq!(
@@ -618,6 +640,8 @@ mod tests {
             json!({"v": 1, "call_id": id, "attempt": 0, "outcome": "ok", "result": 1}),
             json!({"v": 1, "call_id": id, "attempt": 1, "outcome": "ok"}),
             json!({"v": 1, "call_id": id, "attempt": 1, "outcome": "fatal"}),
+            // serde_json calls this a syntax error; it is JSON (a fuzz finding).
+            json!({"v": 1, "call_id": id, "attempt": 1, "outcome": 1}),
         ] {
             assert_eq!(
                 decode_reply(&serde_json::to_vec(&bad).unwrap(), &limits())
