@@ -24,13 +24,12 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail, ensure};
-use callq_node::{Admin, Client, ClientOptions};
+use anyhow::{Context as _, bail};
+use callq_node::{Client, ClientOptions};
 use callq_testkit::load::LoadReport;
 use futures::StreamExt;
 use lapin::options::{
@@ -401,7 +400,7 @@ async fn worker_rss(bin: &Path, vhost: &Vhost, calls: usize) -> anyhow::Result<R
 
 fn main() -> anyhow::Result<()> {
     let calls = support::calls_arg(CALLS)?;
-    let bin = callq_binary()?;
+    let bin = support::callq_binary()?;
     if !bin.is_file() {
         eprintln!(
             "{} is missing: run `cargo build --release --bin callq` first, then \
