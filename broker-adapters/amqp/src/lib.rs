@@ -26,15 +26,49 @@
 //! operation, while the consumers opened on it end (their
 //! [`Consumer::next`] returns `None`), so that a worker notices, stops and
 //! registers again.
+//!
+//! # A cluster of nodes
+//!
+//! A RabbitMQ cluster is one broker reached through any of its nodes; its
+//! URL names them all, in either of two forms (they may be mixed):
+//!
+//! - hosts separated by commas in one URL, sharing its credentials, virtual
+//!   host and query:
+//!   `amqp://user:password@host1:5672,host2:5672,host3:5672/vhost?heartbeat=5`
+//!   (a host without a port takes the scheme's: 5672, or 5671 for `amqps`);
+//! - whole URLs separated by commas:
+//!   `amqp://user:password@host1:5672/vhost,amqp://user:password@host2:5672/vhost`.
+//!
+//! Every node must name the same user and virtual host. Each connection
+//! starts at a node picked at random, so that the processes of a cluster
+//! spread over its nodes, and keeps to the node that answered last. When
+//! that node does not answer (or the connection drops: the pool replaces it
+//! on the next operation), the next node of the list is tried, and so on
+//! around it. One attempt on one node waits at most its share of
+//! [`Options::timeout`] (or the URL's `connection_timeout`); a round in
+//! which no node answered makes the next round wait first, with a jittered
+//! backoff from 100 ms up to 2 s.
+//!
+//! Queues are quorum queues, which RabbitMQ replicates to three nodes (its
+//! `quorum_cluster_size`; every node of a cluster of three), so a call
+//! queue, a reply queue and `callq.coordinator` live on while a majority of
+//! their nodes does; the nodes left elect a new leader for each queue the
+//! lost node led (0.2–0.5 s after a `kill -9` in
+//! `tests/proc_rabbit_cluster.rs`). A publish channel that gets a nack, or no
+//! confirm within [`CONFIRM_STALL`], is replaced: RabbitMQ may leave a
+//! channel whose first publish to a queue raced that election nacking the
+//! queue for good. The control queues ([`QueueSpec::transient`]) are
+//! classic queues on the node of the connection that declared them and go
+//! with that node; their parties declare them again when they reconnect.
 #![forbid(unsafe_code)]
 
 mod tap;
 pub use tap::{AmqpTap, TRACE_EXCHANGE};
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use callq_broker::{
@@ -48,11 +82,10 @@ use lapin::options::{
     QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::uri::AMQPUri;
 use lapin::{Acker, BasicProperties, Channel, Confirmation, ExchangeKind};
 use tracing::{debug, warn};
 
-use crate::connect::{Connector, Pool, split_tls};
+use crate::connect::{Connector, Pool, RECONNECT_CAP, random_index};
 
 mod connect;
 
@@ -71,6 +104,66 @@ pub const DEFAULT_FRAME_MAX: u32 = 32 * 1024;
 /// Publishes awaiting their confirm at once, per broker handle.
 pub const MAX_UNCONFIRMED: usize = 512;
 
+/// A publish whose confirm has not come within this time (or within
+/// [`Options::confirm_timeout`], when shorter) retires the shared publish
+/// channel: it is closed, which fails the publishes awaiting their confirm
+/// on it ([`Error::NotConfirmed`]: their callers publish again), and later
+/// publishes go out on a new channel. A nack retires it too, closed once
+/// the publishes on it are settled. Why: a RabbitMQ channel whose first
+/// publish to a quorum queue raced the election of the queue's new leader
+/// (the node of the old one was just lost) nacks every publish to that
+/// queue for as long as it lives, or holds their confirms for tens of
+/// seconds first; a new channel reaches the new leader at once.
+pub const CONFIRM_STALL: Duration = Duration::from_secs(5);
+
+/// The youngest publish channel a nack or a stalled confirm retires, so
+/// that a queue that is merely full (its nacks are [`Error::QueueFull`])
+/// costs at most four new channels a second.
+const RETIRE_MIN_AGE: Duration = Duration::from_millis(250);
+
+/// The shared publish channel, and what retiring it needs.
+struct Publisher {
+    channel: Channel,
+    opened: Instant,
+    /// Publishes awaiting their confirm on it.
+    pending: AtomicUsize,
+    /// Woken when `pending` drops to zero.
+    idle: tokio::sync::Notify,
+}
+
+/// One publish awaiting its confirm on a [`Publisher`], however it ends.
+struct Pending(Arc<Publisher>);
+
+impl Pending {
+    fn new(publisher: &Arc<Publisher>) -> Self {
+        publisher.pending.fetch_add(1, Ordering::AcqRel);
+        Self(Arc::clone(publisher))
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if self.0.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+impl Publisher {
+    /// Waits until no publish awaits its confirm on it.
+    async fn settled(&self) {
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if self.pending.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+}
+
 /// The exchange calls are published to, with the service as routing key:
 /// a topic exchange, so that RabbitMQ's topic permissions can limit the
 /// services a client may call. Every call queue is bound to it.
@@ -79,7 +172,10 @@ pub const CALLS_EXCHANGE: &str = "callq.calls";
 /// How the adapter connects.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// `amqp://user:password@host:port/vhost[?heartbeat=N]`.
+    /// `amqp://user:password@host:port/vhost[?heartbeat=N]`; a cluster's
+    /// nodes as `amqp://user:password@host1:port1,host2:port2,host3:port3/vhost`
+    /// (or whole URLs separated by commas), between which connections fail
+    /// over (see "A cluster of nodes" in the crate's docs).
     pub url: String,
     /// The connection name RabbitMQ shows (`rabbitmqctl list_connections`).
     pub name: String,
@@ -125,7 +221,7 @@ struct Inner {
     /// publish (none when the URL names no user).
     user: Option<ShortString>,
     /// The channel in confirm mode every publish shares.
-    publisher: tokio::sync::Mutex<Option<Channel>>,
+    publisher: tokio::sync::Mutex<Option<Arc<Publisher>>>,
     /// The channel for declares and depth; replaced after a channel error.
     admin: tokio::sync::Mutex<Option<Channel>>,
     /// The specs this process declared: the maximum length a nack means and
@@ -177,34 +273,32 @@ impl AmqpBroker {
     /// Connects with the given options; fails when the broker cannot be
     /// reached within [`Options::timeout`].
     pub async fn connect_with(opts: Options) -> Result<Self, Error> {
-        let (url, tls) = split_tls(&opts.url)?;
-        let mut uri: AMQPUri = url
-            .parse()
-            .map_err(|e| Error::Refused(format!("not an AMQP URL ({e}): {}", redact(&opts.url))))?;
-        if uri.query.heartbeat.is_none() {
-            uri.query.heartbeat = Some(DEFAULT_HEARTBEAT_SECS);
-        }
-        if uri.query.frame_max.is_none() {
-            // lapin keeps buffers of 32 frames per connection: 128 KiB
-            // frames (RabbitMQ's default) cost 8 MiB of a worker's memory.
-            uri.query.frame_max = Some(DEFAULT_FRAME_MAX);
-        }
-        if uri.query.connection_timeout.is_none() {
-            uri.query.connection_timeout =
-                Some(u64::try_from(opts.timeout.as_millis()).unwrap_or(u64::MAX));
-        }
+        let (nodes, per_node) = connect::nodes(
+            &opts.url,
+            DEFAULT_HEARTBEAT_SECS,
+            DEFAULT_FRAME_MAX,
+            opts.timeout,
+        )?;
+        let first = &nodes[0].uri;
         let place = format!(
-            "{}:{}/{}",
-            uri.authority.host, uri.authority.port, uri.vhost
+            "{}/{}",
+            nodes
+                .iter()
+                .map(|n| n.place.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+            first.vhost
         );
-        let user = Some(uri.authority.userinfo.username.as_str())
+        let user = Some(first.authority.userinfo.username.as_str())
             .filter(|u| !u.is_empty() && u.len() <= MAX_QUEUE_NAME)
             .map(ShortString::from);
+        // A connection may try every node once, after a backoff pause.
+        let budget = opts.timeout + RECONNECT_CAP;
         let config = deadpool::managed::PoolConfig {
             max_size: opts.pool_size.max(1),
             timeouts: deadpool::managed::Timeouts {
-                wait: Some(opts.timeout),
-                create: Some(opts.timeout),
+                wait: Some(budget),
+                create: Some(budget),
                 recycle: Some(opts.timeout),
             },
             ..deadpool::managed::PoolConfig::default()
@@ -213,11 +307,12 @@ impl AmqpBroker {
         // publishing connection (flow control) by no longer reading from it,
         // which would hold up the acks of consumers sharing it.
         let make_pool = |role: &str| {
-            let connector = Connector {
-                url: uri.to_string(),
-                name: format!("{} ({role})", opts.name),
-                tls: tls.clone(),
-            };
+            let connector = Connector::new(
+                nodes.clone(),
+                format!("{} ({role})", opts.name),
+                per_node,
+                random_index(nodes.len()),
+            );
             Pool::builder(connector)
                 .config(config)
                 .runtime(deadpool::Runtime::Tokio1)
@@ -248,18 +343,6 @@ impl AmqpBroker {
     /// Where the broker is (host, port, virtual host; no credentials).
     pub fn place(&self) -> &str {
         &self.inner.place
-    }
-}
-
-/// The URL without its password, for messages.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            let user = userinfo.split(':').next().unwrap_or_default();
-            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
-        }
-        _ => url.to_string(),
     }
 }
 
@@ -301,25 +384,20 @@ impl Inner {
 
     /// A new channel on a connection of `pool`.
     async fn channel_of(&self, pool: &Pool) -> Result<Channel, Error> {
-        let conn = tokio::time::timeout(self.opts.timeout, pool.get())
+        let budget = self.opts.timeout + RECONNECT_CAP;
+        let conn = tokio::time::timeout(budget, pool.get())
             .await
-            .map_err(|_| Error::Timeout(self.opts.timeout))?
+            .map_err(|_| Error::Timeout(budget))?
             .map_err(|e| self.connection_error("connecting", e))?;
         self.within("channel.open", conn.create_channel())
             .await?
             .map_err(|e| self.connection_error("opening a channel", e))
     }
 
-    /// The shared channel of `slot`, or a new one (in confirm mode if
-    /// `confirm`). One task opens it while the others wait: a burst of
-    /// publishes on a fresh broker shares one channel instead of opening one
-    /// each.
-    async fn cached(
-        &self,
-        slot: &tokio::sync::Mutex<Option<Channel>>,
-        confirm: bool,
-    ) -> Result<Channel, Error> {
-        let mut slot = tokio::time::timeout(self.opts.timeout, slot.lock())
+    /// The shared channel of declares and depth reads, or a new one. One
+    /// task opens it while the others wait.
+    async fn admin(&self) -> Result<Channel, Error> {
+        let mut slot = tokio::time::timeout(self.opts.timeout, self.admin.lock())
             .await
             .map_err(|_| Error::Timeout(self.opts.timeout))?;
         if let Some(ch) = slot.as_ref()
@@ -327,21 +405,77 @@ impl Inner {
         {
             return Ok(ch.clone());
         }
-        let ch = if confirm {
-            self.channel_of(&self.publish_pool).await?
-        } else {
-            self.channel().await?
-        };
-        if confirm {
-            self.within(
-                "confirm.select",
-                ch.confirm_select(ConfirmSelectOptions::default()),
-            )
-            .await?
-            .map_err(|e| self.connection_error("confirm.select", e))?;
-        }
+        let ch = self.channel().await?;
         *slot = Some(ch.clone());
         Ok(ch)
+    }
+
+    /// The shared publish channel, in confirm mode, or a new one. One task
+    /// opens it while the others wait: a burst of publishes on a fresh
+    /// broker shares one channel instead of opening one each.
+    async fn publisher(&self) -> Result<Arc<Publisher>, Error> {
+        let mut slot = tokio::time::timeout(self.opts.timeout, self.publisher.lock())
+            .await
+            .map_err(|_| Error::Timeout(self.opts.timeout))?;
+        if let Some(p) = slot.as_ref()
+            && p.channel.status().connected()
+        {
+            return Ok(Arc::clone(p));
+        }
+        let ch = self.channel_of(&self.publish_pool).await?;
+        self.within(
+            "confirm.select",
+            ch.confirm_select(ConfirmSelectOptions::default()),
+        )
+        .await?
+        .map_err(|e| self.connection_error("confirm.select", e))?;
+        let publisher = Arc::new(Publisher {
+            channel: ch,
+            opened: Instant::now(),
+            pending: AtomicUsize::new(0),
+            idle: tokio::sync::Notify::new(),
+        });
+        *slot = Some(Arc::clone(&publisher));
+        Ok(publisher)
+    }
+
+    /// Takes `publisher` out of use for new publishes when it is still the
+    /// shared publish channel and at least [`RETIRE_MIN_AGE`] old, and
+    /// closes it: `now`, or once the publishes awaiting their confirm on
+    /// it are settled (at most [`Options::confirm_timeout`] later). See
+    /// [`CONFIRM_STALL`].
+    async fn retire(&self, publisher: &Arc<Publisher>, why: &str, now: bool) {
+        let Ok(mut slot) = tokio::time::timeout(self.opts.timeout, self.publisher.lock()).await
+        else {
+            return;
+        };
+        let current = slot
+            .as_ref()
+            .is_some_and(|p| Arc::ptr_eq(p, publisher) && p.opened.elapsed() >= RETIRE_MIN_AGE);
+        if !current {
+            return;
+        }
+        *slot = None;
+        drop(slot);
+        warn!(at = %self.place, "publishing on a new channel: {why}");
+        let (old, wait, timeout) = (
+            Arc::clone(publisher),
+            self.opts.confirm_timeout,
+            self.opts.timeout,
+        );
+        tokio::spawn(async move {
+            if !now {
+                let _ = tokio::time::timeout(wait, old.settled()).await;
+            }
+            if old.channel.status().connected() {
+                let close = old
+                    .channel
+                    .close(200, ShortString::from("publish channel retired"));
+                if let Ok(Err(e)) = tokio::time::timeout(timeout, close).await {
+                    debug!("closing a retired publish channel: {e}");
+                }
+            }
+        });
     }
 
     fn spec(&self, queue: &str) -> Option<QueueSpec> {
@@ -349,7 +483,7 @@ impl Inner {
     }
 
     async fn declare_one(&self, spec: &QueueSpec) -> Result<(), Error> {
-        let ch = self.cached(&self.admin, false).await?;
+        let ch = self.admin().await?;
         let options = QueueDeclareOptions {
             durable: !spec.transient,
             ..QueueDeclareOptions::default()
@@ -481,7 +615,9 @@ impl Inner {
             Some(user) => props.with_user_id(user.clone()),
             None => props,
         };
-        let ch = self.cached(&self.publisher, true).await?;
+        let publisher = self.publisher().await?;
+        let _pending = Pending::new(&publisher);
+        let ch = &publisher.channel;
         let options = BasicPublishOptions {
             mandatory: true,
             immediate: false,
@@ -500,7 +636,21 @@ impl Inner {
             Ok(Err(e)) => return Err(Error::NotConfirmed(format!("publishing: {e}"))),
             Err(_) => return Err(Error::NotConfirmed("the publish timed out".into())),
         };
-        match tokio::time::timeout(self.opts.confirm_timeout, confirm).await {
+        let stall = CONFIRM_STALL.min(self.opts.confirm_timeout);
+        let mut confirm = confirm;
+        let confirmed = match tokio::time::timeout(stall, &mut confirm).await {
+            Ok(confirmed) => Ok(confirmed),
+            Err(_) => {
+                let why = format!("no confirm within {stall:?}");
+                self.retire(&publisher, &why, true).await;
+                tokio::time::timeout(self.opts.confirm_timeout.saturating_sub(stall), confirm).await
+            }
+        };
+        if matches!(confirmed, Ok(Ok(Confirmation::Nack(_)))) {
+            let why = format!("a nack for `{queue}`");
+            self.retire(&publisher, &why, false).await;
+        }
+        match confirmed {
             Err(_) => Err(Error::NotConfirmed(format!(
                 "no confirm within {:?}",
                 self.opts.confirm_timeout
@@ -773,7 +923,7 @@ impl AmqpBroker {
     /// and its consumers. `doing` says what for, in errors.
     async fn passive(&self, queue: &str, doing: &str) -> Result<lapin::Queue, Error> {
         let inner = &self.inner;
-        let ch = inner.cached(&inner.admin, false).await?;
+        let ch = inner.admin().await?;
         let options = QueueDeclareOptions {
             passive: true,
             ..QueueDeclareOptions::default()
@@ -1063,15 +1213,6 @@ impl callq_broker::Settle for AmqpSettle {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn passwords_stay_out_of_messages() {
-        assert_eq!(
-            redact("amqp://guest:secret@host:5672/%2f"),
-            "amqp://guest:***@host:5672/%2f"
-        );
-        assert_eq!(redact("amqp://host"), "amqp://host");
-    }
 
     #[test]
     fn call_queues_are_quorum_queues_with_limits() {
