@@ -154,15 +154,17 @@ pub async fn forget_outbox(
         .map_err(db_error)
 }
 
-/// Deletes the outbox rows past `retention` in the background: once a
-/// minute, up to ten transactions of 1,000 rows.
+/// Deletes the outbox rows past `retention` in the background: every 10
+/// seconds, in transactions of 1,000 rows until one is not full (a task of
+/// its own: handlers never wait for it, and the deletions keep up with any
+/// rate of commits).
 pub fn sweep_outbox(pool: Pool, retention: Duration) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut every = tokio::time::interval(Duration::from_secs(60));
+        let mut every = tokio::time::interval(Duration::from_secs(10));
         loop {
             every.tick().await;
             let mut forgotten = 0;
-            for _ in 0..10 {
+            loop {
                 match forget_outbox(&pool, retention, OUTBOX_BATCH).await {
                     Ok(n) => {
                         forgotten += n;

@@ -10,12 +10,14 @@
 //!   number of standbys each reserved service should have;
 //! - `notices`: which workers read a session, and the `session_changed`
 //!   notices they get;
-//! - `sweep`: idle sessions expired and ended ones forgotten;
+//! - `sweep`: idle sessions expired and ended ones forgotten, decided calls
+//!   past the retention deleted;
 //! - `effects`: publishing answers, orders, re-issues and `fatal` answers.
 //!
 //! [`Coordinator::run`] serves requests as they arrive and, every
 //! heartbeat interval, takes the steps of a tick: renew the leadership,
-//! drain the requests, detect deaths, sweep sessions, restore standbys.
+//! drain the requests, detect deaths, sweep sessions, delete decided calls
+//! past the retention, restore standbys.
 
 mod detector;
 mod effects;
@@ -257,6 +259,7 @@ impl<S: Store> Coordinator<S> {
             self.detect_deaths().await;
         }
         self.sweep_sessions().await;
+        self.forget_decided();
         self.restore_standbys().await;
         self.sample().await;
         Ok(())

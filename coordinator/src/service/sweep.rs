@@ -17,9 +17,9 @@ const SWEEP_MAX: usize = 1_000;
 /// The longest time between two sweeps.
 const SWEEP_AT_MOST_EVERY: Duration = Duration::from_secs(60);
 
-/// Batches of decided calls one sweep deletes at most (each one
-/// transaction of up to [`SWEEP_MAX`]): up to 10,000 a minute.
-const FORGET_BATCHES: usize = 10;
+/// The share of each tick spent deleting decided calls at most: a tenth
+/// of the heartbeat interval (at least one batch of [`SWEEP_MAX`] a tick).
+const FORGET_SHARE: u32 = 10;
 
 /// When the sessions were last swept.
 #[derive(Debug)]
@@ -49,15 +49,21 @@ impl Sweeper {
 
 impl<S: Store> Coordinator<S> {
     /// Deletes the records of calls decided longer than the retention ago,
-    /// a bounded batch at a time, stopping at the first batch that is not
-    /// full.
-    fn forget_decided(&mut self, now: i64) {
+    /// every tick, a bounded batch at a time, until a batch is not full or
+    /// the tick's share of time for it is spent: the deletions keep up
+    /// with the calls the cluster decides (a batch of 1,000 takes some
+    /// 10 ms on redb, so a tenth of a 1 s tick deletes about 10,000 a
+    /// second) and never hold the coordinator up for long.
+    pub(super) fn forget_decided(&mut self) {
+        let now = self.clock.now_ms();
+        let budget = self.opts.heartbeat_interval / FORGET_SHARE;
+        let started = std::time::Instant::now();
         let mut forgotten = 0;
-        for _ in 0..FORGET_BATCHES {
+        loop {
             match self.ledger.forget_decided(now, SWEEP_MAX) {
                 Ok(n) => {
                     forgotten += n;
-                    if n < SWEEP_MAX {
+                    if n < SWEEP_MAX || started.elapsed() >= budget {
                         break;
                     }
                 }
@@ -92,7 +98,6 @@ impl<S: Store> Coordinator<S> {
             Ok(n) => info!(sessions = n, "ended sessions forgotten"),
             Err(e) => warn!("forgetting ended sessions: {e}"),
         }
-        self.forget_decided(now);
         match self.ledger.commit() {
             Ok(effects) => self.carry_out(effects).await,
             // Nothing expired is durable: the next sweep finds them again.
