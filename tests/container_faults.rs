@@ -29,6 +29,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use support::containers::{Image, Project, docker, ok, python, python_packages, root};
+use support::fault_node::FaultVhost;
 use support::free_port;
 use support::outcomes::{Recorder, check, echo_sleep, mail};
 use tokio::time::Instant;
@@ -36,9 +37,7 @@ use tokio::time::Instant;
 /// A virtual host and a user of this test on the fault node; deleted when
 /// dropped.
 struct Tenant {
-    node: String,
-    vhost: String,
-    user: String,
+    vhost: FaultVhost,
     /// From the host: guest over loopback.
     host_url: String,
     /// From a container on a bridge network: the test's user over the
@@ -48,52 +47,18 @@ struct Tenant {
 
 impl Tenant {
     fn create() -> Self {
-        let var = |name: &str| {
-            std::env::var(name).unwrap_or_else(|_| {
-                panic!("{name} is not set: run scripts/test, or `scripts/rabbitmq-node start` and export what `scripts/rabbitmq-node env` prints")
-            })
-        };
-        let (node, port, bridge) = (
-            var("CALLQ_FAULTS_NODE"),
-            var("CALLQ_FAULTS_PORT"),
-            var("CALLQ_FAULTS_DOCKER_HOST"),
-        );
+        let bridge = std::env::var("CALLQ_FAULTS_DOCKER_HOST").unwrap_or_default();
         assert!(
             !bridge.is_empty(),
-            "Docker's default bridge (docker0) has no address: is the Docker engine running?"
+            "CALLQ_FAULTS_DOCKER_HOST is empty: run scripts/test (is the Docker engine running, with its default bridge docker0?)"
         );
-        let run = std::env::var("CALLQ_TEST_RUN").unwrap_or_else(|_| "manual".into());
-        let id = uuid::Uuid::now_v7().simple().to_string();
-        let vhost = format!("callq-test-{run}-containers-{id}");
-        let user = format!("callq-test-{id}");
-        let password = uuid::Uuid::new_v4().simple().to_string();
-        let ctl = |args: &[&str]| support::rabbitmqctl(&[&["-n", node.as_str()], args].concat());
-        ctl(&["add_vhost", &vhost]);
-        ctl(&["add_user", &user, &password]);
-        for who in ["guest", user.as_str()] {
-            ctl(&["set_permissions", "-p", &vhost, who, ".*", ".*", ".*"]);
-        }
+        let mut vhost = FaultVhost::create("containers", "");
+        // A heartbeat long enough that a connection outlives the cut.
+        let bridge_url = format!("{}?heartbeat=15", vhost.url_at(&bridge));
         Self {
-            host_url: format!("amqp://guest:guest@127.0.0.1:{port}/{vhost}"),
-            // A heartbeat long enough that a connection outlives the cut.
-            bridge_url: format!("amqp://{user}:{password}@{bridge}:{port}/{vhost}?heartbeat=15"),
-            node,
+            host_url: vhost.url.clone(),
+            bridge_url,
             vhost,
-            user,
-        }
-    }
-}
-
-impl Drop for Tenant {
-    fn drop(&mut self) {
-        for args in [
-            ["delete_vhost", self.vhost.as_str()],
-            ["delete_user", self.user.as_str()],
-        ] {
-            let _ = Command::new("rabbitmqctl")
-                .args(["-q", "-n", &self.node])
-                .args(args)
-                .output();
         }
     }
 }
@@ -305,7 +270,7 @@ async fn the_compose_cluster_keeps_the_promise_through_kills_cuts_restarts_and_s
         env: [
             ("CALLQ_IMAGE", image.0.as_str()),
             ("CALLQ_COORDINATOR__POSTGRES", pg.as_str()),
-            ("CALLQ_COORDINATOR__CLUSTER", tenant.vhost.as_str()),
+            ("CALLQ_COORDINATOR__CLUSTER", tenant.vhost.name.as_str()),
             ("CALLQ_SERVICES", "echo,mail"),
             ("CALLQ_WORKER__DRAIN_TIMEOUT", "15000"),
             ("CALLQ_LOG", "info"),

@@ -23,64 +23,11 @@ use callq_broker::{call_queue, dead_queue, lost_queue};
 use callq_node::Admin;
 use callq_schemas::protocol::{ClusterStatus, WorkerState};
 use callq_schemas::{Call, Outcome, codes};
+use support::fault_node::FaultVhost;
 use support::outcomes::{Recorder, check, echo_sleep, mail, publish_in_background};
 use support::{Proc, free_port, http_get, wait_status};
 use tokio::time::Instant;
 use uuid::Uuid;
-
-/// The RabbitMQ node these tests may stop and restart.
-struct FaultNode {
-    name: String,
-    port: String,
-}
-
-impl FaultNode {
-    fn get() -> Self {
-        let name = std::env::var("CALLQ_FAULTS_NODE").expect(
-            "CALLQ_FAULTS_NODE is not set: run scripts/test, or `scripts/rabbitmq-node start` and export what `scripts/rabbitmq-node env` prints",
-        );
-        let port = std::env::var("CALLQ_FAULTS_PORT").unwrap_or_else(|_| "5673".into());
-        Self { name, port }
-    }
-
-    fn ctl(&self, args: &[&str]) {
-        support::rabbitmqctl(&[&["-n", self.name.as_str()], args].concat());
-    }
-
-    /// `scripts/rabbitmq-node <cmd>`: start, stop, stop_app, start_app.
-    fn script(&self, cmd: &str) {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/rabbitmq-node");
-        let status = Command::new(script).arg(cmd).status().unwrap();
-        assert!(status.success(), "scripts/rabbitmq-node {cmd} failed");
-    }
-}
-
-/// A virtual host of one test on the fault node; deleted when dropped.
-struct FaultVhost {
-    node: FaultNode,
-    name: String,
-    url: String,
-}
-
-impl FaultVhost {
-    fn create(tag: &str, query: &str) -> Self {
-        let node = FaultNode::get();
-        let run = std::env::var("CALLQ_TEST_RUN").unwrap_or_else(|_| "manual".into());
-        let name = format!("callq-test-{run}-{tag}-{}", Uuid::now_v7().simple());
-        node.ctl(&["add_vhost", &name]);
-        node.ctl(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"]);
-        let url = format!("amqp://guest:guest@127.0.0.1:{}/{name}{query}", node.port);
-        Self { node, name, url }
-    }
-}
-
-impl Drop for FaultVhost {
-    fn drop(&mut self) {
-        let _ = Command::new("rabbitmqctl")
-            .args(["-q", "-n", &self.node.name, "delete_vhost", &self.name])
-            .output();
-    }
-}
 
 /// Worker settings for these tests: a short patience with the coordinator,
 /// so that outages longer than it take seconds, not minutes.

@@ -760,6 +760,7 @@ impl<S: Store> Ledger<S> {
                 return Ok(CompleteDecision::Refused {
                     reason: format!("attempt {attempt} of call {call_id} was never issued"),
                     superseded: false,
+                    reply: None,
                 });
             }
             if let Err((code, reason)) = self.session_check(write, now_ms)? {
@@ -809,13 +810,15 @@ impl<S: Store> Ledger<S> {
             CallState::Failed { reply } => Ok(CompleteDecision::Fatal {
                 reply: reply.clone(),
             }),
-            CallState::Done { .. } => Ok(CompleteDecision::Refused {
+            CallState::Done { reply } => Ok(CompleteDecision::Refused {
                 reason: "another attempt completed the call".into(),
                 superseded: true,
+                reply: reply.clone(),
             }),
             CallState::Open => Ok(CompleteDecision::Refused {
                 reason: not_current(rec, lease, attempt),
                 superseded: held_elsewhere(rec, lease),
+                reply: None,
             }),
         }
     }

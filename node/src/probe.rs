@@ -18,6 +18,9 @@ use uuid::Uuid;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Point {
+    /// The gate passed the attempt; its handler has not started (once per
+    /// attempt, before its first run).
+    BeforeHandler,
     /// The handler asks for a trace; the request is not sent yet.
     BeforeTrace,
     /// The coordinator granted the trace; the handler's effect has not
@@ -25,15 +28,20 @@ pub enum Point {
     AfterTrace,
     /// The handler returned; its outcome is not sent yet.
     BeforeReply,
+    /// The call was answered and its delivery acked (`attempt` is then the
+    /// delivery's copy number: the ack does not know the attempt).
+    AfterAck,
 }
 
 impl Point {
     /// The name used in reports and on the command line.
     pub fn as_str(self) -> &'static str {
         match self {
+            Point::BeforeHandler => "before_handler",
             Point::BeforeTrace => "before_trace",
             Point::AfterTrace => "after_trace",
             Point::BeforeReply => "before_reply",
+            Point::AfterAck => "after_ack",
         }
     }
 }

@@ -122,8 +122,9 @@ pub enum CompleteDecision {
         /// The `fatal` reply the client got.
         reply: Reply,
     },
-    /// The attempt is not the current one: publish nothing; the delivery goes
-    /// back to its queue and `resume` on the redelivery settles it.
+    /// The attempt is not the current one: its own reply is dropped; the
+    /// delivery goes back to its queue and `resume` on the redelivery
+    /// settles it, or (`superseded`) is acked.
     Refused {
         /// Why, for logs.
         reason: String,
@@ -134,6 +135,12 @@ pub enum CompleteDecision {
         /// runs the next attempt.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         superseded: bool,
+        /// The call is decided by another attempt: its recorded reply,
+        /// which this delivery publishes again before it is acked (the
+        /// attempt that completed may have died before its own reply went
+        /// out; the client drops duplicates).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reply: Option<Reply>,
     },
     /// The session data the attempt wrote was not committed, and nothing
     /// else was: `session_conflict` (another call changed the session since

@@ -448,10 +448,17 @@ fn answer_bodies() -> Vec<AnswerBody> {
         complete(CompleteDecision::Refused {
             reason: "not the current attempt".into(),
             superseded: true,
+            reply: None,
+        }),
+        complete(CompleteDecision::Refused {
+            reason: "another attempt completed the call".into(),
+            superseded: true,
+            reply: Some(fatal_reply()),
         }),
         complete(CompleteDecision::Refused {
             reason: "attempt 2 of the call was never issued".into(),
             superseded: false,
+            reply: None,
         }),
         complete(CompleteDecision::SessionRefused {
             code: "session_conflict".into(),

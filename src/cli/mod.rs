@@ -14,10 +14,12 @@ mod coordinator;
 mod demo;
 mod drain;
 mod health;
+mod hooks;
 mod replay;
 mod shutdown;
 mod status;
 mod telemetry;
+mod verify;
 mod watch;
 mod worker;
 
@@ -66,6 +68,11 @@ enum Command {
     /// Publishes the calls of a capture file (docs/REPLAY.md) to a broker
     /// again, each confirmed, keeping their captured timing or at a rate.
     Replay(replay::Args),
+    /// Checks the call contract on a real broker under faults: starts a
+    /// cluster of its own, drives a seeded mix of calls, kills, pauses,
+    /// crashes, restarts and cuts off its processes, then checks every
+    /// call and effect and prints a verdict per seed.
+    Verify(verify::Args),
 }
 
 impl Cli {
@@ -110,6 +117,7 @@ impl Cli {
             | Command::Status(_)
             | Command::Drain(_)
             | Command::Replay(_)
+            | Command::Verify(_)
             | Command::Capture(_) => "warn",
         }
     }
@@ -132,7 +140,9 @@ impl Cli {
             Command::Agent(_) => "callq-agent",
             Command::Demo(_) => "callq-demo",
             Command::Call(_) | Command::Replay(_) => "callq-client",
-            Command::Status(_) | Command::Drain(_) | Command::Capture(_) => "callq",
+            Command::Status(_) | Command::Drain(_) | Command::Capture(_) | Command::Verify(_) => {
+                "callq"
+            }
         }
     }
 
@@ -148,6 +158,7 @@ impl Cli {
             Command::Drain(args) => drain::run(args, config).await,
             Command::Capture(args) => capture::run(args, config).await,
             Command::Replay(args) => replay::run(args, config).await,
+            Command::Verify(args) => verify::run(args, config).await,
         }
     }
 }

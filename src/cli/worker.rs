@@ -15,6 +15,7 @@ use tracing::warn;
 use super::broker::connect;
 use super::config::Settings;
 use super::health::{self, Health};
+use super::hooks::{Armed, Broken, break_broker, break_services};
 use super::shutdown::{shutdown_on_signal, shutdown_on_signal_supervised, stop_when_stdin_closes};
 
 #[derive(clap::Args)]
@@ -35,6 +36,19 @@ pub(crate) struct Args {
     /// workers, so that they do not outlive it).
     #[arg(long, hide = true)]
     supervised: bool,
+    /// Crash where stdin says (`crash <point>`): for `callq verify`.
+    #[arg(long, hide = true, conflicts_with = "supervised")]
+    fault_hooks: bool,
+    /// Break the contract on purpose: for `callq verify`'s own test.
+    #[arg(long, hide = true, value_enum)]
+    broken: Option<Broken>,
+}
+
+/// What `callq verify` gives the workers it starts (see [`super::hooks`]).
+#[derive(Clone, Default)]
+struct Hooks {
+    crash: Option<Arc<Armed>>,
+    broken: Option<Broken>,
 }
 
 /// Serves until a signal (or, supervised, the end of stdin) stops it.
@@ -71,7 +85,15 @@ async fn worker(
     shutdown: CancellationToken,
     health: &Arc<Health>,
 ) -> anyhow::Result<()> {
-    let found = built_in(&args.services)?;
+    let hooks = Hooks {
+        crash: args.fault_hooks.then(|| {
+            let armed = Arc::new(Armed::default());
+            armed.listen();
+            armed
+        }),
+        broken: args.broken,
+    };
+    let found = break_services(built_in(&args.services)?, hooks.broken);
     callq_node::metrics::describe_services(found.iter().map(Service::name));
     let mut opts = settings.worker.clone();
     if let Some(id) = args.worker_id {
@@ -100,7 +122,9 @@ async fn worker(
                 if !shutdown.is_cancelled() {
                     health.ready(serving);
                 }
-                let (ended, ran) = serve(&opts, &id, broker, &found, &shutdown, health).await;
+                let broker = break_broker(broker, hooks.broken);
+                let run = (&found[..], &hooks);
+                let (ended, ran) = serve(&opts, &id, broker, run, &shutdown, health).await;
                 if ran > Duration::from_secs(60) {
                     backoff.reset();
                 }
@@ -156,7 +180,7 @@ async fn serve(
     opts: &WorkerOptions,
     id: &str,
     broker: Arc<dyn Broker>,
-    services: &[Service],
+    (services, hooks): (&[Service], &Hooks),
     shutdown: &CancellationToken,
     health: &Health,
 ) -> (Result<(), callq_node::Error>, Duration) {
@@ -169,6 +193,9 @@ async fn serve(
     );
     for service in services {
         worker = worker.service(service.clone());
+    }
+    if let Some(armed) = &hooks.crash {
+        worker = worker.probe(armed.clone());
     }
     health.follow(worker.stats());
     let started = tokio::time::Instant::now();

@@ -8,6 +8,9 @@
 //!   account of how every call ended;
 //! - [`faults`]: crash plans for workers, supplied to them as a probe;
 //! - [`crashes`]: replay of a capture file with crashes injected;
+//! - [`netns`]: a process in a network namespace of its own, whose link to
+//!   the host can be cut (a partition that keeps its connections) and
+//!   restored;
 //! - [`capture`] and [`replay`]: capture from any tap, replay onto a broker
 //!   or into handlers;
 //! - [`demo`]: what `callq demo` runs.
@@ -23,6 +26,7 @@ pub mod crashes;
 pub mod demo;
 pub mod faults;
 pub mod load;
+pub mod netns;
 pub mod replay;
 
 pub use cluster::{ClusterOptions, LocalCluster};

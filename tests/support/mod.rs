@@ -15,6 +15,7 @@ use callq_testkit::chaos::{self, ChaosReport, ChaosSpec, Fleet};
 
 pub mod cluster;
 pub mod containers;
+pub mod fault_node;
 pub mod outcomes;
 
 /// A RabbitMQ virtual host for one test, deleted when dropped.

@@ -682,12 +682,21 @@ fn a_spare_delivery_is_told_to_go_away_and_only_a_lone_one_comes_back() {
     );
     let reply = Reply::ok(id, 3, json!("sent"));
     assert_eq!(
-        l.complete(d2, 3, Some(reply), None, 0).unwrap(),
+        l.complete(d2, 3, Some(reply.clone()), None, 0).unwrap(),
         CompleteDecision::Accepted
     );
-    // Once the call is decided, every other delivery is a spare.
+    // Once the call is decided, every other delivery is a spare, and it
+    // answers the recorded reply (the attempt that decided may have died
+    // before its own went out).
     match l.complete(d1, 2, None, None, 0).unwrap() {
-        CompleteDecision::Refused { superseded, .. } => assert!(superseded),
+        CompleteDecision::Refused {
+            superseded,
+            reply: recorded,
+            ..
+        } => {
+            assert!(superseded);
+            assert_eq!(recorded, Some(reply));
+        }
         other => panic!("{other:?}"),
     }
     match l.trace(d1, 2, "A", "mail.sent", SVC, TO, None, 0).unwrap() {

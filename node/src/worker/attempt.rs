@@ -67,6 +67,7 @@ pub(super) async fn run(
         ))),
         _ => None,
     };
+    pass(shared, Point::BeforeHandler, call.call_id, attempt).await;
     let mut runs = 0;
     loop {
         runs += 1;
@@ -342,4 +343,17 @@ fn panicked(
         codes::HANDLER_PANICKED,
         format!("the handler of {service}.{method} panicked: {what}"),
     )
+}
+
+/// Tells the worker's probe, if any, that the call is at `point` with no
+/// trace at hand.
+pub(super) async fn pass(shared: &Shared, point: Point, call_id: Uuid, attempt: u32) {
+    let site = Site {
+        point,
+        call_id,
+        attempt,
+        trace: None,
+        granted: &[],
+    };
+    Probed::pass(shared.probe.as_ref(), site).await;
 }

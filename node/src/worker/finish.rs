@@ -135,10 +135,16 @@ pub(super) async fn complete_first(
         CompleteDecision::Refused {
             reason,
             superseded: true,
+            reply: decided,
         } => {
             stats.revoke();
             warn!(worker = %shared.opts.worker_id, %call_id, "completion refused, the result is dropped; another delivery carries the call: {reason}");
-            Ledgered::Settle(Disposition::Ack)
+            // The attempt that decided the call may have died before its
+            // reply went out: the recorded one goes out again.
+            match decided {
+                Some(reply) => Ledgered::Settle(publish_reply(shared, reply_to, &reply).await),
+                None => Ledgered::Settle(Disposition::Ack),
+            }
         }
         CompleteDecision::Refused { reason, .. } => {
             stats.revoke();

@@ -17,6 +17,7 @@ use uuid::Uuid;
 
 use super::shared::{Flight, FlightGuard, Shared};
 use super::{WorkerStats, attempt, finish, gate};
+use crate::probe::Point;
 use crate::{Error, Service};
 
 /// A delivery, and whether it came from a queue of calls past their
@@ -89,8 +90,26 @@ pub(super) async fn handle(shared: Arc<Shared>, (delivery, past_limit): Arriving
         WorkerStats::bump(&shared.stats.dead_lettered);
         crate::metrics::dead_lettered(reason);
     }
-    if let Err(e) = delivery.settle(fate).await {
-        warn!(worker = %shared.opts.worker_id, "settling a delivery failed: {e}");
+    // A probe hears of the ack: the call's id is peeked from the body,
+    // which the settle consumes.
+    let acked = (shared.probe.is_some() && fate == Disposition::Ack).then(|| {
+        let copy = delivery.attempt().unwrap_or(0);
+        (
+            peek(
+                &delivery.body,
+                shared.opts.limits.max_bytes.saturating_mul(4),
+            )
+            .call_id,
+            copy,
+        )
+    });
+    match delivery.settle(fate).await {
+        Err(e) => warn!(worker = %shared.opts.worker_id, "settling a delivery failed: {e}"),
+        Ok(()) => {
+            if let Some((Some(call_id), copy)) = acked {
+                attempt::pass(&shared, Point::AfterAck, call_id, copy).await;
+            }
+        }
     }
     shared.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
     crate::metrics::in_flight(-1.0);
