@@ -20,7 +20,6 @@ mod support;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -60,65 +59,9 @@ fn user_connections(vhost: &FaultVhost) -> usize {
     listed.lines().filter(|l| l.trim() == user).count()
 }
 
-/// A `callq` process in the namespace, started as `support::Proc` starts
-/// one on the host; killed when dropped.
-struct NsProc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl NsProc {
-    fn spawn(
-        ns: &Netns,
-        name: &str,
-        args: &[&str],
-        url: &str,
-        dir: &Path,
-        env: &[(&str, &str)],
-    ) -> Self {
-        let log = dir.join(format!("{name}.log"));
-        let file = std::fs::File::create(&log).unwrap();
-        let child = ns
-            .command(support::callq_bin())
-            .args(args)
-            .current_dir(dir)
-            .env("CALLQ_BROKER", url)
-            .env("CALLQ_LOG", "info")
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start callq {args:?} in {}: {e}", ns.name()));
-        Self { child, log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn running(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-}
-
-impl Drop for NsProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// `GET /metrics` at `addr`; `None` while nothing answers there.
 fn scrape(addr: SocketAddr) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).ok()?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text).ok()?;
-    Some(text.split("\r\n\r\n").nth(1)?.to_owned())
+    support::http_get_at(addr, "/metrics").map(|(_, body)| body)
 }
 
 /// The series of `name` whose labels contain `label` (`""`: all), summed.
@@ -212,8 +155,8 @@ async fn a_partitioned_worker_is_replaced_refused_and_serves_again_after_the_cut
     );
     let worker_args = |id: &'static str| ["worker", "--services", "echo,mail", "--worker-id", id];
     let mut w1 = Proc::spawn("w1", &worker_args("w1"), &host_url, &dir);
-    let mut w2_proc = NsProc::spawn(
-        &ns,
+    let mut w2_proc = Proc::spawn_from(
+        ns.command(support::callq_bin()),
         "w2",
         &worker_args("w2"),
         &vhost.url_at(&ns.host_addr().to_string()),

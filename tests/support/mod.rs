@@ -104,9 +104,22 @@ impl Proc {
         dir: &Path,
         env: &[(&str, &str)],
     ) -> Self {
+        Self::spawn_from(Command::new(callq_bin()), name, args, broker_url, dir, env)
+    }
+
+    /// Like [`Proc::spawn_env`], from `base` (`callq` run some other way,
+    /// e.g. in a network namespace).
+    pub fn spawn_from(
+        mut base: Command,
+        name: &str,
+        args: &[&str],
+        broker_url: &str,
+        dir: &Path,
+        env: &[(&str, &str)],
+    ) -> Self {
         let log = dir.join(format!("{name}.log"));
         let file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(callq_bin())
+        let child = base
             .args(args)
             .current_dir(dir)
             .env("CALLQ_BROKER", broker_url)
@@ -474,11 +487,16 @@ pub fn free_port() -> u16 {
 /// `GET path` on 127.0.0.1:`port`: the status code and the body, or `None`
 /// while nothing answers.
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    http_get_at(std::net::SocketAddr::from(([127, 0, 0, 1], port)), path)
+}
+
+/// `GET path` at `addr`: the status code and the body, or `None` while
+/// nothing answers.
+pub fn http_get_at(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).ok()?;
     let mut text = String::new();
     stream.read_to_string(&mut text).ok()?;

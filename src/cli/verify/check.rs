@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use callq_schemas::codes;
 use callq_schemas::protocol::EXACT_TRACE;
 use callq_schemas::{Outcome, Reply, Uuid};
 
@@ -77,6 +78,9 @@ pub(super) struct Verdict {
     pub(super) duplicate_replies: usize,
     /// Publishes the broker did not confirm (not counted as calls).
     pub(super) unconfirmed: usize,
+    /// Calls answered `delivery_limit`: their deliveries used up by the
+    /// faults (each lost with its worker), none completed.
+    pub(super) delivery_limit: usize,
     pub(super) violations: Vec<String>,
 }
 
@@ -214,6 +218,10 @@ fn effects(
             counted.entry(session).or_default().1 += n;
         }
         (Kind::Counter { .. }, Outcome::Error) if code == "session_conflict" => {}
+        // Its deliveries used up under faults: never completed, so nothing
+        // of it may show (checked below: no mail line, no outbox row, not
+        // counted).
+        (_, Outcome::Error) if code == codes::DELIVERY_LIMIT => v.delivery_limit += 1,
         _ => unexpected(v),
     }
     match sent.kind {
@@ -226,6 +234,9 @@ fn effects(
             } else if lines == 0 && reply.outcome == Outcome::Ok {
                 v.violations
                     .push(format!("mail of call {id} was answered ok and not sent"));
+            } else if lines > 0 && reply.outcome == Outcome::Error {
+                v.violations
+                    .push(format!("mail of call {id} was answered {code} and sent"));
             }
         }
         Kind::Bank { .. } => {
@@ -322,36 +333,35 @@ mod tests {
         id
     }
 
+    /// Two accounts opened with 100 cents each.
+    fn observed(balances: Vec<i64>, counters: Vec<i64>) -> Observed {
+        Observed {
+            opening: 100,
+            balances,
+            counters,
+            ..Observed::default()
+        }
+    }
+
+    const TEN: Kind = Kind::Bank {
+        from: 0,
+        to: 1,
+        cents: 10,
+    };
+
+    const ADD5: Kind = Kind::Counter { session: 0, n: 5 };
+
     #[test]
     fn a_clean_run_passes_with_its_figures() {
-        let mut seen = Observed {
-            opening: 100,
-            balances: vec![90, 110],
-            counters: vec![5],
-            ..Observed::default()
-        };
+        let mut seen = observed(vec![90, 110], vec![5]);
         one(&mut seen, Kind::Echo, Outcome::Ok, &[]);
         let m = one(&mut seen, Kind::Mail, Outcome::Ok, &[]);
         seen.mail_lines.insert(m, 1);
         let f = one(&mut seen, Kind::Mail, Outcome::Fatal, &["mail.sent"]);
         seen.mail_lines.insert(f, 1);
-        let t = one(
-            &mut seen,
-            Kind::Bank {
-                from: 0,
-                to: 1,
-                cents: 10,
-            },
-            Outcome::Ok,
-            &[],
-        );
+        let t = one(&mut seen, TEN, Outcome::Ok, &[]);
         seen.outbox_rows.insert(t, 1);
-        one(
-            &mut seen,
-            Kind::Counter { session: 0, n: 5 },
-            Outcome::Ok,
-            &[],
-        );
+        one(&mut seen, ADD5, Outcome::Ok, &[]);
         let v = judge(&seen);
         assert!(v.passed(), "{:?}", v.violations);
         assert_eq!((v.calls, v.lost, v.doubled), (5, 0, 0));
@@ -361,12 +371,7 @@ mod tests {
 
     #[test]
     fn each_broken_promise_is_named() {
-        let mut seen = Observed {
-            opening: 100,
-            balances: vec![80, 110],
-            counters: vec![7],
-            ..Observed::default()
-        };
+        let mut seen = observed(vec![80, 110], vec![7]);
         // Lost: confirmed, no reply.
         let lost = sent(Kind::Echo);
         seen.sent.push(lost);
@@ -374,24 +379,10 @@ mod tests {
         let m = one(&mut seen, Kind::Mail, Outcome::Ok, &[]);
         seen.mail_lines.insert(m, 2);
         // Fatal with an exact trace only.
-        let t = one(
-            &mut seen,
-            Kind::Bank {
-                from: 0,
-                to: 1,
-                cents: 10,
-            },
-            Outcome::Fatal,
-            &[EXACT_TRACE],
-        );
+        let t = one(&mut seen, TEN, Outcome::Fatal, &[EXACT_TRACE]);
         seen.outbox_rows.insert(t, 1);
         // A counter off its sum.
-        one(
-            &mut seen,
-            Kind::Counter { session: 0, n: 5 },
-            Outcome::Ok,
-            &[],
-        );
+        one(&mut seen, ADD5, Outcome::Ok, &[]);
         // Contradicting replies.
         let c = sent(Kind::Echo);
         let id = c.call_id;
@@ -421,12 +412,26 @@ mod tests {
     }
 
     #[test]
+    fn a_call_out_of_deliveries_must_have_left_nothing() {
+        let mut seen = observed(vec![100, 100], vec![0]);
+        for kind in [Kind::Mail, TEN, ADD5] {
+            let id = one(&mut seen, kind, Outcome::Error, &[]);
+            if let Some(r) = seen.replies.get_mut(&id) {
+                r[0].error.as_mut().unwrap().code = codes::DELIVERY_LIMIT.into();
+            }
+        }
+        let v = judge(&seen);
+        assert!(v.passed(), "{:?}", v.violations);
+        assert_eq!(v.delivery_limit, 3);
+        // One that left its mail line breaks the promise.
+        let mail = seen.sent[0].call_id;
+        seen.mail_lines.insert(mail, 1);
+        assert!(judge(&seen).violations[0].contains("answered delivery_limit and sent"));
+    }
+
+    #[test]
     fn an_unconfirmed_call_is_not_lost_but_its_committed_transfer_counts() {
-        let mut seen = Observed {
-            opening: 100,
-            balances: vec![95, 105],
-            ..Observed::default()
-        };
+        let mut seen = observed(vec![95, 105], Vec::new());
         let mut s = sent(Kind::Bank {
             from: 0,
             to: 1,

@@ -204,6 +204,13 @@ impl Fleet {
         false
     }
 
+    /// Whether the coordinator runs.
+    pub(super) fn coordinator_runs(&mut self) -> bool {
+        self.coordinator
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
     /// The coordinator's process id.
     pub(super) fn coordinator_pid(&self) -> Option<u32> {
         self.coordinator.as_ref().map(Child::id)

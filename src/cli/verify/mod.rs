@@ -47,6 +47,10 @@ then checks every call:
                 each counter equals the sum of its acknowledged adds
   fatal         only for a call whose lost attempt was granted a non-exact
                 trace (mail.sent); each such call is named
+  outcomes      echo ok; mail ok or fatal; transfer ok, fatal never, or
+                insufficient_funds; add ok or session_conflict; any call
+                delivery_limit (its deliveries used up by the faults), and
+                then nothing of it shows
 
 Faults (--faults), each at a time the seed picks, each reporting how many
 calls were in flight when it hit:
@@ -147,6 +151,10 @@ pub(crate) async fn run(args: Args, config: Option<&Path>) -> anyhow::Result<Exi
         None => std::env::temp_dir().join(format!("callq-verify-{}", Uuid::now_v7().simple())),
     };
     std::fs::create_dir_all(&base).with_context(|| format!("cannot create {}", base.display()))?;
+    // The processes run in the seeds' directories: paths must not be
+    // relative to this one.
+    let base =
+        std::path::absolute(&base).with_context(|| format!("cannot resolve {}", base.display()))?;
     let names: Vec<String> = kinds.iter().map(|k| k.name()).collect();
     println!(
         "callq verify: {} seed(s) x {} calls, faults: {}; files in {}",
@@ -438,11 +446,12 @@ impl Seed<'_> {
         );
         let least = applied.iter().map(|a| a.in_flight).min().unwrap_or(0);
         println!(
-            "  faults applied {} (fewest calls in flight at a hit: {least}); retried {}; duplicate replies {}; unconfirmed publishes {}",
+            "  faults applied {} (fewest calls in flight at a hit: {least}); retried {}; duplicate replies {}; unconfirmed publishes {}; out of deliveries {}",
             applied.len(),
             v.retried,
             v.duplicate_replies,
-            v.unconfirmed
+            v.unconfirmed,
+            v.delivery_limit
         );
         println!(
             "  lost {}, doubled {}, fatal without a granted trace {}, fatal for a granted trace {}",
@@ -484,6 +493,10 @@ async fn ready(admin: &Admin, workers: usize, fleet: &mut Fleet) -> anyhow::Resu
         anyhow::ensure!(
             gone.is_empty(),
             "worker(s) {gone:?} exited at start: see their logs"
+        );
+        anyhow::ensure!(
+            fleet.coordinator_runs(),
+            "the coordinator exited at start: see its log, coordinator.log"
         );
         if let Ok(status) = admin.status().await {
             let active = status
