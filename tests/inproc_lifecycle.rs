@@ -321,12 +321,19 @@ async fn a_hung_worker_s_call_is_reissued_runs_once_despite_the_redelivery_and_i
 
     // The hung worker wakes and tries to leave its trace: refused.
     match hung.late_trace().await {
-        TraceDecision::Refused { reason, superseded } => {
+        TraceDecision::Refused {
+            reason,
+            superseded,
+            reply,
+        } => {
             assert!(reason.contains("decided"), "{reason}");
             assert!(
                 superseded,
                 "a decided call makes any other delivery a spare"
             );
+            let reply = reply.expect("a decided call's recorded reply goes with the refusal");
+            assert_eq!(reply.call_id, call.call_id);
+            assert_eq!(reply.outcome, Outcome::Ok);
         }
         other => panic!("a revoked attempt was not refused: {other:?}"),
     }

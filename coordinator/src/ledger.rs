@@ -690,12 +690,21 @@ impl<S: Store> Ledger<S> {
                         return Ok(TraceDecision::Refused {
                             reason: not_current(rec, lease, attempt),
                             superseded: held_elsewhere(rec, lease),
+                            reply: None,
+                        });
+                    }
+                    CallState::Done { ref reply } => {
+                        return Ok(TraceDecision::Refused {
+                            reason: "the call is already decided".into(),
+                            superseded: true,
+                            reply: reply.clone(),
                         });
                     }
                     _ => {
                         return Ok(TraceDecision::Refused {
                             reason: "the call is already decided".into(),
                             superseded: true,
+                            reply: None,
                         });
                     }
                 }
@@ -984,6 +993,7 @@ fn refused(reason: String) -> TraceDecision {
     TraceDecision::Refused {
         reason,
         superseded: false,
+        reply: None,
     }
 }
 

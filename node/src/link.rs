@@ -10,6 +10,7 @@ use callq_broker::telemetry::{self, Attribute, Kind, TraceContext};
 use callq_broker::{
     Broker, Bytes, COORDINATOR_QUEUE, Disposition, HEARTBEAT_QUEUE, Message, QueueSpec,
 };
+use callq_schemas::Reply;
 use callq_schemas::codes;
 use callq_schemas::protocol::{
     Answer, AnswerBody, Lease, Request, RequestBody, SessionWrite, TraceDecision,
@@ -395,7 +396,7 @@ fn route(answer: AnswerBody, waiters: &Waiters, orders: &mpsc::Sender<Order>, wo
 }
 
 /// Why an attempt stopped short.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Abort {
     /// The coordinator refused a trace: the attempt was revoked or the call
     /// is decided. The result is dropped. Where another delivery holds the
@@ -407,6 +408,9 @@ pub(crate) enum Abort {
         reason: String,
         /// Another delivery carries the call on.
         superseded: bool,
+        /// The call is decided: its recorded reply, published again before
+        /// the spare is acked.
+        reply: Option<Reply>,
     },
     /// The coordinator did not answer a trace: the delivery goes back to the
     /// queue and `resume` decides on the redelivery.
@@ -540,9 +544,20 @@ impl Attempt {
                     ..
                 }) => return Err(HandlerError::new(code, reason)),
                 Ok(AnswerBody::Trace {
-                    decision: TraceDecision::Refused { reason, superseded },
+                    decision:
+                        TraceDecision::Refused {
+                            reason,
+                            superseded,
+                            reply,
+                        },
                     ..
-                }) => return Err(self.stop(Abort::Revoked { reason, superseded })),
+                }) => {
+                    return Err(self.stop(Abort::Revoked {
+                        reason,
+                        superseded,
+                        reply,
+                    }));
+                }
                 Ok(other) => {
                     warn!(call_id = %self.lease.call_id, "unexpected answer to a trace: {other:?}");
                     return Err(self.stop(Abort::Unreachable));

@@ -80,7 +80,7 @@ impl ResumeDecision {
 }
 
 /// The answer to `trace`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "decision", rename_all = "snake_case")]
 pub enum TraceDecision {
     /// Recorded durably: the effect may become visible.
@@ -97,6 +97,12 @@ pub enum TraceDecision {
         /// runs the next attempt.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         superseded: bool,
+        /// The call is decided by another attempt: its recorded reply,
+        /// which this delivery publishes again before it is acked (the
+        /// attempt that completed may have died before its own reply went
+        /// out; the client drops duplicates).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reply: Option<Reply>,
     },
     /// The session write the trace carried was not committed, and the trace
     /// not granted (`session_conflict`, `session_expired`,

@@ -432,10 +432,17 @@ fn answer_bodies() -> Vec<AnswerBody> {
         trace(TraceDecision::Refused {
             reason: "attempt 2 was revoked".into(),
             superseded: false,
+            reply: None,
         }),
         trace(TraceDecision::Refused {
             reason: "attempt 2 was revoked; the current attempt is 3".into(),
             superseded: true,
+            reply: None,
+        }),
+        trace(TraceDecision::Refused {
+            reason: "the call is already decided".into(),
+            superseded: true,
+            reply: Some(ok_reply()),
         }),
         trace(TraceDecision::SessionRefused {
             code: "session_expired".into(),

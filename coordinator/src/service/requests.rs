@@ -282,6 +282,7 @@ impl<S: Store> Coordinator<S> {
             let decision = TraceDecision::Refused {
                 reason: other_body(worker, lease.call_id),
                 superseded: true,
+                reply: None,
             };
             return Ok(Some(AnswerBody::Trace { req_id, decision }));
         }

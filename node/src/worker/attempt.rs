@@ -181,7 +181,11 @@ async fn aborted(
     standing: &Attempt,
 ) -> Option<Disposition> {
     match standing.aborted()? {
-        Abort::Revoked { reason, superseded } => {
+        Abort::Revoked {
+            reason,
+            superseded,
+            reply,
+        } => {
             shared.stats.revoke();
             info!(worker = %shared.opts.worker_id, call_id = %call.call_id, attempt, superseded, "attempt revoked, its result is dropped: {reason}");
             // Where another delivery holds the call (or it is decided), this
@@ -191,10 +195,15 @@ async fn aborted(
             // Otherwise it goes back: the revocation may have produced no
             // other copy (a re-issue needs the body), and `resume` on the
             // redelivery runs the next attempt.
-            Some(if superseded {
-                Disposition::Ack
-            } else {
-                Disposition::Release
+            // A decided call's recorded reply goes out again first: the
+            // attempt that decided it may have died before its own reply
+            // went out.
+            Some(match (superseded, reply) {
+                (true, Some(reply)) => {
+                    finish::publish_reply(shared, call.reply_to.as_deref(), &reply).await
+                }
+                (true, None) => Disposition::Ack,
+                (false, _) => Disposition::Release,
             })
         }
         Abort::Unreachable => {

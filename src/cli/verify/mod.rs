@@ -548,6 +548,9 @@ async fn settle(recorder: &Recorder, sent: &[check::Sent], within: Duration) {
     }
 }
 
+/// How long verify waits for PostgreSQL: a connection, each query.
+const PG_QUERY: Duration = Duration::from_secs(30);
+
 /// The balances of the seed's accounts and the outbox rows of its
 /// transfers, read from PostgreSQL.
 async fn bank_state(
@@ -558,18 +561,21 @@ async fn bank_state(
         std::env::var("CALLQ_POSTGRES").unwrap_or_else(|_| callq_node::pg::DEFAULT_URL.to_owned());
     let pool = callq_node::pg::pool(&url, 1)
         .map_err(|e| anyhow::anyhow!("CALLQ_POSTGRES: {}", e.message))?;
-    let client = tokio::time::timeout(Duration::from_secs(30), pool.get())
+    let client = tokio::time::timeout(PG_QUERY, pool.get())
         .await
         .context("no PostgreSQL connection within 30 s")?
         .context("connecting to PostgreSQL")?;
     let ids: Vec<String> = (0..names.accounts).map(|i| names.account(i)).collect();
-    let rows = client
-        .query(
+    let rows = tokio::time::timeout(
+        PG_QUERY,
+        client.query(
             "select id, cents from bank_accounts where id = any($1)",
             &[&ids],
-        )
-        .await
-        .context("reading the balances")?;
+        ),
+    )
+    .await
+    .context("PostgreSQL did not answer the balances query within 30 s")?
+    .context("reading the balances")?;
     let balances = ids
         .iter()
         .map(|id| {
@@ -579,13 +585,16 @@ async fn bank_state(
         })
         .collect();
     let ids = transfers.to_vec();
-    let rows = client
-        .query(
+    let rows = tokio::time::timeout(
+        PG_QUERY,
+        client.query(
             "select call_id, count(*) from callq_outbox where call_id = any($1) group by call_id",
             &[&ids],
-        )
-        .await
-        .context("reading callq_outbox")?;
+        ),
+    )
+    .await
+    .context("PostgreSQL did not answer the callq_outbox query within 30 s")?
+    .context("reading callq_outbox")?;
     let outbox = rows
         .iter()
         .map(|r| {
