@@ -441,6 +441,7 @@ fn main() -> anyhow::Result<()> {
         &callq,
     );
     support::echo_ratios(&raw.echo, &callq);
+    support::echo_targets("RabbitMQ", &raw.echo, &callq);
     println!(
         "worker process RSS: idle {:.1} MiB (target <= {IDLE_RSS_TARGET_MIB} MiB) {}; \
          under load max {:.1} MiB (VmHWM {:.1} MiB) while it served {:.0} calls/s",

@@ -569,6 +569,26 @@ fn main() -> anyhow::Result<()> {
         traced - plain,
         bank - traced
     );
+    // The target: the direct transaction plus one broker round trip (this
+    // bench's `echo.echo`, a whole callq call, stands for it), x1.15.
+    let bound = (sql + echo) * 1.15;
+    support::target_row(
+        "bank.transfer (exact pg.tx) p50, 1 in flight",
+        &format!("p50 {bank:.2} ms"),
+        &format!("direct {sql:.2} ms + echo.echo {echo:.2} ms"),
+        bank / (sql + echo),
+        "<= 1.15x",
+        bank <= bound,
+    );
+    let rate = callq.pipelined.rate / direct.pipelined.rate;
+    support::target_row(
+        &format!("bank.transfer calls/s, {IN_FLIGHT} in flight"),
+        &format!("{:.0} calls/s", callq.pipelined.rate),
+        &format!("direct {:.0} transfers/s", direct.pipelined.rate),
+        rate,
+        ">= 0.8x",
+        rate >= 0.8,
+    );
     println!(
         "checked: both sides' money all there; {} outbox rows for the {} callq transfers, \
          none for the direct ones; accounts and outbox rows deleted",

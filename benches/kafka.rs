@@ -606,6 +606,7 @@ fn main() -> anyhow::Result<()> {
         raw.idle.bench, raw.idle.broker, callq_idle.bench, callq_idle.broker
     );
     support::echo_ratios(&raw.echo, &callq);
+    support::echo_targets("Kafka", &raw.echo, &callq);
     println!("total {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
 }

@@ -74,6 +74,9 @@ async fn measure(client: &Client, service: &str, calls: usize) -> anyhow::Result
     Ok((ms(&serial, 0.5), rate))
 }
 
+/// A session call on a warm cache against `echo.echo`, round-trip p50.
+const SESSION_TARGET: f64 = 3.0;
+
 fn main() -> anyhow::Result<()> {
     let calls = support::calls_arg(10_000)?;
     let dir = std::env::temp_dir().join(format!("callq-bench-session-{}", std::process::id()));
@@ -92,6 +95,15 @@ fn main() -> anyhow::Result<()> {
             "ratio counter.add/echo.echo round-trip p50: {:.2}x; calls/s: {:.2}x",
             counter_p50 / echo_p50,
             counter_rate / echo_rate
+        );
+        let ratio = counter_p50 / echo_p50;
+        support::target_row(
+            "counter.add (session, warm cache) p50, embedded broker",
+            &format!("p50 {counter_p50:.3} ms"),
+            &format!("echo.echo p50 {echo_p50:.3} ms"),
+            ratio,
+            &format!("<= {SESSION_TARGET}x"),
+            ratio <= SESSION_TARGET,
         );
         cluster.shutdown().await?;
         // The same on a store in memory: the protocol's part without the

@@ -71,6 +71,11 @@ impl Recorder {
         call.call_id
     }
 
+    /// The queue the recorder's calls name as their `reply_to`.
+    pub fn reply_to(&self) -> &str {
+        &self.reply_to
+    }
+
     pub fn replies(&self) -> HashMap<Uuid, Vec<Reply>> {
         self.replies.lock().unwrap().clone()
     }
