@@ -24,7 +24,9 @@ use callq_node::Admin;
 use callq_schemas::protocol::{ClusterStatus, WorkerState};
 use callq_schemas::{Call, Outcome, codes};
 use support::fault_node::FaultVhost;
-use support::outcomes::{Recorder, check, echo_sleep, mail, publish_in_background};
+use support::outcomes::{
+    Recorder, check, echo_sleep, mail, mixed, publish_in_background, serves_again, sort_mixed,
+};
 use support::{Proc, free_port, http_get, wait_status};
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -121,15 +123,7 @@ async fn a_broker_restart_mid_load_ends_every_call_once_and_the_cluster_serves_o
         .into_iter()
         .enumerate()
     {
-        let calls: Vec<Call> = (0..300)
-            .map(|i| {
-                if i % 4 == 0 {
-                    mail(&outbox, 20)
-                } else {
-                    echo_sleep(50)
-                }
-            })
-            .collect();
+        let calls = mixed(&outbox, 300);
         let load = publish_in_background(&recorder, calls, Duration::from_millis(5));
         // The fault hits work in progress: calls published, some answered,
         // some running.
@@ -147,27 +141,14 @@ async fn a_broker_restart_mid_load_ends_every_call_once_and_the_cluster_serves_o
         let back = Instant::now();
         let ids = load.await.unwrap();
         // Serving again: a new call answered soon after the broker's return.
-        let (reply, took) = recorder
-            .call_after(echo_sleep(0), Duration::from_secs(60))
-            .await;
-        assert_eq!(reply.outcome, Outcome::Ok, "{reply:?}");
-        let serving = back.elapsed();
-        eprintln!(
-            "phase {stop}/{start}: a new call answered {:.1} s after the broker was back (itself {:.2} s)",
-            serving.as_secs_f64(),
-            took.as_secs_f64()
-        );
-        assert!(
-            serving < Duration::from_secs(30),
-            "the cluster took {serving:?} to serve again"
-        );
-        for (i, id) in ids.into_iter().enumerate() {
-            if i % 4 == 0 {
-                mails.push(id);
-            } else {
-                echo.push(id);
-            }
-        }
+        serves_again(
+            &recorder,
+            &format!("phase {stop}/{start}"),
+            back,
+            Duration::from_secs(30),
+        )
+        .await;
+        sort_mixed(ids, &mut echo, &mut mails);
     }
     // A traced call after it all ends ok.
     let (reply, _) = recorder

@@ -27,8 +27,10 @@ use std::time::Duration;
 
 use callq_node::Admin;
 use callq_schemas::protocol::WorkerState;
-use callq_schemas::{Call, Outcome};
-use support::outcomes::{Recorder, check, echo_sleep, mail, publish_in_background};
+use callq_schemas::Outcome;
+use support::outcomes::{
+    Recorder, check, mail, mixed, publish_in_background, serves_again, sort_mixed,
+};
 use support::{Proc, count, free_port, kafka, wait_status};
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -245,15 +247,7 @@ async fn a_kafka_broker_restart_mid_load_ends_every_confirmed_call_once_and_the_
     let outbox = dir.join("mail.outbox");
     let (mut echo, mut mails) = (Vec::new(), Vec::new());
     for life in 1..=RESTARTS {
-        let calls: Vec<Call> = (0..CALLS)
-            .map(|i| {
-                if i % 4 == 0 {
-                    mail(&outbox, 20)
-                } else {
-                    echo_sleep(50)
-                }
-            })
-            .collect();
+        let calls = mixed(&outbox, CALLS);
         // Published over some 4 s: the restart comes while calls are being
         // published, queued and run.
         let load = publish_in_background(&recorder, calls, Duration::from_millis(100));
@@ -273,27 +267,14 @@ async fn a_kafka_broker_restart_mid_load_ends_every_confirmed_call_once_and_the_
         let back = Instant::now();
         eprintln!("restart {life}: tansu stopped and started again");
         let ids = load.await.unwrap();
-        let (reply, took) = recorder
-            .call_after(echo_sleep(0), Duration::from_secs(90))
-            .await;
-        assert_eq!(reply.outcome, Outcome::Ok, "{reply:?}");
-        let serving = back.elapsed();
-        eprintln!(
-            "restart {life}: a new call answered {:.1} s after the broker was back (itself {:.2} s)",
-            serving.as_secs_f64(),
-            took.as_secs_f64()
-        );
-        assert!(
-            serving < Duration::from_secs(60),
-            "the cluster took {serving:?} to serve again"
-        );
-        for (i, id) in ids.into_iter().enumerate() {
-            if i % 4 == 0 {
-                mails.push(id);
-            } else {
-                echo.push(id);
-            }
-        }
+        serves_again(
+            &recorder,
+            &format!("restart {life}"),
+            back,
+            Duration::from_secs(60),
+        )
+        .await;
+        sort_mixed(ids, &mut echo, &mut mails);
     }
     let (reply, _) = recorder
         .call_after(mail(&outbox, 0), Duration::from_secs(90))

@@ -247,3 +247,49 @@ pub fn publish_in_background(
         ids
     })
 }
+
+/// `n` calls, one in four a `mail.send` (to `outbox`, 20 ms before its
+/// trace) and the rest `echo.sleep` of 50 ms.
+pub fn mixed(outbox: &Path, n: usize) -> Vec<Call> {
+    (0..n)
+        .map(|i| {
+            if i % 4 == 0 {
+                mail(outbox, 20)
+            } else {
+                echo_sleep(50)
+            }
+        })
+        .collect()
+}
+
+/// Sorts the ids of a [`mixed`] load, in publish order, into `echo` and
+/// `mails`.
+pub fn sort_mixed(ids: Vec<Uuid>, echo: &mut Vec<Uuid>, mails: &mut Vec<Uuid>) {
+    for (i, id) in ids.into_iter().enumerate() {
+        if i % 4 == 0 {
+            mails.push(id);
+        } else {
+            echo.push(id);
+        }
+    }
+}
+
+/// After a fault that ended at `back`: a new call answered `ok` within
+/// `within` of it (up to 90 s for the call itself), with the figures
+/// printed under `what`.
+pub async fn serves_again(recorder: &Recorder, what: &str, back: Instant, within: Duration) {
+    let (reply, took) = recorder
+        .call_after(echo_sleep(0), Duration::from_secs(90))
+        .await;
+    assert_eq!(reply.outcome, Outcome::Ok, "{reply:?}");
+    let serving = back.elapsed();
+    eprintln!(
+        "{what}: a new call answered {:.1} s after the broker was back (itself {:.2} s)",
+        serving.as_secs_f64(),
+        took.as_secs_f64()
+    );
+    assert!(
+        serving < within,
+        "the cluster took {serving:?} to serve again"
+    );
+}
