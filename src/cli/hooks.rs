@@ -149,6 +149,10 @@ impl Broker for AckEarly {
         self.0.depth(queue).await
     }
 
+    async fn partitions(&self, queue: &str) -> Result<Option<u32>, Error> {
+        self.0.partitions(queue).await
+    }
+
     async fn consumers(&self, queue: &str) -> Result<Option<u64>, Error> {
         self.0.consumers(queue).await
     }

@@ -62,6 +62,45 @@ pub(crate) struct StatusReport {
     /// for a consumer; on Kafka the consumer group's lag (calls past the
     /// group's committed offsets: waiting, or taken and not yet finished).
     pub(crate) queues: BTreeMap<String, u64>,
+    /// Per service queue, its topic's partitions (Kafka only).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub(crate) partitions: BTreeMap<String, u32>,
+    /// What an operator should fix, in words: a service with more active
+    /// workers than its topic has partitions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) warnings: Vec<String>,
+}
+
+/// A warning per service whose call topic has fewer partitions than the
+/// service has active workers: a consumer group gives each partition to
+/// one member, so the others get no calls of the service.
+pub(crate) fn partition_warnings(
+    cluster: &ClusterStatus,
+    partitions: &BTreeMap<String, u32>,
+) -> Vec<String> {
+    let mut warnings = Vec::new();
+    for (queue, &have) in partitions {
+        let Some(service) = queue.strip_prefix("callq.call.") else {
+            continue;
+        };
+        let active = cluster
+            .workers
+            .iter()
+            .filter(|w| w.state == WorkerState::Active && w.services.iter().any(|s| s == service))
+            .count();
+        let have_n = usize::try_from(have).unwrap_or(usize::MAX);
+        if active > have_n {
+            warnings.push(format!(
+                "service `{service}` has {active} active workers but `{queue}` has {have} \
+                 partition{}: {} of them get no calls of it. Give the topic at least {active} \
+                 partitions (`?partitions={active}` in the Kafka URL for new topics; the \
+                 broker's own tools for an existing one).",
+                if have == 1 { "" } else { "s" },
+                active - have_n
+            ));
+        }
+    }
+    warnings
 }
 
 /// `callq status`.
@@ -97,19 +136,30 @@ pub(crate) async fn report(
     services.sort_unstable();
     services.dedup();
     let mut queues = BTreeMap::new();
+    let mut partitions = BTreeMap::new();
     for service in services {
         let queue = call_queue(service);
         match broker.depth(&queue).await {
             Ok(depth) => {
-                queues.insert(queue, depth.ready);
+                queues.insert(queue.clone(), depth.ready);
             }
             Err(e) => warn!(%queue, "reading the depth: {e}"),
         }
+        match broker.partitions(&queue).await {
+            Ok(Some(n)) => {
+                partitions.insert(queue, n);
+            }
+            Ok(None) => {}
+            Err(e) => warn!(%queue, "reading the partitions: {e}"),
+        }
     }
+    let warnings = partition_warnings(&cluster, &partitions);
     Ok(StatusReport {
         cluster,
         broker: broker.kind().to_owned(),
         queues,
+        partitions,
+        warnings,
     })
 }
 
@@ -158,15 +208,28 @@ pub(crate) fn render_status(report: &StatusReport) -> String {
     } else {
         "READY"
     };
-    let mut queues = vec![row(&["QUEUE", depth])];
-    queues.extend(
-        report
-            .queues
-            .iter()
-            .map(|(queue, ready)| vec![queue.clone(), ready.to_string()]),
-    );
+    let mut queues = if report.partitions.is_empty() {
+        vec![row(&["QUEUE", depth])]
+    } else {
+        vec![row(&["QUEUE", depth, "PARTITIONS"])]
+    };
+    queues.extend(report.queues.iter().map(|(queue, ready)| {
+        let mut cells = vec![queue.clone(), ready.to_string()];
+        if !report.partitions.is_empty() {
+            cells.push(
+                report
+                    .partitions
+                    .get(queue)
+                    .map_or_else(|| "-".to_owned(), u32::to_string),
+            );
+        }
+        cells
+    }));
     out.push('\n');
-    out.push_str(&table(&queues, &[false, true]));
+    out.push_str(&table(&queues, &[false, true, true]));
+    for warning in &report.warnings {
+        let _ = writeln!(out, "\nwarning: {warning}");
+    }
     if !c.agents.is_empty() {
         let _ = writeln!(out, "\nagents: {}", c.agents.join(", "));
     }
@@ -237,6 +300,8 @@ mod tests {
             },
             broker: "amqp".to_owned(),
             queues: BTreeMap::from([("callq.call.echo".to_owned(), 7)]),
+            partitions: BTreeMap::new(),
+            warnings: Vec::new(),
         };
         let text = render_status(&report);
         let lines: Vec<&str> = text.lines().collect();
@@ -252,5 +317,58 @@ mod tests {
             assert_eq!(end(row, load), end(head, "LOAD"), "{text}");
         }
         assert!(text.contains("callq.call.echo      7"), "{text}");
+    }
+
+    #[test]
+    fn more_active_workers_than_partitions_is_a_warning_naming_the_fix() {
+        let worker = |id: &str, state, services: &[&str]| WorkerStatus {
+            worker_id: id.to_owned(),
+            state,
+            services: services.iter().map(|s| (*s).to_owned()).collect(),
+            capacity: 8,
+            free: 8,
+            last_seen_ms: 1,
+            finished: BTreeMap::new(),
+        };
+        let cluster = ClusterStatus {
+            workers: vec![
+                worker("w1", WorkerState::Active, &["echo", "mail"]),
+                worker("w2", WorkerState::Active, &["echo"]),
+                worker("w3", WorkerState::Active, &["echo"]),
+                // Standbys take no calls: they do not count.
+                worker("s1", WorkerState::Standby, &["mail"]),
+            ],
+            ..ClusterStatus::default()
+        };
+        let partitions = BTreeMap::from([
+            ("callq.call.echo".to_owned(), 2),
+            ("callq.call.mail".to_owned(), 1),
+        ]);
+        let warnings = partition_warnings(&cluster, &partitions);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        let w = &warnings[0];
+        assert!(w.contains("service `echo` has 3 active workers"), "{w}");
+        assert!(
+            w.contains("`callq.call.echo` has 2 partitions: 1 of them"),
+            "{w}"
+        );
+        assert!(w.contains("?partitions=3"), "{w}");
+
+        let report = StatusReport {
+            cluster,
+            broker: "kafka".to_owned(),
+            queues: BTreeMap::from([
+                ("callq.call.echo".to_owned(), 4),
+                ("callq.call.mail".to_owned(), 0),
+            ]),
+            partitions,
+            warnings,
+        };
+        let text = render_status(&report);
+        assert!(text.contains("PARTITIONS"), "{text}");
+        assert!(text.contains("warning: service `echo`"), "{text}");
+        // Enough partitions: no warning.
+        let enough = BTreeMap::from([("callq.call.echo".to_owned(), 3)]);
+        assert!(partition_warnings(&report.cluster, &enough).is_empty());
     }
 }

@@ -153,6 +153,8 @@ mod tests {
             },
             broker: "amqp".into(),
             queues: BTreeMap::from([("callq.call.echo".to_owned(), 5)]),
+            partitions: BTreeMap::new(),
+            warnings: Vec::new(),
         }
     }
 

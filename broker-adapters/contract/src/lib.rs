@@ -545,6 +545,14 @@ pub trait Broker: Send + Sync + 'static {
         let _ = queue;
         Ok(None)
     }
+
+    /// How many partitions the queue's topic has, on a partitioned broker
+    /// (Kafka: at most that many consumers of a group receive its
+    /// messages); `None` where queues are not partitioned.
+    async fn partitions(&self, queue: &str) -> Result<Option<u32>, Error> {
+        let _ = queue;
+        Ok(None)
+    }
 }
 
 /// A consumer of one queue.

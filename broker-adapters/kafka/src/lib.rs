@@ -1108,6 +1108,13 @@ impl Broker for KafkaBroker {
             unsettled,
         })
     }
+
+    async fn partitions(&self, queue: &str) -> Result<Option<u32>, Error> {
+        let topic = self.topic(queue);
+        self.inner.ensure_exists(&topic).await?;
+        let n = self.inner.partition_count(&topic).await?;
+        Ok(Some(u32::try_from(n).unwrap_or(0)))
+    }
 }
 
 /// The headers a delivery shows: the record's, less the adapter's own.

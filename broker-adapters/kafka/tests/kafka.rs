@@ -193,6 +193,23 @@ async fn callq_queue_specs_declare_and_redeclare() {
         let depth = broker.depth(&spec.name).await.expect("depth");
         assert_eq!(depth.ready, 1, "{}: {depth:?}", spec.name);
     }
+    // A call queue's topic has the partitions the URL asks for (the
+    // default's one here), and says so.
+    let partitions = broker
+        .partitions(&QueueSpec::calls(&id).name)
+        .await
+        .expect("partitions");
+    let wanted = std::env::var("CALLQ_KAFKA_URL")
+        .ok()
+        .and_then(|u| {
+            u.split(['?', '&'])
+                .find_map(|kv| kv.strip_prefix("partitions=").map(str::to_owned))
+        })
+        .map_or(1, |n| {
+            n.parse()
+                .expect("partitions= in CALLQ_KAFKA_URL is a number")
+        });
+    assert_eq!(partitions, Some(wanted));
     let bad = QueueSpec::plain("callq.reply.a:b");
     assert!(
         matches!(broker.declare(&bad).await, Err(Error::Refused(_))),

@@ -288,6 +288,10 @@ impl Broker for Signed {
         self.inner.depth(queue).await
     }
 
+    async fn partitions(&self, queue: &str) -> Result<Option<u32>, Error> {
+        self.inner.partitions(queue).await
+    }
+
     async fn consumers(&self, queue: &str) -> Result<Option<u64>, Error> {
         self.inner.consumers(queue).await
     }
