@@ -26,8 +26,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use callq_node::Admin;
-use callq_schemas::protocol::WorkerState;
 use callq_schemas::Outcome;
+use callq_schemas::protocol::WorkerState;
 use support::outcomes::{
     Recorder, check, mail, mixed, publish_in_background, serves_again, sort_mixed,
 };
