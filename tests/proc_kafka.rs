@@ -297,13 +297,22 @@ async fn status_shows_each_service_s_consumer_lag() {
     eprintln!("{table}");
     assert_eq!(report["broker"], "kafka", "{report}");
     assert_eq!(report["queues"][&queue], WAITING, "{report}");
+    // The topic's partitions beside its lag (the URL asks for
+    // PARTITIONS); a standby takes no calls, so no warning.
+    assert_eq!(report["partitions"][&queue], PARTITIONS, "{report}");
     assert!(
         table.contains("LAG")
+            && table.contains("PARTITIONS")
             && table.lines().any(|l| l.starts_with(queue.as_str())
                 && l.split_whitespace().collect::<Vec<_>>()
-                    == [queue.as_str(), &WAITING.to_string()]),
+                    == [
+                        queue.as_str(),
+                        &WAITING.to_string(),
+                        &PARTITIONS.to_string()
+                    ]),
         "{table}"
     );
+    assert!(!table.contains("warning:"), "{table}");
 
     // A worker takes them; the lag drops to none once it has committed.
     let _worker = support::worker("kw1", &url, &dir, false);
