@@ -160,3 +160,33 @@ async fn counters_count_each_call_once_through_two_worker_kills() {
     assert!(coordinator.running(), "{}", coordinator.log());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `callq call --session ID` runs the call in that session: two adds on one
+/// session from the command line sum, another session starts from 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_line_calls_in_a_session() {
+    let vhost = Vhost::create("cli-session");
+    let dir = support::temp_dir("cli-session");
+    let _coordinator = Proc::spawn("coordinator", &["coordinator"], &vhost.url, &dir);
+    let _worker = counter_worker("cs1", &vhost.url, &dir);
+    let call = |session: &str, n: i64| {
+        let out = std::process::Command::new(support::callq_bin())
+            .args(["call", "counter", "add", &json!({ "n": n }).to_string()])
+            .args(["--session", session, "--timeout-ms", "60000"])
+            .env("CALLQ_BROKER", &vhost.url)
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        reply["result"]["value"].as_i64().unwrap()
+    };
+    assert_eq!(call("cli-a", 2), 2);
+    assert_eq!(call("cli-a", 3), 5, "the second add sees the first's write");
+    assert_eq!(call("cli-b", 7), 7, "another session starts from 0");
+}

@@ -24,18 +24,27 @@ pub(crate) struct Args {
     /// Milliseconds to wait for the outcome (the call's deadline).
     #[arg(long, default_value_t = 30_000)]
     timeout_ms: u64,
+    /// The session the call runs in (its `session_id`): a service that
+    /// keeps session data, such as `counter`, reads and writes that
+    /// session's.
+    #[arg(long, value_name = "ID")]
+    session: Option<String>,
 }
 
 /// Exits with the call's outcome: 0 ok, 1 error, 2 fatal, 3 expired, 4 no
 /// reply at all.
 pub(crate) async fn run(a: Args, config: Option<&Path>) -> anyhow::Result<ExitCode> {
-    let timeout = Duration::from_millis(a.timeout_ms);
+    let options = CallOptions {
+        timeout: Some(Duration::from_millis(a.timeout_ms)),
+        session_id: a.session,
+        ..CallOptions::default()
+    };
     match call(
         &Settings::load(config)?,
         &a.service,
         &a.method,
         &a.args,
-        timeout,
+        options,
     )
     .await
     {
@@ -54,8 +63,9 @@ async fn call(
     service: &str,
     method: &str,
     args: &str,
-    timeout: Duration,
+    options: CallOptions,
 ) -> anyhow::Result<u8> {
+    let timeout = options.timeout.unwrap_or_else(|| Duration::from_secs(30));
     let args: serde_json::Value = serde_json::from_str(args)
         .with_context(|| format!("the arguments are not JSON: {args}"))?;
     let broker = connect(settings, "client").await?;
@@ -70,17 +80,7 @@ async fn call(
             timeout.as_millis()
         );
     }
-    let reply = client
-        .call(
-            service,
-            method,
-            args,
-            CallOptions {
-                timeout: Some(timeout),
-                ..CallOptions::default()
-            },
-        )
-        .await?;
+    let reply = client.call(service, method, args, options).await?;
     println!("{}", serde_json::to_string(&reply)?);
     if reply.outcome == Outcome::Expired {
         // Still waiting in its queue: nobody took it.
