@@ -107,6 +107,11 @@ def test_a_worker_killed_mid_load_every_call_gets_exactly_one_outcome() -> None:
             "mail_ok_lines_once": sum(1 for c in mail_ok if mail_lines[c] == 1),
             "mail_fatal": len(mail_fatal),
             "mail_lines_doubled": sum(1 for n in mail_lines.values() if n > 1),
+            # fatal only where a trace was granted (the coordinator says so
+            # by its code).
+            "fatal_other": sum(1 for o, d in outcomes.values() if o == "fatal" and d != "worker_lost_after_traces"),
+            # A traceless call never ends fatal: its next attempt runs.
+            "echo_not_ok": sum(1 for i, c in enumerate(ids) if i % 3 and outcomes[c][0] != "ok"),
             "echo_wrong": sum(
                 1 for i, c in enumerate(ids) if i % 3 and outcomes[c][0] == "ok" and outcomes[c][1] != {"slept_ms": 40}
             ),
@@ -123,6 +128,8 @@ def test_a_worker_killed_mid_load_every_call_gets_exactly_one_outcome() -> None:
     # calls past a trace ended fatal. Nothing else.
     assert set(report["outcomes"]) <= {"ok", "fatal"}, report
     assert report["in_flight_at_kill"] > 0, report
+    assert report["echo_not_ok"] == 0, report
+    assert report["fatal_other"] == 0, report
     assert report["echo_wrong"] == 0, report
     assert report["mail_ok_lines_once"] == report["mail_ok"], report
     assert report["mail_lines_doubled"] == 0, report
