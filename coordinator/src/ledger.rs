@@ -3,9 +3,10 @@
 use std::collections::{HashMap, HashSet};
 
 use callq_schemas::protocol::{
-    CompleteDecision, Lease, ResumeDecision, SessionState, SessionWrite, TraceDecision, retryable,
+    CancelDecision, CompleteDecision, Lease, ResumeDecision, SessionState, SessionWrite,
+    TraceDecision, retryable,
 };
-use callq_schemas::{Reply, Uuid, codes};
+use callq_schemas::{Outcome, Reply, Uuid, codes};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use tracing::{info, warn};
@@ -830,6 +831,61 @@ impl<S: Store> Ledger<S> {
                 reply: None,
             }),
         }
+    }
+
+    /// An operator cancels a call. One without traces is decided
+    /// `cancelled` at once: its record (made now for a call on the fast
+    /// path, or still queued) answers every later copy, trace and
+    /// completion with the `cancelled` reply, so nothing of it runs or
+    /// commits from now on. One whose current attempt holds a trace grant
+    /// (an exact one too: its transaction may have committed) is refused;
+    /// a decided call keeps its outcome.
+    pub fn cancel(&mut self, call_id: Uuid) -> Result<CancelDecision, Error> {
+        let Some(rec) = self.load(call_id)? else {
+            let mut record = CallRecord::open(
+                "",
+                None,
+                1,
+                Holder {
+                    worker: String::new(),
+                    lease: Lease {
+                        call_id,
+                        copy: 1,
+                        token: Uuid::nil(),
+                    },
+                },
+                Vec::new(),
+            );
+            record.holder = None;
+            record.state = CallState::Done {
+                reply: Some(Reply::cancelled(call_id, 1)),
+            };
+            self.put(call_id, record);
+            info!(%call_id, "call cancelled before any worker reported it");
+            return Ok(CancelDecision::Cancelled);
+        };
+        let decision = match &rec.state {
+            CallState::Done { reply } => match reply.as_ref().map(|r| r.outcome) {
+                Some(Outcome::Cancelled) => CancelDecision::Cancelled,
+                outcome => CancelDecision::Finished { outcome },
+            },
+            CallState::Failed { .. } => CancelDecision::Finished {
+                outcome: Some(Outcome::Fatal),
+            },
+            CallState::Open if !rec.traces.is_empty() => CancelDecision::Refused {
+                traces: rec.traces.clone(),
+            },
+            CallState::Open => {
+                rec.unhold();
+                rec.state = CallState::Done {
+                    reply: Some(Reply::cancelled(call_id, rec.attempt)),
+                };
+                self.dirty.insert(call_id);
+                info!(%call_id, "call cancelled");
+                CancelDecision::Cancelled
+            }
+        };
+        Ok(decision)
     }
 
     /// A worker is dead. Each call it held is revoked: a traceless one (or

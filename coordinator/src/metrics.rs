@@ -10,6 +10,8 @@ pub const PROMOTIONS: &str = "callq_standby_promotions_total";
 pub const REISSUES: &str = "callq_reissues_total";
 /// Calls answered `fatal` (their lost attempt had left a trace).
 pub const FATAL: &str = "callq_fatal_total";
+/// Calls cancelled by an operator's `cancel`.
+pub const CANCELLED: &str = "callq_cancelled_total";
 /// Worker heartbeats read.
 pub const HEARTBEATS: &str = "callq_heartbeats_total";
 /// Requests dropped because their sender had given up on them.
@@ -41,6 +43,7 @@ pub fn describe() {
             "Calls of dead workers published again as their next attempt.",
         ),
         (FATAL, "Calls answered fatal."),
+        (CANCELLED, "Calls cancelled by an operator's cancel."),
         (HEARTBEATS, "Worker heartbeats read."),
         (
             STALE_DROPPED,

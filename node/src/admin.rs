@@ -1,11 +1,11 @@
-//! The operator's handle on the cluster: status and drain, through the
-//! coordinator.
+//! The operator's handle on the cluster: status, drain and cancel, through
+//! the coordinator.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use callq_broker::Broker;
-use callq_schemas::protocol::{AnswerBody, ClusterStatus, RequestBody};
+use callq_schemas::protocol::{AnswerBody, CancelDecision, ClusterStatus, RequestBody};
 use tokio::sync::mpsc;
 
 use crate::Error;
@@ -51,6 +51,22 @@ impl Admin {
             .await;
         match asked {
             Ok(AnswerBody::Draining { found, .. }) => Ok(found),
+            Ok(other) => Err(Error::Protocol(format!("{other:?}"))),
+            Err(e) => Err(Error::Timeout(e.0)),
+        }
+    }
+
+    /// Cancels a call: see [`CancelDecision`] for what the coordinator
+    /// answers. A call not started yet never runs and is answered
+    /// `cancelled`; one that runs is revoked at its next trace and answered
+    /// `cancelled`; one that left a trace is not cancelled.
+    pub async fn cancel(&self, call_id: uuid::Uuid) -> Result<CancelDecision, Error> {
+        match self
+            .link
+            .ask(|req_id| RequestBody::Cancel { req_id, call_id })
+            .await
+        {
+            Ok(AnswerBody::Cancel { decision, .. }) => Ok(decision),
             Ok(other) => Err(Error::Protocol(format!("{other:?}"))),
             Err(e) => Err(Error::Timeout(e.0)),
         }

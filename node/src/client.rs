@@ -67,6 +67,9 @@ pub struct CallOptions {
     pub idempotency_key: Option<String>,
     /// W3C trace context.
     pub traceparent: Option<String>,
+    /// The call's id; a fresh UUID v7 if `None`. Set it to know the id
+    /// before the outcome (to cancel the call, [`Client::cancel`]).
+    pub call_id: Option<Uuid>,
 }
 
 type Pending = Mutex<HashMap<Uuid, oneshot::Sender<Reply>>>;
@@ -155,11 +158,31 @@ impl Client {
     ) -> Result<Reply, Error> {
         let timeout = opts.timeout.unwrap_or(self.inner.opts.default_timeout);
         let mut call = Call::new(service, method, args);
+        if let Some(id) = opts.call_id {
+            call.call_id = id;
+        }
         call.session_id = opts.session_id;
         call.idempotency_key = opts.idempotency_key;
         call.traceparent = opts.traceparent;
         call.deadline = Some(OffsetDateTime::now_utc() + timeout);
         self.send(call, timeout).await
+    }
+
+    /// Cancels a call this client (or any other) sent: asks the
+    /// coordinator, within the client's default timeout, with the
+    /// operator's rights (the client's broker user must be allowed to
+    /// write `callq.coordinator`, and a cluster key must sign the request
+    /// where one is configured). The call's waiter gets the `cancelled`
+    /// reply; the decision says whether the call was cancelled, had
+    /// finished, or had left a trace and could not be.
+    pub async fn cancel(
+        &self,
+        call_id: Uuid,
+    ) -> Result<callq_schemas::protocol::CancelDecision, Error> {
+        let admin =
+            crate::Admin::connect(self.inner.broker.clone(), self.inner.opts.default_timeout)
+                .await?;
+        admin.cancel(call_id).await
     }
 
     /// Publishes a call envelope as it is (its `reply_to` is replaced by this

@@ -95,6 +95,28 @@ impl Ctx {
         self.traceparent.as_deref()
     }
 
+    /// Whether the caller cancelled the call (`callq cancel`,
+    /// [`crate::Admin::cancel`]) while this attempt runs. The worker then
+    /// drops whatever the handler returns and answers `cancelled`, and the
+    /// coordinator refuses the attempt's next trace; a handler that checks
+    /// this (or awaits [`Ctx::cancelled`]) stops early.
+    pub fn is_cancelled(&self) -> bool {
+        self.standing
+            .as_ref()
+            .is_some_and(|s| s.cancel.is_cancelled())
+    }
+
+    /// Resolves once the caller cancels the call; never in a context made
+    /// by [`Ctx::for_test`] or on a worker without a coordinator. Select on
+    /// it beside long waits:
+    /// `tokio::select! { () = ctx.cancelled() => ..., r = work => ... }`.
+    pub async fn cancelled(&self) {
+        match &self.standing {
+            Some(s) => s.cancel.cancelled().await,
+            None => std::future::pending().await,
+        }
+    }
+
     /// Asks the coordinator for a grant to leave a trace of `kind` (such as
     /// `mail.sent`), durably, before the effect becomes visible. Call it
     /// right before the effect and propagate its error with `?`:

@@ -34,6 +34,8 @@ pub(crate) enum Order {
     StartStandby(Vec<String>),
     /// A session changed: cached versions below this one are stale.
     SessionChanged(String, u64),
+    /// These calls are cancelled.
+    Cancel(Vec<Uuid>),
 }
 
 /// The coordinator did not answer within the worker's patience.
@@ -271,8 +273,10 @@ fn req_id(answer: &AnswerBody) -> Option<Uuid> {
         | AnswerBody::Complete { req_id, .. }
         | AnswerBody::Session { req_id, .. }
         | AnswerBody::Draining { req_id, .. }
-        | AnswerBody::Status { req_id, .. } => Some(*req_id),
-        AnswerBody::Promote {}
+        | AnswerBody::Status { req_id, .. }
+        | AnswerBody::Cancel { req_id, .. } => Some(*req_id),
+        AnswerBody::Cancelled { .. }
+        | AnswerBody::Promote {}
         | AnswerBody::Drain {}
         | AnswerBody::StartStandby { .. }
         | AnswerBody::SessionChanged { .. } => None,
@@ -377,6 +381,7 @@ fn route(answer: AnswerBody, waiters: &Waiters, orders: &mpsc::Sender<Order>, wo
         AnswerBody::Promote {} => Order::Promote,
         AnswerBody::Drain {} => Order::Drain,
         AnswerBody::StartStandby { services } => Order::StartStandby(services),
+        AnswerBody::Cancelled { call_ids } => Order::Cancel(call_ids),
         AnswerBody::SessionChanged {
             session_id,
             version,
@@ -433,6 +438,8 @@ pub(crate) struct Attempt {
     digest: OnceLock<String>,
     traces: Mutex<Vec<String>>,
     abort: Mutex<Option<Abort>>,
+    /// Cancelled when the caller cancels the call while it runs.
+    pub(crate) cancel: CancellationToken,
 }
 
 impl std::fmt::Debug for Attempt {
@@ -451,9 +458,9 @@ impl Attempt {
         link: Option<Arc<Link>>,
         lease: Lease,
         attempt: u32,
-        service: String,
-        reply_to: Option<String>,
+        (service, reply_to): (String, Option<String>),
         body: Bytes,
+        cancel: CancellationToken,
     ) -> Self {
         Self {
             link,
@@ -465,6 +472,7 @@ impl Attempt {
             digest: OnceLock::new(),
             traces: Mutex::default(),
             abort: Mutex::default(),
+            cancel,
         }
     }
 

@@ -12,11 +12,12 @@ use crate::{HandlerError, Service};
 pub const MAX_SLEEP_MS: u64 = 60_000;
 
 /// `echo`: `echo` returns its arguments (traceless); `sleep` waits `ms`
-/// milliseconds and returns `{"slept_ms": ms}` (traceless).
+/// milliseconds and returns `{"slept_ms": ms}` (traceless), or stops at
+/// once when the call is cancelled.
 pub fn echo() -> Service {
     Service::new("echo")
         .method("echo", |_ctx, args| async move { Ok(args) })
-        .method("sleep", |_ctx, args: Value| async move {
+        .method("sleep", |ctx, args: Value| async move {
             let ms = args.get("ms").and_then(Value::as_u64).ok_or_else(|| {
                 HandlerError::invalid_args("sleep needs {\"ms\": <milliseconds>}")
             })?;
@@ -25,8 +26,13 @@ pub fn echo() -> Service {
                     "ms = {ms} is above the limit of {MAX_SLEEP_MS}"
                 )));
             }
-            tokio::time::sleep(Duration::from_millis(ms)).await;
-            Ok(json!({ "slept_ms": ms }))
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(ms)) => Ok(json!({ "slept_ms": ms })),
+                () = ctx.cancelled() => Err(HandlerError::new(
+                    callq_schemas::codes::CANCELLED,
+                    "cancelled while sleeping",
+                )),
+            }
         })
 }
 

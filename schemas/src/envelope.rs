@@ -87,6 +87,8 @@ pub enum Outcome {
     Fatal,
     /// The deadline passed before the call ran.
     Expired,
+    /// The caller cancelled the call before it left a trace.
+    Cancelled,
 }
 
 impl Outcome {
@@ -97,6 +99,7 @@ impl Outcome {
             Outcome::Error => "error",
             Outcome::Fatal => "fatal",
             Outcome::Expired => "expired",
+            Outcome::Cancelled => "cancelled",
         }
     }
 }
@@ -201,6 +204,15 @@ impl Reply {
         Self::new(call_id, attempt, Outcome::Expired).with_error(
             codes::DEADLINE_PASSED,
             "the deadline passed before the call ran",
+        )
+    }
+
+    /// A `cancelled` reply: the caller cancelled the call before it left a
+    /// trace; it ran no further.
+    pub fn cancelled(call_id: Uuid, attempt: u32) -> Self {
+        Self::new(call_id, attempt, Outcome::Cancelled).with_error(
+            codes::CANCELLED,
+            "the call was cancelled before it left a trace",
         )
     }
 

@@ -56,6 +56,9 @@ pub mod codes {
     pub const UNKNOWN_SERVICE: &str = "unknown_service";
     /// The deadline passed before the call ran (`expired` outcome).
     pub const DEADLINE_PASSED: &str = "deadline_passed";
+    /// The caller cancelled the call before it left a trace (`cancelled`
+    /// outcome).
+    pub const CANCELLED: &str = "cancelled";
     /// The worker died after the call left traces (`fatal` outcome).
     pub const WORKER_LOST_AFTER_TRACES: &str = "worker_lost_after_traces";
     /// The call was delivered more often than the delivery limit allows

@@ -421,6 +421,13 @@ pub enum RequestBody {
         /// Matches the answer to the request.
         req_id: Uuid,
     },
+    /// An operator (or a client with the operator's rights) cancels a call.
+    Cancel {
+        /// Matches the answer to the request.
+        req_id: Uuid,
+        /// The call to cancel.
+        call_id: Uuid,
+    },
 }
 
 /// A traceless attempt that completed.
@@ -569,6 +576,55 @@ pub enum AnswerBody {
         /// The cluster.
         status: ClusterStatus,
     },
+    /// The answer to `cancel`.
+    Cancel {
+        /// The request's id.
+        req_id: Uuid,
+        /// The decision.
+        decision: CancelDecision,
+    },
+    /// To every worker: these calls are cancelled. A worker answers a copy
+    /// it has not started `cancelled` instead of running it, and cancels
+    /// the context of an attempt that runs (its next trace is refused).
+    Cancelled {
+        /// The cancelled calls.
+        call_ids: Vec<Uuid>,
+    },
+}
+
+/// The answer to `cancel`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "decision", rename_all = "snake_case")]
+pub enum CancelDecision {
+    /// Recorded durably: no copy of the call runs from now on, an attempt
+    /// that runs is revoked at its next trace, and the call is answered
+    /// `cancelled`, unless its attempt had already finished without traces
+    /// (its reply then stands).
+    Cancelled,
+    /// The call is decided already: it keeps its outcome.
+    Finished {
+        /// The call's outcome, where its record holds a reply.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        outcome: Option<crate::Outcome>,
+    },
+    /// The call's attempt has left traces (an effect may be visible): it
+    /// cannot be cancelled, and runs to its end.
+    Refused {
+        /// The traces it left.
+        traces: Vec<String>,
+    },
+}
+
+impl CancelDecision {
+    /// The decision's name on the wire (`cancelled`, `finished`,
+    /// `refused`).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Cancelled => "cancelled",
+            Self::Finished { .. } => "finished",
+            Self::Refused { .. } => "refused",
+        }
+    }
 }
 
 impl RequestBody {
@@ -587,6 +643,7 @@ impl RequestBody {
             RequestBody::AgentHeartbeat { .. } => "agent_heartbeat",
             RequestBody::Drain { .. } => "drain",
             RequestBody::Status { .. } => "status",
+            RequestBody::Cancel { .. } => "cancel",
         }
     }
 }
@@ -609,6 +666,7 @@ impl AnswerBody {
                 CompleteDecision::Refused { .. } => "refused",
                 CompleteDecision::SessionRefused { .. } => "session_refused",
             },
+            AnswerBody::Cancel { decision, .. } => decision.as_str(),
             _ => "answered",
         }
     }

@@ -292,7 +292,7 @@ fn the_schemas_name_every_field_of_the_serde_types() {
         .iter()
         .map(|o| o.as_str().unwrap())
         .collect();
-    assert_eq!(outcomes, ["ok", "error", "fatal", "expired"]);
+    assert_eq!(outcomes, ["ok", "error", "fatal", "expired", "cancelled"]);
 }
 
 // ---------------------------------------------------------------- (d) ----

@@ -16,9 +16,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use callq_schemas::protocol::{
-    Answer, AnswerBody, ClusterStatus, CompleteDecision, Completion, InFlightCall, Lease, Request,
-    RequestBody, ResumeDecision, SESSION_FLUSH, SessionState, SessionWrite, TraceDecision,
-    WorkerState, WorkerStatus,
+    Answer, AnswerBody, CancelDecision, ClusterStatus, CompleteDecision, Completion, InFlightCall,
+    Lease, Request, RequestBody, ResumeDecision, SESSION_FLUSH, SessionState, SessionWrite,
+    TraceDecision, WorkerState, WorkerStatus,
 };
 use callq_schemas::{Call, Reply, Uuid};
 use jsonschema::{Registry, Resource, Validator};
@@ -364,6 +364,10 @@ fn request_bodies() -> Vec<RequestBody> {
             worker: "w-1".into(),
         },
         RequestBody::Status { req_id: uuid(9) },
+        RequestBody::Cancel {
+            req_id: uuid(10),
+            call_id: uuid(11),
+        },
     ]
 }
 
@@ -509,6 +513,29 @@ fn answer_bodies() -> Vec<AnswerBody> {
         AnswerBody::Status {
             req_id: uuid(9),
             status: ClusterStatus::default(),
+        },
+        AnswerBody::Cancel {
+            req_id: uuid(10),
+            decision: CancelDecision::Cancelled,
+        },
+        AnswerBody::Cancel {
+            req_id: uuid(10),
+            decision: CancelDecision::Finished {
+                outcome: Some(callq_schemas::Outcome::Ok),
+            },
+        },
+        AnswerBody::Cancel {
+            req_id: uuid(10),
+            decision: CancelDecision::Finished { outcome: None },
+        },
+        AnswerBody::Cancel {
+            req_id: uuid(10),
+            decision: CancelDecision::Refused {
+                traces: vec!["mail.sent".into()],
+            },
+        },
+        AnswerBody::Cancelled {
+            call_ids: vec![uuid(11), uuid(12)],
         },
     ]
 }
@@ -872,6 +899,10 @@ fn every_variant_of_the_serde_types_validates() {
         decisions("complete"),
         tagged_variants::<CompleteDecision>("decision")
     );
+    assert_eq!(
+        decisions("cancel"),
+        tagged_variants::<CancelDecision>("decision")
+    );
     let session_states: Vec<Value> = answers()
         .into_iter()
         .filter(|a| a["type"] == "session")
@@ -949,6 +980,11 @@ fn the_schemas_name_every_field_and_variant_of_the_serde_types() {
             "session_state",
             "state",
             tagged_variants::<SessionState>("state"),
+        ),
+        (
+            "cancel_decision",
+            "decision",
+            tagged_variants::<CancelDecision>("decision"),
         ),
     ];
     for (def, tag, variants) in &tagged_defs {

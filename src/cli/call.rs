@@ -11,6 +11,7 @@ use callq_schemas::Outcome;
 
 use super::broker::connect;
 use super::config::Settings;
+use super::exit;
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
@@ -29,14 +30,35 @@ pub(crate) struct Args {
     /// session's.
     #[arg(long, value_name = "ID")]
     session: Option<String>,
+    /// The publisher's own key for the request (its `idempotency_key`),
+    /// carried to the handler (`Ctx::idempotency_key`).
+    #[arg(long, value_name = "KEY")]
+    idempotency_key: Option<String>,
+    /// The call's id (a UUID; a fresh UUID v7 by default), for example to
+    /// cancel it from elsewhere with `callq cancel`. The id is printed on
+    /// stderr when the call is published.
+    #[arg(long, value_name = "UUID")]
+    call_id: Option<callq_schemas::Uuid>,
 }
 
-/// Exits with the call's outcome: 0 ok, 1 error, 2 fatal, 3 expired, 4 no
-/// reply at all.
+/// Exits with the call's outcome ([`exit::of`]): 0 ok, 1 error, 2 fatal,
+/// 3 expired, 5 cancelled; 4 no reply at all, 64 arguments that are not
+/// JSON (nothing is sent).
 pub(crate) async fn run(a: Args, config: Option<&Path>) -> anyhow::Result<ExitCode> {
+    if let Err(e) = serde_json::from_str::<serde_json::Value>(&a.args) {
+        eprintln!(
+            "error: the arguments are not JSON ({e}): {}\nnothing was sent; quote them for \
+             the shell, e.g. '{{\"ms\": 100}}'",
+            a.args
+        );
+        return Ok(ExitCode::from(exit::USAGE));
+    }
+    let call_id = a.call_id.unwrap_or_else(callq_schemas::Uuid::now_v7);
     let options = CallOptions {
         timeout: Some(Duration::from_millis(a.timeout_ms)),
         session_id: a.session,
+        idempotency_key: a.idempotency_key,
+        call_id: Some(call_id),
         ..CallOptions::default()
     };
     match call(
@@ -51,13 +73,13 @@ pub(crate) async fn run(a: Args, config: Option<&Path>) -> anyhow::Result<ExitCo
         Ok(code) => Ok(ExitCode::from(code)),
         Err(e) => {
             eprintln!("error: {e:#}");
-            Ok(ExitCode::from(4))
+            Ok(ExitCode::from(exit::NO_ANSWER))
         }
     }
 }
 
 /// `callq call`: one call, its reply printed as JSON on stdout. Returns the
-/// process exit code: 0 ok, 1 error, 2 fatal, 3 expired.
+/// process exit code of its outcome.
 async fn call(
     settings: &Settings,
     service: &str,
@@ -80,6 +102,9 @@ async fn call(
             timeout.as_millis()
         );
     }
+    if let Some(id) = options.call_id {
+        eprintln!("call {id}: {service}.{method} published");
+    }
     let reply = client.call(service, method, args, options).await?;
     println!("{}", serde_json::to_string(&reply)?);
     if reply.outcome == Outcome::Expired {
@@ -94,10 +119,5 @@ async fn call(
             );
         }
     }
-    Ok(match reply.outcome {
-        Outcome::Ok => 0,
-        Outcome::Error => 1,
-        Outcome::Fatal => 2,
-        Outcome::Expired => 3,
-    })
+    Ok(exit::of(reply.outcome))
 }

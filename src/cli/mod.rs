@@ -8,11 +8,13 @@ use clap::{Parser, Subcommand};
 mod agent;
 mod broker;
 mod call;
+mod cancel;
 mod capture;
 mod config;
 mod coordinator;
 mod demo;
 mod drain;
+pub(crate) mod exit;
 mod health;
 mod hooks;
 mod replay;
@@ -52,7 +54,8 @@ enum Command {
     /// they die, and starts standbys when the coordinator asks.
     Agent(agent::Args),
     /// Publishes one call, waits, prints the reply as JSON and exits with
-    /// its outcome: 0 ok, 1 error, 2 fatal, 3 expired (4: no reply at all).
+    /// its outcome: 0 ok, 1 error, 2 fatal, 3 expired, 5 cancelled (4: no
+    /// reply at all; 64: a wrong command line, nothing sent).
     Call(call::Args),
     /// Shows the cluster: workers with state and load, standbys, agents,
     /// and the depth of the call queues (on Kafka, each consumer group's lag).
@@ -60,6 +63,11 @@ enum Command {
     /// Drains one worker: it stops taking calls, finishes those it runs and
     /// leaves.
     Drain(drain::Args),
+    /// Cancels a call: one not started never runs, one that runs is revoked
+    /// at its next trace, and its client is answered `cancelled`; a call
+    /// that left a trace is not cancelled. Exits 0 cancelled, 1 refused
+    /// (it left traces), 3 finished already, 4 no answer.
+    Cancel(cancel::Args),
     /// Writes the calls published to a service's queue, and the replies to
     /// them, into a capture file (docs/REPLAY.md), without taking them from
     /// the workers. RabbitMQ only: needs the firehose tracer on
@@ -116,6 +124,7 @@ impl Cli {
             Command::Call(_)
             | Command::Status(_)
             | Command::Drain(_)
+            | Command::Cancel(_)
             | Command::Replay(_)
             | Command::Verify(_)
             | Command::Capture(_) => "warn",
@@ -140,9 +149,11 @@ impl Cli {
             Command::Agent(_) => "callq-agent",
             Command::Demo(_) => "callq-demo",
             Command::Call(_) | Command::Replay(_) => "callq-client",
-            Command::Status(_) | Command::Drain(_) | Command::Capture(_) | Command::Verify(_) => {
-                "callq"
-            }
+            Command::Status(_)
+            | Command::Drain(_)
+            | Command::Cancel(_)
+            | Command::Capture(_)
+            | Command::Verify(_) => "callq",
         }
     }
 
@@ -156,6 +167,7 @@ impl Cli {
             Command::Call(args) => call::run(args, config).await,
             Command::Status(args) => status::run(args, config).await,
             Command::Drain(args) => drain::run(args, config).await,
+            Command::Cancel(args) => cancel::run(args, config).await,
             Command::Capture(args) => capture::run(args, config).await,
             Command::Replay(args) => replay::run(args, config).await,
             Command::Verify(args) => verify::run(args, config).await,

@@ -13,6 +13,7 @@ use callq_schemas::protocol::{ClusterStatus, WorkerState};
 use callq_testkit::ClusterOptions;
 use callq_testkit::chaos::{self, ChaosReport, ChaosSpec, Fleet};
 
+pub mod cancellation;
 pub mod cluster;
 pub mod containers;
 pub mod fault_node;

@@ -914,3 +914,88 @@ fn the_ledger_forgets_decided_calls_after_its_retention() {
     assert_eq!(l.forget_decided(now + 2_000, 100).unwrap(), 3);
     assert!(ids.iter().all(|id| l.record(*id).unwrap().is_none()));
 }
+
+#[test]
+fn a_cancelled_queued_call_answers_every_later_copy_cancelled() {
+    let mut l = ledger();
+    let id = Uuid::now_v7();
+    assert_eq!(l.cancel(id).unwrap(), CancelDecision::Cancelled);
+    l.commit().unwrap();
+    // Durable: a second ask says the same, and a copy asking to run or to
+    // trace (the fast path's first trace) is answered with the reply.
+    assert_eq!(l.cancel(id).unwrap(), CancelDecision::Cancelled);
+    let cancelled = Reply::cancelled(id, 1);
+    assert_eq!(
+        l.resume(lease(id, 1), "A", SVC, TO).unwrap(),
+        ResumeDecision::Done {
+            reply: Some(cancelled.clone())
+        }
+    );
+    assert_eq!(
+        l.trace(lease(id, 1), 1, "A", "mail.sent", SVC, TO, None, 0)
+            .unwrap(),
+        TraceDecision::Refused {
+            reason: "the call is already decided".into(),
+            superseded: true,
+            reply: Some(cancelled.clone()),
+        }
+    );
+    assert_eq!(
+        l.complete(lease(id, 1), 1, Some(Reply::ok(id, 1, json!(1))), None, 0)
+            .unwrap(),
+        CompleteDecision::Refused {
+            reason: "another attempt completed the call".into(),
+            superseded: true,
+            reply: Some(cancelled),
+        }
+    );
+    assert_eq!(l.open_calls(), 0);
+}
+
+#[test]
+fn a_running_call_is_cancelled_until_it_leaves_a_trace() {
+    let mut l = ledger();
+    // Resumed and running, no trace yet: cancelled; the holder's trace is
+    // then refused with the reply to publish.
+    let id = Uuid::now_v7();
+    let a = lease(id, 1);
+    assert_eq!(
+        l.resume(a, "A", SVC, TO).unwrap(),
+        ResumeDecision::Run { attempt: 2 }
+    );
+    assert_eq!(l.cancel(id).unwrap(), CancelDecision::Cancelled);
+    let TraceDecision::Refused {
+        superseded, reply, ..
+    } = l.trace(a, 2, "A", "mail.sent", SVC, TO, None, 0).unwrap()
+    else {
+        panic!("the trace of a cancelled call was granted");
+    };
+    assert!(superseded);
+    assert_eq!(reply, Some(Reply::cancelled(id, 2)));
+    // A call whose attempt holds a trace is refused, and runs on.
+    let traced = Uuid::now_v7();
+    let b = lease(traced, 1);
+    assert_eq!(
+        l.trace(b, 1, "B", "mail.sent", SVC, TO, None, 0).unwrap(),
+        TraceDecision::Granted
+    );
+    assert_eq!(
+        l.cancel(traced).unwrap(),
+        CancelDecision::Refused {
+            traces: vec!["mail.sent".into()]
+        }
+    );
+    let reply = Reply::ok(traced, 1, json!("sent"));
+    assert_eq!(
+        l.complete(b, 1, Some(reply), None, 0).unwrap(),
+        CompleteDecision::Accepted
+    );
+    l.commit().unwrap();
+    // A decided call keeps its outcome.
+    assert_eq!(
+        l.cancel(traced).unwrap(),
+        CancelDecision::Finished {
+            outcome: Some(Outcome::Ok)
+        }
+    );
+}

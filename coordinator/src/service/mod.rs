@@ -19,6 +19,7 @@
 //! drain the requests, detect deaths, sweep sessions, delete decided calls
 //! past the retention, restore standbys.
 
+mod cancels;
 mod detector;
 mod effects;
 mod intake;
@@ -124,6 +125,8 @@ pub struct Coordinator<S: Store> {
     /// The spans of the batch's requests, ended once it is committed and
     /// answered (at most a batch of them).
     spans: Vec<callq_broker::telemetry::TraceContext>,
+    /// The most recent cancellations, told to workers that join.
+    cancels: cancels::Cancels,
 }
 
 impl<S: Store> Coordinator<S> {
@@ -150,6 +153,7 @@ impl<S: Store> Coordinator<S> {
             reconnects: 0,
             queues_sampled: None,
             spans: Vec::new(),
+            cancels: cancels::Cancels::default(),
         }
     }
 

@@ -92,30 +92,7 @@ impl<S: Store> Coordinator<S> {
             crate::metrics::count(crate::metrics::HEARTBEATS);
         }
         let answer = match body {
-            RequestBody::Heartbeat {
-                services,
-                state,
-                capacity,
-                free,
-                in_flight,
-                partitions,
-                finished,
-            } => {
-                if let Err(why) = heartbeat_in_bounds(&services, capacity, free, in_flight.len()) {
-                    warn!(%worker, "heartbeat refused: {why}");
-                    return Ok(());
-                }
-                let beat = Beat {
-                    services,
-                    state,
-                    capacity,
-                    free,
-                    in_flight,
-                    partitions,
-                    finished,
-                };
-                self.heartbeat(worker, to.clone(), beat)
-            }
+            beat @ RequestBody::Heartbeat { .. } => self.heartbeat_request(worker, &to, beat, out),
             RequestBody::AgentHeartbeat { services, workers } => {
                 if self.detector.heard(self.opts.silence()) {
                     self.registry.heard_all_now();
@@ -134,6 +111,11 @@ impl<S: Store> Coordinator<S> {
             } => {
                 let found = self.drain_worker(&target, out);
                 Some(AnswerBody::Draining { req_id, found })
+            }
+            RequestBody::Cancel { req_id, call_id } => {
+                let decision = self.cancel(call_id, out)?;
+                info!(%call_id, worker, decision = decision.as_str(), "cancel requested");
+                Some(AnswerBody::Cancel { req_id, decision })
             }
             RequestBody::Status { req_id } => Some(AnswerBody::Status {
                 req_id,
@@ -162,6 +144,48 @@ impl<S: Store> Coordinator<S> {
             out.push((to, Answer::new(body)));
         }
         Ok(())
+    }
+
+    /// A worker's heartbeat, checked against what a worker can hold; a
+    /// worker that joins hears of the recent cancellations.
+    fn heartbeat_request(
+        &mut self,
+        worker: String,
+        to: &str,
+        body: RequestBody,
+        out: &mut Outbox,
+    ) -> Option<AnswerBody> {
+        let RequestBody::Heartbeat {
+            services,
+            state,
+            capacity,
+            free,
+            in_flight,
+            partitions,
+            finished,
+        } = body
+        else {
+            return None;
+        };
+        if let Err(why) = heartbeat_in_bounds(&services, capacity, free, in_flight.len()) {
+            warn!(%worker, "heartbeat refused: {why}");
+            return None;
+        }
+        if !self.registry.has_worker(&worker)
+            && let Some(order) = self.cancels.for_newcomer()
+        {
+            out.push((to.to_owned(), order));
+        }
+        let beat = Beat {
+            services,
+            state,
+            capacity,
+            free,
+            in_flight,
+            partitions,
+            finished,
+        };
+        self.heartbeat(worker, to.to_owned(), beat)
     }
 
     /// Applies a request about a call or a session; returns its answer, if
@@ -220,6 +244,7 @@ impl<S: Store> Coordinator<S> {
             | RequestBody::AgentHeartbeat { .. }
             | RequestBody::Leave {}
             | RequestBody::Drain { .. }
+            | RequestBody::Cancel { .. }
             | RequestBody::Status { .. } => return Ok(None),
         };
         Ok(Some(answer))

@@ -55,18 +55,11 @@ pub(super) async fn run(
         shared.link.clone(),
         lease,
         attempt,
-        call.service.clone(),
-        call.reply_to.clone(),
+        (call.service.clone(), call.reply_to.clone()),
         body,
+        shared.cancel_token(lease.token),
     ));
-    let session = match (&call.session_id, &shared.link) {
-        (Some(id), Some(link)) => Some(Arc::new(CallSession::new(
-            id.clone(),
-            shared.sessions.clone(),
-            link.clone(),
-        ))),
-        _ => None,
-    };
+    let session = call_session(shared, call);
     pass(shared, Point::BeforeHandler, call.call_id, attempt).await;
     let mut runs = 0;
     loop {
@@ -92,6 +85,9 @@ pub(super) async fn run(
             return Ran::Settle(fate);
         }
         let granted = standing.traces();
+        if let Some(ran) = cancelled(shared, call, &standing, &granted) {
+            return ran;
+        }
         let site = Site {
             point: Point::BeforeReply,
             call_id: call.call_id,
@@ -127,6 +123,32 @@ pub(super) async fn run(
             }
         }
     }
+}
+
+/// The session of a call that names one, on a worker with a coordinator.
+fn call_session(shared: &Shared, call: &Call) -> Option<Arc<CallSession>> {
+    match (&call.session_id, &shared.link) {
+        (Some(id), Some(link)) => Some(Arc::new(CallSession::new(
+            id.clone(),
+            shared.sessions.clone(),
+            link.clone(),
+        ))),
+        _ => None,
+    }
+}
+
+/// A call cancelled while it ran, that left nothing: its result is dropped
+/// (a session write too) and it ends `cancelled`.
+fn cancelled(shared: &Shared, call: &Call, standing: &Attempt, granted: &[String]) -> Option<Ran> {
+    if !standing.cancel.is_cancelled() || !granted.is_empty() {
+        return None;
+    }
+    let attempt = standing.attempt;
+    info!(worker = %shared.opts.worker_id, call_id = %call.call_id, attempt, "the call was cancelled while it ran: answering `cancelled`");
+    Some(Ran::Answer {
+        reply: Reply::cancelled(call.call_id, attempt),
+        traces: Vec::new(),
+    })
 }
 
 /// Whether a run whose session write was refused with `code` runs again

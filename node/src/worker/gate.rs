@@ -94,6 +94,12 @@ pub(super) async fn pass(
         };
         return Gate::Answer(passed, reply, dead);
     }
+    if shared.is_cancelled(call.call_id) {
+        WorkerStats::bump(&stats.cancelled);
+        debug!(worker = %shared.opts.worker_id, call_id = %call.call_id, "the call was cancelled: answering `cancelled`, not running it");
+        let reply = Reply::cancelled(call.call_id, passed.attempt);
+        return Gate::Answer(passed, reply, Disposition::Ack);
+    }
     if call.is_expired_at(OffsetDateTime::now_utc()) {
         WorkerStats::bump(&stats.expired);
         let reply = Reply::expired(call.call_id, passed.attempt);

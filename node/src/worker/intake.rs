@@ -324,6 +324,7 @@ fn register<'s>(
                 reply_to: call.reply_to.clone(),
                 body: Some(delivery.body.clone()),
                 reported: false,
+                cancel: tokio_util::sync::CancellationToken::new(),
             },
         );
     }

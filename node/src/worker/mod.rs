@@ -122,6 +122,9 @@ pub struct WorkerStats {
     pub panicked: AtomicU64,
     /// Calls answered `expired` without running.
     pub expired: AtomicU64,
+    /// Calls answered `cancelled` without running (a call cancelled while
+    /// it ran counts under its handler's outcome).
+    pub cancelled: AtomicU64,
     /// Bodies that could not be read (answered `bad_request` where
     /// possible, and dead-lettered).
     pub bad_request: AtomicU64,
@@ -198,6 +201,7 @@ impl WorkerStats {
             &self.error,
             &self.panicked,
             &self.expired,
+            &self.cancelled,
             &self.bad_request,
         ]
         .iter()
@@ -418,6 +422,7 @@ async fn on_order(
             return Ok(Flow::Drain);
         }
         Order::SessionChanged(id, version) => shared.sessions.changed(&id, version),
+        Order::Cancel(call_ids) => shared.cancel(&call_ids),
     }
     Ok(Flow::Serve)
 }

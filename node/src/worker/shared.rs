@@ -2,7 +2,7 @@
 //! (which the heartbeats report), and the task that sends heartbeats and
 //! batched completions to the coordinator.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -10,7 +10,8 @@ use callq_broker::{Assignment, Broker, QueueSpec};
 use callq_schemas::protocol::{Completion, InFlightCall, Lease, RequestBody, WorkerState};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
-use tracing::warn;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
 use uuid::Uuid;
 
 use super::{WorkerOptions, WorkerStats};
@@ -28,6 +29,34 @@ pub(super) struct Flight {
     pub(super) body: Option<Bytes>,
     /// Whether a heartbeat reported it: then its end is reported too.
     pub(super) reported: bool,
+    /// Cancelled when the coordinator says the call is cancelled.
+    pub(super) cancel: CancellationToken,
+}
+
+/// Cancelled calls a worker remembers at most; the oldest are forgotten
+/// first (the coordinator's record still refuses their traces and answers
+/// their redeliveries).
+const CANCELLED_KEPT: usize = 100_000;
+
+/// The calls the coordinator said are cancelled, most recent last.
+#[derive(Default)]
+pub(super) struct CancelledCalls {
+    ids: HashSet<Uuid>,
+    order: VecDeque<Uuid>,
+}
+
+impl CancelledCalls {
+    fn insert(&mut self, id: Uuid) {
+        if !self.ids.insert(id) {
+            return;
+        }
+        self.order.push_back(id);
+        while self.order.len() > CANCELLED_KEPT {
+            if let Some(old) = self.order.pop_front() {
+                self.ids.remove(&old);
+            }
+        }
+    }
 }
 
 /// A completion on its way to the coordinator, and who waits for it.
@@ -52,6 +81,8 @@ pub(super) struct Shared {
     outgoing: Mutex<Option<mpsc::Receiver<Outgoing>>>,
     pub(super) probe: Option<Probed>,
     pub(super) sessions: Arc<SessionCache>,
+    /// Calls cancelled: a copy of one is answered `cancelled`, not run.
+    cancelled: Mutex<CancelledCalls>,
 }
 
 /// Aborts a background task when the worker's future is dropped.
@@ -95,7 +126,42 @@ impl Shared {
             outgoing: Mutex::new(rx),
             probe,
             sessions: Arc::default(),
+            cancelled: Mutex::default(),
         }
+    }
+
+    /// The coordinator says these calls are cancelled: remembered, and the
+    /// attempts of them in flight here see their context cancelled.
+    pub(super) fn cancel(&self, call_ids: &[Uuid]) {
+        if let Ok(mut c) = self.cancelled.lock() {
+            for id in call_ids {
+                c.insert(*id);
+            }
+        }
+        if let Ok(flights) = self.flights.lock() {
+            for f in flights.values() {
+                if call_ids.contains(&f.lease.call_id) {
+                    info!(worker = %self.opts.worker_id, call_id = %f.lease.call_id, "the call was cancelled while it runs");
+                    f.cancel.cancel();
+                }
+            }
+        }
+    }
+
+    /// Whether the coordinator said the call is cancelled.
+    pub(super) fn is_cancelled(&self, call_id: Uuid) -> bool {
+        self.cancelled
+            .lock()
+            .is_ok_and(|c| c.ids.contains(&call_id))
+    }
+
+    /// The cancellation of a registered flight, or a fresh one.
+    pub(super) fn cancel_token(&self, token: Uuid) -> CancellationToken {
+        self.flights
+            .lock()
+            .ok()
+            .and_then(|f| f.get(&token).map(|f| f.cancel.clone()))
+            .unwrap_or_default()
     }
 
     /// Starts the task that sends heartbeats and batched completions (a
