@@ -348,9 +348,10 @@ fn the_command_line_replays_with_crashes_repeatably() {
     assert_eq!(stable(&first), stable(&second));
     assert_eq!(sent, sent_ids(), "the same seed sent other mails");
 
-    // A kill option needs --into; an unknown service is named.
+    // A kill option needs --into (a usage error: 64); an unknown service
+    // is named.
     let (code, _, stderr) = run(&["--kill-random", "1", "--to", "amqp://x"]);
-    assert_eq!(code, Some(2), "{stderr}");
+    assert_eq!(code, Some(64), "{stderr}");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_callq"))
         .arg("replay")
         .arg(&file)
