@@ -72,6 +72,54 @@ pub struct CallRecord {
     /// refused ([`Ledger::same_body`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digest: Option<String>,
+    /// The record of an idempotency key ([`key_id`]) names the call that
+    /// holds the key, and until when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_holder: Option<KeyHolder>,
+    /// Later calls with this call's idempotency key, waiting for its
+    /// outcome (at most [`FOLLOWERS_KEPT`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub followers: Vec<Follower>,
+}
+
+/// The call that holds an idempotency key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyHolder {
+    /// The first call with the key.
+    pub call_id: Uuid,
+    /// The key is held until this instant (ms since the Unix epoch); a
+    /// call with the key after it runs and holds the key anew.
+    pub until_ms: i64,
+}
+
+/// A call that waits for the outcome of an earlier call with its key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Follower {
+    /// The waiting call.
+    pub call_id: Uuid,
+    /// Where its client waits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<String>,
+}
+
+/// Calls that wait on one call's outcome, at most; one more is answered
+/// `error` (`idempotency_busy`).
+pub const FOLLOWERS_KEPT: usize = 1024;
+
+/// The ledger id of an idempotency key of a service: a name-based UUID
+/// (version 8, from SHA-256), so that the key's record lives, and is
+/// forgotten, like a call's.
+pub fn key_id(service: &str, key: &str) -> Uuid {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    h.update(b"callq.idempotency_key\0");
+    h.update(service.as_bytes());
+    h.update(b"\0");
+    h.update(key.as_bytes());
+    let digest = h.finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_custom_bytes(bytes).into_uuid()
 }
 
 /// Where a session is in its life.
@@ -157,7 +205,44 @@ impl CallRecord {
             state: CallState::Open,
             lost: Vec::new(),
             digest: None,
+            key_holder: None,
+            followers: Vec::new(),
         }
+    }
+
+    /// A record decided at once, holding `reply` and no holder.
+    fn decided(call_id: Uuid, service: &str, reply: Option<Reply>) -> Self {
+        let lease = Lease {
+            call_id,
+            copy: 1,
+            token: Uuid::nil(),
+        };
+        let holder = Holder {
+            worker: String::new(),
+            lease,
+        };
+        let mut record = Self::open(service, None, 1, holder, Vec::new());
+        record.holder = None;
+        record.state = CallState::Done { reply };
+        record
+    }
+
+    /// The reply the call was decided with, if it is decided with one.
+    fn decided_reply(&self) -> Option<&Reply> {
+        match &self.state {
+            CallState::Done { reply } => reply.as_ref(),
+            CallState::Failed { reply } => Some(reply),
+            CallState::Open => None,
+        }
+    }
+}
+
+/// `reply`, as the answer to another call (one with the same idempotency
+/// key).
+fn readdressed(reply: &Reply, call_id: Uuid) -> Reply {
+    Reply {
+        call_id,
+        ..reply.clone()
     }
 }
 
@@ -196,6 +281,13 @@ pub enum Effect {
         /// The `fatal` reply.
         reply: Reply,
     },
+    /// Answer a call that followed another with its idempotency key.
+    Answer {
+        /// The client's reply queue.
+        reply_to: String,
+        /// The first call's outcome, addressed to the follower.
+        reply: Reply,
+    },
     /// Tell the workers that cache a session that it changed.
     SessionChanged {
         /// The session.
@@ -229,6 +321,8 @@ pub struct Ledger<S: Store> {
     stored_used: HashMap<String, i64>,
     session_idle_ms: i64,
     session_forget_ms: i64,
+    /// How long the first call with an idempotency key holds it.
+    idempotency_window_ms: i64,
 }
 
 impl<S: Store> Ledger<S> {
@@ -248,6 +342,7 @@ impl<S: Store> Ledger<S> {
             stored_used: HashMap::new(),
             session_idle_ms: 30 * 60 * 1000,
             session_forget_ms: 7 * 24 * 3600 * 1000,
+            idempotency_window_ms: 24 * 3600 * 1000,
         })
     }
 
@@ -269,6 +364,14 @@ impl<S: Store> Ledger<S> {
     pub fn forget_decided(&mut self, now_ms: i64, max: usize) -> Result<usize, Error> {
         self.store
             .forget_decided(now_ms.saturating_sub(self.retention_ms), max)
+    }
+
+    /// How long the first call with an idempotency key holds it (24 hours
+    /// unless set): a later call with the key, within it, gets the first's
+    /// outcome instead of running. Records are forgotten after the
+    /// retention, so the window is at most the retention in effect.
+    pub fn set_idempotency_window(&mut self, window: std::time::Duration) {
+        self.idempotency_window_ms = i64::try_from(window.as_millis()).unwrap_or(i64::MAX).max(1);
     }
 
     /// Ended sessions are forgotten this long after their last use (7 days
@@ -595,6 +698,146 @@ impl<S: Store> Ledger<S> {
         Ok(decision)
     }
 
+    /// The first delivery of a call with an idempotency key asks whether
+    /// it runs. A call the ledger knows already is taken as a redelivery
+    /// ([`Ledger::resume`]). Otherwise, where another call holds the key
+    /// (within the window, and its record is still kept): decided, this
+    /// call is answered with its outcome (`done`); still open, this call
+    /// follows it (`follow`) and is answered when it is decided, each
+    /// without running. Else this call takes the key and runs as attempt
+    /// `lease.copy`; its record makes its completion carry the reply.
+    #[allow(clippy::too_many_arguments)]
+    pub fn claim(
+        &mut self,
+        lease: Lease,
+        worker: &str,
+        service: &str,
+        key: &str,
+        reply_to: Option<&str>,
+        now_ms: i64,
+    ) -> Result<ResumeDecision, Error> {
+        let call_id = lease.call_id;
+        if self.load(call_id)?.is_some() {
+            return self.resume(lease, worker, service, reply_to);
+        }
+        let kid = key_id(service, key);
+        let first = self.load(kid)?.and_then(|k| {
+            k.key_holder
+                .as_ref()
+                .filter(|h| h.until_ms > now_ms && h.call_id != call_id)
+                .map(|h| h.call_id)
+        });
+        if let Some(first) = first
+            && let Some(decision) = self.follow(first, call_id, service, reply_to)?
+        {
+            return Ok(decision);
+        }
+        let holder = Holder {
+            worker: worker.to_owned(),
+            lease,
+        };
+        let record = CallRecord::open(service, reply_to, lease.copy, holder, Vec::new());
+        self.put(call_id, record);
+        let mut keyed = CallRecord::decided(kid, service, None);
+        keyed.key_holder = Some(KeyHolder {
+            call_id,
+            until_ms: now_ms.saturating_add(self.idempotency_window_ms),
+        });
+        self.put(kid, keyed);
+        Ok(ResumeDecision::Run {
+            attempt: lease.copy,
+        })
+    }
+
+    /// `call_id` comes after `first` with the same key: the answer, or
+    /// `None` when `first` is forgotten (or decided without a reply) and
+    /// `call_id` takes the key instead.
+    fn follow(
+        &mut self,
+        first: Uuid,
+        call_id: Uuid,
+        service: &str,
+        reply_to: Option<&str>,
+    ) -> Result<Option<ResumeDecision>, Error> {
+        let Some(rec) = self.load(first)? else {
+            return Ok(None);
+        };
+        if let Some(reply) = rec.decided_reply() {
+            let reply = Some(readdressed(reply, call_id));
+            return Ok(Some(ResumeDecision::Done { reply }));
+        }
+        if !matches!(rec.state, CallState::Open) {
+            return Ok(None);
+        }
+        let decision = if rec.followers.len() >= FOLLOWERS_KEPT {
+            let msg = format!(
+                "{FOLLOWERS_KEPT} calls already wait for call {first}, which holds this \
+                 idempotency key: try again once it is decided"
+            );
+            let reply = Reply::error(call_id, 1, codes::IDEMPOTENCY_BUSY, msg);
+            ResumeDecision::Done { reply: Some(reply) }
+        } else {
+            rec.followers.push(Follower {
+                call_id,
+                reply_to: reply_to.map(str::to_owned),
+            });
+            ResumeDecision::Follow { first }
+        };
+        self.dirty.insert(first);
+        // The follower's own record: a redelivery of it runs nothing, and it
+        // is decided with the first's outcome.
+        let reply = match &decision {
+            ResumeDecision::Done { reply } => reply.clone(),
+            _ => None,
+        };
+        self.put(call_id, CallRecord::decided(call_id, service, reply));
+        Ok(Some(decision))
+    }
+
+    /// Before a commit: each decided call with followers answers them with
+    /// its outcome (an effect once durable), and their records hold it.
+    fn settle_followers(&mut self) -> Result<(), Error> {
+        let ready: Vec<Uuid> = self
+            .dirty
+            .iter()
+            .copied()
+            .filter(|id| {
+                self.open
+                    .get(id)
+                    .is_some_and(|r| !r.followers.is_empty() && !matches!(r.state, CallState::Open))
+            })
+            .collect();
+        for id in ready {
+            let Some(rec) = self.open.get_mut(&id) else {
+                continue;
+            };
+            let followers = std::mem::take(&mut rec.followers);
+            let outcome = rec.decided_reply().cloned();
+            for f in followers {
+                let reply = match &outcome {
+                    Some(r) => readdressed(r, f.call_id),
+                    None => Reply::error(
+                        f.call_id,
+                        1,
+                        codes::IDEMPOTENCY_BUSY,
+                        format!("call {id}, which held this idempotency key, recorded no reply"),
+                    ),
+                };
+                if let Some(to) = &f.reply_to {
+                    self.effects.push(Effect::Answer {
+                        reply_to: to.clone(),
+                        reply: reply.clone(),
+                    });
+                }
+                if let Some(own) = self.load(f.call_id)? {
+                    own.state = CallState::Done { reply: Some(reply) };
+                    self.dirty.insert(f.call_id);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// A worker gave up on `attempt` (the coordinator did not answer it in
     /// time) and returns the delivery: of the attempt's traces only those
     /// whose grants the worker received (`kept`) stand, and the attempt is
@@ -842,25 +1085,8 @@ impl<S: Store> Ledger<S> {
     /// a decided call keeps its outcome.
     pub fn cancel(&mut self, call_id: Uuid) -> Result<CancelDecision, Error> {
         let Some(rec) = self.load(call_id)? else {
-            let mut record = CallRecord::open(
-                "",
-                None,
-                1,
-                Holder {
-                    worker: String::new(),
-                    lease: Lease {
-                        call_id,
-                        copy: 1,
-                        token: Uuid::nil(),
-                    },
-                },
-                Vec::new(),
-            );
-            record.holder = None;
-            record.state = CallState::Done {
-                reply: Some(Reply::cancelled(call_id, 1)),
-            };
-            self.put(call_id, record);
+            let reply = Some(Reply::cancelled(call_id, 1));
+            self.put(call_id, CallRecord::decided(call_id, "", reply));
             info!(%call_id, "call cancelled before any worker reported it");
             return Ok(CancelDecision::Cancelled);
         };
@@ -975,6 +1201,7 @@ impl<S: Store> Ledger<S> {
     /// then returns the effects to carry out. On error nothing is durable,
     /// the memory is rolled back, and no decision may be announced.
     pub fn commit(&mut self) -> Result<Vec<Effect>, Error> {
+        self.settle_followers()?;
         if self.dirty.is_empty() && self.dirty_sessions.is_empty() {
             return Ok(std::mem::take(&mut self.effects));
         }

@@ -29,7 +29,8 @@ mod service;
 mod store;
 
 pub use ledger::{
-    CallRecord, CallState, Effect, Holder, InFlight, Ledger, SessionLife, SessionRecord,
+    CallRecord, CallState, Effect, FOLLOWERS_KEPT, Follower, Holder, InFlight, KeyHolder, Ledger,
+    SessionLife, SessionRecord, key_id,
 };
 pub use pg_store::{PG_MIGRATION, PgStore};
 pub use service::{Coordinator, CoordinatorOptions};

@@ -121,7 +121,7 @@ impl World {
                     );
                     self.fatal = true;
                 }
-                Effect::SessionChanged { .. } => {}
+                Effect::SessionChanged { .. } | Effect::Answer { .. } => {}
             }
         }
         Ok(())
@@ -194,7 +194,9 @@ impl World {
             ResumeDecision::Fatal { .. } => {
                 prop_assert!(self.fatal, "fatal, but none was answered")
             }
-            ResumeDecision::Superseded { .. } | ResumeDecision::Refused { .. } => {}
+            ResumeDecision::Superseded { .. }
+            | ResumeDecision::Refused { .. }
+            | ResumeDecision::Follow { .. } => {}
         }
         Ok(())
     }

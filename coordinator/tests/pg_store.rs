@@ -23,6 +23,16 @@ fn record(attempt: u32) -> CallRecord {
         state: CallState::Open,
         lost: Vec::new(),
         digest: Some("d1".into()),
+        // Kept through the store like the rest (an idempotency key's
+        // holder, a call waiting for this one's outcome).
+        key_holder: Some(callq_coordinator::KeyHolder {
+            call_id: Uuid::nil(),
+            until_ms: 1_796_000_000_000,
+        }),
+        followers: vec![callq_coordinator::Follower {
+            call_id: Uuid::nil(),
+            reply_to: Some("callq.reply.c".into()),
+        }],
     }
 }
 

@@ -59,6 +59,9 @@ pub mod codes {
     /// The caller cancelled the call before it left a trace (`cancelled`
     /// outcome).
     pub const CANCELLED: &str = "cancelled";
+    /// Too many calls already wait for the call that holds this call's
+    /// idempotency key.
+    pub const IDEMPOTENCY_BUSY: &str = "idempotency_busy";
     /// The worker died after the call left traces (`fatal` outcome).
     pub const WORKER_LOST_AFTER_TRACES: &str = "worker_lost_after_traces";
     /// The call was delivered more often than the delivery limit allows

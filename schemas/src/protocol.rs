@@ -64,6 +64,13 @@ pub enum ResumeDecision {
         /// Why, for logs and the dead letter.
         reason: String,
     },
+    /// (To `claim` only.) An earlier call with the same idempotency key
+    /// runs now: ack this copy and publish nothing; the coordinator answers
+    /// this call with that call's outcome once it is decided.
+    Follow {
+        /// The call that holds the key.
+        first: Uuid,
+    },
 }
 
 impl ResumeDecision {
@@ -75,6 +82,7 @@ impl ResumeDecision {
             Self::Fatal { .. } => "fatal",
             Self::Superseded { .. } => "superseded",
             Self::Refused { .. } => "refused",
+            Self::Follow { .. } => "follow",
         }
     }
 }
@@ -316,6 +324,27 @@ pub enum RequestBody {
         call_reply_to: Option<String>,
         /// The SHA-256 of the delivered body, in lowercase hex: a copy whose
         /// body differs from the one recorded under its `call_id` is refused.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        digest: Option<String>,
+    },
+    /// May this first delivery of a call with an idempotency key run? The
+    /// first call with a key (per service, within the coordinator's
+    /// window) holds it and runs; a later one gets the first's outcome
+    /// (`done`) or follows it (`follow`) and runs nothing. Answered by an
+    /// answer of type `resume`.
+    Claim {
+        /// Matches the answer to the request.
+        req_id: Uuid,
+        /// The delivery.
+        lease: Lease,
+        /// The service.
+        service: String,
+        /// The call's `idempotency_key`.
+        key: String,
+        /// Where the client waits.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        call_reply_to: Option<String>,
+        /// The SHA-256 of the delivered body, as in `resume`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         digest: Option<String>,
     },
@@ -633,6 +662,7 @@ impl RequestBody {
         match self {
             RequestBody::Heartbeat { .. } => "heartbeat",
             RequestBody::Resume { .. } => "resume",
+            RequestBody::Claim { .. } => "claim",
             RequestBody::Trace { .. } => "trace",
             RequestBody::Complete { .. } => "complete",
             RequestBody::Session { .. } => "session",

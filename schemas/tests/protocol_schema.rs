@@ -237,6 +237,22 @@ fn request_bodies() -> Vec<RequestBody> {
             call_reply_to: None,
             digest: None,
         },
+        RequestBody::Claim {
+            req_id: uuid(3),
+            lease: lease(2),
+            service: "bank".into(),
+            key: "order-981".into(),
+            call_reply_to: Some("callq.reply.shop-1".into()),
+            digest: Some("9f".repeat(32)),
+        },
+        RequestBody::Claim {
+            req_id: uuid(3),
+            lease: lease(2),
+            service: "bank".into(),
+            key: String::new(),
+            call_reply_to: None,
+            digest: None,
+        },
         RequestBody::Trace {
             req_id: uuid(4),
             lease: lease(1),
@@ -432,6 +448,7 @@ fn answer_bodies() -> Vec<AnswerBody> {
         resume(ResumeDecision::Refused {
             reason: "call 0193c1e2 was published again with another body".into(),
         }),
+        resume(ResumeDecision::Follow { first: uuid(12) }),
         trace(TraceDecision::Granted),
         trace(TraceDecision::Refused {
             reason: "attempt 2 was revoked".into(),

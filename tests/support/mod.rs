@@ -17,6 +17,7 @@ pub mod cancellation;
 pub mod cluster;
 pub mod containers;
 pub mod fault_node;
+pub mod idempotency;
 pub mod outcomes;
 
 /// A RabbitMQ virtual host for one test, deleted when dropped.

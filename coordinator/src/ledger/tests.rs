@@ -827,6 +827,8 @@ fn stored_record(decided: bool) -> CallRecord {
         },
         lost: Vec::new(),
         digest: None,
+        key_holder: None,
+        followers: Vec::new(),
     }
 }
 
@@ -997,5 +999,121 @@ fn a_running_call_is_cancelled_until_it_leaves_a_trace() {
         CancelDecision::Finished {
             outcome: Some(Outcome::Ok)
         }
+    );
+}
+
+#[test]
+fn a_second_call_with_an_idempotency_key_gets_the_first_s_outcome() {
+    let mut l = ledger();
+    let first = Uuid::now_v7();
+    let a = lease(first, 1);
+    assert_eq!(
+        l.claim(a, "A", SVC, "order-1", TO, 0).unwrap(),
+        ResumeDecision::Run { attempt: 1 }
+    );
+    l.commit().unwrap();
+    // While the first runs, a second call follows it; a third of another
+    // service, or with another key, runs.
+    let second = Uuid::now_v7();
+    assert_eq!(
+        l.claim(
+            lease(second, 1),
+            "B",
+            SVC,
+            "order-1",
+            Some("callq.reply.d"),
+            10
+        )
+        .unwrap(),
+        ResumeDecision::Follow { first }
+    );
+    let other = Uuid::now_v7();
+    assert_eq!(
+        l.claim(lease(other, 1), "B", "echo", "order-1", TO, 10)
+            .unwrap(),
+        ResumeDecision::Run { attempt: 1 }
+    );
+    assert_eq!(l.commit().unwrap(), vec![]);
+    // The follower's redelivery runs nothing.
+    assert_eq!(
+        l.resume(lease(second, 1), "C", SVC, TO).unwrap(),
+        ResumeDecision::Done { reply: None }
+    );
+    // The first completes (a batched completion carries the reply): the
+    // follower is answered with its outcome, under its own id.
+    let reply = Reply::ok(first, 1, json!({"sent": true}));
+    assert_eq!(
+        l.complete(a, 1, Some(reply.clone()), None, 20).unwrap(),
+        CompleteDecision::Accepted
+    );
+    let answered = Reply {
+        call_id: second,
+        ..reply.clone()
+    };
+    assert_eq!(
+        l.commit().unwrap(),
+        vec![Effect::Answer {
+            reply_to: "callq.reply.d".into(),
+            reply: answered.clone()
+        }]
+    );
+    assert_eq!(
+        l.resume(lease(second, 1), "C", SVC, TO).unwrap(),
+        ResumeDecision::Done {
+            reply: Some(answered)
+        }
+    );
+    // A later call within the window is answered at once.
+    let third = Uuid::now_v7();
+    assert_eq!(
+        l.claim(lease(third, 1), "B", SVC, "order-1", TO, 30)
+            .unwrap(),
+        ResumeDecision::Done {
+            reply: Some(Reply {
+                call_id: third,
+                ..reply
+            })
+        }
+    );
+    // Past the window the key is free again: the next call runs.
+    l.set_idempotency_window(std::time::Duration::from_millis(100));
+    l.commit().unwrap();
+    let fourth = Uuid::now_v7();
+    assert_eq!(
+        l.claim(lease(fourth, 1), "B", SVC, "order-1", TO, 24 * 3_600_000)
+            .unwrap(),
+        ResumeDecision::Run { attempt: 1 }
+    );
+}
+
+#[test]
+fn followers_of_a_call_that_fails_are_answered_fatal() {
+    let mut l = ledger();
+    let first = Uuid::now_v7();
+    let a = lease(first, 1);
+    l.claim(a, "A", SVC, "k", TO, 0).unwrap();
+    assert_eq!(
+        l.trace(a, 1, "A", "mail.sent", SVC, TO, None, 0).unwrap(),
+        TraceDecision::Granted
+    );
+    let second = Uuid::now_v7();
+    assert_eq!(
+        l.claim(lease(second, 1), "B", SVC, "k", TO, 0).unwrap(),
+        ResumeDecision::Follow { first }
+    );
+    l.commit().unwrap();
+    l.worker_lost("A", &[in_flight(a)]).unwrap();
+    let effects = l.commit().unwrap();
+    let answered: Vec<&Reply> = effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Answer { reply, .. } => Some(reply),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(answered.len(), 1, "{effects:?}");
+    assert_eq!(
+        (answered[0].call_id, answered[0].outcome),
+        (second, Outcome::Fatal)
     );
 }

@@ -94,6 +94,17 @@ impl<S: Store> Coordinator<S> {
                     Message::new(reply.to_bytes()).key(reply.call_id.to_string()),
                 )
             }
+            Effect::Answer { reply_to, reply } => {
+                if let Err(e) = callq_schemas::check_reply_to(&reply_to) {
+                    warn!(call_id = %reply.call_id, "not answering a follower: {e}");
+                    return;
+                }
+                debug!(call_id = %reply.call_id, outcome = %reply.outcome, "answering a call that followed another with its idempotency key");
+                (
+                    reply_to,
+                    Message::new(reply.to_bytes()).key(reply.call_id.to_string()),
+                )
+            }
             // Its notices went out with `notify`.
             Effect::SessionChanged { .. } => return,
         };

@@ -135,6 +135,7 @@ impl<S: Store> Coordinator<S> {
         ledger.set_session_idle(opts.session_idle);
         ledger.set_session_forget(opts.session_forget);
         ledger.set_retention(opts.retention);
+        ledger.set_idempotency_window(opts.idempotency_window);
         Self {
             opts,
             broker,

@@ -34,6 +34,12 @@ pub struct CoordinatorOptions {
     /// this must outlast the longest a copy can wait in a queue.
     #[serde(with = "callq_schemas::millis")]
     pub retention: Duration,
+    /// How long the first call with an idempotency key holds it: a later
+    /// call of the same service with the same key, within it, gets the
+    /// first's outcome instead of running. At most the retention in effect
+    /// (the first's record is forgotten after it).
+    #[serde(with = "callq_schemas::millis")]
+    pub idempotency_window: Duration,
     /// How far the clocks of workers' hosts may run ahead of the
     /// coordinator's. A request whose sender gives up (`expires_ms`) within
     /// this margin of now is dropped as stale: the coordinator never
@@ -53,6 +59,7 @@ impl Default for CoordinatorOptions {
             session_idle: Duration::from_secs(30 * 60),
             session_forget: Duration::from_secs(7 * 24 * 3600),
             retention: Duration::from_secs(7 * 24 * 3600),
+            idempotency_window: Duration::from_secs(24 * 3600),
             clock_skew: Duration::from_millis(500),
             limits: Limits {
                 max_bytes: 64 * 1024 * 1024,

@@ -27,7 +27,7 @@ fn request_span(req: &Request) -> Option<TraceContext> {
         return None;
     }
     let (lease, attempt) = match &req.body {
-        RequestBody::Resume { lease, .. } => (lease, None),
+        RequestBody::Resume { lease, .. } | RequestBody::Claim { lease, .. } => (lease, None),
         RequestBody::Trace { lease, attempt, .. }
         | RequestBody::Complete { lease, attempt, .. } => (lease, Some(*attempt)),
         _ => return None,
@@ -204,6 +204,18 @@ impl<S: Store> Coordinator<S> {
                     self.resume(worker, lease, &service, call_reply_to.as_deref(), digest)?;
                 AnswerBody::Resume { req_id, decision }
             }
+            RequestBody::Claim {
+                req_id,
+                lease,
+                service,
+                key,
+                call_reply_to,
+                digest,
+            } => {
+                let to = call_reply_to.as_deref();
+                let decision = self.claim(worker, lease, &service, &key, to, digest.as_deref())?;
+                AnswerBody::Resume { req_id, decision }
+            }
             trace @ RequestBody::Trace { .. } => return self.trace(worker, trace),
             RequestBody::Complete {
                 req_id,
@@ -283,6 +295,30 @@ impl<S: Store> Coordinator<S> {
         }
         let decision = self.ledger.resume(lease, worker, service, reply_to)?;
         // The record that resume may have made keeps the digest.
+        self.ledger.same_body(lease.call_id, digest)?;
+        Ok(decision)
+    }
+
+    /// The first delivery of a call with an idempotency key asks whether
+    /// it runs: as `resume`, a copy whose body differs from its call's
+    /// record is refused.
+    fn claim(
+        &mut self,
+        worker: &str,
+        lease: Lease,
+        service: &str,
+        key: &str,
+        reply_to: Option<&str>,
+        digest: Option<&str>,
+    ) -> Result<ResumeDecision, Error> {
+        if !self.ledger.same_body(lease.call_id, digest)? {
+            let reason = other_body(worker, lease.call_id);
+            return Ok(ResumeDecision::Refused { reason });
+        }
+        let now = self.clock.now_ms();
+        let decision = self
+            .ledger
+            .claim(lease, worker, service, key, reply_to, now)?;
         self.ledger.same_body(lease.call_id, digest)?;
         Ok(decision)
     }

@@ -10,7 +10,7 @@ use callq_broker::{Delivery, Disposition, QueueSpec};
 use callq_schemas::protocol::{AnswerBody, Lease, RequestBody, ResumeDecision};
 use callq_schemas::{Call, Reply, codes};
 use time::OffsetDateTime;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::shared::Shared;
 use super::{WorkerStats, finish};
@@ -51,8 +51,10 @@ pub(super) async fn pass(
     lease: Lease,
 ) -> Gate {
     let ask = past_limit || delivery.redelivered || lease.copy > 1;
-    let passed = if shared.link.is_some() && ask {
-        match resume(shared, call, lease, &delivery.body).await {
+    // The first delivery of a call with an idempotency key claims the key.
+    let key = call.idempotency_key.as_deref().filter(|_| !ask);
+    let passed = if shared.link.is_some() && (ask || key.is_some()) {
+        match resume(shared, call, lease, &delivery.body, key).await {
             Ok(attempt) => Passed {
                 attempt,
                 resumed: true,
@@ -110,23 +112,37 @@ pub(super) async fn pass(
 
 /// Asks the coordinator whether this copy runs: the attempt it runs as, or
 /// how to settle the delivery instead.
+/// With `key`, the first delivery of a call with that idempotency key asks
+/// `claim` instead: the same answers, and `follow`.
 async fn resume(
     shared: &Shared,
     call: &Call,
     lease: Lease,
     body: &[u8],
+    key: Option<&str>,
 ) -> Result<u32, Disposition> {
     let Some(link) = &shared.link else {
         return Ok(lease.copy);
     };
     WorkerStats::bump(&shared.stats.resumed);
+    let digest = body_digest(body);
     let asked = link
-        .ask(|req_id| RequestBody::Resume {
-            req_id,
-            lease,
-            service: call.service.clone(),
-            call_reply_to: call.reply_to.clone(),
-            digest: Some(body_digest(body)),
+        .ask(|req_id| match key {
+            Some(key) => RequestBody::Claim {
+                req_id,
+                lease,
+                service: call.service.clone(),
+                key: key.to_owned(),
+                call_reply_to: call.reply_to.clone(),
+                digest: Some(digest.clone()),
+            },
+            None => RequestBody::Resume {
+                req_id,
+                lease,
+                service: call.service.clone(),
+                call_reply_to: call.reply_to.clone(),
+                digest: Some(digest.clone()),
+            },
         })
         .await;
     let decision = match asked {
@@ -171,6 +187,12 @@ async fn resume(
             Disposition::DeadLetter {
                 reason: format!("{BODY_MISMATCH}: {reason}"),
             }
+        }
+        // An earlier call with the same idempotency key runs: the
+        // coordinator answers this one with its outcome.
+        ResumeDecision::Follow { first } => {
+            info!(worker = %shared.opts.worker_id, call_id = %call.call_id, %first, "follows the call that holds its idempotency key: answered with its outcome");
+            Disposition::Ack
         }
         _ => Disposition::Ack,
     })
