@@ -6,90 +6,49 @@
 
 mod support;
 
-use std::path::Path;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use callq_node::{Admin, Client, ClientOptions};
-use callq_schemas::protocol::WorkerState;
-use callq_testkit::{ClusterOptions, LocalCluster};
 use support::cancellation::{CAPACITY, scenario};
-use support::{Proc, Vhost, count, wait_status};
+use support::{SmallCluster, Vhost, wait_status};
 
-/// A worker process of `echo` and `mail` with the scenario's capacity.
-fn small_worker(url: &str, dir: &Path) -> Proc {
-    let capacity = CAPACITY.to_string();
-    let args = [
-        "worker",
-        "--services",
-        "echo,mail",
-        "--worker-id",
-        "cw1",
-        "--capacity",
-        &capacity,
-    ];
-    Proc::spawn("cw1", &args, url, dir)
-}
-
-async fn on_processes(url: &str, broker: std::sync::Arc<dyn callq_broker::Broker>, dir: &Path) {
-    let coordinator = Proc::spawn("coordinator", &["coordinator"], url, dir);
-    let mut worker = small_worker(url, dir);
-    let admin = Admin::connect(broker.clone(), Duration::from_secs(30))
-        .await
-        .unwrap();
-    wait_status(&admin, "the worker", Duration::from_secs(60), |s| {
-        count(s, WorkerState::Active) == 1
-    })
-    .await;
-    let client = Client::connect(broker, ClientOptions::default())
-        .await
-        .unwrap();
-    scenario(&client, &admin, dir).await;
-    assert!(worker.running(), "the worker died:\n{}", worker.log());
-    let log = worker.log();
+async fn on_processes(url: &str, broker: std::sync::Arc<dyn callq_broker::Broker>, tag: &str) {
+    let dir = support::temp_dir(tag);
+    let mut cluster = SmallCluster::start(url, broker, &dir, &["cw1"], CAPACITY).await;
+    scenario(&cluster.client, &cluster.admin, &dir).await;
+    let logs = cluster.logs_of_live_workers();
     assert!(
-        log.contains("attempt revoked"),
-        "the cancelled mail's trace was not refused:\n{log}"
+        logs[0].contains("attempt revoked"),
+        "the cancelled mail's trace was not refused:\n{}",
+        logs[0]
     );
-    drop(coordinator);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_are_cancelled_on_rabbitmq() {
     let vhost = Vhost::create("cancel");
-    let dir = support::temp_dir("cancel-rabbit");
-    on_processes(&vhost.url, support::amqp(&vhost.url).await, &dir).await;
-    let _ = std::fs::remove_dir_all(&dir);
+    on_processes(&vhost.url, support::amqp(&vhost.url).await, "cancel-rabbit").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_are_cancelled_on_kafka() {
     let url = support::kafka_url("kcancel", 1);
-    let dir = support::temp_dir("cancel-kafka");
-    on_processes(&url, support::kafka(&url).await, &dir).await;
-    let _ = std::fs::remove_dir_all(&dir);
+    on_processes(&url, support::kafka(&url).await, "cancel-kafka").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_are_cancelled_on_the_embedded_broker() {
     let dir = support::temp_dir("cancel-embedded");
-    let opts = ClusterOptions {
-        capacity: u16::try_from(CAPACITY).unwrap(),
-        ..ClusterOptions::default()
-    };
-    let mut cluster = LocalCluster::start(opts, callq_coordinator::MemoryStore::default())
-        .await
-        .unwrap();
-    cluster
-        .spawn_worker("cw1", &["echo", "mail"], false)
-        .await
-        .unwrap();
-    let admin = cluster.admin().await.unwrap();
-    let client = cluster.client().await.unwrap();
+    let (cluster, admin, client) = support::small_local_cluster(&["cw1"], CAPACITY).await;
     scenario(&client, &admin, &dir).await;
     let stats = cluster.stats("cw1").unwrap();
-    let revoked = stats.revoked.load(std::sync::atomic::Ordering::Relaxed);
-    assert_eq!(revoked, 1, "the cancelled mail's trace was refused");
-    let skipped = stats.cancelled.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        stats.revoked.load(Relaxed),
+        1,
+        "the cancelled mail's trace was refused"
+    );
+    let skipped = stats.cancelled.load(Relaxed);
     assert_eq!(skipped, 1, "the queued call was answered without running");
     cluster.shutdown().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
@@ -122,16 +81,9 @@ fn finished(child: std::process::Child) -> (Option<i32>, String, String) {
 async fn the_command_line_cancels_a_call() {
     let vhost = Vhost::create("cli-cancel");
     let dir = support::temp_dir("cli-cancel");
-    let _coordinator = Proc::spawn("coordinator", &["coordinator"], &vhost.url, &dir);
-    let _worker = small_worker(&vhost.url, &dir);
     let broker = support::amqp(&vhost.url).await;
-    let admin = Admin::connect(broker, Duration::from_secs(30))
-        .await
-        .unwrap();
-    wait_status(&admin, "the worker", Duration::from_secs(60), |s| {
-        count(s, WorkerState::Active) == 1
-    })
-    .await;
+    let cluster = SmallCluster::start(&vhost.url, broker, &dir, &["cw1"], CAPACITY).await;
+    let admin = &cluster.admin;
     let id = callq_schemas::Uuid::now_v7().to_string();
     let sleeping = callq(
         &vhost.url,
@@ -146,7 +98,7 @@ async fn the_command_line_cancels_a_call() {
             "90000",
         ],
     );
-    wait_status(&admin, "the sleep running", Duration::from_secs(30), |s| {
+    wait_status(admin, "the sleep running", Duration::from_secs(30), |s| {
         s.workers.first().is_some_and(|w| w.free < w.capacity)
     })
     .await;

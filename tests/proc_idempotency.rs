@@ -11,51 +11,20 @@ mod support;
 
 use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::Duration;
 
-use callq_node::{Admin, Client, ClientOptions};
-use callq_schemas::protocol::WorkerState;
-use callq_testkit::{ClusterOptions, LocalCluster};
 use support::idempotency::{CAPACITY, scenario};
-use support::{Proc, Vhost, count, wait_status};
+use support::{SmallCluster, Vhost};
 
-fn small_worker(id: &str, url: &str, dir: &Path) -> Proc {
-    let capacity = CAPACITY.to_string();
-    let args = [
-        "worker",
-        "--services",
-        "echo,mail",
-        "--worker-id",
-        id,
-        "--capacity",
-        &capacity,
-    ];
-    Proc::spawn(id, &args, url, dir)
-}
-
-/// Runs the scenario on processes; returns the two workers' logs.
+/// Runs the scenario on processes; returns the second call's id and the
+/// two workers' logs.
 async fn on_processes(
     url: &str,
     broker: std::sync::Arc<dyn callq_broker::Broker>,
     dir: &Path,
-) -> (callq_schemas::Uuid, [String; 2]) {
-    let _coordinator = Proc::spawn("coordinator", &["coordinator"], url, dir);
-    let mut workers = [small_worker("iw1", url, dir), small_worker("iw2", url, dir)];
-    let admin = Admin::connect(broker.clone(), Duration::from_secs(30))
-        .await
-        .unwrap();
-    wait_status(&admin, "two workers", Duration::from_secs(60), |s| {
-        count(s, WorkerState::Active) == 2
-    })
-    .await;
-    let client = Client::connect(broker, ClientOptions::default())
-        .await
-        .unwrap();
-    let second = scenario(&client, &admin, dir, || {}).await;
-    for w in &mut workers {
-        assert!(w.running(), "{} died:\n{}", w.name, w.log());
-    }
-    (second, [workers[0].log(), workers[1].log()])
+) -> (callq_schemas::Uuid, Vec<String>) {
+    let mut cluster = SmallCluster::start(url, broker, dir, &["iw1", "iw2"], CAPACITY).await;
+    let second = scenario(&cluster.client, &cluster.admin, dir, || {}).await;
+    (second, cluster.logs_of_live_workers())
 }
 
 /// The log lines of a worker that followed `call` rather than run it.
@@ -96,21 +65,7 @@ async fn a_duplicate_key_runs_nothing_on_kafka() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_duplicate_key_runs_nothing_on_the_embedded_broker() {
     let dir = support::temp_dir("idem-embedded");
-    let opts = ClusterOptions {
-        capacity: u16::try_from(CAPACITY).unwrap(),
-        ..ClusterOptions::default()
-    };
-    let mut cluster = LocalCluster::start(opts, callq_coordinator::MemoryStore::default())
-        .await
-        .unwrap();
-    for id in ["iw1", "iw2"] {
-        cluster
-            .spawn_worker(id, &["echo", "mail"], false)
-            .await
-            .unwrap();
-    }
-    let admin = cluster.admin().await.unwrap();
-    let client = cluster.client().await.unwrap();
+    let (cluster, admin, client) = support::small_local_cluster(&["iw1", "iw2"], CAPACITY).await;
     let stats = [cluster.stats("iw1").unwrap(), cluster.stats("iw2").unwrap()];
     scenario(&client, &admin, &dir, || {
         // One worker ran the first call; the other took the second, ran

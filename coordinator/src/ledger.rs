@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use tracing::{info, warn};
 
-use crate::{Error, Store};
+use crate::{Delayed, Error, Store};
 
 /// Who holds the current attempt of a call.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -212,16 +212,7 @@ impl CallRecord {
 
     /// A record decided at once, holding `reply` and no holder.
     fn decided(call_id: Uuid, service: &str, reply: Option<Reply>) -> Self {
-        let lease = Lease {
-            call_id,
-            copy: 1,
-            token: Uuid::nil(),
-        };
-        let holder = Holder {
-            worker: String::new(),
-            lease,
-        };
-        let mut record = Self::open(service, None, 1, holder, Vec::new());
+        let mut record = Self::open(service, None, 1, placeholder(call_id), Vec::new());
         record.holder = None;
         record.state = CallState::Done { reply };
         record
@@ -234,6 +225,28 @@ impl CallRecord {
             CallState::Failed { reply } => Some(reply),
             CallState::Open => None,
         }
+    }
+}
+
+/// A holder that stands for none, for records made without a delivery.
+fn placeholder(call_id: Uuid) -> Holder {
+    Holder {
+        worker: String::new(),
+        lease: Lease {
+            call_id,
+            copy: 1,
+            token: Uuid::nil(),
+        },
+    }
+}
+
+/// The re-issue of a delayed call that is due: attempt 2.
+fn reissue(d: Delayed) -> Effect {
+    Effect::Reissue {
+        call_id: d.call_id,
+        service: d.service,
+        attempt: 2,
+        body: d.body.into_bytes(),
     }
 }
 
@@ -323,6 +336,8 @@ pub struct Ledger<S: Store> {
     session_forget_ms: i64,
     /// How long the first call with an idempotency key holds it.
     idempotency_window_ms: i64,
+    /// Calls to hold until they are due, written with the next commit.
+    deferred: Vec<Delayed>,
 }
 
 impl<S: Store> Ledger<S> {
@@ -343,6 +358,7 @@ impl<S: Store> Ledger<S> {
             session_idle_ms: 30 * 60 * 1000,
             session_forget_ms: 7 * 24 * 3600 * 1000,
             idempotency_window_ms: 24 * 3600 * 1000,
+            deferred: Vec::new(),
         })
     }
 
@@ -838,6 +854,61 @@ impl<S: Store> Ledger<S> {
         Ok(())
     }
 
+    /// A worker received a call before its `not_before`: it is held until
+    /// it is due, durably with the next commit.
+    pub fn defer(&mut self, call: Delayed) {
+        self.deferred.push(call);
+    }
+
+    /// Calls held until now, at most `max`, are published again: each as a
+    /// re-issue (attempt 2) under an open record, so that a copy published
+    /// twice (the coordinator died before it let go of the call) runs
+    /// once; a call decided meanwhile (cancelled while it waited) is
+    /// answered with its reply instead. Returns the calls to let go of
+    /// once the effects are out.
+    pub fn release_due(&mut self, now_ms: i64, max: usize) -> Result<Vec<Uuid>, Error> {
+        let due = self.store.due_delayed(now_ms, max)?;
+        let mut released = Vec::with_capacity(due.len());
+        for d in due {
+            let peeked = callq_schemas::peek(d.body.as_bytes(), d.body.len().saturating_add(1));
+            let reply_to = peeked.reply_to;
+            let call_id = d.call_id;
+            let known = self.load(call_id)?.map(|rec| {
+                let open = matches!(rec.state, CallState::Open);
+                (open, rec.holder.is_some(), rec.decided_reply().cloned())
+            });
+            match known {
+                None => {
+                    let holder = placeholder(call_id);
+                    let mut record =
+                        CallRecord::open(&d.service, reply_to.as_deref(), 2, holder, Vec::new());
+                    record.holder = None;
+                    self.put(call_id, record);
+                    self.effects.push(reissue(d));
+                }
+                // Published before and not claimed yet: again (the first
+                // copy may be lost); a copy that claimed it runs it.
+                Some((true, false, _)) => self.effects.push(reissue(d)),
+                Some((true, true, _)) => {}
+                Some((false, _, reply)) => {
+                    if let (Some(reply), Some(to)) = (reply, reply_to) {
+                        self.effects.push(Effect::Answer {
+                            reply_to: to,
+                            reply,
+                        });
+                    }
+                }
+            }
+            released.push(call_id);
+        }
+        Ok(released)
+    }
+
+    /// Lets go of delayed calls that were published.
+    pub fn forget_delayed(&mut self, call_ids: &[Uuid]) -> Result<(), Error> {
+        self.store.forget_delayed(call_ids)
+    }
+
     /// A worker gave up on `attempt` (the coordinator did not answer it in
     /// time) and returns the delivery: of the attempt's traces only those
     /// whose grants the worker received (`kept`) stand, and the attempt is
@@ -1202,6 +1273,19 @@ impl<S: Store> Ledger<S> {
     /// the memory is rolled back, and no decision may be announced.
     pub fn commit(&mut self) -> Result<Vec<Effect>, Error> {
         self.settle_followers()?;
+        if !self.deferred.is_empty() {
+            // Held before the batch: a call held twice (its worker asks
+            // again after this batch failed) is replaced.
+            let deferred = std::mem::take(&mut self.deferred);
+            if let Err(e) = self.store.put_delayed(&deferred) {
+                self.effects.clear();
+                self.dirty.clear();
+                for (id, r) in self.store.open_calls()? {
+                    self.open.insert(id, r);
+                }
+                return Err(e);
+            }
+        }
         if self.dirty.is_empty() && self.dirty_sessions.is_empty() {
             return Ok(std::mem::take(&mut self.effects));
         }

@@ -34,7 +34,7 @@ pub use ledger::{
 };
 pub use pg_store::{PG_MIGRATION, PgStore};
 pub use service::{Coordinator, CoordinatorOptions};
-pub use store::{MemoryStore, RedbStore, Store};
+pub use store::{Delayed, MemoryStore, RedbStore, Store};
 
 /// What can go wrong in the coordinator.
 #[derive(Debug, thiserror::Error)]

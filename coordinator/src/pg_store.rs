@@ -26,7 +26,7 @@ use tokio_postgres::{Client, NoTls};
 use tracing::{info, warn};
 use uuid::Uuid;
 
-use crate::{CallRecord, CallState, Error, SessionRecord, Store};
+use crate::{CallRecord, CallState, Delayed, Error, SessionRecord, Store};
 
 /// The tables, created when missing.
 pub const PG_MIGRATION: &str = "
@@ -56,6 +56,16 @@ create table if not exists callq_sessions (
     record jsonb not null,
     primary key (cluster, session_id)
 );
+-- Calls held until they are due (their not_before).
+create table if not exists callq_delayed (
+    cluster text not null,
+    call_id uuid not null,
+    due_ms bigint not null,
+    service text not null,
+    body text not null,
+    primary key (cluster, call_id)
+);
+create index if not exists callq_delayed_due on callq_delayed (cluster, due_ms);
 ";
 
 /// The databases (by URL) this process has migrated: a process talks to
@@ -343,6 +353,67 @@ impl Store for PgStore {
             ),
         ))?;
         Ok(rows.into_iter().map(|r| r.get(0)).collect())
+    }
+
+    fn put_delayed(&mut self, calls: &[Delayed]) -> Result<(), Error> {
+        let ids: Vec<Uuid> = calls.iter().map(|d| d.call_id).collect();
+        let due: Vec<i64> = calls.iter().map(|d| d.due_ms).collect();
+        let services: Vec<&str> = calls.iter().map(|d| d.service.as_str()).collect();
+        let bodies: Vec<&str> = calls.iter().map(|d| d.body.as_str()).collect();
+        self.block(bounded(
+            "holding delayed calls",
+            self.client.execute(
+                "insert into callq_delayed (cluster, call_id, due_ms, service, body) \
+                 select $1, * from unnest($2::uuid[], $3::bigint[], $4::text[], $5::text[]) \
+                 on conflict (cluster, call_id) do update \
+                 set due_ms = excluded.due_ms, service = excluded.service, body = excluded.body",
+                &[&self.cluster, &ids, &due, &services, &bodies],
+            ),
+        ))?;
+        Ok(())
+    }
+
+    fn due_delayed(&self, before_ms: i64, max: usize) -> Result<Vec<Delayed>, Error> {
+        let limit = i64::try_from(max).unwrap_or(i64::MAX);
+        let rows = self.block(bounded(
+            "reading due delayed calls",
+            self.client.query(
+                "select call_id, due_ms, service, body from callq_delayed \
+                 where cluster = $1 and due_ms < $2 order by due_ms, call_id limit $3",
+                &[&self.cluster, &before_ms, &limit],
+            ),
+        ))?;
+        Ok(rows
+            .into_iter()
+            .map(|r| Delayed {
+                call_id: r.get(0),
+                due_ms: r.get(1),
+                service: r.get(2),
+                body: r.get(3),
+            })
+            .collect())
+    }
+
+    fn forget_delayed(&mut self, call_ids: &[Uuid]) -> Result<(), Error> {
+        self.block(bounded(
+            "forgetting published delayed calls",
+            self.client.execute(
+                "delete from callq_delayed where cluster = $1 and call_id = any($2)",
+                &[&self.cluster, &call_ids],
+            ),
+        ))?;
+        Ok(())
+    }
+
+    fn delayed_count(&self) -> Result<u64, Error> {
+        let row = self.block(bounded(
+            "counting delayed calls",
+            self.client.query_one(
+                "select count(*) from callq_delayed where cluster = $1",
+                &[&self.cluster],
+            ),
+        ))?;
+        Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
     }
 
     fn forget_sessions(&mut self, ids: &[String]) -> Result<(), Error> {

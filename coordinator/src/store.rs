@@ -47,6 +47,16 @@ pub trait Store: Send + Sync {
     /// many. Open calls are never deleted.
     fn forget_decided(&mut self, before_ms: i64, max: usize) -> Result<usize, Error>;
 
+    /// Holds calls until they are due, durably; a call held already is
+    /// replaced (a worker that asks again after a lost answer).
+    fn put_delayed(&mut self, calls: &[Delayed]) -> Result<(), Error>;
+    /// Calls due before `before_ms`, the earliest first, at most `max`.
+    fn due_delayed(&self, before_ms: i64, max: usize) -> Result<Vec<Delayed>, Error>;
+    /// Lets go of calls that were published.
+    fn forget_delayed(&mut self, call_ids: &[Uuid]) -> Result<(), Error>;
+    /// How many calls are held.
+    fn delayed_count(&self) -> Result<u64, Error>;
+
     /// Keeps this coordinator's right to write, where the store grants it
     /// by a lease ([`Error::Fenced`] once it is lost). Called every tick.
     fn renew(&mut self) -> Result<(), Error> {
@@ -69,12 +79,33 @@ pub trait Store: Send + Sync {
     }
 }
 
+/// A call held until it is due (its `not_before`), then published again.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Delayed {
+    /// The call.
+    pub call_id: Uuid,
+    /// When it is due, in milliseconds since the Unix epoch.
+    pub due_ms: i64,
+    /// The service whose queue gets it.
+    pub service: String,
+    /// Its body, as delivered.
+    pub body: String,
+}
+
 const CALLS: TableDefinition<'_, u128, &[u8]> = TableDefinition::new("calls");
+/// Delayed calls by id, and by (due, id).
+const DELAYED: TableDefinition<'_, u128, &[u8]> = TableDefinition::new("delayed_calls");
+const DELAYED_DUE: TableDefinition<'_, (u64, u128), ()> = TableDefinition::new("delayed_due");
 const OPEN: TableDefinition<'_, u128, ()> = TableDefinition::new("open_calls");
 const SESSIONS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("sessions");
 /// Decided calls by the time they were first written decided (ms since
 /// the Unix epoch), for their deletion after the retention.
 const DECIDED: TableDefinition<'_, (u64, u128), ()> = TableDefinition::new("decided_calls");
+
+/// The due-time index key of `ms` (a time before the epoch sorts first).
+fn due_key(ms: i64) -> u64 {
+    u64::try_from(ms).unwrap_or(0)
+}
 
 /// Now, in milliseconds since the Unix epoch, by this host's clock.
 fn now_ms() -> i64 {
@@ -107,6 +138,8 @@ impl RedbStore {
         tx.open_table(OPEN).map_err(store_err)?;
         tx.open_table(SESSIONS).map_err(store_err)?;
         tx.open_table(DECIDED).map_err(store_err)?;
+        tx.open_table(DELAYED).map_err(store_err)?;
+        tx.open_table(DELAYED_DUE).map_err(store_err)?;
         tx.commit().map_err(store_err)?;
         Ok(Self {
             db,
@@ -266,6 +299,69 @@ impl Store for RedbStore {
         Ok(forgotten)
     }
 
+    fn put_delayed(&mut self, calls: &[Delayed]) -> Result<(), Error> {
+        let tx = self.db.begin_write().map_err(store_err)?;
+        {
+            let mut held = tx.open_table(DELAYED).map_err(store_err)?;
+            let mut due = tx.open_table(DELAYED_DUE).map_err(store_err)?;
+            for d in calls {
+                let bytes = serde_json::to_vec(d).map_err(store_err)?;
+                let id = d.call_id.as_u128();
+                if let Some(old) = held.insert(id, bytes.as_slice()).map_err(store_err)? {
+                    let old: Delayed = serde_json::from_slice(old.value())
+                        .map_err(|e| Error::Corrupt(e.to_string()))?;
+                    due.remove((due_key(old.due_ms), id)).map_err(store_err)?;
+                }
+                due.insert((due_key(d.due_ms), id), ()).map_err(store_err)?;
+            }
+        }
+        tx.commit().map_err(store_err)
+    }
+
+    fn due_delayed(&self, before_ms: i64, max: usize) -> Result<Vec<Delayed>, Error> {
+        let tx = self.db.begin_read().map_err(store_err)?;
+        let held = tx.open_table(DELAYED).map_err(store_err)?;
+        let due = tx.open_table(DELAYED_DUE).map_err(store_err)?;
+        let mut out = Vec::new();
+        for entry in due
+            .range(..(due_key(before_ms), 0))
+            .map_err(store_err)?
+            .take(max)
+        {
+            let (key, _) = entry.map_err(store_err)?;
+            if let Some(bytes) = held.get(key.value().1).map_err(store_err)? {
+                out.push(
+                    serde_json::from_slice(bytes.value())
+                        .map_err(|e| Error::Corrupt(e.to_string()))?,
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    fn forget_delayed(&mut self, call_ids: &[Uuid]) -> Result<(), Error> {
+        let tx = self.db.begin_write().map_err(store_err)?;
+        {
+            let mut held = tx.open_table(DELAYED).map_err(store_err)?;
+            let mut due = tx.open_table(DELAYED_DUE).map_err(store_err)?;
+            for id in call_ids {
+                if let Some(old) = held.remove(id.as_u128()).map_err(store_err)? {
+                    let old: Delayed = serde_json::from_slice(old.value())
+                        .map_err(|e| Error::Corrupt(e.to_string()))?;
+                    due.remove((due_key(old.due_ms), id.as_u128()))
+                        .map_err(store_err)?;
+                }
+            }
+        }
+        tx.commit().map_err(store_err)
+    }
+
+    fn delayed_count(&self) -> Result<u64, Error> {
+        let tx = self.db.begin_read().map_err(store_err)?;
+        let held = tx.open_table(DELAYED).map_err(store_err)?;
+        redb::ReadableTableMetadata::len(&held).map_err(store_err)
+    }
+
     fn open_calls(&self) -> Result<Vec<(Uuid, CallRecord)>, Error> {
         let tx = self.db.begin_read().map_err(store_err)?;
         let calls = tx.open_table(CALLS).map_err(store_err)?;
@@ -290,6 +386,7 @@ pub struct MemoryStore {
     /// When each decided call was first written decided.
     decided_at: HashMap<Uuid, i64>,
     sessions: HashMap<String, SessionRecord>,
+    delayed: HashMap<Uuid, Delayed>,
     /// Transactions committed so far.
     pub transactions: usize,
     /// When set, the next `put_all` fails (and the flag clears).
@@ -376,6 +473,36 @@ impl Store for MemoryStore {
             self.records.remove(id);
         }
         Ok(due.len())
+    }
+
+    fn put_delayed(&mut self, calls: &[Delayed]) -> Result<(), Error> {
+        for d in calls {
+            self.delayed.insert(d.call_id, d.clone());
+        }
+        Ok(())
+    }
+
+    fn due_delayed(&self, before_ms: i64, max: usize) -> Result<Vec<Delayed>, Error> {
+        let mut due: Vec<Delayed> = self
+            .delayed
+            .values()
+            .filter(|d| d.due_ms < before_ms)
+            .cloned()
+            .collect();
+        due.sort_by_key(|d| (d.due_ms, d.call_id));
+        due.truncate(max);
+        Ok(due)
+    }
+
+    fn forget_delayed(&mut self, call_ids: &[Uuid]) -> Result<(), Error> {
+        for id in call_ids {
+            self.delayed.remove(id);
+        }
+        Ok(())
+    }
+
+    fn delayed_count(&self) -> Result<u64, Error> {
+        Ok(u64::try_from(self.delayed.len()).unwrap_or(u64::MAX))
     }
 
     fn open_calls(&self) -> Result<Vec<(Uuid, CallRecord)>, Error> {

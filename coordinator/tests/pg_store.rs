@@ -230,3 +230,35 @@ async fn decided_records_past_the_retention_are_forgotten() {
     assert_eq!(a.forget_decided(wall() + 60_000, 100).unwrap(), 1);
     assert!(a.get(legacy).unwrap().is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delayed_calls_are_held_until_due_and_let_go_of() {
+    let cluster = format!("test-{}", Uuid::now_v7().simple());
+    let mut a = take_over(&cluster, "a").await;
+    let held = |due_ms: i64| callq_coordinator::Delayed {
+        call_id: Uuid::now_v7(),
+        due_ms,
+        service: "mail".into(),
+        body: r#"{"v":1}"#.into(),
+    };
+    let (early, late) = (held(1_000), held(2_000));
+    a.put_delayed(&[late.clone(), early.clone()]).unwrap();
+    // Held again (a worker asking after a lost answer): replaced.
+    let moved = callq_coordinator::Delayed {
+        due_ms: 3_000,
+        ..late.clone()
+    };
+    a.put_delayed(std::slice::from_ref(&moved)).unwrap();
+    assert_eq!(a.delayed_count().unwrap(), 2);
+    assert_eq!(a.due_delayed(1_000, 10).unwrap(), vec![]);
+    assert_eq!(
+        a.due_delayed(5_000, 10).unwrap(),
+        vec![early.clone(), moved]
+    );
+    assert_eq!(a.due_delayed(5_000, 1).unwrap(), vec![early.clone()]);
+    a.forget_delayed(&[early.call_id]).unwrap();
+    assert_eq!(a.delayed_count().unwrap(), 1);
+    // Another cluster's calls are its own.
+    let other = take_over(&format!("{cluster}-other"), "o").await;
+    assert_eq!(other.delayed_count().unwrap(), 0);
+}

@@ -759,6 +759,22 @@ impl Store for Shared {
     fn forget_decided(&mut self, before_ms: i64, max: usize) -> Result<usize, Error> {
         self.0.lock().unwrap().forget_decided(before_ms, max)
     }
+    fn put_delayed(&mut self, calls: &[callq_coordinator::Delayed]) -> Result<(), Error> {
+        self.0.lock().unwrap().put_delayed(calls)
+    }
+    fn due_delayed(
+        &self,
+        before_ms: i64,
+        max: usize,
+    ) -> Result<Vec<callq_coordinator::Delayed>, Error> {
+        self.0.lock().unwrap().due_delayed(before_ms, max)
+    }
+    fn forget_delayed(&mut self, call_ids: &[Uuid]) -> Result<(), Error> {
+        self.0.lock().unwrap().forget_delayed(call_ids)
+    }
+    fn delayed_count(&self) -> Result<u64, Error> {
+        self.0.lock().unwrap().delayed_count()
+    }
 }
 
 #[tokio::test(start_paused = true)]

@@ -67,6 +67,9 @@ pub struct CallOptions {
     pub idempotency_key: Option<String>,
     /// W3C trace context.
     pub traceparent: Option<String>,
+    /// Run the call no earlier than this from now (its `not_before`); the
+    /// deadline and the wait count `timeout` from then.
+    pub delay: Option<Duration>,
     /// The call's id; a fresh UUID v7 if `None`. Set it to know the id
     /// before the outcome (to cancel the call, [`Client::cancel`]).
     pub call_id: Option<Uuid>,
@@ -164,8 +167,13 @@ impl Client {
         call.session_id = opts.session_id;
         call.idempotency_key = opts.idempotency_key;
         call.traceparent = opts.traceparent;
-        call.deadline = Some(OffsetDateTime::now_utc() + timeout);
-        self.send(call, timeout).await
+        let now = OffsetDateTime::now_utc();
+        let delay = opts.delay.unwrap_or_default();
+        if opts.delay.is_some() {
+            call.not_before = Some(now + delay);
+        }
+        call.deadline = Some(now + delay + timeout);
+        self.send(call, delay + timeout).await
     }
 
     /// Cancels a call this client (or any other) sent: asks the

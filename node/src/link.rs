@@ -274,7 +274,8 @@ fn req_id(answer: &AnswerBody) -> Option<Uuid> {
         | AnswerBody::Session { req_id, .. }
         | AnswerBody::Draining { req_id, .. }
         | AnswerBody::Status { req_id, .. }
-        | AnswerBody::Cancel { req_id, .. } => Some(*req_id),
+        | AnswerBody::Cancel { req_id, .. }
+        | AnswerBody::Deferred { req_id } => Some(*req_id),
         AnswerBody::Cancelled { .. }
         | AnswerBody::Promote {}
         | AnswerBody::Drain {}

@@ -38,6 +38,15 @@ pub struct Call {
         with = "time::serde::rfc3339::option"
     )]
     pub deadline: Option<OffsetDateTime>,
+    /// The call runs no earlier than this instant: a worker that receives
+    /// it before hands it to the coordinator, which holds it (durably, no
+    /// worker slot held) and publishes it again when it is due.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "time::serde::rfc3339::option"
+    )]
+    pub not_before: Option<OffsetDateTime>,
     /// The publisher's own key for the request, carried to handlers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
@@ -58,6 +67,7 @@ impl Call {
             reply_to: None,
             session_id: None,
             deadline: None,
+            not_before: None,
             idempotency_key: None,
             traceparent: None,
         }
@@ -67,6 +77,11 @@ impl Call {
     pub fn to_bytes(&self) -> Vec<u8> {
         // Serializing these types cannot fail: every map key is a string.
         serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Whether the call must wait at `now`: its `not_before` is later.
+    pub fn is_early_at(&self, now: OffsetDateTime) -> bool {
+        self.not_before.is_some_and(|t| t > now)
     }
 
     /// Whether the deadline has passed at `now`.

@@ -62,6 +62,9 @@ pub mod codes {
     /// Too many calls already wait for the call that holds this call's
     /// idempotency key.
     pub const IDEMPOTENCY_BUSY: &str = "idempotency_busy";
+    /// The call has a `not_before` in the future and reached a worker that
+    /// runs without a coordinator, which holds delayed calls.
+    pub const NOT_BEFORE_UNSUPPORTED: &str = "not_before_unsupported";
     /// The worker died after the call left traces (`fatal` outcome).
     pub const WORKER_LOST_AFTER_TRACES: &str = "worker_lost_after_traces";
     /// The call was delivered more often than the delivery limit allows

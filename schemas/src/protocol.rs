@@ -348,6 +348,20 @@ pub enum RequestBody {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         digest: Option<String>,
     },
+    /// Hold this call until it is due (its `not_before`), then publish it
+    /// again: the worker that received it early acks it once answered.
+    Defer {
+        /// Matches the answer to the request.
+        req_id: Uuid,
+        /// The call.
+        call_id: Uuid,
+        /// The service whose queue gets it when it is due.
+        service: String,
+        /// When it is due, in milliseconds since the Unix epoch.
+        due_ms: i64,
+        /// The call's body (JSON text), as delivered.
+        body: String,
+    },
     /// May this attempt leave a trace of `kind`?
     Trace {
         /// Matches the answer to the request.
@@ -605,6 +619,11 @@ pub enum AnswerBody {
         /// The cluster.
         status: ClusterStatus,
     },
+    /// The answer to `defer`: the call is held durably until it is due.
+    Deferred {
+        /// The request's id.
+        req_id: Uuid,
+    },
     /// The answer to `cancel`.
     Cancel {
         /// The request's id.
@@ -663,6 +682,7 @@ impl RequestBody {
             RequestBody::Heartbeat { .. } => "heartbeat",
             RequestBody::Resume { .. } => "resume",
             RequestBody::Claim { .. } => "claim",
+            RequestBody::Defer { .. } => "defer",
             RequestBody::Trace { .. } => "trace",
             RequestBody::Complete { .. } => "complete",
             RequestBody::Session { .. } => "session",

@@ -253,6 +253,13 @@ fn request_bodies() -> Vec<RequestBody> {
             call_reply_to: None,
             digest: None,
         },
+        RequestBody::Defer {
+            req_id: uuid(3),
+            call_id: uuid(12),
+            service: "mail".into(),
+            due_ms: 1_796_000_000_000,
+            body: call_text(),
+        },
         RequestBody::Trace {
             req_id: uuid(4),
             lease: lease(1),
@@ -531,6 +538,7 @@ fn answer_bodies() -> Vec<AnswerBody> {
             req_id: uuid(9),
             status: ClusterStatus::default(),
         },
+        AnswerBody::Deferred { req_id: uuid(10) },
         AnswerBody::Cancel {
             req_id: uuid(10),
             decision: CancelDecision::Cancelled,

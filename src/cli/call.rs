@@ -39,6 +39,35 @@ pub(crate) struct Args {
     /// stderr when the call is published.
     #[arg(long, value_name = "UUID")]
     call_id: Option<callq_schemas::Uuid>,
+    /// Run the call no earlier than this from now (its `not_before`), such
+    /// as `30s`, `500ms`, `2m` or `1h`; the call is confirmed at once and
+    /// `--timeout-ms` counts from when it is due.
+    #[arg(long, value_name = "DURATION", value_parser = parse_delay)]
+    delay: Option<Duration>,
+}
+
+/// A duration as `--delay` takes it: a whole number and a unit, `ms`, `s`,
+/// `m` or `h`.
+fn parse_delay(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(split);
+    let n: u64 = n.parse().map_err(|_| {
+        format!("`{text}` is not a duration: a whole number and a unit, such as 30s")
+    })?;
+    let ms = match unit.trim() {
+        "ms" => Some(n),
+        "s" => n.checked_mul(1_000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        other => {
+            return Err(format!(
+                "unknown unit `{other}` in `{text}`: use ms, s, m or h (such as 30s)"
+            ));
+        }
+    };
+    ms.map(Duration::from_millis)
+        .ok_or_else(|| format!("`{text}` is too long"))
 }
 
 /// Exits with the call's outcome ([`exit::of`]): 0 ok, 1 error, 2 fatal,
@@ -59,6 +88,7 @@ pub(crate) async fn run(a: Args, config: Option<&Path>) -> anyhow::Result<ExitCo
         session_id: a.session,
         idempotency_key: a.idempotency_key,
         call_id: Some(call_id),
+        delay: a.delay,
         ..CallOptions::default()
     };
     match call(
@@ -87,7 +117,8 @@ async fn call(
     args: &str,
     options: CallOptions,
 ) -> anyhow::Result<u8> {
-    let timeout = options.timeout.unwrap_or_else(|| Duration::from_secs(30));
+    let timeout = options.timeout.unwrap_or_else(|| Duration::from_secs(30))
+        + options.delay.unwrap_or_default();
     let args: serde_json::Value = serde_json::from_str(args)
         .with_context(|| format!("the arguments are not JSON: {args}"))?;
     let broker = connect(settings, "client").await?;
@@ -120,4 +151,29 @@ async fn call(
         }
     }
     Ok(exit::of(reply.outcome))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn delays_read_as_a_number_and_a_unit() {
+        assert_eq!(parse_delay("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_delay("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_delay("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_delay("1h").unwrap(), Duration::from_secs(3600));
+        for bad in [
+            "",
+            "s",
+            "30",
+            "30 days",
+            "-1s",
+            "1.5s",
+            "99999999999999999999h",
+        ] {
+            assert!(parse_delay(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -16,6 +16,7 @@ use callq_testkit::chaos::{self, ChaosReport, ChaosSpec, Fleet};
 pub mod cancellation;
 pub mod cluster;
 pub mod containers;
+pub mod delayed;
 pub mod fault_node;
 pub mod idempotency;
 pub mod outcomes;
@@ -547,4 +548,94 @@ pub async fn wait_ready_as(port: u16, what: &str, timeout: Duration) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A coordinator and worker processes of `echo` and `mail` with a small
+/// capacity, once the coordinator sees them active, with an operator's
+/// handle and a client on `broker`.
+pub struct SmallCluster {
+    pub coordinator: Proc,
+    pub workers: Vec<Proc>,
+    pub admin: Admin,
+    pub client: Client,
+}
+
+impl SmallCluster {
+    pub async fn start(
+        url: &str,
+        broker: std::sync::Arc<dyn callq_broker::Broker>,
+        dir: &Path,
+        ids: &[&str],
+        capacity: u32,
+    ) -> Self {
+        let coordinator = Proc::spawn("coordinator", &["coordinator"], url, dir);
+        let capacity = capacity.to_string();
+        let workers = ids
+            .iter()
+            .map(|id| {
+                let args = [
+                    "worker",
+                    "--services",
+                    "echo,mail",
+                    "--worker-id",
+                    id,
+                    "--capacity",
+                    &capacity,
+                ];
+                Proc::spawn(id, &args, url, dir)
+            })
+            .collect();
+        let admin = Admin::connect(broker.clone(), Duration::from_secs(30))
+            .await
+            .unwrap();
+        wait_status(&admin, "the workers", Duration::from_secs(60), |s| {
+            count(s, WorkerState::Active) == ids.len()
+        })
+        .await;
+        let client = Client::connect(broker, ClientOptions::default())
+            .await
+            .unwrap();
+        Self {
+            coordinator,
+            workers,
+            admin,
+            client,
+        }
+    }
+
+    /// Asserts that every worker still runs; their logs.
+    pub fn logs_of_live_workers(&mut self) -> Vec<String> {
+        self.workers
+            .iter_mut()
+            .map(|w| {
+                assert!(w.running(), "{} died:\n{}", w.name, w.log());
+                w.log()
+            })
+            .collect()
+    }
+}
+
+/// An in-process cluster on the embedded broker with workers of `echo` and
+/// `mail` of a small capacity, an operator's handle and a client.
+pub async fn small_local_cluster(
+    ids: &[&str],
+    capacity: u32,
+) -> (callq_testkit::LocalCluster, Admin, Client) {
+    let opts = ClusterOptions {
+        capacity: u16::try_from(capacity).unwrap(),
+        ..ClusterOptions::default()
+    };
+    let mut cluster =
+        callq_testkit::LocalCluster::start(opts, callq_coordinator::MemoryStore::default())
+            .await
+            .unwrap();
+    for id in ids {
+        cluster
+            .spawn_worker(id, &["echo", "mail"], false)
+            .await
+            .unwrap();
+    }
+    let admin = cluster.admin().await.unwrap();
+    let client = cluster.client().await.unwrap();
+    (cluster, admin, client)
 }

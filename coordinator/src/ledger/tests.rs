@@ -1117,3 +1117,83 @@ fn followers_of_a_call_that_fails_are_answered_fatal() {
         (second, Outcome::Fatal)
     );
 }
+
+/// A call of `service` as a worker hands it over early.
+fn delayed(service: &str, due_ms: i64) -> Delayed {
+    let mut call = callq_schemas::Call::new(service, "send", json!({}));
+    call.reply_to = Some("callq.reply.c".into());
+    Delayed {
+        call_id: call.call_id,
+        due_ms,
+        service: service.into(),
+        body: String::from_utf8(call.to_bytes()).unwrap(),
+    }
+}
+
+#[test]
+fn delayed_calls_are_held_durably_and_published_once_due() {
+    let dir = std::env::temp_dir().join(format!("callq-delayed-{}", Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("ledger.redb");
+    let (soon, later, doomed) = (
+        delayed(SVC, 1_000),
+        delayed(SVC, 5_000),
+        delayed(SVC, 1_000),
+    );
+    {
+        let mut l = Ledger::open(RedbStore::open(&path).unwrap()).unwrap();
+        for d in [&soon, &later, &doomed] {
+            l.defer(d.clone());
+        }
+        // Asked again after a lost answer: held once.
+        l.defer(soon.clone());
+        l.commit().unwrap();
+        assert_eq!(l.store().delayed_count().unwrap(), 3);
+    }
+    // Durable across a restart of the coordinator.
+    let mut l = Ledger::open(RedbStore::open(&path).unwrap()).unwrap();
+    assert_eq!(l.release_due(999, 100).unwrap(), Vec::<Uuid>::new());
+    assert_eq!(l.cancel(doomed.call_id).unwrap(), CancelDecision::Cancelled);
+    l.commit().unwrap();
+    let mut released = l.release_due(1_001, 100).unwrap();
+    released.sort();
+    let mut expected = vec![soon.call_id, doomed.call_id];
+    expected.sort();
+    assert_eq!(released, expected);
+    let effects = l.commit().unwrap();
+    assert!(
+        effects.contains(&Effect::Reissue {
+            call_id: soon.call_id,
+            service: SVC.into(),
+            attempt: 2,
+            body: soon.body.clone().into_bytes(),
+        }),
+        "{effects:?}"
+    );
+    // The call cancelled while it waited is answered, not published.
+    assert!(
+        effects.contains(&Effect::Answer {
+            reply_to: "callq.reply.c".into(),
+            reply: Reply::cancelled(doomed.call_id, 1),
+        }),
+        "{effects:?}"
+    );
+    assert_eq!(effects.len(), 2, "{effects:?}");
+    l.forget_delayed(&released).unwrap();
+    assert_eq!(l.store().delayed_count().unwrap(), 1);
+    // The published copy claims attempt 2; a second copy (published again
+    // after a crash before the call was let go of) finds it done.
+    let a = lease(soon.call_id, 2);
+    assert_eq!(
+        l.resume(a, "A", SVC, TO).unwrap(),
+        ResumeDecision::Run { attempt: 2 }
+    );
+    let reply = Reply::ok(soon.call_id, 2, json!("sent"));
+    l.complete(a, 2, Some(reply.clone()), None, 0).unwrap();
+    assert_eq!(
+        l.resume(lease(soon.call_id, 2), "B", SVC, TO).unwrap(),
+        ResumeDecision::Done { reply: Some(reply) }
+    );
+    assert_eq!(l.release_due(10_000, 100).unwrap(), vec![later.call_id]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -20,6 +20,7 @@
 //! past the retention, restore standbys.
 
 mod cancels;
+mod delayed;
 mod detector;
 mod effects;
 mod intake;
@@ -265,6 +266,7 @@ impl<S: Store> Coordinator<S> {
         }
         self.sweep_sessions().await;
         self.forget_decided();
+        self.release_delayed().await;
         self.restore_standbys().await;
         self.sample().await;
         Ok(())

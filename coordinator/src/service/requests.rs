@@ -216,6 +216,16 @@ impl<S: Store> Coordinator<S> {
                 let decision = self.claim(worker, lease, &service, &key, to, digest.as_deref())?;
                 AnswerBody::Resume { req_id, decision }
             }
+            RequestBody::Defer {
+                req_id,
+                call_id,
+                service,
+                due_ms,
+                body,
+            } => {
+                self.defer(call_id, service, due_ms, body);
+                AnswerBody::Deferred { req_id }
+            }
             trace @ RequestBody::Trace { .. } => return self.trace(worker, trace),
             RequestBody::Complete {
                 req_id,

@@ -50,6 +50,12 @@ pub(super) async fn pass(
     spec: &QueueSpec,
     lease: Lease,
 ) -> Gate {
+    // A first copy that came before its `not_before` waits with the
+    // coordinator, holding no slot (a copy it published when the call came
+    // due carries attempt 2, and runs).
+    if lease.copy == 1 && !past_limit && call.is_early_at(OffsetDateTime::now_utc()) {
+        return defer(shared, call, &delivery.body).await;
+    }
     let ask = past_limit || delivery.redelivered || lease.copy > 1;
     // The first delivery of a call with an idempotency key claims the key.
     let key = call.idempotency_key.as_deref().filter(|_| !ask);
@@ -108,6 +114,55 @@ pub(super) async fn pass(
         return Gate::Answer(passed, reply, Disposition::Ack);
     }
     Gate::Run(passed)
+}
+
+/// Hands a call that came before its `not_before` to the coordinator,
+/// which holds it until it is due: acked once the coordinator has it,
+/// returned to its queue when the coordinator does not answer. A worker
+/// without a coordinator cannot hold it, and answers it so.
+async fn defer(shared: &Shared, call: &Call, body: &[u8]) -> Gate {
+    let now = OffsetDateTime::now_utc();
+    let Some(link) = &shared.link else {
+        let passed = Passed {
+            attempt: 1,
+            resumed: false,
+        };
+        let reply = Reply::error(
+            call.call_id,
+            1,
+            codes::NOT_BEFORE_UNSUPPORTED,
+            "the call has a not_before in the future and this worker runs without a coordinator, \
+             which holds delayed calls",
+        );
+        return Gate::Answer(passed, reply, Disposition::Ack);
+    };
+    let due = call.not_before.unwrap_or(now);
+    let due_ms = i64::try_from(due.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX);
+    let body = String::from_utf8_lossy(body).into_owned();
+    let asked = link
+        .ask(|req_id| RequestBody::Defer {
+            req_id,
+            call_id: call.call_id,
+            service: call.service.clone(),
+            due_ms,
+            body: body.clone(),
+        })
+        .await;
+    match asked {
+        Ok(AnswerBody::Deferred { .. }) => {
+            WorkerStats::bump(&shared.stats.deferred);
+            debug!(worker = %shared.opts.worker_id, call_id = %call.call_id, wait_ms = (due - now).whole_milliseconds(), "the call is early: the coordinator holds it until it is due");
+            Gate::Settle(Disposition::Ack)
+        }
+        Ok(other) => {
+            warn!(worker = %shared.opts.worker_id, call_id = %call.call_id, "unexpected answer to defer: {other:?}");
+            Gate::Settle(Disposition::Release)
+        }
+        Err(e) => {
+            warn!(worker = %shared.opts.worker_id, call_id = %call.call_id, "defer not answered, returning the early call to its queue: {e}");
+            Gate::Settle(Disposition::Release)
+        }
+    }
 }
 
 /// Asks the coordinator whether this copy runs: the attempt it runs as, or

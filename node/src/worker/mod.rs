@@ -122,6 +122,9 @@ pub struct WorkerStats {
     pub panicked: AtomicU64,
     /// Calls answered `expired` without running.
     pub expired: AtomicU64,
+    /// Calls that came before their `not_before` and were handed to the
+    /// coordinator, which holds them until they are due.
+    pub deferred: AtomicU64,
     /// Calls answered `cancelled` without running (a call cancelled while
     /// it ran counts under its handler's outcome).
     pub cancelled: AtomicU64,
