@@ -712,6 +712,16 @@ impl InProcess {
         opts: WorkerOptions,
         services: impl IntoIterator<Item = Service>,
     ) -> anyhow::Result<Self> {
+        Self::start_on(connect, opts, services, MemoryStore::default()).await
+    }
+
+    /// As [`InProcess::start`], the coordinator's ledger on `store`.
+    pub(crate) async fn start_on<S: callq_coordinator::Store + 'static>(
+        connect: impl AsyncFn(&str) -> anyhow::Result<Arc<dyn Broker>>,
+        opts: WorkerOptions,
+        services: impl IntoIterator<Item = Service>,
+        store: S,
+    ) -> anyhow::Result<Self> {
         let shutdown = CancellationToken::new();
         let coordinator_broker =
             within("the coordinator's connection", connect("coordinator")).await?;
@@ -723,7 +733,7 @@ impl InProcess {
         let coordinator = Coordinator::new(
             CoordinatorOptions::default(),
             coordinator_broker,
-            Ledger::open(MemoryStore::default())?,
+            Ledger::open(store)?,
         );
         let coordinator = tokio::spawn(coordinator.run(shutdown.clone()));
         let worker_broker = within("the worker's connection", connect("worker")).await?;

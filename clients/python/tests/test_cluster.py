@@ -43,7 +43,8 @@ def test_call_returns_the_result(client: Client) -> None:
 
 
 def test_every_option_reaches_the_worker(client: Client) -> None:
-    # Options the worker does not act on today are carried and ignored.
+    # Options the cluster does not act on yet (priority, concurrency_key)
+    # are carried and ignored.
     result = client.call(
         "echo",
         "echo",
@@ -161,3 +162,24 @@ def test_a_mail_is_sent_once(client: Client) -> None:
     result = client.call("mail", "send", {"outbox": str(box), "to": "a@example.org", "subject": "hi"}, call_id=call_id)
     assert result == {"sent": True, "to": "a@example.org"}
     assert [line.split("\t")[0] for line in lines(box)].count(call_id) == 1
+
+
+def test_a_second_call_with_the_same_idempotency_key_gets_the_first_outcome(client: Client) -> None:
+    key = "order-" + uuid7()
+    box = outbox(key)
+    first = client.call("mail", "send", {"outbox": str(box), "to": "first@example.org"}, idempotency_key=key)
+    second_id = uuid7()
+    second = client.call(
+        "mail", "send", {"outbox": str(box), "to": "second@example.org"}, idempotency_key=key, call_id=second_id
+    )
+    assert first == second == {"sent": True, "to": "first@example.org"}
+    assert len(lines(box)) == 1, lines(box)
+
+
+def test_a_delayed_call_runs_no_earlier_than_its_not_before(client: Client) -> None:
+    box = outbox("delayed-" + uuid7())
+    due = datetime.now(timezone.utc) + timedelta(seconds=2)
+    result = client.call("mail", "send", {"outbox": str(box), "to": "later@example.org"}, not_before=due, timeout=60)
+    assert result == {"sent": True, "to": "later@example.org"}
+    assert datetime.now(timezone.utc) >= due
+    assert len(lines(box)) == 1
