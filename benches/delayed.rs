@@ -93,6 +93,7 @@ fn fill(path: &std::path::Path, n: usize) -> anyhow::Result<()> {
             due_ms: due_ms + i64::try_from(i % 1_000)?,
             service: "echo".into(),
             body: String::from_utf8(call.to_bytes())?,
+            attempt: 2,
         });
         if batch.len() == batch.capacity() {
             store.put_delayed(&batch)?;

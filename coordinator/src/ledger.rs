@@ -240,12 +240,12 @@ fn placeholder(call_id: Uuid) -> Holder {
     }
 }
 
-/// The re-issue of a delayed call that is due: attempt 2.
+/// The re-issue of a delayed call that is due, as its attempt.
 fn reissue(d: Delayed) -> Effect {
     Effect::Reissue {
         call_id: d.call_id,
         service: d.service,
-        attempt: 2,
+        attempt: d.attempt,
         body: d.body.into_bytes(),
     }
 }
@@ -880,8 +880,13 @@ impl<S: Store> Ledger<S> {
             match known {
                 None => {
                     let holder = placeholder(call_id);
-                    let mut record =
-                        CallRecord::open(&d.service, reply_to.as_deref(), 2, holder, Vec::new());
+                    let mut record = CallRecord::open(
+                        &d.service,
+                        reply_to.as_deref(),
+                        d.attempt,
+                        holder,
+                        Vec::new(),
+                    );
                     record.holder = None;
                     self.put(call_id, record);
                     self.effects.push(reissue(d));
@@ -902,6 +907,49 @@ impl<S: Store> Ledger<S> {
             released.push(call_id);
         }
         Ok(released)
+    }
+
+    /// `attempt` ended with a retryable error and the call's policy runs
+    /// it again at `call.due_ms`: where the attempt is the current one (a
+    /// first delivery on the fast path is) and its traces allow another
+    /// run, it is revoked and the call held, durably with the next commit,
+    /// to be published as the next attempt. `false`: the error stands.
+    pub fn retry(&mut self, lease: Lease, attempt: u32, mut call: Delayed) -> Result<bool, Error> {
+        let call_id = lease.call_id;
+        let next = attempt.saturating_add(1);
+        call.attempt = next;
+        let reply_to =
+            callq_schemas::peek(call.body.as_bytes(), call.body.len().saturating_add(1)).reply_to;
+        match self.load(call_id)? {
+            None if attempt == 1 && lease.copy == 1 => {
+                let mut record = CallRecord::open(
+                    &call.service,
+                    reply_to.as_deref(),
+                    next,
+                    placeholder(call_id),
+                    Vec::new(),
+                );
+                record.holder = None;
+                self.put(call_id, record);
+            }
+            None => return Ok(false),
+            Some(rec) => {
+                let holds = rec.attempt == attempt
+                    && rec
+                        .holder
+                        .as_ref()
+                        .is_some_and(|h| h.lease.token == lease.token);
+                if !matches!(rec.state, CallState::Open) || !holds || !retryable(&rec.traces) {
+                    return Ok(false);
+                }
+                rec.attempt = next;
+                rec.unhold();
+                rec.traces.clear();
+                self.dirty.insert(call_id);
+            }
+        }
+        self.deferred.push(call);
+        Ok(true)
     }
 
     /// Lets go of delayed calls that were published.

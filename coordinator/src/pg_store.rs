@@ -66,6 +66,7 @@ create table if not exists callq_delayed (
     primary key (cluster, call_id)
 );
 create index if not exists callq_delayed_due on callq_delayed (cluster, due_ms);
+alter table callq_delayed add column if not exists attempt integer not null default 2;
 ";
 
 /// The databases (by URL) this process has migrated: a process talks to
@@ -360,14 +361,20 @@ impl Store for PgStore {
         let due: Vec<i64> = calls.iter().map(|d| d.due_ms).collect();
         let services: Vec<&str> = calls.iter().map(|d| d.service.as_str()).collect();
         let bodies: Vec<&str> = calls.iter().map(|d| d.body.as_str()).collect();
+        let attempts: Vec<i32> = calls
+            .iter()
+            .map(|d| i32::try_from(d.attempt).unwrap_or(i32::MAX))
+            .collect();
         self.block(bounded(
             "holding delayed calls",
             self.client.execute(
-                "insert into callq_delayed (cluster, call_id, due_ms, service, body) \
-                 select $1, * from unnest($2::uuid[], $3::bigint[], $4::text[], $5::text[]) \
+                "insert into callq_delayed (cluster, call_id, due_ms, service, body, attempt) \
+                 select $1, * from unnest($2::uuid[], $3::bigint[], $4::text[], $5::text[], \
+                 $6::integer[]) \
                  on conflict (cluster, call_id) do update \
-                 set due_ms = excluded.due_ms, service = excluded.service, body = excluded.body",
-                &[&self.cluster, &ids, &due, &services, &bodies],
+                 set due_ms = excluded.due_ms, service = excluded.service, body = excluded.body, \
+                 attempt = excluded.attempt",
+                &[&self.cluster, &ids, &due, &services, &bodies, &attempts],
             ),
         ))?;
         Ok(())
@@ -378,7 +385,7 @@ impl Store for PgStore {
         let rows = self.block(bounded(
             "reading due delayed calls",
             self.client.query(
-                "select call_id, due_ms, service, body from callq_delayed \
+                "select call_id, due_ms, service, body, attempt from callq_delayed \
                  where cluster = $1 and due_ms < $2 order by due_ms, call_id limit $3",
                 &[&self.cluster, &before_ms, &limit],
             ),
@@ -390,6 +397,7 @@ impl Store for PgStore {
                 due_ms: r.get(1),
                 service: r.get(2),
                 body: r.get(3),
+                attempt: u32::try_from(r.get::<_, i32>(4)).unwrap_or(2),
             })
             .collect())
     }

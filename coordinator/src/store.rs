@@ -90,6 +90,14 @@ pub struct Delayed {
     pub service: String,
     /// Its body, as delivered.
     pub body: String,
+    /// The attempt it is published as: 2 for a call that came early (its
+    /// first attempt never ran), the next one for a retry.
+    #[serde(default = "second_attempt")]
+    pub attempt: u32,
+}
+
+fn second_attempt() -> u32 {
+    2
 }
 
 const CALLS: TableDefinition<'_, u128, &[u8]> = TableDefinition::new("calls");

@@ -240,8 +240,15 @@ async fn delayed_calls_are_held_until_due_and_let_go_of() {
         due_ms,
         service: "mail".into(),
         body: r#"{"v":1}"#.into(),
+        attempt: 2,
     };
-    let (early, late) = (held(1_000), held(2_000));
+    let (early, late) = (
+        held(1_000),
+        callq_coordinator::Delayed {
+            attempt: 4,
+            ..held(2_000)
+        },
+    );
     a.put_delayed(&[late.clone(), early.clone()]).unwrap();
     // Held again (a worker asking after a lost answer): replaced.
     let moved = callq_coordinator::Delayed {

@@ -70,6 +70,8 @@ pub struct CallOptions {
     /// Run the call no earlier than this from now (its `not_before`); the
     /// deadline and the wait count `timeout` from then.
     pub delay: Option<Duration>,
+    /// How the handler's retryable errors are retried (its `retry`).
+    pub retry: Option<callq_schemas::RetryPolicy>,
     /// The call's id; a fresh UUID v7 if `None`. Set it to know the id
     /// before the outcome (to cancel the call, [`Client::cancel`]).
     pub call_id: Option<Uuid>,
@@ -165,6 +167,7 @@ impl Client {
             call.call_id = id;
         }
         call.session_id = opts.session_id;
+        call.retry = opts.retry;
         call.idempotency_key = opts.idempotency_key;
         call.traceparent = opts.traceparent;
         let now = OffsetDateTime::now_utc();

@@ -16,8 +16,10 @@ pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<Value, HandlerError>
 
 type HandlerFn = Arc<dyn Fn(Ctx, Value) -> HandlerFuture + Send + Sync>;
 
-/// A handler's own, deterministic error: it becomes an `error` reply with
-/// this code and message, and the call is not retried.
+/// A handler's own error: it becomes an `error` reply with this code and
+/// message. A deterministic one (the default) is not retried; a
+/// [`HandlerError::retryable`] one is, where the call's `retry` policy
+/// allows, as a new attempt.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{code}: {message}")]
 pub struct HandlerError {
@@ -25,6 +27,17 @@ pub struct HandlerError {
     pub code: String,
     /// What happened, for a person.
     pub message: String,
+    /// `Some` for an error worth another attempt: when, if the handler
+    /// knows (like HTTP `Retry-After`); otherwise the policy's backoff.
+    pub retry: Option<Retry>,
+}
+
+/// A retryable error's wish for its next attempt.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Retry {
+    /// Run the next attempt this long from now (not earlier, not later),
+    /// instead of after the policy's backoff.
+    pub after: Option<std::time::Duration>,
 }
 
 impl HandlerError {
@@ -33,7 +46,26 @@ impl HandlerError {
         Self {
             code: code.into(),
             message: message.into(),
+            retry: None,
         }
+    }
+
+    /// A transient error (a dependency down, a rate limit): the call's
+    /// `retry` policy may run it again, as a new attempt; without a policy,
+    /// or past its attempts, it is the outcome like any error.
+    pub fn retryable(code: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            retry: Some(Retry::default()),
+            ..Self::new(code, message)
+        }
+    }
+
+    /// A retryable error whose next attempt runs `after` from now (such as
+    /// a service's `Retry-After`).
+    #[must_use]
+    pub fn retry_after(mut self, after: std::time::Duration) -> Self {
+        self.retry = Some(Retry { after: Some(after) });
+        self
     }
 
     /// The arguments do not fit the method (`invalid_args`).

@@ -275,7 +275,8 @@ fn req_id(answer: &AnswerBody) -> Option<Uuid> {
         | AnswerBody::Draining { req_id, .. }
         | AnswerBody::Status { req_id, .. }
         | AnswerBody::Cancel { req_id, .. }
-        | AnswerBody::Deferred { req_id } => Some(*req_id),
+        | AnswerBody::Deferred { req_id }
+        | AnswerBody::Retrying { req_id, .. } => Some(*req_id),
         AnswerBody::Cancelled { .. }
         | AnswerBody::Promote {}
         | AnswerBody::Drain {}
@@ -441,6 +442,8 @@ pub(crate) struct Attempt {
     abort: Mutex<Option<Abort>>,
     /// Cancelled when the caller cancels the call while it runs.
     pub(crate) cancel: CancellationToken,
+    /// The retryable error's wish, when the handler returned one.
+    retry: Mutex<Option<crate::handler::Retry>>,
 }
 
 impl std::fmt::Debug for Attempt {
@@ -474,7 +477,20 @@ impl Attempt {
             traces: Mutex::default(),
             abort: Mutex::default(),
             cancel,
+            retry: Mutex::default(),
         }
+    }
+
+    /// The handler returned a retryable error with this wish.
+    pub(crate) fn wish_retry(&self, retry: crate::handler::Retry) {
+        if let Ok(mut r) = self.retry.lock() {
+            *r = Some(retry);
+        }
+    }
+
+    /// The retry the handler's error asked for, if it did.
+    pub(crate) fn retry_wish(&self) -> Option<crate::handler::Retry> {
+        self.retry.lock().ok().and_then(|r| *r)
     }
 
     /// The traces granted so far.

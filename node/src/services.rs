@@ -13,10 +13,29 @@ pub const MAX_SLEEP_MS: u64 = 60_000;
 
 /// `echo`: `echo` returns its arguments (traceless); `sleep` waits `ms`
 /// milliseconds and returns `{"slept_ms": ms}` (traceless), or stops at
-/// once when the call is cancelled.
+/// once when the call is cancelled; `flaky` fails with the retryable error
+/// `try_again` while its attempt is below `{"ok_at": n}` (with
+/// `"retry_after_ms"`, asking for its next attempt that long after), then
+/// returns `{"attempt": n}`: a call with a `retry` policy shows its
+/// retries with it.
 pub fn echo() -> Service {
     Service::new("echo")
         .method("echo", |_ctx, args| async move { Ok(args) })
+        .method("flaky", |ctx, args: Value| async move {
+            let ok_at = args.get("ok_at").and_then(Value::as_u64).unwrap_or(1);
+            let attempt = u64::from(ctx.attempt());
+            if attempt >= ok_at {
+                return Ok(json!({ "attempt": attempt }));
+            }
+            let e = HandlerError::retryable(
+                "try_again",
+                format!("attempt {attempt} fails; attempt {ok_at} will not"),
+            );
+            Err(match args.get("retry_after_ms").and_then(Value::as_u64) {
+                Some(ms) => e.retry_after(Duration::from_millis(ms.min(MAX_SLEEP_MS))),
+                None => e,
+            })
+        })
         .method("sleep", |ctx, args: Value| async move {
             let ms = args.get("ms").and_then(Value::as_u64).ok_or_else(|| {
                 HandlerError::invalid_args("sleep needs {\"ms\": <milliseconds>}")

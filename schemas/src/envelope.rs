@@ -47,6 +47,10 @@ pub struct Call {
         with = "time::serde::rfc3339::option"
     )]
     pub not_before: Option<OffsetDateTime>,
+    /// How the handler's retryable errors are retried; absent: they are
+    /// not (the error is the outcome).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryPolicy>,
     /// The publisher's own key for the request, carried to handlers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
@@ -68,6 +72,7 @@ impl Call {
             session_id: None,
             deadline: None,
             not_before: None,
+            retry: None,
             idempotency_key: None,
             traceparent: None,
         }
@@ -87,6 +92,46 @@ impl Call {
     /// Whether the deadline has passed at `now`.
     pub fn is_expired_at(&self, now: OffsetDateTime) -> bool {
         self.deadline.is_some_and(|d| d <= now)
+    }
+}
+
+/// How a call's handler's retryable errors are retried: up to
+/// `max_attempts` attempts in all, the next one after an exponential
+/// backoff with jitter (from `backoff_ms`, doubling, at most
+/// `max_backoff_ms`), or exactly when the handler said (its `retry_after`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included: 1 retries nothing.
+    pub max_attempts: u32,
+    /// The backoff before the first retry, in milliseconds (1,000 when
+    /// absent); each next one doubles.
+    #[serde(default = "default_backoff_ms")]
+    pub backoff_ms: u64,
+    /// The longest backoff, in milliseconds (60,000 when absent).
+    #[serde(default = "default_max_backoff_ms")]
+    pub max_backoff_ms: u64,
+}
+
+fn default_backoff_ms() -> u64 {
+    1_000
+}
+
+fn default_max_backoff_ms() -> u64 {
+    60_000
+}
+
+impl RetryPolicy {
+    /// The backoff after failed attempt `attempt` (1 for the first), with
+    /// `jitter` in `[0, 1]`: between half and all of
+    /// `backoff_ms * 2^(attempt - 1)`, at most `max_backoff_ms`.
+    pub fn backoff(&self, attempt: u32, jitter: f64) -> std::time::Duration {
+        let doubled = self
+            .backoff_ms
+            .saturating_mul(1_u64 << attempt.saturating_sub(1).min(40));
+        let full = doubled.min(self.max_backoff_ms);
+        let half = full / 2;
+        let ms = half + ((full - half) as f64 * jitter.clamp(0.0, 1.0)) as u64;
+        std::time::Duration::from_millis(ms)
     }
 }
 
@@ -258,4 +303,25 @@ fn hyphenated_uuid<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Uuid, D::Er
         )));
     }
     Uuid::parse_str(&s).map_err(D::Error::custom)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_within_half_and_all_of_it_up_to_the_cap() {
+        let p = RetryPolicy {
+            max_attempts: 10,
+            backoff_ms: 100,
+            max_backoff_ms: 1_000,
+        };
+        let ms = |attempt, jitter| p.backoff(attempt, jitter).as_millis();
+        assert_eq!((ms(1, 0.0), ms(1, 1.0)), (50, 100));
+        assert_eq!((ms(2, 0.0), ms(2, 1.0)), (100, 200));
+        assert_eq!((ms(3, 0.5), ms(4, 1.0)), (300, 800));
+        assert_eq!((ms(5, 0.0), ms(5, 1.0)), (500, 1_000), "capped");
+        assert_eq!(ms(u32::MAX, 1.0), 1_000, "no overflow");
+        assert_eq!(ms(2, 7.0), 200, "jitter clamped");
+    }
 }

@@ -362,6 +362,29 @@ pub enum RequestBody {
         /// The call's body (JSON text), as delivered.
         body: String,
     },
+    /// This attempt ended with a retryable error and the call's policy
+    /// retries it: revoke the attempt and hold the call until `due_ms`,
+    /// then publish it as the next attempt. Refused (`retrying: false`)
+    /// when the attempt is not the current one or left traces that forbid
+    /// another run: the error is then the outcome.
+    Retry {
+        /// Matches the answer to the request.
+        req_id: Uuid,
+        /// The delivery.
+        lease: Lease,
+        /// The attempt that failed.
+        attempt: u32,
+        /// The service.
+        service: String,
+        /// Where the client waits.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        call_reply_to: Option<String>,
+        /// When the next attempt is due, in milliseconds since the Unix
+        /// epoch.
+        due_ms: i64,
+        /// The call's body (JSON text), as delivered.
+        body: String,
+    },
     /// May this attempt leave a trace of `kind`?
     Trace {
         /// Matches the answer to the request.
@@ -624,6 +647,14 @@ pub enum AnswerBody {
         /// The request's id.
         req_id: Uuid,
     },
+    /// The answer to `retry`.
+    Retrying {
+        /// The request's id.
+        req_id: Uuid,
+        /// Whether the call is held for its next attempt (the delivery is
+        /// acked, unanswered); `false`: answer the error.
+        retrying: bool,
+    },
     /// The answer to `cancel`.
     Cancel {
         /// The request's id.
@@ -683,6 +714,7 @@ impl RequestBody {
             RequestBody::Resume { .. } => "resume",
             RequestBody::Claim { .. } => "claim",
             RequestBody::Defer { .. } => "defer",
+            RequestBody::Retry { .. } => "retry",
             RequestBody::Trace { .. } => "trace",
             RequestBody::Complete { .. } => "complete",
             RequestBody::Session { .. } => "session",

@@ -193,6 +193,11 @@ fn full_call() -> Call {
     call.session_id = Some("s-42".into());
     call.deadline = Some(datetime!(2026-11-22 12:00:05.25 +05:30));
     call.not_before = Some(datetime!(2026-11-22 12:00:01 UTC));
+    call.retry = Some(callq_schemas::RetryPolicy {
+        max_attempts: 3,
+        backoff_ms: 200,
+        max_backoff_ms: 5_000,
+    });
     call.idempotency_key = Some("order-981".into());
     call.traceparent = Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
     call
@@ -249,7 +254,7 @@ fn bodies_of_the_serde_types_validate() {
     let body: Value = serde_json::from_slice(&full_call().to_bytes()).unwrap();
     assert_eq!(
         body.as_object().unwrap().len(),
-        11,
+        12,
         "every optional field is on the wire: {body:#}"
     );
 

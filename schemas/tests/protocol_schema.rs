@@ -260,6 +260,24 @@ fn request_bodies() -> Vec<RequestBody> {
             due_ms: 1_796_000_000_000,
             body: call_text(),
         },
+        RequestBody::Retry {
+            req_id: uuid(3),
+            lease: lease(2),
+            attempt: 2,
+            service: "mail".into(),
+            call_reply_to: Some("callq.reply.shop-1".into()),
+            due_ms: 1_796_000_000_000,
+            body: call_text(),
+        },
+        RequestBody::Retry {
+            req_id: uuid(3),
+            lease: lease(2),
+            attempt: 1,
+            service: "mail".into(),
+            call_reply_to: None,
+            due_ms: 0,
+            body: String::new(),
+        },
         RequestBody::Trace {
             req_id: uuid(4),
             lease: lease(1),
@@ -539,6 +557,10 @@ fn answer_bodies() -> Vec<AnswerBody> {
             status: ClusterStatus::default(),
         },
         AnswerBody::Deferred { req_id: uuid(10) },
+        AnswerBody::Retrying {
+            req_id: uuid(10),
+            retrying: true,
+        },
         AnswerBody::Cancel {
             req_id: uuid(10),
             decision: CancelDecision::Cancelled,

@@ -44,6 +44,18 @@ pub(crate) struct Args {
     /// `--timeout-ms` counts from when it is due.
     #[arg(long, value_name = "DURATION", value_parser = parse_delay)]
     delay: Option<Duration>,
+    /// Attempts in all for the handler's retryable errors (its `retry`
+    /// policy; 1, the default, retries nothing). At most the queue's
+    /// delivery limit (5).
+    #[arg(long, value_name = "N")]
+    max_attempts: Option<u32>,
+    /// The backoff before the first retry, doubling with each next one
+    /// (with jitter: between half and all of it).
+    #[arg(long, value_name = "MS", default_value_t = 1_000)]
+    backoff_ms: u64,
+    /// The longest backoff.
+    #[arg(long, value_name = "MS", default_value_t = 60_000)]
+    max_backoff_ms: u64,
 }
 
 /// A duration as `--delay` takes it: a whole number and a unit, `ms`, `s`,
@@ -89,6 +101,13 @@ pub(crate) async fn run(a: Args, config: Option<&Path>) -> anyhow::Result<ExitCo
         idempotency_key: a.idempotency_key,
         call_id: Some(call_id),
         delay: a.delay,
+        retry: a
+            .max_attempts
+            .map(|max_attempts| callq_schemas::RetryPolicy {
+                max_attempts,
+                backoff_ms: a.backoff_ms,
+                max_backoff_ms: a.max_backoff_ms,
+            }),
         ..CallOptions::default()
     };
     match call(

@@ -20,6 +20,7 @@ pub mod delayed;
 pub mod fault_node;
 pub mod idempotency;
 pub mod outcomes;
+pub mod retries;
 
 /// A RabbitMQ virtual host for one test, deleted when dropped.
 pub struct Vhost {

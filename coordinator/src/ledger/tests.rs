@@ -1127,6 +1127,7 @@ fn delayed(service: &str, due_ms: i64) -> Delayed {
         due_ms,
         service: service.into(),
         body: String::from_utf8(call.to_bytes()).unwrap(),
+        attempt: 2,
     }
 }
 
@@ -1196,4 +1197,53 @@ fn delayed_calls_are_held_durably_and_published_once_due() {
     );
     assert_eq!(l.release_due(10_000, 100).unwrap(), vec![later.call_id]);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_retry_revokes_the_attempt_and_holds_the_call_for_the_next() {
+    let mut l = ledger();
+    // A first delivery on the fast path: its call gets a record now.
+    let d = delayed(SVC, 500);
+    let a = lease(d.call_id, 1);
+    assert!(l.retry(a, 1, d.clone()).unwrap());
+    l.commit().unwrap();
+    let mut released = l.release_due(501, 10).unwrap();
+    assert_eq!(released, vec![d.call_id]);
+    let effects = l.commit().unwrap();
+    assert!(
+        matches!(&effects[..], [Effect::Reissue { attempt: 2, .. }]),
+        "{effects:?}"
+    );
+    l.forget_delayed(&released).unwrap();
+    // The late completion of the retried attempt is refused; the next
+    // attempt runs, and retries once more.
+    assert!(matches!(
+        l.complete(a, 1, Some(Reply::ok(d.call_id, 1, json!(1))), None, 0)
+            .unwrap(),
+        CompleteDecision::Refused { .. }
+    ));
+    let b = lease(d.call_id, 2);
+    assert_eq!(
+        l.resume(b, "B", SVC, TO).unwrap(),
+        ResumeDecision::Run { attempt: 2 }
+    );
+    let again = Delayed {
+        due_ms: 900,
+        ..d.clone()
+    };
+    assert!(l.retry(b, 2, again).unwrap(), "held by b");
+    assert!(!l.retry(b, 2, d.clone()).unwrap(), "no longer current");
+    // A call whose attempt left a trace is not retried: the error stands.
+    let traced = delayed(SVC, 500);
+    let t = lease(traced.call_id, 1);
+    l.trace(t, 1, "A", "mail.sent", SVC, TO, None, 0).unwrap();
+    assert!(!l.retry(t, 1, traced).unwrap());
+    l.commit().unwrap();
+    released = l.release_due(10_000, 10).unwrap();
+    assert_eq!(released, vec![d.call_id], "the second retry is held");
+    let effects = l.commit().unwrap();
+    assert!(
+        matches!(&effects[..], [Effect::Reissue { attempt: 3, .. }]),
+        "{effects:?}"
+    );
 }

@@ -20,6 +20,7 @@ impl<S: Store> Coordinator<S> {
             due_ms,
             service,
             body,
+            attempt: 2,
         });
     }
 

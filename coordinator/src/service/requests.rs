@@ -146,6 +146,63 @@ impl<S: Store> Coordinator<S> {
         Ok(())
     }
 
+    /// Applies a request of a call option: the claim of an idempotency
+    /// key, a call held until its `not_before`, a retry.
+    fn apply_option(
+        &mut self,
+        worker: &str,
+        body: RequestBody,
+    ) -> Result<Option<AnswerBody>, Error> {
+        let answer = match body {
+            RequestBody::Claim {
+                req_id,
+                lease,
+                service,
+                key,
+                call_reply_to,
+                digest,
+            } => {
+                let to = call_reply_to.as_deref();
+                let decision = self.claim(worker, lease, &service, &key, to, digest.as_deref())?;
+                AnswerBody::Resume { req_id, decision }
+            }
+            RequestBody::Defer {
+                req_id,
+                call_id,
+                service,
+                due_ms,
+                body,
+            } => {
+                self.defer(call_id, service, due_ms, body);
+                AnswerBody::Deferred { req_id }
+            }
+            RequestBody::Retry {
+                req_id,
+                lease,
+                attempt,
+                service,
+                call_reply_to: _,
+                due_ms,
+                body,
+            } => {
+                let call = crate::Delayed {
+                    call_id: lease.call_id,
+                    due_ms,
+                    service,
+                    body,
+                    attempt,
+                };
+                let retrying = self.ledger.retry(lease, attempt, call)?;
+                if retrying {
+                    self.registry.landed(worker, lease.call_id);
+                }
+                AnswerBody::Retrying { req_id, retrying }
+            }
+            _ => return Ok(None),
+        };
+        Ok(Some(answer))
+    }
+
     /// A worker's heartbeat, checked against what a worker can hold; a
     /// worker that joins hears of the recent cancellations.
     fn heartbeat_request(
@@ -204,28 +261,9 @@ impl<S: Store> Coordinator<S> {
                     self.resume(worker, lease, &service, call_reply_to.as_deref(), digest)?;
                 AnswerBody::Resume { req_id, decision }
             }
-            RequestBody::Claim {
-                req_id,
-                lease,
-                service,
-                key,
-                call_reply_to,
-                digest,
-            } => {
-                let to = call_reply_to.as_deref();
-                let decision = self.claim(worker, lease, &service, &key, to, digest.as_deref())?;
-                AnswerBody::Resume { req_id, decision }
-            }
-            RequestBody::Defer {
-                req_id,
-                call_id,
-                service,
-                due_ms,
-                body,
-            } => {
-                self.defer(call_id, service, due_ms, body);
-                AnswerBody::Deferred { req_id }
-            }
+            option @ (RequestBody::Claim { .. }
+            | RequestBody::Defer { .. }
+            | RequestBody::Retry { .. }) => return self.apply_option(worker, option),
             trace @ RequestBody::Trace { .. } => return self.trace(worker, trace),
             RequestBody::Complete {
                 req_id,

@@ -35,6 +35,9 @@ pub(super) enum Ran {
         reply: Reply,
         /// The traces granted to the attempt.
         traces: Vec<String>,
+        /// The retry a retryable error asked for (calls that wrote no
+        /// session data only).
+        retry: Option<crate::handler::Retry>,
     },
     /// Settled already (revoked, or completed with its session write and
     /// answered): nothing more to do.
@@ -100,6 +103,7 @@ pub(super) async fn run(
             return Ran::Answer {
                 reply,
                 traces: granted,
+                retry: standing.retry_wish(),
             };
         };
         match commit_session(shared, call, lease, attempt, &reply, session, &granted).await {
@@ -107,6 +111,7 @@ pub(super) async fn run(
                 return Ran::Answer {
                     reply,
                     traces: granted,
+                    retry: standing.retry_wish(),
                 };
             }
             Committed::Settled(fate) => return Ran::Settle(fate),
@@ -119,6 +124,7 @@ pub(super) async fn run(
                 return Ran::Answer {
                     reply,
                     traces: granted,
+                    retry: None,
                 };
             }
         }
@@ -148,6 +154,7 @@ fn cancelled(shared: &Shared, call: &Call, standing: &Attempt, granted: &[String
     Some(Ran::Answer {
         reply: Reply::cancelled(call.call_id, attempt),
         traces: Vec::new(),
+        retry: None,
     })
 }
 
@@ -316,6 +323,7 @@ async fn run_handler(
     let clock = std::time::Instant::now();
     // A handler may panic before its future exists (in the closure's own
     // body) or while it runs: both are caught.
+    let standing = ctx.standing.clone();
     let started = std::panic::catch_unwind(AssertUnwindSafe(|| service.invoke(method, ctx, args)));
     let outcome = match started {
         Err(panic) => Err(panic),
@@ -348,6 +356,9 @@ async fn run_handler(
         }
         Ok(Some(Err(e))) => {
             WorkerStats::bump(&stats.error);
+            if let (Some(retry), Some(standing)) = (e.retry, &standing) {
+                standing.wish_retry(retry);
+            }
             Reply::error(call_id, attempt, &e.code, e.message)
         }
     }

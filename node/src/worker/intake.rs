@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use super::shared::{Flight, FlightGuard, Shared};
-use super::{WorkerStats, attempt, finish, gate};
+use super::{WorkerStats, attempt, finish, gate, retry};
 use crate::probe::Point;
 use crate::{Error, Service};
 
@@ -209,7 +209,16 @@ async fn run(
     // The body goes along (a shared buffer) for the digest a trace carries.
     let body = delivery.body.clone();
     match attempt::run(shared, service, &mut call, lease, passed, body).await {
-        attempt::Ran::Answer { reply, traces } => {
+        attempt::Ran::Answer {
+            reply,
+            traces,
+            retry,
+        } => {
+            let wish = (retry, &delivery.body[..]);
+            let step = (lease, passed);
+            if let Some(fate) = retry::hand_over(shared, &call, step, &reply, &traces, wish).await {
+                return fate;
+            }
             let answer = (reply, Disposition::Ack);
             finish::finish(shared, &call, lease, passed, &traces, answer, flight).await
         }

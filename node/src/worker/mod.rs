@@ -39,6 +39,7 @@ mod attempt;
 mod finish;
 mod gate;
 mod intake;
+mod retry;
 mod shared;
 
 use intake::Incoming;
@@ -122,6 +123,9 @@ pub struct WorkerStats {
     pub panicked: AtomicU64,
     /// Calls answered `expired` without running.
     pub expired: AtomicU64,
+    /// Attempts that ended with a retryable error and were handed to the
+    /// coordinator for their next attempt.
+    pub retried: AtomicU64,
     /// Calls that came before their `not_before` and were handed to the
     /// coordinator, which holds them until they are due.
     pub deferred: AtomicU64,
