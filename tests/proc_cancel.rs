@@ -76,7 +76,8 @@ fn finished(child: std::process::Child) -> (Option<i32>, String, String) {
 
 /// `callq call --call-id` then `callq cancel` of that id: the call exits 5
 /// (`cancelled`) and the cancel 0; a cancel of a call that finished with a
-/// trace exits 3; a malformed command line exits 64 and sends nothing.
+/// trace exits 3; `--delay`, `--max-attempts` and `--idempotency-key` act;
+/// a malformed command line exits 64 and sends nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_command_line_cancels_a_call() {
     let vhost = Vhost::create("cli-cancel");
@@ -132,8 +133,59 @@ async fn the_command_line_cancels_a_call() {
     assert_eq!(code, Some(3), "a finished call: {out}{err}");
     assert_eq!(out.trim(), r#"{"decision":"finished","outcome":"ok"}"#);
 
+    // The other call options from the command line: a delayed call runs
+    // as attempt 2 (its release), a retried one ends at its third attempt,
+    // a keyed one's duplicate gets the first's outcome.
+    let reply = |out: &str| serde_json::from_str::<serde_json::Value>(out.trim()).unwrap();
+    let (code, out, err) = finished(callq(
+        &vhost.url,
+        &["call", "echo", "echo", r#"{"later": 1}"#, "--delay", "1s"],
+    ));
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(
+        (
+            reply(&out)["attempt"].as_u64(),
+            reply(&out)["result"]["later"].as_u64()
+        ),
+        (Some(2), Some(1))
+    );
+    let retried = [
+        "call",
+        "echo",
+        "flaky",
+        r#"{"ok_at": 3}"#,
+        "--max-attempts",
+        "3",
+        "--backoff-ms",
+        "50",
+    ];
+    let (code, out, err) = finished(callq(&vhost.url, &retried));
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(reply(&out)["result"]["attempt"], 3, "{out}");
+    let (code, out, err) = finished(callq(
+        &vhost.url,
+        &["call", "echo", "flaky", r#"{"ok_at": 3}"#],
+    ));
+    assert_eq!(code, Some(1), "no policy, no retry: {out}{err}");
+    let key = format!("cli-{id}");
+    let keyed = |n: u32| {
+        let args = format!(r#"{{"n": {n}}}"#);
+        let (code, out, err) = finished(callq(
+            &vhost.url,
+            &["call", "echo", "echo", &args, "--idempotency-key", &key],
+        ));
+        assert_eq!(code, Some(0), "{out}{err}");
+        reply(&out)["result"]["n"].as_u64()
+    };
+    assert_eq!(
+        (keyed(1), keyed(2)),
+        (Some(1), Some(1)),
+        "the second gets the first's"
+    );
+
     for usage in [
-        &["call", "echo", "echo", "{not json"][..],
+        &["call", "echo", "echo", "{}", "--delay", "soon"][..],
+        &["call", "echo", "echo", "{not json"],
         &["call", "echo", "echo", "{}", "--no-such-flag"],
         &["cancel", "not-a-uuid"],
         &["cancel"],
