@@ -224,6 +224,11 @@ async fn exercise(label: &str, url: &str, admin_broker: Arc<dyn callq_broker::Br
     let base = vec![
         ("CALLQ_PYCLIENT_URL", url.to_owned()),
         ("CALLQ_PYCLIENT_OUTBOX_DIR", dir.display().to_string()),
+        // `callq cancel`, for the `cancelled` outcome.
+        (
+            "CALLQ_PYCLIENT_CALLQ",
+            support::callq_bin().display().to_string(),
+        ),
     ];
 
     // Every outcome, every way of calling.

@@ -28,6 +28,8 @@ pub const QUEUE_DEPTH: &str = "callq_queue_depth";
 pub const WORKERS: &str = "callq_workers";
 /// Call records the ledger holds open (not decided).
 pub const OPEN_CALLS: &str = "callq_ledger_open_calls";
+/// Calls the coordinator holds until they are due.
+pub const DELAYED_CALLS: &str = "callq_delayed_calls";
 /// The size of the coordinator's store file (the embedded store only).
 pub const STORE_BYTES: &str = "callq_store_bytes";
 
@@ -65,6 +67,10 @@ pub fn describe() {
         metrics::gauge!(WORKERS, "state" => state).set(0.0);
     }
     metrics::describe_gauge!(OPEN_CALLS, "Call records the ledger holds open.");
+    metrics::describe_gauge!(
+        DELAYED_CALLS,
+        "Calls held until they are due (not_before, or a retry's next attempt)."
+    );
     metrics::describe_gauge!(STORE_BYTES, metrics::Unit::Bytes, "The store file's size.");
 }
 
@@ -72,12 +78,20 @@ const STATES: [&str; 3] = ["active", "standby", "draining"];
 
 /// The registry's workers by state, the ledger's open records, and the
 /// store's size where it has one.
-pub(crate) fn cluster(states: &[&str], open_calls: usize, store_bytes: Option<u64>) {
+pub(crate) fn cluster(
+    states: &[&str],
+    open_calls: usize,
+    delayed: Option<u64>,
+    store_bytes: Option<u64>,
+) {
     for state in STATES {
         let n = states.iter().filter(|s| **s == state).count();
         metrics::gauge!(WORKERS, "state" => state).set(n as f64);
     }
     metrics::gauge!(OPEN_CALLS).set(open_calls as f64);
+    if let Some(n) = delayed {
+        metrics::gauge!(DELAYED_CALLS).set(n as f64);
+    }
     if let Some(bytes) = store_bytes {
         metrics::gauge!(STORE_BYTES).set(bytes as f64);
     }

@@ -552,6 +552,10 @@ pub struct ClusterStatus {
     /// because the cluster key did not sign them. Absent: 0.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub unauthenticated_dropped: u64,
+    /// Calls the coordinator holds until they are due (their `not_before`,
+    /// or a retry's next attempt). Absent: 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub delayed_calls: u64,
 }
 
 fn is_zero(n: &u64) -> bool {

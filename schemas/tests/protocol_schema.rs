@@ -459,6 +459,7 @@ fn answer_bodies() -> Vec<AnswerBody> {
         promotions: u64::MAX,
         stale_dropped: 4,
         unauthenticated_dropped: 2,
+        delayed_calls: 3,
     };
     vec![
         resume(ResumeDecision::Run { attempt: 2 }),

@@ -170,10 +170,11 @@ pub(crate) fn render_status(report: &StatusReport) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "workers {}  agents {}  open calls {}  deaths {}  promotions {}",
+        "workers {}  agents {}  open calls {}  delayed calls {}  deaths {}  promotions {}",
         c.workers.len(),
         c.agents.len(),
         c.open_calls,
+        c.delayed_calls,
         c.deaths,
         c.promotions
     );

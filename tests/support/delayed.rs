@@ -1,7 +1,7 @@
 //! The delayed-call scenario every broker runs: a worker of `echo` and
 //! `mail` with a capacity of 2, a client and an operator's handle.
 //!
-//! Two delayed calls (a mail 2 s out, an echo 3 s out) and one to cancel
+//! Two delayed calls (a mail 4 s out, an echo 5 s out) and one to cancel
 //! while it waits are published; a ready call published after them is
 //! answered first, while the worker holds no slot for the waiting ones.
 //! Each delayed call runs no earlier than its `not_before` and within a
@@ -65,19 +65,19 @@ pub async fn scenario(client: &Client, admin: &Admin, dir: &Path) {
         client,
         ("mail", "send"),
         mail("delayed"),
-        Some(Duration::from_secs(2)),
+        Some(Duration::from_secs(4)),
     );
     let (_, echoing) = start(
         client,
         ("echo", "echo"),
         json!({ "late": true }),
-        Some(Duration::from_secs(3)),
+        Some(Duration::from_secs(5)),
     );
     let (doomed, cancelling) = start(
         client,
         ("mail", "send"),
         mail("cancelled"),
-        Some(Duration::from_secs(2)),
+        Some(Duration::from_secs(4)),
     );
     let (_, ready) = start(client, ("echo", "echo"), json!({ "ready": true }), None);
     let (r, ready_at) = outcome(ready, "the ready call").await;
@@ -88,12 +88,13 @@ pub async fn scenario(client: &Client, admin: &Admin, dir: &Path) {
             .is_empty(),
         "a delayed mail ran before the ready call was answered"
     );
-    // The waiting calls hold no slot (they wait with the coordinator).
+    // The waiting calls hold no slot: they wait with the coordinator, whose
+    // status counts them.
     wait_status(
         admin,
-        "every slot free while calls wait",
+        "three calls held, every slot free",
         Duration::from_secs(10),
-        |s| s.workers.len() == 1 && s.workers[0].free == CAPACITY,
+        |s| s.workers.len() == 1 && s.workers[0].free == CAPACITY && s.delayed_calls == 3,
     )
     .await;
     assert_eq!(
@@ -105,16 +106,16 @@ pub async fn scenario(client: &Client, admin: &Admin, dir: &Path) {
     assert_eq!((r.outcome, r.attempt), (Outcome::Ok, 2), "{r:?}");
     let waited = mailed_at - published;
     assert!(
-        waited >= Duration::from_secs(2) && waited < Duration::from_secs(2) + LATE,
-        "the mail delayed by 2 s was answered after {waited:?}"
+        waited >= Duration::from_secs(4) && waited < Duration::from_secs(4) + LATE,
+        "the mail delayed by 4 s was answered after {waited:?}"
     );
     assert!(mailed_at > ready_at);
     let (r, echoed_at) = outcome(echoing, "the delayed echo").await;
     assert_eq!(r.result, Some(json!({ "late": true })), "{r:?}");
     let waited = echoed_at - published;
     assert!(
-        waited >= Duration::from_secs(3) && waited < Duration::from_secs(3) + LATE,
-        "the echo delayed by 3 s was answered after {waited:?}"
+        waited >= Duration::from_secs(5) && waited < Duration::from_secs(5) + LATE,
+        "the echo delayed by 5 s was answered after {waited:?}"
     );
     let (r, _) = outcome(cancelling, "the cancelled delayed mail").await;
     assert_eq!(r.outcome, Outcome::Cancelled, "{r:?}");
@@ -122,4 +123,11 @@ pub async fn scenario(client: &Client, admin: &Admin, dir: &Path) {
     let lines: Vec<&str> = sent.lines().collect();
     assert_eq!(lines.len(), 1, "{sent}");
     assert!(lines[0].starts_with(&mailer.to_string()), "{sent}");
+    wait_status(
+        admin,
+        "no call held any more",
+        Duration::from_secs(10),
+        |s| s.delayed_calls == 0,
+    )
+    .await;
 }

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
+import os
+import subprocess
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterator, List
 
@@ -12,6 +15,7 @@ import pytest
 
 from callq_client import (
     AsyncClient,
+    CallCancelled,
     CallError,
     CallExpired,
     Client,
@@ -22,7 +26,7 @@ from callq_client import (
     uuid7,
 )
 
-from .cluster import lines, outbox, url
+from .cluster import env, lines, outbox, url
 
 pytestmark = pytest.mark.broker
 
@@ -183,3 +187,22 @@ def test_a_delayed_call_runs_no_earlier_than_its_not_before(client: Client) -> N
     assert result == {"sent": True, "to": "later@example.org"}
     assert datetime.now(timezone.utc) >= due
     assert len(lines(box)) == 1
+
+
+def test_a_call_an_operator_cancels_raises_call_cancelled(client: Client) -> None:
+    call_id = uuid7()
+    waiting = client.submit("echo", "sleep", {"ms": 50_000}, call_id=call_id, timeout=90)
+    # Queued or running, the call ends `cancelled`: it never runs, or its
+    # sleep stops.
+    done = subprocess.run(
+        [env("CALLQ_PYCLIENT_CALLQ"), "cancel", call_id],
+        env={**os.environ, "CALLQ_BROKER": url()},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(done.stdout) == {"decision": "cancelled"}
+    with pytest.raises(CallCancelled):
+        waiting.result(timeout=60)

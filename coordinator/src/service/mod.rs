@@ -289,7 +289,8 @@ impl<S: Store> Coordinator<S> {
             .map(|(_, w)| w.state.as_str())
             .collect();
         let size = self.ledger.store().size_bytes();
-        crate::metrics::cluster(&states, self.ledger.open_calls(), size);
+        let delayed = self.ledger.store().delayed_count().ok();
+        crate::metrics::cluster(&states, self.ledger.open_calls(), delayed, size);
         for service in self.registry.services() {
             let queue = callq_broker::call_queue(&service);
             match tokio::time::timeout(self.opts.silence(), self.broker.depth(&queue)).await {

@@ -492,6 +492,7 @@ impl<S: Store> Coordinator<S> {
                 .unauthenticated
                 .as_ref()
                 .map_or(0, |n| n.load(std::sync::atomic::Ordering::Relaxed)),
+            delayed_calls: self.ledger.store().delayed_count().unwrap_or(0),
             promotions: self.standbys.promotions(),
         }
     }
