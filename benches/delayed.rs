@@ -108,17 +108,22 @@ fn fill(path: &std::path::Path, n: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One measurement: a coordinator on the store at `path`, a worker, a
-/// client; `calls` ready calls after a warm-up. Calls/s.
-async fn ready_rate(url: &str, path: &std::path::Path, calls: usize) -> anyhow::Result<f64> {
+/// A coordinator on the store at `path`, a worker of `echo` and a client.
+async fn start(url: &str, path: &std::path::Path) -> anyhow::Result<InProcess> {
     let connect = async |role: &str| amqp(url, role).await;
-    let cluster = InProcess::start_on(
+    InProcess::start_on(
         connect,
         worker_options("bench-delayed", CAPACITY, true)?,
         [services::echo()],
         RedbStore::open(path)?,
     )
-    .await?;
+    .await
+}
+
+/// One measurement: a coordinator on the store at `path`, a worker, a
+/// client; `calls` ready calls after a warm-up. Calls/s.
+async fn ready_rate(url: &str, path: &std::path::Path, calls: usize) -> anyhow::Result<f64> {
+    let cluster = start(url, path).await?;
     run_load(&cluster.client, &spec(2_000, CONCURRENCY))
         .await
         .context("the warm-up")?;
@@ -130,14 +135,7 @@ async fn ready_rate(url: &str, path: &std::path::Path, calls: usize) -> anyhow::
 /// The hand-over path: `n` calls published due in an hour, each taken by
 /// the worker and handed to the coordinator. Calls/s, publishing included.
 async fn hand_over_rate(url: &str, path: &std::path::Path, n: usize) -> anyhow::Result<f64> {
-    let connect = async |role: &str| amqp(url, role).await;
-    let cluster = InProcess::start_on(
-        connect,
-        worker_options("bench-delayed", CAPACITY, true)?,
-        [services::echo()],
-        RedbStore::open(path)?,
-    )
-    .await?;
+    let cluster = start(url, path).await?;
     let publisher = amqp(url, "publisher").await?;
     let clock = Instant::now();
     publish_delayed(&publisher, n).await?;

@@ -178,6 +178,15 @@ const SESSIONS_CACHED: usize = 100_000;
 const LOST_LEASES_KEPT: usize = 16;
 
 impl CallRecord {
+    /// Whether `lease` holds the call's current attempt, `attempt`.
+    fn holds(&self, lease: Lease, attempt: u32) -> bool {
+        self.attempt == attempt
+            && self
+                .holder
+                .as_ref()
+                .is_some_and(|h| h.lease.token == lease.token)
+    }
+
     /// The holder loses the current attempt: its lease is remembered.
     fn unhold(&mut self) {
         if let Some(h) = self.holder.take() {
@@ -934,11 +943,7 @@ impl<S: Store> Ledger<S> {
             }
             None => return Ok(false),
             Some(rec) => {
-                let holds = rec.attempt == attempt
-                    && rec
-                        .holder
-                        .as_ref()
-                        .is_some_and(|h| h.lease.token == lease.token);
+                let holds = rec.holds(lease, attempt);
                 if !matches!(rec.state, CallState::Open) || !holds || !retryable(&rec.traces) {
                     return Ok(false);
                 }
@@ -974,11 +979,7 @@ impl<S: Store> Ledger<S> {
         let Some(rec) = self.load(call_id)? else {
             return Ok(false);
         };
-        let holds = rec.attempt == attempt
-            && rec
-                .holder
-                .as_ref()
-                .is_some_and(|h| h.lease.token == lease.token);
+        let holds = rec.holds(lease, attempt);
         if !matches!(rec.state, CallState::Open) || !holds {
             return Ok(false);
         }
@@ -1042,11 +1043,7 @@ impl<S: Store> Ledger<S> {
                 )));
             }
             Some(rec) => {
-                let holds = rec.attempt == attempt
-                    && rec
-                        .holder
-                        .as_ref()
-                        .is_some_and(|h| h.lease.token == lease.token);
+                let holds = rec.holds(lease, attempt);
                 match rec.state {
                     CallState::Open if holds => Some(()),
                     CallState::Open => {
@@ -1159,11 +1156,7 @@ impl<S: Store> Ledger<S> {
         let Some(rec) = self.open.get(&call_id) else {
             return Ok(CompleteDecision::Accepted);
         };
-        let holds = rec.attempt == attempt
-            && rec
-                .holder
-                .as_ref()
-                .is_some_and(|h| h.lease.token == lease.token);
+        let holds = rec.holds(lease, attempt);
         match &rec.state {
             CallState::Open if holds => {
                 if let Some(write) = session {

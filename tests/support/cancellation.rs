@@ -40,10 +40,7 @@ fn start(client: &Client, service: &str, method: &str, args: Value) -> (Uuid, Jo
 }
 
 async fn outcome(waiting: JoinHandle<Reply>, what: &str) -> Reply {
-    tokio::time::timeout(Duration::from_secs(60), waiting)
-        .await
-        .unwrap_or_else(|_| panic!("{what}: no outcome within 60 s"))
-        .unwrap()
+    super::joined(waiting, Duration::from_secs(60), what).await
 }
 
 fn lines(outbox: &Path) -> Vec<String> {

@@ -50,10 +50,7 @@ fn start(
 }
 
 async fn outcome(waiting: JoinHandle<(Reply, Instant)>, what: &str) -> (Reply, Instant) {
-    tokio::time::timeout(Duration::from_secs(90), waiting)
-        .await
-        .unwrap_or_else(|_| panic!("{what}: no outcome within 90 s"))
-        .unwrap()
+    super::joined(waiting, Duration::from_secs(90), what).await
 }
 
 /// Runs the scenario; `dir` holds the mail outbox.

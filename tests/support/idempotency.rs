@@ -38,10 +38,7 @@ fn start(client: &Client, key: &str, args: Value) -> (Uuid, JoinHandle<Reply>) {
 }
 
 async fn outcome(waiting: JoinHandle<Reply>, what: &str) -> Reply {
-    tokio::time::timeout(Duration::from_secs(60), waiting)
-        .await
-        .unwrap_or_else(|_| panic!("{what}: no outcome within 60 s"))
-        .unwrap()
+    super::joined(waiting, Duration::from_secs(60), what).await
 }
 
 /// Runs the scenario; `dir` holds the mail outbox. `after_second` looks at

@@ -640,3 +640,12 @@ pub async fn small_local_cluster(
     let client = cluster.client().await.unwrap();
     (cluster, admin, client)
 }
+
+/// The result of a spawned call of a test, within `bound`; panics naming
+/// `what` when it takes longer or failed.
+pub async fn joined<T>(waiting: tokio::task::JoinHandle<T>, bound: Duration, what: &str) -> T {
+    tokio::time::timeout(bound, waiting)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no outcome within {bound:?}"))
+        .unwrap()
+}

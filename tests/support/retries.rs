@@ -43,10 +43,7 @@ fn start(
 }
 
 async fn outcome(waiting: JoinHandle<(Reply, Duration)>, what: &str) -> (Reply, Duration) {
-    tokio::time::timeout(Duration::from_secs(90), waiting)
-        .await
-        .unwrap_or_else(|_| panic!("{what}: no outcome within 90 s"))
-        .unwrap()
+    super::joined(waiting, Duration::from_secs(90), what).await
 }
 
 fn policy(max_attempts: u32, backoff_ms: u64) -> Option<RetryPolicy> {
