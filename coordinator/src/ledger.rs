@@ -1197,8 +1197,20 @@ impl<S: Store> Ledger<S> {
     /// a decided call keeps its outcome.
     pub fn cancel(&mut self, call_id: Uuid) -> Result<CancelDecision, Error> {
         let Some(rec) = self.load(call_id)? else {
-            let reply = Some(Reply::cancelled(call_id, 1));
-            self.put(call_id, CallRecord::decided(call_id, "", reply));
+            let reply = Reply::cancelled(call_id, 1);
+            // A delayed call waiting here is answered now rather than when
+            // it comes due (it is answered again then: the client drops
+            // the duplicate).
+            if let Some(d) = self.store.get_delayed(call_id)?
+                && let Some(to) =
+                    callq_schemas::peek(d.body.as_bytes(), d.body.len().saturating_add(1)).reply_to
+            {
+                self.effects.push(Effect::Answer {
+                    reply_to: to,
+                    reply: reply.clone(),
+                });
+            }
+            self.put(call_id, CallRecord::decided(call_id, "", Some(reply)));
             info!(%call_id, "call cancelled before any worker reported it");
             return Ok(CancelDecision::Cancelled);
         };

@@ -402,6 +402,24 @@ impl Store for PgStore {
             .collect())
     }
 
+    fn get_delayed(&self, call_id: Uuid) -> Result<Option<Delayed>, Error> {
+        let row = self.block(bounded(
+            "reading a delayed call",
+            self.client.query_opt(
+                "select due_ms, service, body, attempt from callq_delayed \
+                 where cluster = $1 and call_id = $2",
+                &[&self.cluster, &call_id],
+            ),
+        ))?;
+        Ok(row.map(|r| Delayed {
+            call_id,
+            due_ms: r.get(0),
+            service: r.get(1),
+            body: r.get(2),
+            attempt: u32::try_from(r.get::<_, i32>(3)).unwrap_or(2),
+        }))
+    }
+
     fn forget_delayed(&mut self, call_ids: &[Uuid]) -> Result<(), Error> {
         self.block(bounded(
             "forgetting published delayed calls",

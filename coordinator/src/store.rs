@@ -52,6 +52,8 @@ pub trait Store: Send + Sync {
     fn put_delayed(&mut self, calls: &[Delayed]) -> Result<(), Error>;
     /// Calls due before `before_ms`, the earliest first, at most `max`.
     fn due_delayed(&self, before_ms: i64, max: usize) -> Result<Vec<Delayed>, Error>;
+    /// A held call, if it is held.
+    fn get_delayed(&self, call_id: Uuid) -> Result<Option<Delayed>, Error>;
     /// Lets go of calls that were published.
     fn forget_delayed(&mut self, call_ids: &[Uuid]) -> Result<(), Error>;
     /// How many calls are held.
@@ -347,6 +349,15 @@ impl Store for RedbStore {
         Ok(out)
     }
 
+    fn get_delayed(&self, call_id: Uuid) -> Result<Option<Delayed>, Error> {
+        let tx = self.db.begin_read().map_err(store_err)?;
+        let held = tx.open_table(DELAYED).map_err(store_err)?;
+        held.get(call_id.as_u128())
+            .map_err(store_err)?
+            .map(|b| serde_json::from_slice(b.value()).map_err(|e| Error::Corrupt(e.to_string())))
+            .transpose()
+    }
+
     fn forget_delayed(&mut self, call_ids: &[Uuid]) -> Result<(), Error> {
         let tx = self.db.begin_write().map_err(store_err)?;
         {
@@ -500,6 +511,10 @@ impl Store for MemoryStore {
         due.sort_by_key(|d| (d.due_ms, d.call_id));
         due.truncate(max);
         Ok(due)
+    }
+
+    fn get_delayed(&self, call_id: Uuid) -> Result<Option<Delayed>, Error> {
+        Ok(self.delayed.get(&call_id).cloned())
     }
 
     fn forget_delayed(&mut self, call_ids: &[Uuid]) -> Result<(), Error> {

@@ -769,6 +769,9 @@ impl Store for Shared {
     ) -> Result<Vec<callq_coordinator::Delayed>, Error> {
         self.0.lock().unwrap().due_delayed(before_ms, max)
     }
+    fn get_delayed(&self, call_id: Uuid) -> Result<Option<callq_coordinator::Delayed>, Error> {
+        self.0.lock().unwrap().get_delayed(call_id)
+    }
     fn forget_delayed(&mut self, call_ids: &[Uuid]) -> Result<(), Error> {
         self.0.lock().unwrap().forget_delayed(call_ids)
     }

@@ -6,7 +6,8 @@
 //! answered first, while the worker holds no slot for the waiting ones.
 //! Each delayed call runs no earlier than its `not_before` and within a
 //! bound after it (as attempt 2: the coordinator re-issued it); the
-//! cancelled one ends `cancelled` and sends nothing.
+//! cancelled one ends `cancelled` at once (before the mail due with it)
+//! and sends nothing.
 
 use std::path::Path;
 use std::time::Duration;
@@ -114,8 +115,12 @@ pub async fn scenario(client: &Client, admin: &Admin, dir: &Path) {
         waited >= Duration::from_secs(5) && waited < Duration::from_secs(5) + LATE,
         "the echo delayed by 5 s was answered after {waited:?}"
     );
-    let (r, _) = outcome(cancelling, "the cancelled delayed mail").await;
+    let (r, cancelled_at) = outcome(cancelling, "the cancelled delayed mail").await;
     assert_eq!(r.outcome, Outcome::Cancelled, "{r:?}");
+    assert!(
+        cancelled_at < mailed_at,
+        "the cancelled call is answered at once, not when it comes due"
+    );
     let sent = std::fs::read_to_string(&outbox).unwrap();
     let lines: Vec<&str> = sent.lines().collect();
     assert_eq!(lines.len(), 1, "{sent}");

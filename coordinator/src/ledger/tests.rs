@@ -1155,7 +1155,14 @@ fn delayed_calls_are_held_durably_and_published_once_due() {
     let mut l = Ledger::open(RedbStore::open(&path).unwrap()).unwrap();
     assert_eq!(l.release_due(999, 100).unwrap(), Vec::<Uuid>::new());
     assert_eq!(l.cancel(doomed.call_id).unwrap(), CancelDecision::Cancelled);
-    l.commit().unwrap();
+    // Its client is answered at once, not when it comes due.
+    assert_eq!(
+        l.commit().unwrap(),
+        vec![Effect::Answer {
+            reply_to: "callq.reply.c".into(),
+            reply: Reply::cancelled(doomed.call_id, 1),
+        }]
+    );
     let mut released = l.release_due(1_001, 100).unwrap();
     released.sort();
     let mut expected = vec![soon.call_id, doomed.call_id];
@@ -1171,7 +1178,7 @@ fn delayed_calls_are_held_durably_and_published_once_due() {
         }),
         "{effects:?}"
     );
-    // The call cancelled while it waited is answered, not published.
+    // The call cancelled while it waited is answered again, not published.
     assert!(
         effects.contains(&Effect::Answer {
             reply_to: "callq.reply.c".into(),
