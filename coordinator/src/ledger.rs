@@ -1331,11 +1331,9 @@ impl<S: Store> Ledger<S> {
             // again after this batch failed) is replaced.
             let deferred = std::mem::take(&mut self.deferred);
             if let Err(e) = self.store.put_delayed(&deferred) {
-                self.effects.clear();
-                self.dirty.clear();
-                for (id, r) in self.store.open_calls()? {
-                    self.open.insert(id, r);
-                }
+                let ids: Vec<Uuid> = self.dirty.drain().collect();
+                let session_ids: Vec<String> = self.dirty_sessions.drain().collect();
+                self.roll_back(&ids, &session_ids)?;
                 return Err(e);
             }
         }
@@ -1353,20 +1351,7 @@ impl<S: Store> Ledger<S> {
             .filter_map(|id| self.sessions.get(id).map(|r| (id.as_str(), r)))
             .collect();
         if let Err(e) = self.store.put_all(&batch, &sessions) {
-            self.effects.clear();
-            for id in &ids {
-                self.open.remove(id);
-            }
-            for id in &session_ids {
-                // Read back from the store when next asked.
-                self.sessions.remove(id);
-                self.stored_used.remove(id);
-            }
-            for (id, r) in self.store.open_calls()? {
-                if ids.contains(&id) {
-                    self.open.insert(id, r);
-                }
-            }
+            self.roll_back(&ids, &session_ids)?;
             return Err(e);
         }
         for id in &session_ids {
@@ -1388,6 +1373,27 @@ impl<S: Store> Ledger<S> {
             }
         }
         Ok(std::mem::take(&mut self.effects))
+    }
+
+    /// A commit failed: the memory of the batch's records and sessions
+    /// goes back to what is durable, and nothing decided is announced.
+    fn roll_back(&mut self, ids: &[Uuid], session_ids: &[String]) -> Result<(), Error> {
+        self.effects.clear();
+        self.deferred.clear();
+        for id in ids {
+            self.open.remove(id);
+        }
+        for id in session_ids {
+            // Read back from the store when next asked.
+            self.sessions.remove(id);
+            self.stored_used.remove(id);
+        }
+        for (id, r) in self.store.open_calls()? {
+            if ids.contains(&id) {
+                self.open.insert(id, r);
+            }
+        }
+        Ok(())
     }
 
     /// Keeps the store's write lease, where it has one.

@@ -408,7 +408,8 @@ pub struct MemoryStore {
     delayed: HashMap<Uuid, Delayed>,
     /// Transactions committed so far.
     pub transactions: usize,
-    /// When set, the next `put_all` fails (and the flag clears).
+    /// When set, the next `put_all` or `put_delayed` fails (and the flag
+    /// clears).
     pub fail_next: bool,
 }
 
@@ -495,6 +496,9 @@ impl Store for MemoryStore {
     }
 
     fn put_delayed(&mut self, calls: &[Delayed]) -> Result<(), Error> {
+        if std::mem::take(&mut self.fail_next) {
+            return Err(Error::Store("injected failure".into()));
+        }
         for d in calls {
             self.delayed.insert(d.call_id, d.clone());
         }

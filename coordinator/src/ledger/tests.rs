@@ -1254,3 +1254,21 @@ fn a_retry_revokes_the_attempt_and_holds_the_call_for_the_next() {
         "{effects:?}"
     );
 }
+
+#[test]
+fn a_failed_write_of_held_calls_leaves_nothing_of_the_batch_in_memory() {
+    let mut l = ledger();
+    let d = delayed(SVC, 500);
+    let a = lease(d.call_id, 1);
+    assert!(l.retry(a, 1, d.clone()).unwrap());
+    l.store.fail_next = true;
+    assert!(l.commit().is_err());
+    // The retry's record was not durable: it is gone from memory too, and
+    // the worker's next ask (after no answer) is decided afresh.
+    assert_eq!(l.record(d.call_id).unwrap(), None);
+    assert_eq!(l.store().delayed_count().unwrap(), 0);
+    assert!(l.retry(a, 1, d.clone()).unwrap());
+    l.commit().unwrap();
+    assert_eq!(l.store().delayed_count().unwrap(), 1);
+    assert_eq!(l.record(d.call_id).unwrap().unwrap().attempt, 2);
+}

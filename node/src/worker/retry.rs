@@ -36,7 +36,9 @@ fn next_due(call: &Call, attempt: u32, wish: Retry) -> Option<OffsetDateTime> {
         let jitter = bits as f64 / f64::from(u32::MAX);
         policy.backoff(attempt, jitter)
     });
-    Some(OffsetDateTime::now_utc() + wait)
+    // A policy's numbers come from the message: a wait past what a date
+    // can hold is no retry (the error stands), not an overflow.
+    OffsetDateTime::now_utc().checked_add(time::Duration::try_from(wait).ok()?)
 }
 
 /// Hands the attempt over for its retry where the policy allows; the
@@ -92,5 +94,36 @@ pub(super) async fn hand_over(
             warn!(worker = %shared.opts.worker_id, call_id = %call.call_id, "retry not answered, returning the call to its queue: {e}");
             Some(Disposition::Release)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_hostile_policy_is_no_retry_not_an_overflow() {
+        let mut call = Call::new("echo", "flaky", serde_json::json!({}));
+        call.retry = Some(callq_schemas::RetryPolicy {
+            max_attempts: 5,
+            backoff_ms: u64::MAX,
+            max_backoff_ms: u64::MAX,
+        });
+        assert_eq!(next_due(&call, 40, Retry::default()), None);
+        let far = Retry {
+            after: Some(std::time::Duration::MAX),
+        };
+        assert_eq!(next_due(&call, 1, far), None);
+        call.retry = Some(callq_schemas::RetryPolicy {
+            max_attempts: 5,
+            backoff_ms: 100,
+            max_backoff_ms: 1_000,
+        });
+        let due = next_due(&call, 1, Retry::default()).unwrap();
+        assert!(
+            due > OffsetDateTime::now_utc()
+                && due < OffsetDateTime::now_utc() + time::Duration::SECOND
+        );
     }
 }
