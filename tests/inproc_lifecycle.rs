@@ -233,6 +233,7 @@ impl HungWorker {
                 service: "mail".into(),
                 reply_to: call.reply_to.clone(),
                 body: Some(body),
+                key: None,
             }],
         })
         .await;

@@ -135,6 +135,7 @@ async fn attack(raw: &Arc<dyn Broker>, victim: Uuid, workers: &[String]) -> u64 
             service: "echo".into(),
             reply_to: None,
             body: None,
+            key: None,
         })
         .collect();
     let smuggled = Call::new("echo", "echo", json!({"smuggled": true}));
@@ -147,6 +148,7 @@ async fn attack(raw: &Arc<dyn Broker>, victim: Uuid, workers: &[String]) -> u64 
         service: "echo".into(),
         reply_to: None,
         body: Some(String::from_utf8(smuggled.to_bytes().to_vec()).unwrap()),
+        key: None,
     }];
     let mut sent = to_coordinator.len() as u64;
     for m in to_coordinator {

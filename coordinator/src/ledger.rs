@@ -879,43 +879,75 @@ impl<S: Store> Ledger<S> {
         let due = self.store.due_delayed(now_ms, max)?;
         let mut released = Vec::with_capacity(due.len());
         for d in due {
-            let peeked = callq_schemas::peek(d.body.as_bytes(), d.body.len().saturating_add(1));
-            let reply_to = peeked.reply_to;
-            let call_id = d.call_id;
-            let known = self.load(call_id)?.map(|rec| {
-                let open = matches!(rec.state, CallState::Open);
-                (open, rec.holder.is_some(), rec.decided_reply().cloned())
-            });
-            match known {
-                None => {
-                    let holder = placeholder(call_id);
-                    let mut record = CallRecord::open(
-                        &d.service,
-                        reply_to.as_deref(),
-                        d.attempt,
-                        holder,
-                        Vec::new(),
-                    );
-                    record.holder = None;
-                    self.put(call_id, record);
-                    self.effects.push(reissue(d));
-                }
-                // Published before and not claimed yet: again (the first
-                // copy may be lost); a copy that claimed it runs it.
-                Some((true, false, _)) => self.effects.push(reissue(d)),
-                Some((true, true, _)) => {}
-                Some((false, _, reply)) => {
-                    if let (Some(reply), Some(to)) = (reply, reply_to) {
-                        self.effects.push(Effect::Answer {
-                            reply_to: to,
-                            reply,
-                        });
-                    }
-                }
-            }
-            released.push(call_id);
+            released.push(d.call_id);
+            self.release_held(d)?;
         }
         Ok(released)
+    }
+
+    /// A call held for a place of its concurrency key is published (like a
+    /// delayed call that came due), unless it is no longer held or was
+    /// decided meanwhile. Returns whether a copy of it was published.
+    pub fn release_parked(&mut self, call_id: Uuid) -> Result<bool, Error> {
+        match self.store.get_delayed(call_id)? {
+            Some(d) => self.release_held(d),
+            None => Ok(false),
+        }
+    }
+
+    /// Holds a call until a place of its concurrency key is free: where
+    /// the delivery holds the call's current attempt (a copy that asked
+    /// `resume`), the hold is void, so that the copy published when a
+    /// place is free runs it.
+    pub fn park(&mut self, lease: Lease, call: Delayed) -> Result<(), Error> {
+        self.unclaim(lease)?;
+        self.deferred.push(call);
+        Ok(())
+    }
+
+    /// Publishes a held call as a re-issue under an open record; a call
+    /// decided meanwhile is answered with its reply instead. Returns
+    /// whether a copy was published.
+    fn release_held(&mut self, d: Delayed) -> Result<bool, Error> {
+        let peeked = callq_schemas::peek(d.body.as_bytes(), d.body.len().saturating_add(1));
+        let reply_to = peeked.reply_to;
+        let call_id = d.call_id;
+        let known = self.load(call_id)?.map(|rec| {
+            let open = matches!(rec.state, CallState::Open);
+            (open, rec.holder.is_some(), rec.decided_reply().cloned())
+        });
+        match known {
+            None => {
+                let holder = placeholder(call_id);
+                let mut record = CallRecord::open(
+                    &d.service,
+                    reply_to.as_deref(),
+                    d.attempt,
+                    holder,
+                    Vec::new(),
+                );
+                record.holder = None;
+                self.put(call_id, record);
+                self.effects.push(reissue(d));
+                Ok(true)
+            }
+            // Published before and not claimed yet: again (the first
+            // copy may be lost); a copy that claimed it runs it.
+            Some((true, false, _)) => {
+                self.effects.push(reissue(d));
+                Ok(true)
+            }
+            Some((true, true, _)) => Ok(false),
+            Some((false, _, reply)) => {
+                if let (Some(reply), Some(to)) = (reply, reply_to) {
+                    self.effects.push(Effect::Answer {
+                        reply_to: to,
+                        reply,
+                    });
+                }
+                Ok(false)
+            }
+        }
     }
 
     /// `attempt` ended with a retryable error and the call's policy runs

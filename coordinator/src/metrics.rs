@@ -30,6 +30,9 @@ pub const WORKERS: &str = "callq_workers";
 pub const OPEN_CALLS: &str = "callq_ledger_open_calls";
 /// Calls the coordinator holds until they are due.
 pub const DELAYED_CALLS: &str = "callq_delayed_calls";
+/// Calls with a concurrency key, by `state`: `running` (holding a place of
+/// their key) or `waiting` (held for a place).
+pub const KEYED_CALLS: &str = "callq_keyed_calls";
 /// The size of the coordinator's store file (the embedded store only).
 pub const STORE_BYTES: &str = "callq_store_bytes";
 
@@ -71,6 +74,11 @@ pub fn describe() {
         DELAYED_CALLS,
         "Calls held until they are due (not_before, or a retry's next attempt)."
     );
+    metrics::describe_gauge!(
+        KEYED_CALLS,
+        "Calls with a concurrency key: running (holding a place of their key) or waiting for one."
+    );
+    keyed(0, 0);
     metrics::describe_gauge!(STORE_BYTES, metrics::Unit::Bytes, "The store file's size.");
 }
 
@@ -95,6 +103,12 @@ pub(crate) fn cluster(
     if let Some(bytes) = store_bytes {
         metrics::gauge!(STORE_BYTES).set(bytes as f64);
     }
+}
+
+/// Keyed calls holding a place, and waiting for one.
+pub(crate) fn keyed(running: usize, waiting: usize) {
+    metrics::gauge!(KEYED_CALLS, "state" => "running").set(running as f64);
+    metrics::gauge!(KEYED_CALLS, "state" => "waiting").set(waiting as f64);
 }
 
 pub(crate) fn count(name: &'static str) {

@@ -238,6 +238,36 @@ impl PgStore {
         tokio::task::block_in_place(|| self.handle.block_on(f))
     }
 
+    /// Held calls matching `filter` (over `$1` the cluster and `$2`
+    /// `bound`), at most `max`.
+    fn held_where(
+        &self,
+        what: &'static str,
+        filter: &str,
+        bound: i64,
+        max: usize,
+    ) -> Result<Vec<Delayed>, Error> {
+        let limit = i64::try_from(max).unwrap_or(i64::MAX);
+        let sql = format!(
+            "select call_id, due_ms, service, body, attempt from callq_delayed \
+             where cluster = $1 and {filter} limit $3"
+        );
+        let rows = self.block(bounded(
+            what,
+            self.client.query(&sql, &[&self.cluster, &bound, &limit]),
+        ))?;
+        Ok(rows
+            .into_iter()
+            .map(|r| Delayed {
+                call_id: r.get(0),
+                due_ms: r.get(1),
+                service: r.get(2),
+                body: r.get(3),
+                attempt: u32::try_from(r.get::<_, i32>(4)).unwrap_or(2),
+            })
+            .collect())
+    }
+
     fn fenced(&self) -> Error {
         Error::Fenced(format!(
             "coordinator `{}` lost the lease of cluster `{}` (its epoch {} is superseded)",
@@ -381,25 +411,21 @@ impl Store for PgStore {
     }
 
     fn due_delayed(&self, before_ms: i64, max: usize) -> Result<Vec<Delayed>, Error> {
-        let limit = i64::try_from(max).unwrap_or(i64::MAX);
-        let rows = self.block(bounded(
+        self.held_where(
             "reading due delayed calls",
-            self.client.query(
-                "select call_id, due_ms, service, body, attempt from callq_delayed \
-                 where cluster = $1 and due_ms < $2 order by due_ms, call_id limit $3",
-                &[&self.cluster, &before_ms, &limit],
-            ),
-        ))?;
-        Ok(rows
-            .into_iter()
-            .map(|r| Delayed {
-                call_id: r.get(0),
-                due_ms: r.get(1),
-                service: r.get(2),
-                body: r.get(3),
-                attempt: u32::try_from(r.get::<_, i32>(4)).unwrap_or(2),
-            })
-            .collect())
+            "due_ms < $2 order by due_ms, call_id",
+            before_ms,
+            max,
+        )
+    }
+
+    fn parked_delayed(&self, max: usize) -> Result<Vec<Delayed>, Error> {
+        self.held_where(
+            "reading calls waiting for a place of their key",
+            "due_ms >= $2",
+            crate::store::PARKED,
+            max,
+        )
     }
 
     fn get_delayed(&self, call_id: Uuid) -> Result<Option<Delayed>, Error> {

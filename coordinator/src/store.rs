@@ -52,6 +52,9 @@ pub trait Store: Send + Sync {
     fn put_delayed(&mut self, calls: &[Delayed]) -> Result<(), Error>;
     /// Calls due before `before_ms`, the earliest first, at most `max`.
     fn due_delayed(&self, before_ms: i64, max: usize) -> Result<Vec<Delayed>, Error>;
+    /// Calls held with no due time ([`PARKED`]: waiting for a place of
+    /// their concurrency key), at most `max`, in no particular order.
+    fn parked_delayed(&self, max: usize) -> Result<Vec<Delayed>, Error>;
     /// A held call, if it is held.
     fn get_delayed(&self, call_id: Uuid) -> Result<Option<Delayed>, Error>;
     /// Lets go of calls that were published.
@@ -80,6 +83,10 @@ pub trait Store: Send + Sync {
         None
     }
 }
+
+/// The due time of a call held with no due time: one waiting for a place
+/// of its concurrency key, published when a place is free.
+pub(crate) const PARKED: i64 = i64::MAX;
 
 /// A call held until it is due (its `not_before`), then published again.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -349,6 +356,27 @@ impl Store for RedbStore {
         Ok(out)
     }
 
+    fn parked_delayed(&self, max: usize) -> Result<Vec<Delayed>, Error> {
+        let tx = self.db.begin_read().map_err(store_err)?;
+        let held = tx.open_table(DELAYED).map_err(store_err)?;
+        let due = tx.open_table(DELAYED_DUE).map_err(store_err)?;
+        let mut out = Vec::new();
+        for entry in due
+            .range((due_key(PARKED), 0)..)
+            .map_err(store_err)?
+            .take(max)
+        {
+            let (key, _) = entry.map_err(store_err)?;
+            if let Some(bytes) = held.get(key.value().1).map_err(store_err)? {
+                out.push(
+                    serde_json::from_slice(bytes.value())
+                        .map_err(|e| Error::Corrupt(e.to_string()))?,
+                );
+            }
+        }
+        Ok(out)
+    }
+
     fn get_delayed(&self, call_id: Uuid) -> Result<Option<Delayed>, Error> {
         let tx = self.db.begin_read().map_err(store_err)?;
         let held = tx.open_table(DELAYED).map_err(store_err)?;
@@ -515,6 +543,16 @@ impl Store for MemoryStore {
         due.sort_by_key(|d| (d.due_ms, d.call_id));
         due.truncate(max);
         Ok(due)
+    }
+
+    fn parked_delayed(&self, max: usize) -> Result<Vec<Delayed>, Error> {
+        Ok(self
+            .delayed
+            .values()
+            .filter(|d| d.due_ms == PARKED)
+            .take(max)
+            .cloned()
+            .collect())
     }
 
     fn get_delayed(&self, call_id: Uuid) -> Result<Option<Delayed>, Error> {

@@ -152,6 +152,7 @@ fn in_flight(call: &Call, lease: Lease, body: &[u8]) -> InFlightCall {
         service: "mail".into(),
         reply_to: call.reply_to.clone(),
         body: Some(String::from_utf8(body.to_vec()).unwrap()),
+        key: None,
     }
 }
 
@@ -768,6 +769,9 @@ impl Store for Shared {
         max: usize,
     ) -> Result<Vec<callq_coordinator::Delayed>, Error> {
         self.0.lock().unwrap().due_delayed(before_ms, max)
+    }
+    fn parked_delayed(&self, max: usize) -> Result<Vec<callq_coordinator::Delayed>, Error> {
+        self.0.lock().unwrap().parked_delayed(max)
     }
     fn get_delayed(&self, call_id: Uuid) -> Result<Option<callq_coordinator::Delayed>, Error> {
         self.0.lock().unwrap().get_delayed(call_id)

@@ -65,6 +65,10 @@ pub struct CallOptions {
     pub session_id: Option<String>,
     /// The publisher's own key for the request.
     pub idempotency_key: Option<String>,
+    /// Calls of the service with the same key run at most the service's
+    /// `max_running_per_key` at once, across workers (its
+    /// `concurrency_key`).
+    pub concurrency_key: Option<String>,
     /// W3C trace context.
     pub traceparent: Option<String>,
     /// Run the call no earlier than this from now (its `not_before`); the
@@ -169,6 +173,7 @@ impl Client {
         call.session_id = opts.session_id;
         call.retry = opts.retry;
         call.idempotency_key = opts.idempotency_key;
+        call.concurrency_key = opts.concurrency_key;
         call.traceparent = opts.traceparent;
         let now = OffsetDateTime::now_utc();
         let delay = opts.delay.unwrap_or_default();

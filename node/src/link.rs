@@ -276,6 +276,7 @@ fn req_id(answer: &AnswerBody) -> Option<Uuid> {
         | AnswerBody::Status { req_id, .. }
         | AnswerBody::Cancel { req_id, .. }
         | AnswerBody::Deferred { req_id }
+        | AnswerBody::Admission { req_id, .. }
         | AnswerBody::Retrying { req_id, .. } => Some(*req_id),
         AnswerBody::Cancelled { .. }
         | AnswerBody::Promote {}

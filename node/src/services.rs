@@ -17,10 +17,28 @@ pub const MAX_SLEEP_MS: u64 = 60_000;
 /// `try_again` while its attempt is below `{"ok_at": n}` (with
 /// `"retry_after_ms"`, asking for its next attempt that long after), then
 /// returns `{"attempt": n}`: a call with a `retry` policy shows its
-/// retries with it.
+/// retries with it; `span` waits `ms` like `sleep` and returns when it ran,
+/// `{"started_us": .., "ended_us": .., "pid": ..}` (wall-clock
+/// microseconds since the Unix epoch, and the worker's process id): calls
+/// with a `concurrency_key` show with it which of them ran at once.
 pub fn echo() -> Service {
     Service::new("echo")
         .method("echo", |_ctx, args| async move { Ok(args) })
+        .method("span", |_ctx, args: Value| async move {
+            let ms = args.get("ms").and_then(Value::as_u64).unwrap_or(0);
+            if ms > MAX_SLEEP_MS {
+                return Err(HandlerError::invalid_args(format!(
+                    "ms = {ms} is above the limit of {MAX_SLEEP_MS}"
+                )));
+            }
+            let started_us = wall_us();
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok(json!({
+                "started_us": started_us,
+                "ended_us": wall_us(),
+                "pid": std::process::id(),
+            }))
+        })
         .method("flaky", |ctx, args: Value| async move {
             let ok_at = args.get("ok_at").and_then(Value::as_u64).unwrap_or(1);
             let attempt = u64::from(ctx.attempt());
@@ -53,6 +71,13 @@ pub fn echo() -> Service {
                 )),
             }
         })
+}
+
+/// Now, in microseconds since the Unix epoch.
+fn wall_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
 /// The trace `mail.send` declares before its effect.

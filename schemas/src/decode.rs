@@ -93,6 +93,11 @@ pub fn decode_call(body: &[u8], limits: &Limits) -> Result<Call, DecodeError> {
             call.idempotency_key.as_ref(),
             MAX_FIELD_CHARS,
         ),
+        (
+            "concurrency_key",
+            call.concurrency_key.as_ref(),
+            MAX_FIELD_CHARS,
+        ),
         ("traceparent", call.traceparent.as_ref(), MAX_FIELD_CHARS),
     ] {
         if let Some(v) = value

@@ -54,6 +54,11 @@ pub struct Call {
     /// The publisher's own key for the request, carried to handlers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// Calls of one service with the same key run one at a time (or as
+    /// many at once as the service's `max_running_per_key` allows), across
+    /// workers; a call without one is not limited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency_key: Option<String>,
     /// W3C trace context of the publisher.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
@@ -74,6 +79,7 @@ impl Call {
             not_before: None,
             retry: None,
             idempotency_key: None,
+            concurrency_key: None,
             traceparent: None,
         }
     }

@@ -241,6 +241,10 @@ pub struct InFlightCall {
     /// that a re-issue is the same bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body: Option<String>,
+    /// The call's `concurrency_key`, where it was admitted under one: a
+    /// coordinator that takes over learns the keys' running calls so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
 
 /// The trace of a PostgreSQL transaction made through the context: it
@@ -361,6 +365,34 @@ pub enum RequestBody {
         due_ms: i64,
         /// The call's body (JSON text), as delivered.
         body: String,
+    },
+    /// May this call with a `concurrency_key` run now? Its service allows
+    /// at most `limit` calls of one key to run at once, across workers.
+    /// Admitted: the call holds one of the key's places until the worker
+    /// says it ended (`vacate`). Not admitted: the coordinator holds the
+    /// call (durably, like a delayed one) and publishes it again when a
+    /// place of its key is free; the worker acks the delivery unrun.
+    Admit {
+        /// Matches the answer to the request.
+        req_id: Uuid,
+        /// The delivery.
+        lease: Lease,
+        /// The attempt the delivery would run as.
+        attempt: u32,
+        /// The service.
+        service: String,
+        /// The call's `concurrency_key`.
+        key: String,
+        /// Calls of one key the service runs at once, at most.
+        limit: u32,
+        /// The call's body (JSON text), as delivered.
+        body: String,
+    },
+    /// These calls, admitted under their `concurrency_key`, no longer run
+    /// here: their places are free. Needs no answer.
+    Vacate {
+        /// The calls.
+        calls: Vec<Uuid>,
     },
     /// This attempt ended with a retryable error and the call's policy
     /// retries it: revoke the attempt and hold the call until `due_ms`,
@@ -651,6 +683,14 @@ pub enum AnswerBody {
         /// The request's id.
         req_id: Uuid,
     },
+    /// The answer to `admit`.
+    Admission {
+        /// The request's id.
+        req_id: Uuid,
+        /// Whether the call runs now; `false`: the coordinator holds it
+        /// until a place of its key is free (ack the delivery, unrun).
+        admitted: bool,
+    },
     /// The answer to `retry`.
     Retrying {
         /// The request's id.
@@ -719,6 +759,8 @@ impl RequestBody {
             RequestBody::Claim { .. } => "claim",
             RequestBody::Defer { .. } => "defer",
             RequestBody::Retry { .. } => "retry",
+            RequestBody::Admit { .. } => "admit",
+            RequestBody::Vacate { .. } => "vacate",
             RequestBody::Trace { .. } => "trace",
             RequestBody::Complete { .. } => "complete",
             RequestBody::Session { .. } => "session",
@@ -753,6 +795,10 @@ impl AnswerBody {
                 CompleteDecision::SessionRefused { .. } => "session_refused",
             },
             AnswerBody::Cancel { decision, .. } => decision.as_str(),
+            AnswerBody::Admission { admitted: true, .. } => "admitted",
+            AnswerBody::Admission {
+                admitted: false, ..
+            } => "held",
             _ => "answered",
         }
     }

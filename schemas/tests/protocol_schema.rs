@@ -184,12 +184,14 @@ fn request_bodies() -> Vec<RequestBody> {
         service: "bank".into(),
         reply_to: Some("callq.reply.shop-1".into()),
         body: Some(call_text()),
+        key: Some("account-17".into()),
     };
     let bare_in_flight = InFlightCall {
         lease: lease(2),
         service: "mail".into(),
         reply_to: None,
         body: None,
+        key: None,
     };
     vec![
         RequestBody::Heartbeat {
@@ -260,6 +262,19 @@ fn request_bodies() -> Vec<RequestBody> {
             due_ms: 1_796_000_000_000,
             body: call_text(),
         },
+        RequestBody::Admit {
+            req_id: uuid(3),
+            lease: lease(2),
+            attempt: 1,
+            service: "bank".into(),
+            key: "account-17".into(),
+            limit: 1,
+            body: call_text(),
+        },
+        RequestBody::Vacate {
+            calls: vec![uuid(12), uuid(13)],
+        },
+        RequestBody::Vacate { calls: Vec::new() },
         RequestBody::Retry {
             req_id: uuid(3),
             lease: lease(2),
@@ -558,6 +573,14 @@ fn answer_bodies() -> Vec<AnswerBody> {
             status: ClusterStatus::default(),
         },
         AnswerBody::Deferred { req_id: uuid(10) },
+        AnswerBody::Admission {
+            req_id: uuid(10),
+            admitted: true,
+        },
+        AnswerBody::Admission {
+            req_id: uuid(10),
+            admitted: false,
+        },
         AnswerBody::Retrying {
             req_id: uuid(10),
             retrying: true,

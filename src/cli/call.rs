@@ -34,6 +34,11 @@ pub(crate) struct Args {
     /// carried to the handler (`Ctx::idempotency_key`).
     #[arg(long, value_name = "KEY")]
     idempotency_key: Option<String>,
+    /// Calls of the service with the same key (its `concurrency_key`) run
+    /// at most the workers' `max_running_per_key.<service>` at once, across
+    /// the cluster; without that setting the key limits nothing.
+    #[arg(long, value_name = "KEY")]
+    concurrency_key: Option<String>,
     /// The call's id (a UUID; a fresh UUID v7 by default), for example to
     /// cancel it from elsewhere with `callq cancel`. The id is printed on
     /// stderr when the call is published.
@@ -99,6 +104,7 @@ pub(crate) async fn run(a: Args, config: Option<&Path>) -> anyhow::Result<ExitCo
         timeout: Some(Duration::from_millis(a.timeout_ms)),
         session_id: a.session,
         idempotency_key: a.idempotency_key,
+        concurrency_key: a.concurrency_key,
         call_id: Some(call_id),
         delay: a.delay,
         retry: a

@@ -30,6 +30,8 @@ pub struct ClusterOptions {
     pub standby_per_service: BTreeMap<String, u32>,
     /// How long a session may go unused before it expires.
     pub session_idle: Duration,
+    /// Per service, keyed calls its workers run at once per key.
+    pub max_running_per_key: BTreeMap<String, u32>,
 }
 
 impl Default for ClusterOptions {
@@ -41,6 +43,7 @@ impl Default for ClusterOptions {
             capacity: 64,
             standby_per_service: BTreeMap::new(),
             session_idle: defaults.session_idle,
+            max_running_per_key: BTreeMap::new(),
         }
     }
 }
@@ -118,6 +121,7 @@ impl LocalCluster {
             capacity: self.opts.capacity,
             standby,
             heartbeat_interval: self.opts.heartbeat_interval,
+            max_running_per_key: self.opts.max_running_per_key.clone(),
             drain_timeout: Duration::from_secs(30),
             ..WorkerOptions::default()
         }

@@ -19,6 +19,7 @@ pub mod containers;
 pub mod delayed;
 pub mod fault_node;
 pub mod idempotency;
+pub mod keys;
 pub mod outcomes;
 pub mod retries;
 
@@ -569,6 +570,18 @@ impl SmallCluster {
         ids: &[&str],
         capacity: u32,
     ) -> Self {
+        Self::start_env(url, broker, dir, (ids, capacity), &[]).await
+    }
+
+    /// Like [`SmallCluster::start`], the workers with more environment
+    /// variables.
+    pub async fn start_env(
+        url: &str,
+        broker: std::sync::Arc<dyn callq_broker::Broker>,
+        dir: &Path,
+        (ids, capacity): (&[&str], u32),
+        env: &[(&str, &str)],
+    ) -> Self {
         let coordinator = Proc::spawn("coordinator", &["coordinator"], url, dir);
         let capacity = capacity.to_string();
         let workers = ids
@@ -583,7 +596,7 @@ impl SmallCluster {
                     "--capacity",
                     &capacity,
                 ];
-                Proc::spawn(id, &args, url, dir)
+                Proc::spawn_env(id, &args, url, dir, env)
             })
             .collect();
         let admin = Admin::connect(broker.clone(), Duration::from_secs(30))

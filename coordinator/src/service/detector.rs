@@ -155,6 +155,7 @@ impl<S: Store> Coordinator<S> {
             self.detector.deaths += 1;
             crate::metrics::count(crate::metrics::DEATHS);
             self.notices.forget_reader(&id);
+            self.keys.worker_gone(&id);
             let calls: Vec<InFlight> = w.in_flight.values().cloned().collect();
             if let Err(e) = self.ledger.worker_lost(&id, &calls) {
                 error!(worker = id, "revoking a dead worker's calls: {e}");

@@ -124,6 +124,7 @@ impl<S: Store> Coordinator<S> {
                 }
             })
             .await;
+        self.fill_keys().await;
     }
 
     /// Decodes and applies each request of a batch (an unreadable one is

@@ -24,6 +24,7 @@ mod delayed;
 mod detector;
 mod effects;
 mod intake;
+mod keys;
 mod notices;
 mod options;
 mod registry;
@@ -89,6 +90,12 @@ impl Clock {
     }
 }
 
+/// How long a coordinator that starts admits no keyed call: every live
+/// worker has reported its running keyed calls by then.
+fn warm_up(opts: &CoordinatorOptions) -> Duration {
+    opts.silence() + opts.heartbeat_interval
+}
+
 fn wall_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -128,6 +135,8 @@ pub struct Coordinator<S: Store> {
     spans: Vec<callq_broker::telemetry::TraceContext>,
     /// The most recent cancellations, told to workers that join.
     cancels: cancels::Cancels,
+    /// The places of concurrency keys, and the calls waiting for them.
+    keys: keys::KeySlots,
 }
 
 impl<S: Store> Coordinator<S> {
@@ -137,6 +146,7 @@ impl<S: Store> Coordinator<S> {
         ledger.set_session_forget(opts.session_forget);
         ledger.set_retention(opts.retention);
         ledger.set_idempotency_window(opts.idempotency_window);
+        let keys = keys::KeySlots::new(Instant::now(), warm_up(&opts));
         Self {
             opts,
             broker,
@@ -156,6 +166,7 @@ impl<S: Store> Coordinator<S> {
             queues_sampled: None,
             spans: Vec::new(),
             cancels: cancels::Cancels::default(),
+            keys,
         }
     }
 
@@ -267,6 +278,8 @@ impl<S: Store> Coordinator<S> {
         self.sweep_sessions().await;
         self.forget_decided();
         self.release_delayed().await;
+        self.keys.expire(Instant::now());
+        self.fill_keys().await;
         self.restore_standbys().await;
         self.sample().await;
         Ok(())
@@ -291,6 +304,7 @@ impl<S: Store> Coordinator<S> {
         let size = self.ledger.store().size_bytes();
         let delayed = self.ledger.store().delayed_count().ok();
         crate::metrics::cluster(&states, self.ledger.open_calls(), delayed, size);
+        crate::metrics::keyed(self.keys.running(), self.keys.waiting());
         for service in self.registry.services() {
             let queue = callq_broker::call_queue(&service);
             match tokio::time::timeout(self.opts.silence(), self.broker.depth(&queue)).await {

@@ -176,6 +176,18 @@ impl<S: Store> Coordinator<S> {
                 self.defer(call_id, service, due_ms, body);
                 AnswerBody::Deferred { req_id }
             }
+            RequestBody::Admit {
+                req_id,
+                lease,
+                attempt,
+                service,
+                key,
+                limit,
+                body,
+            } => {
+                let admitted = self.admit(worker, lease, attempt, (service, key), limit, body)?;
+                AnswerBody::Admission { req_id, admitted }
+            }
             RequestBody::Retry {
                 req_id,
                 lease,
@@ -233,6 +245,16 @@ impl<S: Store> Coordinator<S> {
         {
             out.push((to.to_owned(), order));
         }
+        let keyed: Vec<(Uuid, super::keys::KeyId)> = in_flight
+            .iter()
+            .filter_map(|c| {
+                let key = c.key.clone()?;
+                Some((c.lease.call_id, (c.service.clone(), key)))
+            })
+            .collect();
+        let now = tokio::time::Instant::now();
+        self.keys
+            .heard(&worker, &keyed, now, self.opts.heartbeat_interval);
         let beat = Beat {
             services,
             state,
@@ -263,7 +285,12 @@ impl<S: Store> Coordinator<S> {
             }
             option @ (RequestBody::Claim { .. }
             | RequestBody::Defer { .. }
+            | RequestBody::Admit { .. }
             | RequestBody::Retry { .. }) => return self.apply_option(worker, option),
+            RequestBody::Vacate { calls } => {
+                self.keys.vacate(worker, &calls);
+                return Ok(None);
+            }
             trace @ RequestBody::Trace { .. } => return self.trace(worker, trace),
             RequestBody::Complete {
                 req_id,
@@ -462,6 +489,7 @@ impl<S: Store> Coordinator<S> {
             info!(worker, "worker left");
             self.notices.forget_reader(worker);
         }
+        self.keys.worker_gone(worker);
         if self.registry.remove_agent(worker) {
             info!(agent = worker, "node agent left");
         }

@@ -113,7 +113,67 @@ pub(super) async fn pass(
         let reply = Reply::expired(call.call_id, passed.attempt);
         return Gate::Answer(passed, reply, Disposition::Ack);
     }
+    if let Some(fate) = admit(shared, call, lease, passed, &delivery.body).await {
+        return Gate::Settle(fate);
+    }
     Gate::Run(passed)
+}
+
+/// A call with a `concurrency_key`, of a service with a
+/// `max_running_per_key`, asks the coordinator for a place of its key:
+/// `None` runs it; otherwise how to settle the delivery (acked: the
+/// coordinator holds the call until a place is free).
+async fn admit(
+    shared: &Shared,
+    call: &Call,
+    lease: Lease,
+    passed: Passed,
+    body: &[u8],
+) -> Option<Disposition> {
+    let key = call.concurrency_key.as_deref()?;
+    let limit = *shared.opts.max_running_per_key.get(&call.service)?;
+    // A worker with a limit runs coordinated (checked when it starts).
+    let link = shared.link.as_ref()?;
+    let body = String::from_utf8_lossy(body).into_owned();
+    let asked = link
+        .ask(|req_id| RequestBody::Admit {
+            req_id,
+            lease,
+            attempt: passed.attempt,
+            service: call.service.clone(),
+            key: key.to_owned(),
+            limit,
+            body: body.clone(),
+        })
+        .await;
+    let worker = &shared.opts.worker_id;
+    match asked {
+        Ok(AnswerBody::Admission { admitted: true, .. }) => {
+            shared.admitted(lease.token, key);
+            None
+        }
+        Ok(AnswerBody::Admission {
+            admitted: false, ..
+        }) => {
+            WorkerStats::bump(&shared.stats.waited);
+            debug!(%worker, call_id = %call.call_id, key, "every place of the call's key is taken: the coordinator holds it until one is free");
+            Some(Disposition::Ack)
+        }
+        Ok(other) => {
+            warn!(%worker, call_id = %call.call_id, "unexpected answer to admit: {other:?}");
+            Some(Disposition::Release)
+        }
+        Err(e) => {
+            warn!(%worker, call_id = %call.call_id, "admit not answered, returning the call to its queue: {e}");
+            if passed.resumed
+                && !link.is_gone()
+                && let Err(e) = link.send(RequestBody::Unclaim { lease }).await
+            {
+                debug!(%worker, call_id = %call.call_id, "telling the coordinator the delivery went back unrun: {e}");
+            }
+            Some(Disposition::Release)
+        }
+    }
 }
 
 /// Hands a call that came before its `not_before` to the coordinator,

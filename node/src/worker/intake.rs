@@ -334,6 +334,7 @@ fn register<'s>(
                 body: Some(delivery.body.clone()),
                 reported: false,
                 cancel: tokio_util::sync::CancellationToken::new(),
+                key: None,
             },
         );
     }

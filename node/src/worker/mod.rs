@@ -92,6 +92,12 @@ pub struct WorkerOptions {
     /// any reply queue: the cluster's own (a coordinator re-issues a dead
     /// worker's calls, a worker releases a call to the back of its queue).
     pub trusted_publishers: Vec<String>,
+    /// Per service, calls of one `concurrency_key` that run at once, at
+    /// most, across the cluster (the coordinator counts them). A service
+    /// not named here runs keyed calls without a limit. Every worker of a
+    /// service should say the same.
+    #[serde(default)]
+    pub max_running_per_key: std::collections::BTreeMap<String, u32>,
 }
 
 impl Default for WorkerOptions {
@@ -108,6 +114,7 @@ impl Default for WorkerOptions {
             coordinator_patience: Duration::from_secs(10),
             reply_owners: false,
             trusted_publishers: Vec::new(),
+            max_running_per_key: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -129,6 +136,9 @@ pub struct WorkerStats {
     /// Calls that came before their `not_before` and were handed to the
     /// coordinator, which holds them until they are due.
     pub deferred: AtomicU64,
+    /// Keyed calls handed to the coordinator to wait for a place of their
+    /// key.
+    pub waited: AtomicU64,
     /// Calls answered `cancelled` without running (a call cancelled while
     /// it ran counts under its handler's outcome).
     pub cancelled: AtomicU64,
@@ -327,6 +337,20 @@ impl Worker {
         }
         if self.opts.coordinated && self.opts.heartbeat_interval.is_zero() {
             return Err(Error::Config("heartbeat_interval must not be zero".into()));
+        }
+        if let Some((service, _)) = self.opts.max_running_per_key.iter().next()
+            && !self.opts.coordinated
+        {
+            return Err(Error::Config(format!(
+                "max_running_per_key.{service} needs a coordinator, which counts a key's running \
+                 calls across workers: run the worker coordinated, or drop the limit"
+            )));
+        }
+        if let Some((service, _)) = self.opts.max_running_per_key.iter().find(|(_, n)| **n == 0) {
+            return Err(Error::Config(format!(
+                "max_running_per_key.{service} is 0, which would run nothing: use 1 or more, or \
+                 drop the limit"
+            )));
         }
         Ok(())
     }

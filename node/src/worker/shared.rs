@@ -31,6 +31,9 @@ pub(super) struct Flight {
     pub(super) reported: bool,
     /// Cancelled when the coordinator says the call is cancelled.
     pub(super) cancel: CancellationToken,
+    /// The concurrency key it was admitted under: its place is given back
+    /// when it lands.
+    pub(super) key: Option<String>,
 }
 
 /// Cancelled calls a worker remembers at most; the oldest are forgotten
@@ -59,6 +62,10 @@ impl CancelledCalls {
     }
 }
 
+/// Calls whose places of their keys wait to be given back, at most (past
+/// it, the coordinator takes them back when heartbeats stop listing them).
+const VACATED_MAX: usize = 4_096;
+
 /// A completion on its way to the coordinator, and who waits for it.
 pub(super) type Outgoing = (Completion, oneshot::Sender<()>);
 
@@ -83,6 +90,9 @@ pub(super) struct Shared {
     pub(super) sessions: Arc<SessionCache>,
     /// Calls cancelled: a copy of one is answered `cancelled`, not run.
     cancelled: Mutex<CancelledCalls>,
+    /// Keyed calls that ended here, whose places the outbox gives back.
+    vacated: Mutex<Vec<Uuid>>,
+    vacated_ready: tokio::sync::Notify,
 }
 
 /// Aborts a background task when the worker's future is dropped.
@@ -127,7 +137,33 @@ impl Shared {
             probe,
             sessions: Arc::default(),
             cancelled: Mutex::default(),
+            vacated: Mutex::default(),
+            vacated_ready: tokio::sync::Notify::new(),
         }
+    }
+
+    /// The call in flight under `token` was admitted under `key`.
+    pub(super) fn admitted(&self, token: Uuid, key: &str) {
+        if let Ok(mut flights) = self.flights.lock()
+            && let Some(f) = flights.get_mut(&token)
+        {
+            f.key = Some(key.to_owned());
+        }
+    }
+
+    /// A flight ended: a keyed one gives its place back.
+    fn landed(&self, flight: Option<Flight>) -> bool {
+        let Some(f) = flight else {
+            return false;
+        };
+        if f.key.is_some()
+            && let Ok(mut v) = self.vacated.lock()
+            && v.len() < VACATED_MAX
+        {
+            v.push(f.lease.call_id);
+            self.vacated_ready.notify_one();
+        }
+        f.reported
     }
 
     /// The coordinator says these calls are cancelled: remembered, and the
@@ -214,6 +250,7 @@ impl Shared {
                     service: f.service.clone(),
                     reply_to: f.reply_to.clone(),
                     body,
+                    key: f.key.clone(),
                 });
             }
         }
@@ -280,6 +317,14 @@ async fn outbox(shared: Arc<Shared>, link: Arc<Link>, mut rx: mpsc::Receiver<Out
                     Err(e) => warn!(worker = %shared.opts.worker_id, "heartbeat not sent: {e}"),
                 }
             }
+            () = shared.vacated_ready.notified() => {
+                let calls = shared.vacated.lock().map(|mut v| std::mem::take(&mut *v)).unwrap_or_default();
+                if !calls.is_empty()
+                    && let Err(e) = link.send(RequestBody::Vacate { calls }).await
+                {
+                    warn!(worker = %shared.opts.worker_id, "places of keyed calls not given back (the coordinator takes them back when heartbeats stop listing the calls): {e}");
+                }
+            }
             first = rx.recv() => {
                 let Some(first) = first else { return };
                 let mut batch = vec![first];
@@ -311,19 +356,24 @@ pub(super) struct FlightGuard<'a> {
 impl FlightGuard<'_> {
     /// Ends the flight; whether a heartbeat had reported it.
     pub(super) fn land(self) -> bool {
-        self.shared
+        let flight = self
+            .shared
             .flights
             .lock()
             .ok()
-            .and_then(|mut f| f.remove(&self.token))
-            .is_some_and(|f| f.reported)
+            .and_then(|mut f| f.remove(&self.token));
+        self.shared.landed(flight)
     }
 }
 
 impl Drop for FlightGuard<'_> {
     fn drop(&mut self) {
-        if let Ok(mut f) = self.shared.flights.lock() {
-            f.remove(&self.token);
-        }
+        let flight = self
+            .shared
+            .flights
+            .lock()
+            .ok()
+            .and_then(|mut f| f.remove(&self.token));
+        self.shared.landed(flight);
     }
 }
