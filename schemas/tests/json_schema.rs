@@ -199,6 +199,7 @@ fn full_call() -> Call {
         max_backoff_ms: 5_000,
     });
     call.idempotency_key = Some("order-981".into());
+    call.concurrency_key = Some("account-17".into());
     call.traceparent = Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
     call
 }
@@ -254,7 +255,7 @@ fn bodies_of_the_serde_types_validate() {
     let body: Value = serde_json::from_slice(&full_call().to_bytes()).unwrap();
     assert_eq!(
         body.as_object().unwrap().len(),
-        12,
+        13,
         "every optional field is on the wire: {body:#}"
     );
 

@@ -709,7 +709,9 @@ fn sites() -> Vec<Site> {
                 add(format!("/in_flight/{i}"), "in_flight_call".into());
                 add(format!("/in_flight/{i}/lease"), "lease".into());
             }
-            for (i, _) in body["calls"].as_array().into_iter().flatten().enumerate() {
+            // `completed` lists completions; `vacate`, call ids.
+            let completions = body["calls"].as_array().filter(|_| tag == "completed");
+            for (i, _) in completions.into_iter().flatten().enumerate() {
                 add(format!("/calls/{i}"), "completion".into());
                 add(format!("/calls/{i}/lease"), "lease".into());
             }
