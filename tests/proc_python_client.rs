@@ -157,14 +157,16 @@ fn tail(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-/// A `callq worker` of `echo` and `mail`.
+/// A `callq worker` of `echo` and `mail`, running one `echo` call per
+/// `concurrency_key` at a time.
 fn worker(id: &str, url: &str, dir: &Path, capacity: Option<usize>) -> Proc {
     let mut args = vec!["worker", "--services", "echo,mail", "--worker-id", id];
     let capacity = capacity.map(|c| c.to_string());
     if let Some(c) = &capacity {
         args.extend(["--capacity", c.as_str()]);
     }
-    Proc::spawn(id, &args, url, dir)
+    let env = [("CALLQ_WORKER__MAX_RUNNING_PER_KEY__ECHO", "1")];
+    Proc::spawn_env(id, &args, url, dir, &env)
 }
 
 /// Waits until the coordinator sees every one of `ids` active; fails with

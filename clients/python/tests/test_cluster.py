@@ -180,6 +180,26 @@ def test_a_second_call_with_the_same_idempotency_key_gets_the_first_outcome(clie
     assert len(lines(box)) == 1, lines(box)
 
 
+def test_calls_with_one_concurrency_key_run_one_at_a_time(client: Client) -> None:
+    # The cluster's workers run one `echo` call per key at a time.
+    keys = ["account-" + uuid7() for _ in range(2)]
+    futures = [
+        (keys[i % 2], client.submit("echo", "span", {"ms": 20}, concurrency_key=keys[i % 2], timeout=120))
+        for i in range(30)
+    ]
+    runs: dict = {key: [] for key in keys}
+    for key, future in futures:
+        result = future.result(timeout=180)
+        runs[key].append((result["started_us"], result["ended_us"]))
+    for key, spans in runs.items():
+        spans.sort()
+        for (_, ended), (started, _) in zip(spans, spans[1:]):
+            assert started >= ended, f"two calls of {key} ran at once: {spans}"
+    # Calls of the two keys did run at once.
+    first, second = runs[keys[0]], runs[keys[1]]
+    assert any(a0 < b1 and b0 < a1 for a0, a1 in first for b0, b1 in second), runs
+
+
 def test_a_delayed_call_runs_no_earlier_than_its_not_before(client: Client) -> None:
     box = outbox("delayed-" + uuid7())
     due = datetime.now(timezone.utc) + timedelta(seconds=2)
