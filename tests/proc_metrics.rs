@@ -232,6 +232,14 @@ async fn metrics_count_what_the_clients_saw() {
     assert_eq!(sum(&sc, "callq_workers", &[r#"state="standby""#]), 0.0);
     assert!(sum(&sc, "callq_store_bytes", &[]) > 0.0, "{sc:#?}");
     assert!(sc.keys().any(|k| k.starts_with("callq_ledger_open_calls")));
+    for state in ["running", "waiting"] {
+        let keyed = format!(r#"state="{state}""#);
+        let shown = sc
+            .keys()
+            .any(|k| k.starts_with("callq_keyed_calls{") && k.contains(&keyed));
+        assert!(shown, "no callq_keyed_calls {keyed}: {sc:#?}");
+        assert_eq!(sum(&sc, "callq_keyed_calls", &[&keyed]), 0.0, "{sc:#?}");
+    }
     assert!(sum(&sc, "callq_heartbeats_total", &[]) > 0.0, "{sc:#?}");
     assert_eq!(sum(&sc, "callq_worker_deaths_total", &[]), 0.0);
     w2.kill9();

@@ -247,6 +247,26 @@ pub struct InFlightCall {
     pub key: Option<String>,
 }
 
+/// A call with a `concurrency_key` that asks for a place of its key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyedCall {
+    /// The delivery.
+    pub lease: Lease,
+    /// The attempt the delivery would run as.
+    pub attempt: u32,
+    /// The service.
+    pub service: String,
+    /// The call's `concurrency_key`.
+    pub key: String,
+    /// Calls of one key the service runs at once, at most.
+    pub limit: u32,
+    /// The call's body (JSON text), as delivered.
+    pub body: String,
+}
+
+/// Calls one `admit` carries at most.
+pub const MAX_ADMIT_CALLS: usize = 256;
+
 /// The trace of a PostgreSQL transaction made through the context: it
 /// commits with an outbox row whose unique key admits one commit per call,
 /// so an attempt that left only such traces may run again (the next
@@ -366,27 +386,22 @@ pub enum RequestBody {
         /// The call's body (JSON text), as delivered.
         body: String,
     },
-    /// May this call with a `concurrency_key` run now? Its service allows
-    /// at most `limit` calls of one key to run at once, across workers.
-    /// Admitted: the call holds one of the key's places until the worker
-    /// says it ended (`vacate`). Not admitted: the coordinator holds the
-    /// call (durably, like a delayed one) and publishes it again when a
-    /// place of its key is free; the worker acks the delivery unrun.
+    /// May these calls with a `concurrency_key` run now? Each one's
+    /// service allows at most `limit` calls of one key to run at once,
+    /// across workers. Admitted: the call holds one of the key's places
+    /// until the worker says it ended (`vacate`). Not admitted: the
+    /// coordinator holds the call (durably, like a delayed one) and
+    /// publishes it again when a place of its key is free; the worker acks
+    /// the delivery unrun. Calls that ended since the last request give
+    /// their places back first (`vacate`).
     Admit {
         /// Matches the answer to the request.
         req_id: Uuid,
-        /// The delivery.
-        lease: Lease,
-        /// The attempt the delivery would run as.
-        attempt: u32,
-        /// The service.
-        service: String,
-        /// The call's `concurrency_key`.
-        key: String,
-        /// Calls of one key the service runs at once, at most.
-        limit: u32,
-        /// The call's body (JSON text), as delivered.
-        body: String,
+        /// The calls that ask.
+        calls: Vec<KeyedCall>,
+        /// Admitted calls that no longer run here.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        vacate: Vec<Uuid>,
     },
     /// These calls, admitted under their `concurrency_key`, no longer run
     /// here: their places are free. Needs no answer.
@@ -687,9 +702,9 @@ pub enum AnswerBody {
     Admission {
         /// The request's id.
         req_id: Uuid,
-        /// Whether the call runs now; `false`: the coordinator holds it
-        /// until a place of its key is free (ack the delivery, unrun).
-        admitted: bool,
+        /// The calls that run now; the coordinator holds the others until
+        /// a place of their key is free (ack their deliveries, unrun).
+        admitted: Vec<Uuid>,
     },
     /// The answer to `retry`.
     Retrying {
@@ -795,10 +810,6 @@ impl AnswerBody {
                 CompleteDecision::SessionRefused { .. } => "session_refused",
             },
             AnswerBody::Cancel { decision, .. } => decision.as_str(),
-            AnswerBody::Admission { admitted: true, .. } => "admitted",
-            AnswerBody::Admission {
-                admitted: false, ..
-            } => "held",
             _ => "answered",
         }
     }

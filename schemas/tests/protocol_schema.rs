@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 
 use callq_schemas::protocol::{
     Answer, AnswerBody, CancelDecision, ClusterStatus, CompleteDecision, Completion, InFlightCall,
-    Lease, Request, RequestBody, ResumeDecision, SESSION_FLUSH, SessionState, SessionWrite,
-    TraceDecision, WorkerState, WorkerStatus,
+    KeyedCall, Lease, Request, RequestBody, ResumeDecision, SESSION_FLUSH, SessionState,
+    SessionWrite, TraceDecision, WorkerState, WorkerStatus,
 };
 use callq_schemas::{Call, Reply, Uuid};
 use jsonschema::{Registry, Resource, Validator};
@@ -264,12 +264,20 @@ fn request_bodies() -> Vec<RequestBody> {
         },
         RequestBody::Admit {
             req_id: uuid(3),
-            lease: lease(2),
-            attempt: 1,
-            service: "bank".into(),
-            key: "account-17".into(),
-            limit: 1,
-            body: call_text(),
+            calls: vec![KeyedCall {
+                lease: lease(2),
+                attempt: 1,
+                service: "bank".into(),
+                key: "account-17".into(),
+                limit: 1,
+                body: call_text(),
+            }],
+            vacate: vec![uuid(12)],
+        },
+        RequestBody::Admit {
+            req_id: uuid(3),
+            calls: Vec::new(),
+            vacate: Vec::new(),
         },
         RequestBody::Vacate {
             calls: vec![uuid(12), uuid(13)],
@@ -575,11 +583,11 @@ fn answer_bodies() -> Vec<AnswerBody> {
         AnswerBody::Deferred { req_id: uuid(10) },
         AnswerBody::Admission {
             req_id: uuid(10),
-            admitted: true,
+            admitted: vec![uuid(12)],
         },
         AnswerBody::Admission {
             req_id: uuid(10),
-            admitted: false,
+            admitted: Vec::new(),
         },
         AnswerBody::Retrying {
             req_id: uuid(10),
@@ -709,11 +717,18 @@ fn sites() -> Vec<Site> {
                 add(format!("/in_flight/{i}"), "in_flight_call".into());
                 add(format!("/in_flight/{i}/lease"), "lease".into());
             }
-            // `completed` lists completions; `vacate`, call ids.
-            let completions = body["calls"].as_array().filter(|_| tag == "completed");
-            for (i, _) in completions.into_iter().flatten().enumerate() {
-                add(format!("/calls/{i}"), "completion".into());
-                add(format!("/calls/{i}/lease"), "lease".into());
+            // `completed` lists completions; `admit`, keyed calls;
+            // `vacate`, call ids.
+            let listed = match tag.as_str() {
+                "completed" => Some("completion"),
+                "admit" => Some("keyed_call"),
+                _ => None,
+            };
+            if let Some(def) = listed {
+                for (i, _) in body["calls"].as_array().into_iter().flatten().enumerate() {
+                    add(format!("/calls/{i}"), def.into());
+                    add(format!("/calls/{i}/lease"), "lease".into());
+                }
             }
             if body.get("status").is_some() {
                 add("/status".into(), "cluster_status".into());

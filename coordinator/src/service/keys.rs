@@ -40,6 +40,10 @@ const RESCAN_MAX: usize = 10_000;
 /// (ones past [`WAITING_MAX`], or ones whose release was not committed).
 const RESCAN_EVERY: Duration = Duration::from_secs(30);
 
+/// Calls given back remembered, so that a heartbeat sent before the
+/// `vacate` but read after it does not take the place again.
+const VACATED_KEPT: usize = 65_536;
+
 /// Heartbeats in a row that must omit an admitted call before its place is
 /// taken back (its `vacate` was lost).
 const MISSED_BEATS: u8 = 2;
@@ -94,6 +98,9 @@ pub(super) struct KeySlots {
     warm_until: Instant,
     /// Keys whose places may have freed, to fill.
     to_fill: HashSet<KeyId>,
+    /// The calls given back most recently, oldest first.
+    vacated: VecDeque<Uuid>,
+    vacated_ids: HashSet<Uuid>,
     /// The store holds waiting calls memory does not list.
     rescan_at: Instant,
     overflowed: bool,
@@ -109,6 +116,8 @@ impl KeySlots {
             queued: HashSet::new(),
             warm_until: now + warm_up,
             to_fill: HashSet::new(),
+            vacated: VecDeque::new(),
+            vacated_ids: HashSet::new(),
             rescan_at: now,
             overflowed: false,
         }
@@ -193,6 +202,14 @@ impl KeySlots {
                 .is_some_and(|c| c.remove(call_id));
             if ran_here {
                 self.free(*call_id);
+                if self.vacated_ids.insert(*call_id) {
+                    self.vacated.push_back(*call_id);
+                }
+                while self.vacated.len() > VACATED_KEPT {
+                    if let Some(old) = self.vacated.pop_front() {
+                        self.vacated_ids.remove(&old);
+                    }
+                }
             }
         }
     }
@@ -232,7 +249,7 @@ impl KeySlots {
         interval: Duration,
     ) {
         for (call_id, key) in listed {
-            if self.holding.contains_key(call_id) {
+            if self.holding.contains_key(call_id) || self.vacated_ids.contains(call_id) {
                 continue;
             }
             let places = self.keys.entry(key.clone()).or_default();
@@ -384,15 +401,12 @@ impl<S: Store> Coordinator<S> {
     pub(super) fn admit(
         &mut self,
         worker: &str,
-        lease: callq_schemas::protocol::Lease,
-        attempt: u32,
-        key: KeyId,
-        limit: u32,
-        body: String,
+        call: callq_schemas::protocol::KeyedCall,
     ) -> Result<bool, Error> {
         let now = Instant::now();
-        let service = key.0.clone();
-        match self.keys.admit(worker, lease.call_id, key, limit, now) {
+        let lease = call.lease;
+        let key = (call.service.clone(), call.key);
+        match self.keys.admit(worker, lease.call_id, key, call.limit, now) {
             Admission::Run => Ok(true),
             Admission::Wait => {
                 self.ledger.park(
@@ -400,9 +414,9 @@ impl<S: Store> Coordinator<S> {
                     Delayed {
                         call_id: lease.call_id,
                         due_ms: PARKED,
-                        service,
-                        body,
-                        attempt: attempt.max(2),
+                        service: call.service,
+                        body: call.body,
+                        attempt: call.attempt.max(2),
                     },
                 )?;
                 Ok(false)
@@ -580,6 +594,17 @@ mod tests {
             s.admit("w1", Uuid::from_u128(2), key("j"), 1, later),
             Admission::Run
         );
+    }
+
+    #[test]
+    fn a_heartbeat_read_after_the_vacate_does_not_take_the_place_again() {
+        let now = Instant::now();
+        let mut s = slots(now);
+        let a = Uuid::from_u128(1);
+        s.admit("w1", a, key("k"), 1, now);
+        s.vacate("w1", &[a]);
+        s.heard("w1", &[(a, key("k"))], now, Duration::from_millis(250));
+        assert_eq!(s.running(), 0);
     }
 
     #[test]

@@ -178,14 +178,17 @@ impl<S: Store> Coordinator<S> {
             }
             RequestBody::Admit {
                 req_id,
-                lease,
-                attempt,
-                service,
-                key,
-                limit,
-                body,
+                calls,
+                vacate,
             } => {
-                let admitted = self.admit(worker, lease, attempt, (service, key), limit, body)?;
+                self.keys.vacate(worker, &vacate);
+                let mut admitted = Vec::new();
+                for call in calls {
+                    let call_id = call.lease.call_id;
+                    if self.admit(worker, call)? {
+                        admitted.push(call_id);
+                    }
+                }
                 AnswerBody::Admission { req_id, admitted }
             }
             RequestBody::Retry {

@@ -7,7 +7,7 @@
 //! traces, its client is answered.
 
 use callq_broker::{Delivery, Disposition, QueueSpec};
-use callq_schemas::protocol::{AnswerBody, Lease, RequestBody, ResumeDecision};
+use callq_schemas::protocol::{AnswerBody, KeyedCall, Lease, RequestBody, ResumeDecision};
 use callq_schemas::{Call, Reply, codes};
 use time::OffsetDateTime;
 use tracing::{debug, info, warn};
@@ -133,38 +133,32 @@ async fn admit(
     let key = call.concurrency_key.as_deref()?;
     let limit = *shared.opts.max_running_per_key.get(&call.service)?;
     // A worker with a limit runs coordinated (checked when it starts).
-    let link = shared.link.as_ref()?;
-    let body = String::from_utf8_lossy(body).into_owned();
-    let asked = link
-        .ask(|req_id| RequestBody::Admit {
-            req_id,
-            lease,
-            attempt: passed.attempt,
-            service: call.service.clone(),
-            key: key.to_owned(),
-            limit,
-            body: body.clone(),
-        })
-        .await;
+    let (link, admissions) = (shared.link.as_ref()?, shared.admissions.as_ref()?);
+    let asking = KeyedCall {
+        lease,
+        attempt: passed.attempt,
+        service: call.service.clone(),
+        key: key.to_owned(),
+        limit,
+        body: String::from_utf8_lossy(body).into_owned(),
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let answer = match admissions.send((asking, tx)).await {
+        Ok(()) => rx.await.ok().flatten(),
+        Err(_) => None,
+    };
     let worker = &shared.opts.worker_id;
-    match asked {
-        Ok(AnswerBody::Admission { admitted: true, .. }) => {
+    match answer {
+        Some(true) => {
             shared.admitted(lease.token, key);
             None
         }
-        Ok(AnswerBody::Admission {
-            admitted: false, ..
-        }) => {
+        Some(false) => {
             WorkerStats::bump(&shared.stats.waited);
             debug!(%worker, call_id = %call.call_id, key, "every place of the call's key is taken: the coordinator holds it until one is free");
             Some(Disposition::Ack)
         }
-        Ok(other) => {
-            warn!(%worker, call_id = %call.call_id, "unexpected answer to admit: {other:?}");
-            Some(Disposition::Release)
-        }
-        Err(e) => {
-            warn!(%worker, call_id = %call.call_id, "admit not answered, returning the call to its queue: {e}");
+        None => {
             if passed.resumed
                 && !link.is_gone()
                 && let Err(e) = link.send(RequestBody::Unclaim { lease }).await

@@ -35,6 +35,7 @@ use crate::link::{Link, Order};
 use crate::probe::{Probe, Probed};
 use crate::{Error, Service};
 
+mod admission;
 mod attempt;
 mod finish;
 mod gate;

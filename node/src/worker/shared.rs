@@ -90,17 +90,22 @@ pub(super) struct Shared {
     pub(super) sessions: Arc<SessionCache>,
     /// Calls cancelled: a copy of one is answered `cancelled`, not run.
     cancelled: Mutex<CancelledCalls>,
-    /// Keyed calls that ended here, whose places the outbox gives back.
+    /// Keyed calls that ended here, whose places are given back.
     vacated: Mutex<Vec<Uuid>>,
-    vacated_ready: tokio::sync::Notify,
+    pub(super) vacated_ready: tokio::sync::Notify,
+    /// Keyed calls that ask for a place, to the admission task.
+    pub(super) admissions: Option<mpsc::Sender<super::admission::Asking>>,
+    admissions_rx: Mutex<Option<mpsc::Receiver<super::admission::Asking>>>,
 }
 
-/// Aborts a background task when the worker's future is dropped.
-pub(super) struct Background(JoinHandle<()>);
+/// Aborts background tasks when the worker's future is dropped.
+pub(super) struct Background(Vec<JoinHandle<()>>);
 
 impl Drop for Background {
     fn drop(&mut self) {
-        self.0.abort();
+        for task in &self.0 {
+            task.abort();
+        }
     }
 }
 
@@ -122,6 +127,13 @@ impl Shared {
             WorkerState::Active
         };
         let (tx, rx) = completions.map_or((None, None), |(tx, rx)| (Some(tx), Some(rx)));
+        let (admissions, admissions_rx) = match &link {
+            Some(_) => {
+                let (tx, rx) = mpsc::channel(usize::from(opts.capacity) * 2);
+                (Some(tx), Some(rx))
+            }
+            None => (None, None),
+        };
         stats.set_state(state);
         Self {
             opts,
@@ -139,7 +151,17 @@ impl Shared {
             cancelled: Mutex::default(),
             vacated: Mutex::default(),
             vacated_ready: tokio::sync::Notify::new(),
+            admissions,
+            admissions_rx: Mutex::new(admissions_rx),
         }
+    }
+
+    /// The calls whose places wait to be given back.
+    pub(super) fn take_vacated(&self) -> Vec<Uuid> {
+        self.vacated
+            .lock()
+            .map(|mut v| std::mem::take(&mut *v))
+            .unwrap_or_default()
     }
 
     /// The call in flight under `token` was admitted under `key`.
@@ -200,12 +222,17 @@ impl Shared {
             .unwrap_or_default()
     }
 
-    /// Starts the task that sends heartbeats and batched completions (a
-    /// coordinated worker's); it stops when the returned guard drops.
+    /// Starts the tasks that send heartbeats and batched completions, and
+    /// the requests of keyed calls (a coordinated worker's); they stop when
+    /// the returned guard drops.
     pub(super) fn start_outbox(self: &Arc<Self>) -> Option<Background> {
         let link = self.link.clone()?;
         let rx = self.outgoing.lock().ok()?.take()?;
-        Some(Background(tokio::spawn(outbox(self.clone(), link, rx))))
+        let asking = self.admissions_rx.lock().ok()?.take()?;
+        Some(Background(vec![
+            tokio::spawn(outbox(self.clone(), link.clone(), rx)),
+            tokio::spawn(super::admission::run(self.clone(), link, asking)),
+        ]))
     }
 
     pub(super) fn service_names(&self) -> Vec<String> {
@@ -315,14 +342,6 @@ async fn outbox(shared: Arc<Shared>, link: Arc<Link>, mut rx: mpsc::Receiver<Out
                 match link.beat(beat).await {
                     Ok(()) => shared.reported(&tokens),
                     Err(e) => warn!(worker = %shared.opts.worker_id, "heartbeat not sent: {e}"),
-                }
-            }
-            () = shared.vacated_ready.notified() => {
-                let calls = shared.vacated.lock().map(|mut v| std::mem::take(&mut *v)).unwrap_or_default();
-                if !calls.is_empty()
-                    && let Err(e) = link.send(RequestBody::Vacate { calls }).await
-                {
-                    warn!(worker = %shared.opts.worker_id, "places of keyed calls not given back (the coordinator takes them back when heartbeats stop listing the calls): {e}");
                 }
             }
             first = rx.recv() => {
