@@ -120,6 +120,31 @@ const SESSIONS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("session
 const DECIDED: TableDefinition<'_, (u64, u128), ()> = TableDefinition::new("decided_calls");
 
 /// The due-time index key of `ms` (a time before the epoch sorts first).
+impl RedbStore {
+    /// Held calls whose (due, id) falls in `range`, in that order, at most
+    /// `max`.
+    fn held_in(
+        &self,
+        range: impl std::ops::RangeBounds<(u64, u128)>,
+        max: usize,
+    ) -> Result<Vec<Delayed>, Error> {
+        let tx = self.db.begin_read().map_err(store_err)?;
+        let held = tx.open_table(DELAYED).map_err(store_err)?;
+        let due = tx.open_table(DELAYED_DUE).map_err(store_err)?;
+        let mut out = Vec::new();
+        for entry in due.range(range).map_err(store_err)?.take(max) {
+            let (key, _) = entry.map_err(store_err)?;
+            if let Some(bytes) = held.get(key.value().1).map_err(store_err)? {
+                out.push(
+                    serde_json::from_slice(bytes.value())
+                        .map_err(|e| Error::Corrupt(e.to_string()))?,
+                );
+            }
+        }
+        Ok(out)
+    }
+}
+
 fn due_key(ms: i64) -> u64 {
     u64::try_from(ms).unwrap_or(0)
 }
@@ -336,45 +361,11 @@ impl Store for RedbStore {
     }
 
     fn due_delayed(&self, before_ms: i64, max: usize) -> Result<Vec<Delayed>, Error> {
-        let tx = self.db.begin_read().map_err(store_err)?;
-        let held = tx.open_table(DELAYED).map_err(store_err)?;
-        let due = tx.open_table(DELAYED_DUE).map_err(store_err)?;
-        let mut out = Vec::new();
-        for entry in due
-            .range(..(due_key(before_ms), 0))
-            .map_err(store_err)?
-            .take(max)
-        {
-            let (key, _) = entry.map_err(store_err)?;
-            if let Some(bytes) = held.get(key.value().1).map_err(store_err)? {
-                out.push(
-                    serde_json::from_slice(bytes.value())
-                        .map_err(|e| Error::Corrupt(e.to_string()))?,
-                );
-            }
-        }
-        Ok(out)
+        self.held_in(..(due_key(before_ms), 0), max)
     }
 
     fn parked_delayed(&self, max: usize) -> Result<Vec<Delayed>, Error> {
-        let tx = self.db.begin_read().map_err(store_err)?;
-        let held = tx.open_table(DELAYED).map_err(store_err)?;
-        let due = tx.open_table(DELAYED_DUE).map_err(store_err)?;
-        let mut out = Vec::new();
-        for entry in due
-            .range((due_key(PARKED), 0)..)
-            .map_err(store_err)?
-            .take(max)
-        {
-            let (key, _) = entry.map_err(store_err)?;
-            if let Some(bytes) = held.get(key.value().1).map_err(store_err)? {
-                out.push(
-                    serde_json::from_slice(bytes.value())
-                        .map_err(|e| Error::Corrupt(e.to_string()))?,
-                );
-            }
-        }
-        Ok(out)
+        self.held_in((due_key(PARKED), 0).., max)
     }
 
     fn get_delayed(&self, call_id: Uuid) -> Result<Option<Delayed>, Error> {

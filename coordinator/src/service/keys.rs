@@ -527,6 +527,17 @@ mod tests {
         KeySlots::new(now, Duration::ZERO)
     }
 
+    /// Key `k` with limit 1: a call admitted and given back, two waiting.
+    fn one_running_two_waiting(now: Instant) -> (KeySlots, [Uuid; 2]) {
+        let mut s = slots(now);
+        let [a, b, c] = [1_u128, 2, 3].map(Uuid::from_u128);
+        s.admit("w1", a, key("k"), 1, now);
+        s.admit("w1", b, key("k"), 1, now);
+        s.admit("w1", c, key("k"), 1, now);
+        s.vacate("w1", &[a]);
+        (s, [b, c])
+    }
+
     #[test]
     fn a_key_runs_up_to_its_limit_and_the_rest_wait_in_order() {
         let now = Instant::now();
@@ -641,12 +652,7 @@ mod tests {
     #[test]
     fn a_kept_place_nobody_takes_goes_to_the_next_call() {
         let now = Instant::now();
-        let mut s = slots(now);
-        let [a, b, c] = [1_u128, 2, 3].map(Uuid::from_u128);
-        s.admit("w1", a, key("k"), 1, now);
-        s.admit("w1", b, key("k"), 1, now);
-        s.admit("w1", c, key("k"), 1, now);
-        s.vacate("w1", &[a]);
+        let (mut s, [b, c]) = one_running_two_waiting(now);
         assert_eq!(s.next_waiting(&key("k")), Some(b));
         s.reserve(&key("k"), b, now);
         s.expire(now + Duration::from_secs(1));
@@ -658,12 +664,7 @@ mod tests {
     #[test]
     fn a_failed_release_puts_the_calls_back_first() {
         let now = Instant::now();
-        let mut s = slots(now);
-        let [a, b, c] = [1_u128, 2, 3].map(Uuid::from_u128);
-        s.admit("w1", a, key("k"), 1, now);
-        s.admit("w1", b, key("k"), 1, now);
-        s.admit("w1", c, key("k"), 1, now);
-        s.vacate("w1", &[a]);
+        let (mut s, [b, _]) = one_running_two_waiting(now);
         let next = s.next_waiting(&key("k")).unwrap();
         s.reserve(&key("k"), next, now);
         s.unreserve(&[(key("k"), next)]);

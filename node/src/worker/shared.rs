@@ -375,6 +375,10 @@ pub(super) struct FlightGuard<'a> {
 impl FlightGuard<'_> {
     /// Ends the flight; whether a heartbeat had reported it.
     pub(super) fn land(self) -> bool {
+        self.remove()
+    }
+
+    fn remove(&self) -> bool {
         let flight = self
             .shared
             .flights
@@ -387,12 +391,6 @@ impl FlightGuard<'_> {
 
 impl Drop for FlightGuard<'_> {
     fn drop(&mut self) {
-        let flight = self
-            .shared
-            .flights
-            .lock()
-            .ok()
-            .and_then(|mut f| f.remove(&self.token));
-        self.shared.landed(flight);
+        self.remove();
     }
 }
