@@ -480,13 +480,29 @@ pub async fn serve_over_tls(url: &str, ca: &str, dir: &Path, timeout: Duration) 
     (coordinator, worker)
 }
 
-/// A port nothing listens on now.
+/// A port nothing listens on now, below Linux's ephemeral range (32768 and
+/// up): a port the kernel hands out (`bind(0)`) may be taken by the local
+/// end of some other test's outgoing connection before the process the
+/// port is meant for binds it. Never the same port twice in one test
+/// binary.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    let seed = std::process::id().wrapping_mul(7_919);
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(
+            n < SPAN,
+            "no free port left between {LOW} and {}",
+            LOW + SPAN
+        );
+        let port = u16::try_from(LOW + (seed.wrapping_add(n.wrapping_mul(97)) % SPAN)).unwrap();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// `GET path` on 127.0.0.1:`port`: the status code and the body, or `None`
