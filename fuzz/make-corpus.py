@@ -63,7 +63,7 @@ def call_seeds():
         "args-array": edited(good, args=[1, "two", [3]]),
         "args-brackets-in-strings": edited(good, args={"t": '[[{{"', "reply_to": "x"}),
         "args-float": edited(good, args={"f": 0.1, "e": 1.5e300, "n": -0.0}),
-        "unknown-field": edited(good, priority={"level": 3}),
+        "unknown-field": edited(good, urgency={"level": 3}),
         "call-id-uppercase": edited(good, call_id=ID.upper()),
         "call-id-braced": edited(good, call_id="{" + ID + "}"),
         "call-id-short": edited(good, call_id=ID[1:]),

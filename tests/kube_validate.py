@@ -309,8 +309,8 @@ def consistency(directory):
         args = container["args"]
         services = args[args.index("--services") + 1].split(",")
         queues = sorted(t["metadata"].get("queueName") for t in so["spec"]["triggers"] if t["type"] == "rabbitmq")
-        check(queues == sorted(f"callq.call.{s}" for s in services),
-              f"ScaledObject: a trigger per service the workers serve: {queues}")
+        check(queues == sorted(f"callq.{band}.{s}" for s in services for band in ("call", "high")),
+              f"ScaledObject: a trigger per band of each service the workers serve: {queues}")
         capacity = config_value(container, by_kind, "CALLQ_WORKER__CAPACITY")
         for t in so["spec"]["triggers"]:
             m = t["metadata"]

@@ -443,27 +443,32 @@ async fn the_client_role_can_forge_nothing_under_the_documented_roles() {
 }
 
 /// `callq call` as the client role, with the settings docs/SECURITY.md
-/// gives it, is answered.
+/// gives it, is answered: a call of the normal band, and one of priority 9
+/// through the high band's exchange.
 async fn cli_call_as_the_client_role(dir: &Path, client_url: &str) {
-    let out = std::process::Command::new(support::callq_bin())
-        .args([
-            "call",
-            "echo",
-            "echo",
-            "{\"cli\": true}",
-            "--timeout-ms",
-            "60000",
-        ])
-        .env("CALLQ_BROKER", client_url)
-        .env("CALLQ_CLIENT__CLIENT_ID", "client-example.cli2")
-        .env("CALLQ_CLIENT__DECLARE_CALL_QUEUES", "false")
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("\"ok\""),
-        "callq call as the client role: {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    for priority in ["0", "9"] {
+        let out = std::process::Command::new(support::callq_bin())
+            .args([
+                "call",
+                "echo",
+                "echo",
+                "{\"cli\": true}",
+                "--timeout-ms",
+                "60000",
+                "--priority",
+                priority,
+            ])
+            .env("CALLQ_BROKER", client_url)
+            .env("CALLQ_CLIENT__CLIENT_ID", "client-example.cli2")
+            .env("CALLQ_CLIENT__DECLARE_CALL_QUEUES", "false")
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("\"ok\""),
+            "callq call --priority {priority} as the client role: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }

@@ -69,6 +69,10 @@ pub struct CallOptions {
     /// `max_running_per_key` at once, across workers (its
     /// `concurrency_key`).
     pub concurrency_key: Option<String>,
+    /// 0 to 9 (its `priority`): from 5 up the call goes to the service's
+    /// high band, which workers serve first. Above 9 the call is refused
+    /// before it is sent.
+    pub priority: Option<u8>,
     /// W3C trace context.
     pub traceparent: Option<String>,
     /// Run the call no earlier than this from now (its `not_before`); the
@@ -174,6 +178,7 @@ impl Client {
         call.retry = opts.retry;
         call.idempotency_key = opts.idempotency_key;
         call.concurrency_key = opts.concurrency_key;
+        call.priority = opts.priority;
         call.traceparent = opts.traceparent;
         let now = OffsetDateTime::now_utc();
         let delay = opts.delay.unwrap_or_default();
@@ -205,6 +210,12 @@ impl Client {
     /// client's reply queue) and waits up to `timeout` for its outcome. A
     /// call published again with the same `call_id` is answered once.
     pub async fn send(&self, mut call: Call, timeout: Duration) -> Result<Reply, Error> {
+        if let Some(p) = call.priority.filter(|p| *p > callq_schemas::MAX_PRIORITY) {
+            return Err(Error::InvalidCall(format!(
+                "priority {p} is out of range: use 0 to {}",
+                callq_schemas::MAX_PRIORITY
+            )));
+        }
         let inner = &self.inner;
         let _slot = inner
             .slots
@@ -223,7 +234,7 @@ impl Client {
             .await
             .map_err(|_| Error::Timeout(timeout))??;
 
-        let queue = callq_broker::call_queue(&call.service);
+        let queue = callq_broker::call_queue_for(&call.service, call.priority);
         let span = send_span(inner.broker.kind(), &queue, &mut call);
         let mut message = Message::new(call.to_bytes());
         message.key = Some(
@@ -256,9 +267,13 @@ impl Client {
         };
         // A burst of first calls declares once; a failed declaration is
         // tried again by the next call.
-        let spec = QueueSpec::calls(service);
-        once.get_or_try_init(|| self.inner.broker.declare(&spec))
-            .await?;
+        once.get_or_try_init(|| async {
+            for spec in QueueSpec::call_bands(service) {
+                self.inner.broker.declare(&spec).await?;
+            }
+            Ok::<(), callq_broker::Error>(())
+        })
+        .await?;
         Ok(())
     }
 }

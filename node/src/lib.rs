@@ -59,4 +59,7 @@ pub enum Error {
     /// The configuration is not usable.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// The call breaks a bound of the wire contract; nothing was sent.
+    #[error("invalid call: {0}; nothing was sent")]
+    InvalidCall(String),
 }

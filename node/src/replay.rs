@@ -20,7 +20,7 @@ use std::io::BufRead;
 use std::sync::Arc;
 use std::time::Duration;
 
-use callq_broker::{Broker, Disposition, Message, QueueSpec, call_queue};
+use callq_broker::{Broker, Disposition, Message, QueueSpec};
 use callq_schemas::{Call, Limits, Uuid, decode_call};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -344,7 +344,9 @@ pub async fn replay_on(
     let mut declared = HashSet::new();
     for s in services {
         declared.insert(s.name().to_owned());
-        broker.declare(&QueueSpec::calls(s.name())).await?;
+        for spec in QueueSpec::call_bands(s.name()) {
+            broker.declare(&spec).await?;
+        }
         worker = worker.service(s);
     }
     let stop = CancellationToken::new();
@@ -357,7 +359,7 @@ pub async fn replay_on(
             Ok(call) => {
                 broker
                     .publish(
-                        &call_queue(&call.service),
+                        &callq_broker::call_queue_for(&call.service, call.priority),
                         Message::new(call.to_bytes()).key(call.call_id.to_string()),
                     )
                     .await?;

@@ -109,11 +109,21 @@ pub fn decode_call(body: &[u8], limits: &Limits) -> Result<Call, DecodeError> {
             )));
         }
     }
+    if let Some(p) = call.priority
+        && p > MAX_PRIORITY
+    {
+        return Err(DecodeError::Invalid(format!(
+            "priority is {p}; it must be from 0 to {MAX_PRIORITY}"
+        )));
+    }
     if let Some(to) = &call.reply_to {
         check_reply_to(to).map_err(DecodeError::Invalid)?;
     }
     Ok(call)
 }
+
+/// The highest `priority` accepted.
+pub const MAX_PRIORITY: u8 = 9;
 
 /// The longest `service` accepted, in characters (ASCII only): its queue
 /// names (`callq.call.<service>`, `callq.dead.<service>`) must fit the 249
@@ -276,6 +286,8 @@ pub struct Peek {
     pub call_id: Option<Uuid>,
     /// The top-level `v`, as written (a number or a string).
     pub v: Option<String>,
+    /// The top-level `priority`, if it is one (0 to [`MAX_PRIORITY`]).
+    pub priority: Option<u8>,
 }
 
 /// Reads the top-level `reply_to`, `call_id` and `v` of a JSON object
@@ -321,6 +333,11 @@ pub fn peek(body: &[u8], max_scan: usize) -> Peek {
             }
             b"call_id" => out.call_id = serde_json::from_slice::<Uuid>(raw).ok(),
             b"v" => out.v = Some(String::from_utf8_lossy(raw).into_owned()),
+            b"priority" => {
+                out.priority = serde_json::from_slice::<u8>(raw)
+                    .ok()
+                    .filter(|p| *p <= MAX_PRIORITY);
+            }
             _ => {}
         }
         s.ws();

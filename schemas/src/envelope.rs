@@ -59,6 +59,11 @@ pub struct Call {
     /// workers; a call without one is not limited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub concurrency_key: Option<String>,
+    /// 0 to 9, higher first under backlog: from 5 up the call is
+    /// published to its service's high band, which workers serve before
+    /// the call queue (absent: the call queue, as 0 to 4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u8>,
     /// W3C trace context of the publisher.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
@@ -80,6 +85,7 @@ impl Call {
             retry: None,
             idempotency_key: None,
             concurrency_key: None,
+            priority: None,
             traceparent: None,
         }
     }

@@ -34,8 +34,8 @@ pub mod millis {
 }
 
 pub use decode::{
-    DecodeError, Limits, MAX_FIELD_CHARS, MAX_REPLY_TO_BYTES, MAX_SERVICE_CHARS, Peek,
-    check_reply_to, decode_call, decode_reply, peek,
+    DecodeError, Limits, MAX_FIELD_CHARS, MAX_PRIORITY, MAX_REPLY_TO_BYTES, MAX_SERVICE_CHARS,
+    Peek, check_reply_to, decode_call, decode_reply, peek,
 };
 pub use envelope::{Call, ErrorBody, Outcome, Reply, RetryPolicy};
 pub use uuid::Uuid;

@@ -200,6 +200,7 @@ fn full_call() -> Call {
     });
     call.idempotency_key = Some("order-981".into());
     call.concurrency_key = Some("account-17".into());
+    call.priority = Some(7);
     call.traceparent = Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
     call
 }
@@ -255,7 +256,7 @@ fn bodies_of_the_serde_types_validate() {
     let body: Value = serde_json::from_slice(&full_call().to_bytes()).unwrap();
     assert_eq!(
         body.as_object().unwrap().len(),
-        13,
+        14,
         "every optional field is on the wire: {body:#}"
     );
 
@@ -583,7 +584,9 @@ fn agreed_calls() -> Vec<(&'static str, Vec<u8>, bool)> {
         ("args null", edited(set("args", Value::Null)), true),
         ("args an array", edited(set("args", json!([1, "two", [3]]))), true),
         ("args with brackets and a reply_to inside strings", edited(set("args", json!({"t": "[[{{\"", "reply_to": "x"}))), true),
-        ("an unknown field (forward compatibility)", edited(set("priority", json!({"level": 3}))), true),
+        ("an unknown field (forward compatibility)", edited(set("urgency", json!({"level": 3}))), true),
+        ("priority 0", edited(set("priority", json!(0))), true),
+        ("priority 9", edited(set("priority", json!(9))), true),
         ("call_id in uppercase", edited(set("call_id", json!(ID.to_uppercase()))), true),
         ("call_id a UUID v4 (must be v7, not checked)", edited(set("call_id", json!("9b2f3c4d-5e6f-4a1b-8c2d-3e4f5a6b7c8d"))), true),
         ("call_id the max UUID", edited(set("call_id", json!("ffffffff-ffff-ffff-ffff-ffffffffffff"))), true),
@@ -635,6 +638,11 @@ fn agreed_calls() -> Vec<(&'static str, Vec<u8>, bool)> {
         ("reply_to a worker's order queue", edited(set("reply_to", json!("callq.worker.w1"))), false),
         ("reply_to a call queue", edited(set("reply_to", json!("callq.call.bank"))), false),
         ("reply_to a dead-letter queue", edited(set("reply_to", json!("callq.dead.bank"))), false),
+        ("reply_to a high band's queue", edited(set("reply_to", json!("callq.high.bank"))), false),
+        ("priority 10", edited(set("priority", json!(10))), false),
+        ("priority -1", edited(set("priority", json!(-1))), false),
+        ("priority 2.5", edited(set("priority", json!(2.5))), false),
+        ("priority \"9\"", edited(set("priority", json!("9"))), false),
         ("service of 239 characters", edited(set("service", json!("s".repeat(239)))), false),
         ("method of 256 characters", edited(set("method", json!("m".repeat(256)))), false),
         ("session_id of 256 characters", edited(set("session_id", json!("s".repeat(256)))), false),

@@ -39,6 +39,11 @@ pub(crate) struct Args {
     /// the cluster; without that setting the key limits nothing.
     #[arg(long, value_name = "KEY")]
     concurrency_key: Option<String>,
+    /// 0 to 9, higher first under backlog (its `priority`): from 5 up the
+    /// call goes to the service's high band, which workers serve before
+    /// the others.
+    #[arg(long, value_name = "0-9", value_parser = clap::value_parser!(u8).range(0..=9))]
+    priority: Option<u8>,
     /// The call's id (a UUID; a fresh UUID v7 by default), for example to
     /// cancel it from elsewhere with `callq cancel`. The id is printed on
     /// stderr when the call is published.
@@ -105,6 +110,7 @@ pub(crate) async fn run(a: Args, config: Option<&Path>) -> anyhow::Result<ExitCo
         session_id: a.session,
         idempotency_key: a.idempotency_key,
         concurrency_key: a.concurrency_key,
+        priority: a.priority,
         call_id: Some(call_id),
         delay: a.delay,
         retry: a
@@ -148,7 +154,7 @@ async fn call(
         .with_context(|| format!("the arguments are not JSON: {args}"))?;
     let broker = connect(settings, "client").await?;
     let client = Client::connect(broker.clone(), settings.client.clone()).await?;
-    let queue = callq_broker::call_queue(service);
+    let queue = callq_broker::call_queue_for(service, options.priority);
     // Said at once, not after the timeout; the call still waits, for a
     // worker that is starting alongside (an agent's) to take it.
     if let Ok(Ok(Some(0))) = tokio::time::timeout(timeout, broker.consumers(&queue)).await {

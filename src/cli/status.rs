@@ -145,6 +145,13 @@ pub(crate) async fn report(
             }
             Err(e) => warn!(%queue, "reading the depth: {e}"),
         }
+        // The high band, where it holds anything: most services have none.
+        let high = callq_broker::high_queue(service);
+        if let Ok(depth) = broker.depth(&high).await
+            && depth.ready > 0
+        {
+            queues.insert(high, depth.ready);
+        }
         match broker.partitions(&queue).await {
             Ok(Some(n)) => {
                 partitions.insert(queue, n);

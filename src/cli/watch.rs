@@ -105,10 +105,15 @@ fn render_watch(
     }
     let mut rows = vec![row(&["SERVICE", "CALLS/S", "WORKERS", "QUEUED"])];
     rows.extend(services.iter().map(|(service, (workers, rate))| {
+        let high = now
+            .queues
+            .get(&callq_broker::high_queue(service))
+            .copied()
+            .unwrap_or(0);
         let queued = now
             .queues
             .get(&callq_broker::call_queue(service))
-            .map_or_else(|| "-".to_owned(), u64::to_string);
+            .map_or_else(|| "-".to_owned(), |n| (n + high).to_string());
         vec![
             (*service).to_owned(),
             rate.map_or_else(|| "-".to_owned(), |r| format!("{r:.1}")),

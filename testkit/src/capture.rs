@@ -69,6 +69,10 @@ pub async fn capture(
 ) -> anyhow::Result<CaptureStats> {
     let mut file = Writer::new(out, broker, &args.service)?;
     let queue = call_queue(&args.service);
+    // The high band's calls too, where the tap sees them (a tap of a
+    // RabbitMQ or embedded broker sees every queue; a Kafka tap reads the
+    // call topic only).
+    let high = callq_broker::high_queue(&args.service);
     let started = Instant::now();
     let end = args.duration.map(|d| started + d);
     let mut stats = CaptureStats::default();
@@ -117,7 +121,7 @@ pub async fn capture(
             .as_ref()
             .and_then(|v| v.get("call_id")?.as_str())
             .map(str::to_owned);
-        if t.queue == queue {
+        if t.queue == queue || t.queue == high {
             if enough {
                 continue;
             }

@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use crate::faults::{CrashPoint, CrashSite, Faults};
 use anyhow::Context as _;
-use callq_broker::{Disposition, Message, QueueSpec, call_queue};
+use callq_broker::{Disposition, Message, QueueSpec};
 use callq_coordinator::MemoryStore;
 use callq_node::Service;
 use callq_node::capture::LineError;
@@ -473,7 +473,7 @@ pub async fn replay_with_crashes(
             Ok(call) => {
                 broker
                     .publish(
-                        &call_queue(&call.service),
+                        &callq_broker::call_queue_for(&call.service, call.priority),
                         Message::new(call.to_bytes()).key(call.call_id.to_string()),
                     )
                     .await?;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use callq_broker::{ATTEMPT_HEADER, Broker, Message, call_queue};
+use callq_broker::{ATTEMPT_HEADER, Broker, Message};
 use callq_broker_embedded::EmbeddedBroker;
 use callq_node::Service;
 use callq_node::capture::{Body, Reader, Record};
@@ -103,12 +103,14 @@ pub async fn replay_onto(
             None => Duration::from_secs_f64(at_ms as f64 / 1000.0 / args.speed),
         };
         tokio::time::sleep_until(started + due).await;
-        let queue = call_queue(&call.service);
+        let queue = callq_broker::call_queue_for(&call.service, call.priority);
         if declared.insert(queue.clone()) {
-            broker
-                .declare(&callq_broker::QueueSpec::calls(&call.service))
-                .await
-                .with_context(|| format!("declaring {queue}"))?;
+            for spec in callq_broker::QueueSpec::call_bands(&call.service) {
+                broker
+                    .declare(&spec)
+                    .await
+                    .with_context(|| format!("declaring {}", spec.name))?;
+            }
         }
         let mut message = Message::new(if args.new_ids {
             call.to_bytes()

@@ -11,8 +11,8 @@
 //! | [`QueueSpec::dead_letter`] | a quorum queue of that name, fed through the default exchange (`x-dead-letter-routing-key`) with `x-dead-letter-strategy: at-least-once` |
 //! | [`QueueSpec::limit_dead_letter`] | a quorum queue of that name, declared first; it takes the `x-dead-letter-routing-key` instead, so the broker's own dead-lettering (past `x-delivery-limit`) goes there while a consumer's [`Disposition::DeadLetter`] goes to the dead-letter queue |
 //! | [`QueueSpec::single_active_consumer`] | `x-single-active-consumer: true` |
-//! | a call queue (`callq.call.<service>`) | also bound to the topic exchange [`CALLS_EXCHANGE`] with the service as binding key, so that clients may publish calls without any right on the default exchange (docs/SECURITY.md) |
-//! | publish | into a call queue: [`CALLS_EXCHANGE`], routing key = the service; into any other queue: the default exchange, routing key = queue name; `user_id` = the connection's user (RabbitMQ checks it, so a consumer knows who published: [`Delivery::publisher`]); persistent (transient into a [`QueueSpec::transient`] queue: nothing to write to disk), `mandatory` (an unroutable message is a [`Error::NoSuchQueue`]); one shared channel in confirm mode, so that concurrent publishes pipeline their confirms |
+//! | a call queue (`callq.call.<service>`) | also bound to the topic exchange [`CALLS_EXCHANGE`] with the service as binding key, so that clients may publish calls without any right on the default exchange (docs/SECURITY.md); a high band's queue (`callq.high.<service>`) alike to [`HIGH_CALLS_EXCHANGE`] |
+//! | publish | into a call queue: its band's exchange ([`CALLS_EXCHANGE`] or [`HIGH_CALLS_EXCHANGE`]), routing key = the service; into any other queue: the default exchange, routing key = queue name; `user_id` = the connection's user (RabbitMQ checks it, so a consumer knows who published: [`Delivery::publisher`]); persistent (transient into a [`QueueSpec::transient`] queue: nothing to write to disk), `mandatory` (an unroutable message is a [`Error::NoSuchQueue`]); one shared channel in confirm mode, so that concurrent publishes pipeline their confirms |
 //! | consume | a channel per consumer, `basic.qos` = prefetch, manual acks; dropping the consumer closes its channel, which returns its unacked deliveries |
 //! | [`Delivery::redelivered`], [`Delivery::delivery_count`] | the `redelivered` flag and the quorum queue's `x-delivery-count` header |
 //! | [`Disposition::Ack`], [`Disposition::Requeue`] | `basic.ack`, `basic.nack` with requeue (counts towards the delivery limit) |
@@ -72,8 +72,8 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use callq_broker::{
-    Broker, Bytes, Consumer, DEAD_REASON_HEADER, Delivery, Disposition, Error, Headers, Message,
-    QueueDepth, QueueSpec, RELEASED_HEADER, call_queue_service,
+    Band, Broker, Bytes, Consumer, DEAD_REASON_HEADER, Delivery, Disposition, Error, Headers,
+    Message, QueueDepth, QueueSpec, RELEASED_HEADER, call_queue_band,
 };
 use futures::StreamExt;
 use lapin::options::{
@@ -168,6 +168,18 @@ impl Publisher {
 /// a topic exchange, so that RabbitMQ's topic permissions can limit the
 /// services a client may call. Every call queue is bound to it.
 pub const CALLS_EXCHANGE: &str = "callq.calls";
+
+/// The exchange of the high band's calls (priority 5 and up), alike with
+/// the service as routing key; every high-band queue is bound to it.
+pub const HIGH_CALLS_EXCHANGE: &str = "callq.calls.high";
+
+/// The exchange calls of `band` are published to.
+pub fn calls_exchange(band: Band) -> &'static str {
+    match band {
+        Band::Normal => CALLS_EXCHANGE,
+        Band::High => HIGH_CALLS_EXCHANGE,
+    }
+}
 
 /// How the adapter connects.
 #[derive(Debug, Clone)]
@@ -495,8 +507,8 @@ impl Inner {
             )
             .await?
         {
-            Ok(_) => match call_queue_service(&spec.name) {
-                Some(service) => self.bind_calls(&ch, &spec.name, service).await,
+            Ok(_) => match call_queue_band(&spec.name) {
+                Some((service, band)) => self.bind_calls(&ch, &spec.name, service, band).await,
                 None => Ok(()),
             },
             Err(e) => Err(match amqp_code(&e) {
@@ -513,8 +525,16 @@ impl Inner {
         }
     }
 
-    /// Declares [`CALLS_EXCHANGE`] and binds a call queue to it.
-    async fn bind_calls(&self, ch: &Channel, queue: &str, service: &str) -> Result<(), Error> {
+    /// Declares the exchange of a call queue's band ([`CALLS_EXCHANGE`] or
+    /// [`HIGH_CALLS_EXCHANGE`]) and binds the queue to it.
+    async fn bind_calls(
+        &self,
+        ch: &Channel,
+        queue: &str,
+        service: &str,
+        band: Band,
+    ) -> Result<(), Error> {
+        let exchange = calls_exchange(band);
         let options = ExchangeDeclareOptions {
             durable: true,
             ..ExchangeDeclareOptions::default()
@@ -523,7 +543,7 @@ impl Inner {
             .within(
                 "exchange.declare",
                 ch.exchange_declare(
-                    CALLS_EXCHANGE.into(),
+                    exchange.into(),
                     ExchangeKind::Topic,
                     options,
                     FieldTable::default(),
@@ -536,7 +556,7 @@ impl Inner {
                     "queue.bind",
                     ch.queue_bind(
                         queue_name(queue)?,
-                        CALLS_EXCHANGE.into(),
+                        exchange.into(),
                         queue_name(service)?,
                         QueueBindOptions::default(),
                         FieldTable::default(),
@@ -548,7 +568,7 @@ impl Inner {
         };
         bound.map_err(|e| match amqp_code(&e) {
             Some(PRECONDITION_FAILED | ACCESS_REFUSED) => Error::Refused(format!(
-                "binding queue `{queue}` to the exchange `{CALLS_EXCHANGE}` (a topic exchange \
+                "binding queue `{queue}` to the exchange `{exchange}` (a topic exchange \
                  callq declares): {e}"
             )),
             _ => self.connection_error(&format!("binding queue `{queue}`"), e),
@@ -604,8 +624,8 @@ impl Inner {
             .await
             .map_err(|_| Error::NotConfirmed("too many publishes awaiting confirms".into()))?
             .map_err(|_| Error::Closed)?;
-        let (exchange, routing_key) = match call_queue_service(queue) {
-            Some(service) => (CALLS_EXCHANGE, service),
+        let (exchange, routing_key) = match call_queue_band(queue) {
+            Some((service, band)) => (calls_exchange(band), service),
             None => ("", queue),
         };
         let routing_key = queue_name(routing_key)?;
@@ -655,7 +675,8 @@ impl Inner {
                 "no confirm within {:?}",
                 self.opts.confirm_timeout
             ))),
-            // No exchange `callq.calls` yet: no call queue was ever declared.
+            // No exchange of the calls yet: no call queue of the band was ever
+            // declared.
             Ok(Err(e)) if amqp_code(&e) == Some(NOT_FOUND) => Err(Error::NoSuchQueue(queue.into())),
             Ok(Err(e)) => Err(Error::NotConfirmed(e.to_string())),
             Ok(Ok(Confirmation::Ack(None))) => Ok(()),

@@ -135,6 +135,8 @@ impl AmqpBroker {
                     routing_key
                 } else if exchange == crate::CALLS_EXCHANGE {
                     callq_broker::call_queue(&routing_key)
+                } else if exchange == crate::HIGH_CALLS_EXCHANGE {
+                    callq_broker::high_queue(&routing_key)
                 } else {
                     format!("{exchange}/{routing_key}")
                 };

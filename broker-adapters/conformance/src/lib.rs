@@ -86,7 +86,7 @@ use std::time::Duration;
 
 use callq_broker::{
     ATTEMPT_HEADER, Broker, Consumer, DEAD_REASON_HEADER, Delivery, Disposition, Error, Message,
-    QueueDepth, QueueSpec, RELEASED_HEADER,
+    QueueDepth, QueueSpec, RELEASED_HEADER, call_queue, call_queue_for, high_queue,
 };
 
 /// How long any single wait on the broker may take before the test fails as
@@ -139,6 +139,7 @@ macro_rules! conformance_suite {
             settle_after_consumer_drop_is_lease_lost,
             publish_to_undeclared_queue_fails,
             consumers_are_counted,
+            each_band_of_a_service_keeps_its_calls,
         );
     };
     (@tests $args:tt $make:expr; $($test:ident),* $(,)?) => {
@@ -1017,4 +1018,40 @@ pub async fn consumers_are_counted(broker: Arc<dyn Broker>) {
         seen == [Some(0), Some(0), Some(1), Some(0)] || seen == [None; 4],
         "consumers of a missing queue, before, during and after a consumer: {seen:?}"
     );
+}
+
+/// The two bands of a service's calls ([`QueueSpec::call_bands`]): a call
+/// published by priority ([`call_queue_for`]) reaches its own band's queue
+/// and only that one, headers kept (on RabbitMQ through each band's
+/// exchange).
+pub async fn each_band_of_a_service_keeps_its_calls(broker: Arc<dyn Broker>) {
+    let service = format!("conformance-bands-{}", uuid::Uuid::now_v7().simple());
+    for spec in QueueSpec::call_bands(&service) {
+        declare(&*broker, &spec).await;
+    }
+    let sent = |text: &str| Message::new(text.to_owned()).header(ATTEMPT_HEADER, "1");
+    for (priority, text) in [
+        (None, "normal"),
+        (Some(4), "four"),
+        (Some(5), "five"),
+        (Some(9), "nine"),
+    ] {
+        publish(&*broker, &call_queue_for(&service, priority), sent(text)).await;
+    }
+    for (queue, expected) in [
+        (call_queue(&service), ["normal", "four"]),
+        (high_queue(&service), ["five", "nine"]),
+    ] {
+        let mut consumer = consume(&*broker, &queue, 4).await;
+        let mut got = BTreeSet::new();
+        for _ in expected {
+            let d = next(&mut consumer, &format!("{expected:?} in `{queue}`")).await;
+            assert_headers_kept(&sent(&body(&d)), &d, "a call of a band");
+            got.insert(body(&d));
+            settle(d, Disposition::Ack).await;
+        }
+        let expected: BTreeSet<String> = expected.iter().map(|t| (*t).to_owned()).collect();
+        assert_eq!(got, expected, "the calls of `{queue}`");
+        quiet(&mut consumer, "each band holds its own calls only").await;
+    }
 }

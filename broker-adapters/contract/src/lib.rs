@@ -168,6 +168,53 @@ pub fn call_queue_service(queue: &str) -> Option<&str> {
         .filter(|service| !service.is_empty())
 }
 
+/// Priorities from this one up (to 9) are a service's high band: workers
+/// take a call from it before the calls of the normal band (0 to 4, and
+/// calls without a priority), as quorum queues of RabbitMQ 4 split them.
+pub const HIGH_PRIORITY: u8 = 5;
+
+/// The highest priority a call may carry.
+pub const MAX_PRIORITY: u8 = 9;
+
+/// What the queue (or topic) of a service's high band starts with; the
+/// rest is the service. Unlike a suffix, no service name can make it
+/// collide with another service's call queue.
+pub const HIGH_QUEUE_PREFIX: &str = "callq.high.";
+
+/// The name of the queue (or topic) of a service's high-priority calls.
+pub fn high_queue(service: &str) -> String {
+    format!("{HIGH_QUEUE_PREFIX}{service}")
+}
+
+/// The queue a call of `service` with `priority` is published to: the high
+/// band's from [`HIGH_PRIORITY`] up, the call queue otherwise.
+pub fn call_queue_for(service: &str, priority: Option<u8>) -> String {
+    match priority {
+        Some(p) if p >= HIGH_PRIORITY => high_queue(service),
+        _ => call_queue(service),
+    }
+}
+
+/// The band of a queue of calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Band {
+    /// The call queue: priorities 0 to 4, and calls without one.
+    Normal,
+    /// The high band: priorities from [`HIGH_PRIORITY`] up.
+    High,
+}
+
+/// The service and band of `queue`, if it is a call queue of either band.
+pub fn call_queue_band(queue: &str) -> Option<(&str, Band)> {
+    if let Some(service) = call_queue_service(queue) {
+        return Some((service, Band::Normal));
+    }
+    queue
+        .strip_prefix(HIGH_QUEUE_PREFIX)
+        .filter(|service| !service.is_empty())
+        .map(|service| (service, Band::High))
+}
+
 /// The name of the dead-letter queue (or topic) of a service.
 pub fn dead_queue(service: &str) -> String {
     format!("callq.dead.{service}")
@@ -359,6 +406,20 @@ impl QueueSpec {
             .dead_letter(dead_queue(service));
         spec.limit_dead_letter = Some(lost_queue(service));
         spec
+    }
+
+    /// The queue of a service's high band: like its call queue (the same
+    /// bounds, delivery limit, dead-letter and past-limit queues), under
+    /// [`high_queue`].
+    pub fn high_calls(service: &str) -> Self {
+        let mut spec = Self::calls(service);
+        spec.name = high_queue(service);
+        spec
+    }
+
+    /// Both bands of a service's calls: the call queue, then the high band.
+    pub fn call_bands(service: &str) -> [Self; 2] {
+        [Self::calls(service), Self::high_calls(service)]
     }
 
     /// The reply queue of a client; it expires an hour after its client
@@ -787,6 +848,40 @@ mod tests {
         assert_eq!(call_queue_service("callq.call.mail.eu"), Some("mail.eu"));
         assert_eq!(call_queue_service("callq.call."), None);
         assert_eq!(call_queue_service("callq.dead.bank"), None);
+        assert_eq!(call_queue_service("callq.high.bank"), None);
+    }
+
+    #[test]
+    fn priorities_from_five_go_to_the_high_band() {
+        assert_eq!(call_queue_for("bank", None), "callq.call.bank");
+        for p in 0..HIGH_PRIORITY {
+            assert_eq!(call_queue_for("bank", Some(p)), "callq.call.bank");
+        }
+        for p in HIGH_PRIORITY..=MAX_PRIORITY {
+            assert_eq!(call_queue_for("bank", Some(p)), "callq.high.bank");
+        }
+        assert_eq!(
+            call_queue_band("callq.high.mail.eu"),
+            Some(("mail.eu", Band::High))
+        );
+        assert_eq!(
+            call_queue_band("callq.call.mail.eu"),
+            Some(("mail.eu", Band::Normal))
+        );
+        // A service whose name looks like a band is still its own service.
+        assert_eq!(
+            call_queue_band("callq.call.high.x"),
+            Some(("high.x", Band::Normal))
+        );
+        assert_eq!(call_queue_band("callq.high."), None);
+        assert_eq!(call_queue_band("callq.lost.bank"), None);
+        let high = QueueSpec::high_calls("bank");
+        let normal = QueueSpec::calls("bank");
+        assert_eq!(high.name, "callq.high.bank");
+        assert_eq!(high.dead_letter, normal.dead_letter);
+        assert_eq!(high.limit_dead_letter, normal.limit_dead_letter);
+        assert_eq!(high.delivery_limit, normal.delivery_limit);
+        assert_eq!(high.max_length, normal.max_length);
     }
 
     #[test]

@@ -40,11 +40,14 @@ class FakeBroker(Transport):
         self.running = 0
         self.most_running = 0
         self.on_replies: Optional[OnReplies] = None
+        self.high: List[bool] = []
 
     async def start(self, on_replies: OnReplies) -> None:
         self.on_replies = on_replies
 
-    async def publish(self, service: str, call_id: str, key: str, body: bytes, timeout: float) -> None:
+    async def publish(
+        self, service: str, call_id: str, key: str, body: bytes, timeout: float, high: bool = False
+    ) -> None:
         if service == "nobody":
             raise NoSuchService("no call queue for nobody")
         self.tries[call_id] = self.tries.get(call_id, 0) + 1
@@ -55,6 +58,7 @@ class FakeBroker(Transport):
             raise Transient("no confirm within the timeout (fake)")
         call = json.loads(body)
         assert call["call_id"] == call_id and key
+        self.high.append(high)
         self.published.append(call)
         asyncio.get_running_loop().create_task(self._answer(call))
 
@@ -98,6 +102,17 @@ def test_an_unconfirmed_publish_is_retried_with_the_same_call_id() -> None:
         (call_id, tries), = broker.tries.items()
         assert tries == 4 and [c["call_id"] for c in broker.published] == [call_id]
         assert client.stats().republished == 3
+
+    asyncio.run(run())
+
+
+def test_a_call_of_priority_five_or_more_goes_to_the_high_band() -> None:
+    async def run() -> None:
+        broker = FakeBroker()
+        client = await client_on(broker)
+        for priority in (None, 0, 4, 5, 9):
+            assert await client.call_async("echo", "echo", priority, priority=priority, timeout=5) == priority
+        assert broker.high == [False, False, False, True, True]
 
     asyncio.run(run())
 

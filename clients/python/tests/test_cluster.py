@@ -47,8 +47,6 @@ def test_call_returns_the_result(client: Client) -> None:
 
 
 def test_every_option_reaches_the_worker(client: Client) -> None:
-    # Options the cluster does not act on yet (priority, concurrency_key)
-    # are carried and ignored.
     result = client.call(
         "echo",
         "echo",
@@ -198,6 +196,18 @@ def test_calls_with_one_concurrency_key_run_one_at_a_time(client: Client) -> Non
     # Calls of the two keys did run at once.
     first, second = runs[keys[0]], runs[keys[1]]
     assert any(a0 < b1 and b0 < a1 for a0, a1 in first for b0, b1 in second), runs
+
+
+def test_urgent_calls_overtake_a_backlog(client: Client) -> None:
+    # A backlog of ten times the worker's capacity (64), then, once its
+    # first call is answered, calls of priority 9: published last, they end
+    # before most of the backlog (in publish order they would end last).
+    backlog = [client.submit("echo", "span", {"ms": 200}, timeout=120) for _ in range(640)]
+    concurrent.futures.wait(backlog, timeout=120, return_when=concurrent.futures.FIRST_COMPLETED)
+    urgent = [client.submit("echo", "span", {"ms": 200}, priority=9, timeout=120) for _ in range(10)]
+    last_urgent = max(f.result(timeout=180)["ended_us"] for f in urgent)
+    after = sum(1 for f in backlog if f.result(timeout=180)["ended_us"] > last_urgent)
+    assert after >= len(backlog) // 4, f"only {after} of {len(backlog)} backlog calls ended after the urgent ones"
 
 
 def test_a_delayed_call_runs_no_earlier_than_its_not_before(client: Client) -> None:

@@ -208,3 +208,13 @@ def test_rfc3339_writes_what_the_schema_calls_a_date_time() -> None:
         body = {**GOOD, "deadline": rfc3339(at)}
         assert schema_errors(body) == []
         check_call(body)
+
+
+def test_priorities_from_five_go_to_the_high_band() -> None:
+    from callq_client.envelope import call_queue, is_high
+
+    assert call_queue("bank") == "callq.call.bank"
+    assert [call_queue("bank", p) for p in range(5)] == ["callq.call.bank"] * 5
+    assert [call_queue("bank", p) for p in range(5, 10)] == ["callq.high.bank"] * 5
+    # Not a priority the contract allows: not the high band.
+    assert not any(is_high(p) for p in (None, True, 10, "9", 7.0))

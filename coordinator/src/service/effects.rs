@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use callq_broker::{ATTEMPT_HEADER, Message, call_queue};
+use callq_broker::{ATTEMPT_HEADER, Message, call_queue_for};
 use callq_schemas::Uuid;
 use callq_schemas::protocol::Answer;
 use futures::{StreamExt, stream};
@@ -78,9 +78,14 @@ impl<S: Store> Coordinator<S> {
                 attempt,
                 body,
             } => {
-                let message = self.reissued_copy(call_id, &service, attempt, body);
+                // The copy goes back to its own band: a body's priority
+                // is read where it can be, and a body that does not say
+                // goes to the call queue.
+                let priority = callq_schemas::peek(&body, body.len()).priority;
+                let queue = call_queue_for(&service, priority);
+                let message = self.reissued_copy(call_id, &service, attempt, body, priority);
                 crate::metrics::count(crate::metrics::REISSUES);
-                (call_queue(&service), message)
+                (queue, message)
             }
             Effect::AnswerFatal { reply_to, reply } => {
                 if let Err(e) = callq_schemas::check_reply_to(&reply_to) {
@@ -117,11 +122,24 @@ impl<S: Store> Coordinator<S> {
 
     /// The new copy of a dead worker's call, carrying its next attempt:
     /// where the broker partitions, into a partition a live worker owns.
-    fn reissued_copy(&self, call_id: Uuid, service: &str, attempt: u32, body: Vec<u8>) -> Message {
+    fn reissued_copy(
+        &self,
+        call_id: Uuid,
+        service: &str,
+        attempt: u32,
+        body: Vec<u8>,
+        priority: Option<u8>,
+    ) -> Message {
         let message = Message::new(body)
             .header(ATTEMPT_HEADER, attempt.to_string())
             .key(call_id.to_string());
-        match self.registry.live_partition(service, call_id) {
+        // Workers report the partitions of their call queue's topic only:
+        // a high band's copy goes where its key puts it.
+        let high = priority.is_some_and(|p| p >= callq_broker::HIGH_PRIORITY);
+        match (!high)
+            .then(|| self.registry.live_partition(service, call_id))
+            .flatten()
+        {
             Some((worker, p)) => {
                 info!(%call_id, attempt, service, worker, partition = p, "re-issuing a dead worker's call into a live worker's partition");
                 message.partition(p)

@@ -305,15 +305,25 @@ impl<S: Store> Coordinator<S> {
         let delayed = self.ledger.store().delayed_count().ok();
         crate::metrics::cluster(&states, self.ledger.open_calls(), delayed, size);
         crate::metrics::keyed(self.keys.running(), self.keys.waiting());
-        for service in self.registry.services() {
-            let queue = callq_broker::call_queue(&service);
-            match tokio::time::timeout(self.opts.silence(), self.broker.depth(&queue)).await {
-                Ok(Ok(depth)) => crate::metrics::queue_depth(&service, depth.ready),
-                // A queue not declared yet, say: the others still count.
-                Ok(Err(_)) => {}
-                // A broker that does not answer would hold the tick up once
-                // per service: the rest wait for the next second.
-                Err(_) => break,
+        'services: for service in self.registry.services() {
+            // Both bands: the calls waiting for the service, whatever
+            // their priority.
+            let mut ready = None;
+            for queue in [
+                callq_broker::call_queue(&service),
+                callq_broker::high_queue(&service),
+            ] {
+                match tokio::time::timeout(self.opts.silence(), self.broker.depth(&queue)).await {
+                    Ok(Ok(depth)) => *ready.get_or_insert(0) += depth.ready,
+                    // A queue not declared yet, say: the others still count.
+                    Ok(Err(_)) => {}
+                    // A broker that does not answer would hold the tick up
+                    // once per service: the rest wait for the next second.
+                    Err(_) => break 'services,
+                }
+            }
+            if let Some(ready) = ready {
+                crate::metrics::queue_depth(&service, ready);
             }
         }
     }

@@ -1,17 +1,20 @@
-//! Step 1, intake: deliveries come from two consumers per service, of its
-//! call queue and of its queue of calls past the delivery limit (whose
-//! clients are answered there); each is read and registered as in flight,
-//! then taken through the gate, the attempt and the finish to the one
-//! disposition that settles it.
+//! Step 1, intake: deliveries come from three consumers per service, of
+//! its call queue, of its high band (priority 5 and up, taken first) and
+//! of its queue of calls past the delivery limit (whose clients are
+//! answered there); each is read and registered as in flight, then taken
+//! through the gate, the attempt and the finish to the one disposition
+//! that settles it.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
 
 use callq_broker::telemetry::{self, Attribute, FutureExt as _, Kind, TraceContext};
 use callq_broker::{Delivery, Disposition, Error as BrokerError, QueueSpec};
 use callq_schemas::protocol::Lease;
 use callq_schemas::{Call, Reply, codes, decode_call, peek};
-use futures::{StreamExt, stream};
+use futures::{Stream, StreamExt, stream};
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
@@ -24,18 +27,97 @@ use crate::{Error, Service};
 /// delivery limit.
 pub(super) type Arriving = (Delivery, bool);
 
-/// The deliveries of every queue the worker consumes, merged.
-pub(super) type Incoming =
-    stream::SelectAll<stream::BoxStream<'static, Result<Arriving, BrokerError>>>;
+type Arrivals = stream::BoxStream<'static, Result<Arriving, BrokerError>>;
 
 /// Calls past their limit a worker holds at once, per service: they are
 /// rare, and each only needs an answer.
 const PAST_LIMIT_PREFETCH: u16 = 4;
 
-/// Opens the consumers of every service: its call queue, prefetching the
-/// worker's capacity, and its queue of calls past the limit.
+/// While both bands have calls ready, the high band's calls a worker takes
+/// in a row before it takes one of the normal band: the high band comes
+/// first, and a flood of it slows the normal band without stopping it.
+pub(super) const HIGH_BAND_WEIGHT: u32 = 10;
+
+/// The deliveries of every queue the worker consumes, merged in two tiers:
+/// the high bands of all services, then their call queues and queues of
+/// calls past the limit. A free slot takes from the high tier first, but
+/// after [`HIGH_BAND_WEIGHT`] high calls in a row it looks at the normal
+/// tier first once. Within a tier, the queues take turns.
+pub(super) struct Incoming {
+    high: stream::SelectAll<Arrivals>,
+    normal: stream::SelectAll<Arrivals>,
+    /// High calls taken in a row while the normal tier was looked at last.
+    streak: u32,
+    /// The streams that ended, which a tier shows as empty rather than
+    /// ended: the worker learns of them from the `Closed` they yield.
+    high_open: bool,
+    normal_open: bool,
+}
+
+impl Incoming {
+    fn new(high: Vec<Arrivals>, normal: Vec<Arrivals>) -> Self {
+        Self {
+            high_open: !high.is_empty(),
+            normal_open: !normal.is_empty(),
+            high: stream::select_all(high),
+            normal: stream::select_all(normal),
+            streak: 0,
+        }
+    }
+
+    fn poll_tier(
+        tier: &mut stream::SelectAll<Arrivals>,
+        open: &mut bool,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Arriving, BrokerError>>> {
+        if !*open {
+            return Poll::Ready(None);
+        }
+        match tier.poll_next_unpin(cx) {
+            Poll::Ready(None) => {
+                *open = false;
+                Poll::Ready(None)
+            }
+            other => other,
+        }
+    }
+}
+
+impl Stream for Incoming {
+    type Item = Result<Arriving, BrokerError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        let normal_first = this.streak >= HIGH_BAND_WEIGHT;
+        for high in [!normal_first, normal_first] {
+            let polled = if high {
+                Self::poll_tier(&mut this.high, &mut this.high_open, cx)
+            } else {
+                Self::poll_tier(&mut this.normal, &mut this.normal_open, cx)
+            };
+            if let Poll::Ready(Some(item)) = polled {
+                this.streak = if high {
+                    this.streak.saturating_add(1)
+                } else {
+                    0
+                };
+                return Poll::Ready(Some(item));
+            }
+        }
+        if this.high_open || this.normal_open {
+            Poll::Pending
+        } else {
+            Poll::Ready(None)
+        }
+    }
+}
+
+/// Opens the consumers of every service: its call queue and its high band,
+/// each prefetching the worker's capacity, and its queue of calls past the
+/// limit.
 pub(super) async fn open_consumers(shared: &Shared) -> Result<Incoming, Error> {
-    let mut consumers = Vec::with_capacity(2 * shared.services.len());
+    let mut high = Vec::with_capacity(shared.services.len());
+    let mut normal = Vec::with_capacity(2 * shared.services.len());
     for (name, (_, spec)) in &shared.services {
         let consumer = shared
             .broker
@@ -44,15 +126,20 @@ pub(super) async fn open_consumers(shared: &Shared) -> Result<Incoming, Error> {
         if let (Some(a), Ok(mut assignments)) = (consumer.assignment(), shared.assignments.lock()) {
             assignments.insert(name.clone(), a);
         }
-        consumers.push(merged(consumer, false));
+        normal.push(merged(consumer, false));
+        let consumer = shared
+            .broker
+            .consume(&callq_broker::high_queue(name), shared.opts.capacity)
+            .await?;
+        high.push(merged(consumer, false));
         if let Some(lost) = &spec.limit_dead_letter {
             let prefetch = PAST_LIMIT_PREFETCH.min(shared.opts.capacity);
             let consumer = shared.broker.consume(lost, prefetch).await?;
-            consumers.push(merged(consumer, true));
+            normal.push(merged(consumer, true));
         }
     }
     info!(worker = %shared.opts.worker_id, services = ?shared.service_names(), capacity = shared.opts.capacity, "worker serving");
-    Ok(stream::select_all(consumers))
+    Ok(Incoming::new(high, normal))
 }
 
 /// A consumer as a stream of arrivals. One that ends yields one `Closed`
@@ -164,7 +251,7 @@ fn process_span(
         return None;
     }
     let parent = telemetry::remote(call.traceparent.as_deref());
-    let queue = callq_broker::call_queue(&call.service);
+    let queue = callq_broker::call_queue_for(&call.service, call.priority);
     // Few attributes, most of them static: every call pays for them, in
     // the span and in its export.
     let mut attributes = vec![
@@ -342,4 +429,60 @@ fn register<'s>(
         shared,
         token: lease.token,
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    struct Nop;
+
+    #[async_trait::async_trait]
+    impl callq_broker::Settle for Nop {
+        async fn settle(self: Box<Self>, _: Disposition) -> Result<(), BrokerError> {
+            Ok(())
+        }
+    }
+
+    fn arrivals(queue: &str, n: usize) -> Arrivals {
+        let queue = queue.to_owned();
+        stream::iter((0..n).map(move |_| {
+            let d = Delivery::new(
+                Vec::new().into(),
+                callq_broker::Headers::new(),
+                false,
+                0,
+                queue.clone(),
+                Box::new(Nop),
+            );
+            Ok((d, false))
+        }))
+        .chain(stream::pending())
+        .boxed()
+    }
+
+    /// While both tiers hold calls, ten high ones come before each normal
+    /// one; once the high tier is empty the normal one is served at once.
+    #[tokio::test]
+    async fn the_high_tier_comes_first_ten_to_one() {
+        let mut incoming = Incoming::new(
+            vec![arrivals("callq.high.a", 15), arrivals("callq.high.b", 10)],
+            vec![arrivals("callq.call.a", 5)],
+        );
+        let mut order = String::new();
+        for _ in 0..30 {
+            let (d, _) = incoming.next().await.unwrap().unwrap();
+            order.push(if d.queue.starts_with("callq.high.") {
+                'h'
+            } else {
+                'n'
+            });
+        }
+        let high = "h".repeat(10);
+        assert_eq!(order, format!("{high}n{high}n{}nnn", "h".repeat(5)));
+        // Nothing more is ready: the stream waits rather than ends.
+        let next = tokio::time::timeout(std::time::Duration::from_millis(20), incoming.next());
+        assert!(next.await.is_err());
+    }
 }

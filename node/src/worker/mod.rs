@@ -281,11 +281,13 @@ impl Worker {
         &self.opts.worker_id
     }
 
-    /// Declares the call queues of the worker's services; [`Worker::run`]
-    /// does it too.
+    /// Declares the call queues of the worker's services, both bands;
+    /// [`Worker::run`] does it too.
     pub async fn declare(&self) -> Result<(), Error> {
         for name in self.services.keys() {
-            self.broker.declare(&QueueSpec::calls(name)).await?;
+            for spec in QueueSpec::call_bands(name) {
+                self.broker.declare(&spec).await?;
+            }
         }
         Ok(())
     }

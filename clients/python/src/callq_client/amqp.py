@@ -10,8 +10,9 @@
   Consumed with a prefetch; the replies that arrive together are handed
   over together and acknowledged in batches (``multiple``).
 - Calls go to the topic exchange ``callq.calls`` with the service as
-  routing key (or, with ``calls_exchange=""``, to the default exchange
-  with the queue name), persistent, ``application/json``, ``mandatory``,
+  routing key, those of priority 5 and up to ``callq.calls.high`` (or,
+  with ``calls_exchange=""``, to the default exchange with the queue name,
+  ``callq.call.<service>`` or ``callq.high.<service>``), persistent, ``application/json``, ``mandatory``,
   with ``user_id`` = the URL's user (RabbitMQ checks it: workers answer
   only into reply queues of the publishing user) and ``message_id`` = the
   call id, on one channel in confirm mode shared by every call: confirms
@@ -39,6 +40,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError(f"RabbitMQ needs pika ({exc}): pip install 'callq-client[amqp]'") from exc
 
+from .envelope import HIGH_PRIORITY, call_queue
 from .errors import ConfigError, Disconnected, NoSuchService, QueueFull
 from .transport import Backoff, OnReplies, Transient, Transport, acquire, wait_for_event, wait_future
 from .url import AmqpConfig, AmqpNode, redact
@@ -439,12 +441,14 @@ class AmqpTransport(Transport):
 
     # -- calls --------------------------------------------------------------
 
-    def _route(self, service: str) -> Tuple[str, str]:
+    def _route(self, service: str, high: bool) -> Tuple[str, str]:
         if self.calls_exchange:
-            return self.calls_exchange, service
-        return "", f"callq.call.{service}"
+            return (f"{self.calls_exchange}.high" if high else self.calls_exchange), service
+        return "", call_queue(service, HIGH_PRIORITY if high else None)
 
-    async def publish(self, service: str, call_id: str, key: str, body: bytes, timeout: float) -> None:
+    async def publish(
+        self, service: str, call_id: str, key: str, body: bytes, timeout: float, high: bool = False
+    ) -> None:
         assert self._ready is not None and self._window is not None and self._loop is not None
         started = time.monotonic()
         if not await wait_for_event(self._ready, timeout):
@@ -455,7 +459,7 @@ class AmqpTransport(Transport):
             pub = self._pub
             if pub is None or pub.closed or not pub.channel.is_open:
                 raise Transient("the publish channel is closed")
-            exchange, routing_key = self._route(service)
+            exchange, routing_key = self._route(service, high)
             properties = pika.BasicProperties(
                 content_type="application/json",
                 delivery_mode=2,
@@ -484,7 +488,7 @@ class AmqpTransport(Transport):
                 return
             if isinstance(outcome, NoSuchService) and str(outcome) == "unroutable":
                 raise NoSuchService(
-                    f"RabbitMQ returned the call to {service!r} as unroutable: no queue callq.call.{service} is "
+                    f"RabbitMQ returned the call to {service!r} as unroutable: no queue {call_queue(service, HIGH_PRIORITY if high else None)} is "
                     "bound (no worker of the service has started, or the name is wrong)"
                 )
             raise outcome

@@ -19,7 +19,17 @@ from datetime import datetime, timezone
 from typing import Any, Awaitable, Dict, List, Mapping, Optional, TypeVar
 
 from . import url as urls
-from .envelope import CallOptions, InvalidCall, build_call, check_call, encode, message_key, parse_rfc3339, uuid7
+from .envelope import (
+    CallOptions,
+    InvalidCall,
+    build_call,
+    check_call,
+    encode,
+    is_high,
+    message_key,
+    parse_rfc3339,
+    uuid7,
+)
 from .errors import CallExpired, CallqError, ConfigError, Disconnected, PublishError
 from .reply import Reply, Router
 from .transport import Backoff, Transient, Transport, acquire, wait_future
@@ -235,7 +245,8 @@ class AsyncClient:
                 raise InvalidCall(str(exc)) from None
             try:
                 key = message_key(body) if body.get("call_id") else ""
-                await self._publish_until(service, call_id, key, data, give_up, waiter)
+                high = is_high(body.get("priority"))
+                await self._publish_until(service, call_id, key, data, give_up, waiter, high)
                 remaining = give_up - time.monotonic()
                 if remaining <= 0 and not waiter.done():
                     raise asyncio.TimeoutError
@@ -263,7 +274,14 @@ class AsyncClient:
         return self.opts.default_timeout
 
     async def _publish_until(
-        self, service: str, call_id: str, key: str, data: bytes, give_up: float, waiter: "asyncio.Future[Reply]"
+        self,
+        service: str,
+        call_id: str,
+        key: str,
+        data: bytes,
+        give_up: float,
+        waiter: "asyncio.Future[Reply]",
+        high: bool = False,
     ) -> None:
         """Publishes until the broker confirms, retrying with the same body
         (so the same ``call_id``) after what may be transient, until
@@ -278,7 +296,7 @@ class AsyncClient:
                     f"({tries} tries)"
                 )
             try:
-                await self.transport.publish(service, call_id, key or call_id, data, remaining)
+                await self.transport.publish(service, call_id, key or call_id, data, remaining, high)
                 return
             except Transient as exc:
                 tries += 1

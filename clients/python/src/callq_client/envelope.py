@@ -24,6 +24,24 @@ VERSION = 1
 #: What every call queue's (or topic's) name starts with; the rest is the service.
 CALL_QUEUE_PREFIX = "callq.call."
 
+#: What the queue (or topic) of a service's high band starts with: calls of
+#: priority ``HIGH_PRIORITY`` and up go there, and workers serve it first.
+HIGH_QUEUE_PREFIX = "callq.high."
+
+#: The lowest priority of the high band.
+HIGH_PRIORITY = 5
+
+
+def is_high(priority: Any) -> bool:
+    """Whether a body's ``priority`` puts the call in its service's high band."""
+    return isinstance(priority, int) and not isinstance(priority, bool) and HIGH_PRIORITY <= priority <= 9
+
+
+def call_queue(service: str, priority: Any = None) -> str:
+    """The queue (or topic) a call of ``service`` with ``priority`` goes to."""
+    return (HIGH_QUEUE_PREFIX if is_high(priority) else CALL_QUEUE_PREFIX) + service
+
+
 #: What every reply queue of callq's own clients starts with.
 REPLY_QUEUE_PREFIX = "callq.reply."
 

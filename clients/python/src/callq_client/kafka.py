@@ -36,6 +36,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         f"Kafka needs confluent-kafka ({exc}): pip install 'callq-client[kafka]'"
     ) from exc
 
+from .envelope import HIGH_PRIORITY, call_queue
 from .errors import ConfigError, Disconnected, NoSuchService, PublishError, QueueFull
 from .transport import OnReplies, Transient, Transport, acquire, wait_future
 from .url import KafkaConfig
@@ -235,10 +236,12 @@ class KafkaTransport(Transport):
             )
         self._topics.add(topic)
 
-    async def publish(self, service: str, call_id: str, key: str, body: bytes, timeout: float) -> None:
+    async def publish(
+        self, service: str, call_id: str, key: str, body: bytes, timeout: float, high: bool = False
+    ) -> None:
         assert self._window is not None and self._producer is not None
         started = time.monotonic()
-        topic = f"{self.cfg.topic_prefix}callq.call.{service}"
+        topic = self.cfg.topic_prefix + call_queue(service, HIGH_PRIORITY if high else None)
         await self._ensure_topic(topic, service)
         if not await acquire(self._window, timeout):
             raise Transient("the publishes awaiting their delivery report filled the window until the timeout")

@@ -31,8 +31,11 @@ class Transport(abc.ABC):
         """Connects, makes the reply queue or topic and starts consuming it."""
 
     @abc.abstractmethod
-    async def publish(self, service: str, call_id: str, key: str, body: bytes, timeout: float) -> None:
-        """Publishes one call and returns once the broker confirmed it.
+    async def publish(
+        self, service: str, call_id: str, key: str, body: bytes, timeout: float, high: bool = False
+    ) -> None:
+        """Publishes one call and returns once the broker confirmed it:
+        into the service's high band when ``high``, else its call queue.
 
         Raises :class:`Transient` when trying again may help, and
         :class:`~callq_client.errors.PublishError` (or a subclass) when it
