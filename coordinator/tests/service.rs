@@ -217,6 +217,38 @@ async fn a_silent_worker_s_traceless_call_is_reissued_after_dead_after() {
     );
 }
 
+/// A dead worker's call of priority 9 is re-issued into its service's high
+/// band, where it came from, and not into the call queue.
+#[tokio::test(start_paused = true)]
+async fn a_high_priority_call_is_reissued_into_the_high_band() {
+    let bus = Bus::new().await;
+    bus.broker
+        .declare(&QueueSpec::high_calls("mail"))
+        .await
+        .unwrap();
+    let _c = bus.start(MemoryStore::default());
+    let mut normal = bus.broker.consume(&call_queue("mail"), 10).await.unwrap();
+    let mut high = bus
+        .broker
+        .consume(&callq_broker::high_queue("mail"), 10)
+        .await
+        .unwrap();
+    let (mut call, _) = call();
+    call.priority = Some(9);
+    let body = call.to_bytes();
+    bus.heartbeat("A", vec![in_flight(&call, lease(&call, 1), &body)])
+        .await;
+    let d = next(&mut high).await;
+    assert_eq!(d.body.as_ref(), body.as_slice(), "the same call");
+    assert_eq!(d.attempt(), Ok(2));
+    assert!(
+        tokio::time::timeout(BEAT * 10, normal.next())
+            .await
+            .is_err(),
+        "nothing re-issued into the call queue"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_worker_that_keeps_beating_is_never_declared_dead() {
     let bus = Bus::new().await;
