@@ -4,8 +4,16 @@
 //! services a worker serves, the methods they define (any other is
 //! `unknown`), outcomes and dead-letter codes from fixed sets. Names are
 //! listed in docs/OPERATIONS.md.
+//!
+//! The series every call counts are looked up in the recorder once, at
+//! their first use, and their handles kept: the recorder must be installed
+//! before the worker runs.
 
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram};
 
 use crate::handler::{HandlerError, Service};
 
@@ -166,15 +174,63 @@ pub(crate) fn handled<E>(
         Ok(Some(Ok(_))) => (method, "ok"),
         Ok(Some(Err(_))) => (method, "error"),
     };
-    let service = service.name().to_owned();
-    metrics::counter!(CALLS, "service" => service.clone(), "method" => method.to_owned(), "outcome" => outcome)
+    let name = service.name();
+    let series = series(name);
+    let at = OUTCOMES.iter().position(|o| *o == outcome).unwrap_or(0);
+    let known = series
+        .calls
+        .read()
+        .ok()
+        .and_then(|m| m.get(method).cloned());
+    let counters = known.unwrap_or_else(|| {
+        let made = Arc::default();
+        match series.calls.write() {
+            Ok(mut m) => m.entry(method.to_owned()).or_insert(made).clone(),
+            Err(_) => made,
+        }
+    });
+    counters[at]
+        .get_or_init(|| metrics::counter!(CALLS, "service" => name.to_owned(), "method" => method.to_owned(), "outcome" => outcome))
         .increment(1);
-    metrics::histogram!(PROCESS_DURATION, "service" => service).record(took.as_secs_f64());
+    series
+        .duration
+        .get_or_init(|| metrics::histogram!(PROCESS_DURATION, "service" => name.to_owned()))
+        .record(took.as_secs_f64());
+}
+
+/// The outcomes of [`CALLS`].
+const OUTCOMES: [&str; 3] = ["ok", "error", "panicked"];
+
+/// The handles of one service's series.
+#[derive(Default)]
+struct Series {
+    started: OnceLock<Counter>,
+    duration: OnceLock<Histogram>,
+    /// [`CALLS`] by method, then by outcome (as in [`OUTCOMES`]).
+    calls: RwLock<HashMap<String, Arc<[OnceLock<Counter>; 3]>>>,
+}
+
+/// The handles of `service`'s series.
+fn series(service: &str) -> Arc<Series> {
+    static SERVICES: OnceLock<RwLock<HashMap<String, Arc<Series>>>> = OnceLock::new();
+    let services = SERVICES.get_or_init(RwLock::default);
+    if let Some(known) = services.read().ok().and_then(|m| m.get(service).cloned()) {
+        return known;
+    }
+    let made = Arc::default();
+    match services.write() {
+        Ok(mut m) => m.entry(service.to_owned()).or_insert(made).clone(),
+        Err(_) => made,
+    }
 }
 
 /// A handler run starts.
 pub(crate) fn started(service: &Service) {
-    metrics::counter!(STARTED, "service" => service.name().to_owned()).increment(1);
+    let name = service.name();
+    series(name)
+        .started
+        .get_or_init(|| metrics::counter!(STARTED, "service" => name.to_owned()))
+        .increment(1);
 }
 
 /// The calls in flight per service and the free slots, as a heartbeat
@@ -198,12 +254,18 @@ pub(crate) fn coordinator_round_trip(kind: &'static str, took: Duration) {
 
 /// Records a reply's publish.
 pub(crate) fn reply_published(took: Duration) {
-    metrics::histogram!(REPLY_PUBLISH).record(took.as_secs_f64());
+    static HANDLE: OnceLock<Histogram> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| metrics::histogram!(REPLY_PUBLISH))
+        .record(took.as_secs_f64());
 }
 
 /// A delivery is being handled (`+1`) or was settled (`-1`).
 pub(crate) fn in_flight(delta: f64) {
-    metrics::gauge!(IN_FLIGHT).increment(delta);
+    static HANDLE: OnceLock<Gauge> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| metrics::gauge!(IN_FLIGHT))
+        .increment(delta);
 }
 
 /// Counts a dead letter by the code its reason starts with (`bad_request:
