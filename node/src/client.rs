@@ -289,15 +289,19 @@ fn send_span(kind: &str, queue: &str, call: &mut Call) -> Option<TraceContext> {
         Some(given) => telemetry::remote(Some(given)),
         None => TraceContext::current(),
     };
+    let mut id = [0; uuid::fmt::Hyphenated::LENGTH];
     let attributes = vec![
         Attribute::new("messaging.system", telemetry::system(kind)),
         Attribute::new("messaging.operation.type", "send"),
         Attribute::new("messaging.destination.name", queue.to_owned()),
-        Attribute::new("messaging.message.id", call.call_id.to_string()),
+        Attribute::new(
+            "messaging.message.id",
+            call.call_id.hyphenated().encode_lower(&mut id).to_owned(),
+        ),
         Attribute::new("callq.method", call.method.clone()),
     ];
     let ids = telemetry::call_ids(call.call_id.as_u128());
-    let name = format!("send {queue}");
+    let name = ["send ", queue].concat();
     let span = telemetry::start_as(ids, name, Kind::Producer, &parent, attributes)?;
     if let Some(traceparent) = telemetry::traceparent(&span) {
         call.traceparent = Some(traceparent);

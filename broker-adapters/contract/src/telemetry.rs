@@ -107,13 +107,25 @@ pub fn traceparent(cx: &Context) -> Option<String> {
     let span = cx.span();
     let sc = span.span_context();
     sc.is_valid().then(|| {
-        format!(
-            "00-{:032x}-{:016x}-{:02x}",
-            sc.trace_id(),
-            sc.span_id(),
-            sc.trace_flags().to_u8()
-        )
+        // Written digit by digit: every traced call makes one.
+        let mut out = String::with_capacity(55);
+        out.push_str("00-");
+        hex(&mut out, &sc.trace_id().to_bytes());
+        out.push('-');
+        hex(&mut out, &sc.span_id().to_bytes());
+        out.push('-');
+        hex(&mut out, &[sc.trace_flags().to_u8()]);
+        out
     })
+}
+
+/// Appends `bytes` in lowercase hex.
+fn hex(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
 }
 
 /// The `traceparent` of the current context's span; `None` when spans are

@@ -252,25 +252,27 @@ fn process_span(
     }
     let parent = telemetry::remote(call.traceparent.as_deref());
     let queue = callq_broker::call_queue_for(&call.service, call.priority);
+    let name = ["process ", &queue].concat();
+    let mut id = [0; uuid::fmt::Hyphenated::LENGTH];
     // Few attributes, most of them static: every call pays for them, in
-    // the span and in its export.
-    let mut attributes = vec![
+    // the span and in its export. Room for the two the attempt adds
+    // (`callq.attempt`, `callq.outcome`).
+    let mut attributes = Vec::with_capacity(9);
+    attributes.extend([
         Attribute::new("messaging.system", telemetry::system(shared.broker.kind())),
         Attribute::new("messaging.operation.type", "process"),
-        Attribute::new("messaging.destination.name", queue.clone()),
-        Attribute::new("messaging.message.id", call.call_id.to_string()),
+        Attribute::new("messaging.destination.name", queue),
+        Attribute::new(
+            "messaging.message.id",
+            call.call_id.hyphenated().encode_lower(&mut id).to_owned(),
+        ),
         Attribute::new("callq.method", call.method.clone()),
         Attribute::new("callq.copy", i64::from(copy)),
-    ];
+    ]);
     if redelivered {
         attributes.push(Attribute::new("callq.redelivered", true));
     }
-    telemetry::start(
-        format!("process {queue}"),
-        Kind::Consumer,
-        &parent,
-        attributes,
-    )
+    telemetry::start(name, Kind::Consumer, &parent, attributes)
 }
 
 /// Passes the gate, runs the attempt and finishes it.
