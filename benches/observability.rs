@@ -152,11 +152,23 @@ fn main() -> anyhow::Result<()> {
                 [true, false]
             } {
                 let env: &[(&str, &str)] = if traced { &on } else { &[] };
+                let before = received.bytes.load(Ordering::Relaxed);
                 let rate = round(&url, calls, env).await?;
+                // What the receiver got in this round, per call (warm-up
+                // calls included).
+                let sent = received.bytes.load(Ordering::Relaxed) - before;
                 println!(
-                    "round {}: observability {}: {rate:.0} calls/s",
+                    "round {}: observability {}: {rate:.0} calls/s{}",
                     r + 1,
-                    if traced { "on " } else { "off" }
+                    if traced { "on " } else { "off" },
+                    if traced {
+                        format!(
+                            " ({} bytes of spans a call)",
+                            sent / (calls + WARM_UP) as u64
+                        )
+                    } else {
+                        String::new()
+                    }
                 );
                 if traced {
                     &mut on_rates
@@ -183,7 +195,7 @@ fn main() -> anyhow::Result<()> {
     println!("observability off: {off:.0} calls/s");
     println!(
         "observability on:  {on:.0} calls/s (metrics recorded, every span exported: \
-         {requests} OTLP requests, {:.1} MiB)",
+         {requests} OTLP requests, {:.1} MiB in {rounds} rounds)",
         bytes as f64 / (1024.0 * 1024.0)
     );
     println!(
