@@ -289,6 +289,46 @@ mod tests {
 
     use super::*;
 
+    /// A service's high band is listed, and rendered, where it holds calls;
+    /// an empty one is left out.
+    #[tokio::test]
+    async fn the_high_band_is_listed_where_it_holds_calls() {
+        let mut cluster = callq_testkit::LocalCluster::start(
+            callq_testkit::ClusterOptions::default(),
+            callq_coordinator::MemoryStore::default(),
+        )
+        .await
+        .unwrap();
+        // A standby serves `echo` and consumes nothing: the calls wait.
+        cluster.spawn_worker("sb", &["echo"], true).await.unwrap();
+        let admin = cluster.admin().await.unwrap();
+        let broker = cluster.broker.clone();
+        let high = callq_broker::high_queue("echo");
+        let mut listed = None;
+        for _ in 0..500 {
+            let report = report(&broker, &admin).await.unwrap();
+            if report.queues.contains_key(&call_queue("echo")) {
+                listed = Some(report);
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let empty = listed.expect("the standby's service is listed");
+        assert!(!empty.queues.contains_key(&high), "{:?}", empty.queues);
+        for _ in 0..3 {
+            let mut call = callq_schemas::Call::new("echo", "echo", serde_json::json!(1));
+            call.priority = Some(9);
+            broker
+                .publish(&high, callq_broker::Message::new(call.to_bytes()))
+                .await
+                .unwrap();
+        }
+        let report = report(&broker, &admin).await.unwrap();
+        assert_eq!(report.queues.get(&high), Some(&3), "{:?}", report.queues);
+        assert!(render_status(&report).contains("callq.high.echo"));
+        cluster.shutdown().await.unwrap();
+    }
+
     #[test]
     fn the_table_stays_aligned_with_long_worker_ids() {
         let worker = |id: &str, free| WorkerStatus {

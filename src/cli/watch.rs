@@ -186,5 +186,11 @@ mod tests {
             frame.contains("WORKER"),
             "the status table follows: {frame}"
         );
+        // The calls of the high band wait for the service too.
+        let mut now = now;
+        now.queues.insert("callq.high.echo".to_owned(), 3);
+        let frame = render_watch(&now, &r, Duration::from_secs(2));
+        let echo = frame.lines().find(|l| l.starts_with("echo ")).unwrap();
+        assert_eq!(echo.split_whitespace().last(), Some("8"), "{frame}");
     }
 }
