@@ -46,10 +46,11 @@ pub(super) const HIGH_BAND_WEIGHT: u32 = 10;
 pub(super) struct Incoming {
     high: stream::SelectAll<Arrivals>,
     normal: stream::SelectAll<Arrivals>,
-    /// High calls taken in a row while the normal tier was looked at last.
+    /// High calls taken since the last normal one.
     streak: u32,
-    /// The streams that ended, which a tier shows as empty rather than
-    /// ended: the worker learns of them from the `Closed` they yield.
+    /// Whether each tier still has a stream. Each stream yields `Closed`
+    /// before it ends, which is how the worker learns of it; a tier whose
+    /// streams all ended is skipped from then on.
     high_open: bool,
     normal_open: bool,
 }
